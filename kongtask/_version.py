@@ -1,0 +1,3 @@
+"""The installed version of kongtask."""
+
+__version__ = "0.1.0"

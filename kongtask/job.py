@@ -1,0 +1,60 @@
+"""The job record: one row of the jobs table as Python sees it."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+__all__ = ["Job"]
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    """A job as stored in ``_private_jobs``, plus the identifier of its task.
+
+    ``attempts`` counts the attempts started so far (a job being run is on
+    attempt ``attempts``); a job is permanently failed once
+    ``attempts >= max_attempts`` and it is not locked.
+    """
+
+    id: int
+    job_queue_id: int | None
+    task_id: int
+    task_identifier: str
+    payload: Any
+    priority: int
+    run_at: datetime
+    attempts: int
+    max_attempts: int
+    last_error: str | None
+    created_at: datetime
+    updated_at: datetime
+    key: str | None
+    locked_at: datetime | None
+    locked_by: str | None
+    revision: int
+    flags: dict[str, bool] | None
+    is_available: bool
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any], task_identifier: str | None = None) -> Job:
+        """Build a job from a database row (a mapping of column name to value).
+
+        ``task_identifier`` overrides (or supplies) the row's own column, for
+        queries that return bare ``_private_jobs`` rows.
+        """
+        values = {name: row.get(name) for name in _FIELD_NAMES}
+        if task_identifier is not None:
+            values["task_identifier"] = task_identifier
+        return cls(**values)
+
+    @property
+    def is_permanently_failed(self) -> bool:
+        """True when the job has used up its attempts and will not run again."""
+        return self.attempts >= self.max_attempts and self.locked_at is None
+
+
+_FIELD_NAMES = tuple(field.name for field in dataclasses.fields(Job))

@@ -1,0 +1,167 @@
+"""What a caller may ask for when adding a job, checked before any database work.
+
+Every check here mirrors a constraint the database would enforce (or a value
+graphile-worker's functions would reject), so bad input fails fast, with the
+argument named, and nothing is written.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from .errors import InvalidJobError
+
+__all__ = ["JOB_KEY_MODES", "JobSpec", "encode_payload"]
+
+#: Values ``job_key_mode`` accepts (``unsafe_dedupe`` only for single jobs).
+JOB_KEY_MODES = ("replace", "preserve_run_at", "unsafe_dedupe")
+
+_SMALLINT_MIN, _SMALLINT_MAX = -32768, 32767
+_MAX_IDENTIFIER_LENGTH = 128
+_MAX_KEY_LENGTH = 512
+
+
+@dataclass(frozen=True, slots=True)
+class JobSpec:
+    """One job to add, validated on construction.
+
+    ``payload`` must be JSON-serialisable (``None`` means ``{}``); ``run_at``
+    must be timezone-aware (``None`` means now, on the database's clock);
+    ``flags`` are stored as ``{flag: true}`` for ``forbidden_flags`` to match.
+    """
+
+    identifier: str
+    payload: Any = None
+    queue_name: str | None = None
+    run_at: datetime | None = None
+    max_attempts: int | None = None
+    job_key: str | None = None
+    job_key_mode: str | None = None
+    priority: int | None = None
+    flags: Sequence[str] | None = field(default=None)
+
+    def __post_init__(self) -> None:
+        _check_text("identifier", self.identifier, _MAX_IDENTIFIER_LENGTH, required=True)
+        encode_payload(self.payload)
+        _check_text("queue_name", self.queue_name, _MAX_IDENTIFIER_LENGTH)
+        if self.run_at is not None:
+            if not isinstance(self.run_at, datetime):
+                raise InvalidJobError(
+                    f"run_at must be a datetime, got {type(self.run_at).__name__}",
+                    field="run_at",
+                    value=self.run_at,
+                )
+            if self.run_at.utcoffset() is None:
+                raise InvalidJobError(
+                    f"run_at must be timezone-aware (got naive {self.run_at.isoformat()}); "
+                    "use datetime.now(timezone.utc) or attach a tzinfo",
+                    field="run_at",
+                    value=self.run_at,
+                )
+        if self.max_attempts is not None:
+            _check_int("max_attempts", self.max_attempts, 1, _SMALLINT_MAX)
+        _check_text("job_key", self.job_key, _MAX_KEY_LENGTH)
+        if self.job_key_mode is not None and self.job_key_mode not in JOB_KEY_MODES:
+            raise InvalidJobError(
+                f"job_key_mode must be one of {', '.join(map(repr, JOB_KEY_MODES))}, "
+                f"got {self.job_key_mode!r}",
+                field="job_key_mode",
+                value=self.job_key_mode,
+            )
+        if self.priority is not None:
+            _check_int("priority", self.priority, _SMALLINT_MIN, _SMALLINT_MAX)
+        if self.flags is not None:
+            if isinstance(self.flags, str | bytes) or not isinstance(self.flags, Iterable):
+                raise InvalidJobError(
+                    f"flags must be a list of strings, got {self.flags!r}",
+                    field="flags",
+                    value=self.flags,
+                )
+            flags = tuple(self.flags)
+            for flag in flags:
+                _check_text("flags", flag, None, required=True)
+            object.__setattr__(self, "flags", flags)
+
+    @classmethod
+    def coerce(cls, spec: JobSpec | Mapping[str, Any], index: int | None = None) -> JobSpec:
+        """Accept a ``JobSpec`` or a mapping of its fields (for ``add_jobs``)."""
+        if isinstance(spec, JobSpec):
+            return spec
+        if not isinstance(spec, Mapping):
+            where = f" at index {index}" if index is not None else ""
+            raise InvalidJobError(
+                f"job spec{where} must be a JobSpec or a mapping, got {type(spec).__name__}",
+                field="specs",
+                value=spec,
+            )
+        unknown = set(spec) - set(cls.__dataclass_fields__)
+        if unknown:
+            where = f" at index {index}" if index is not None else ""
+            raise InvalidJobError(
+                f"job spec{where} has unknown field(s): {', '.join(sorted(unknown))}",
+                field="specs",
+                value=spec,
+            )
+        return cls(**spec)
+
+    def to_json_spec(self) -> dict[str, Any]:
+        """This spec in the shape of the schema's ``job_spec`` composite type."""
+        return {
+            "identifier": self.identifier,
+            "payload": {} if self.payload is None else self.payload,
+            "queue_name": self.queue_name,
+            "run_at": self.run_at.isoformat() if self.run_at is not None else None,
+            "max_attempts": self.max_attempts,
+            "job_key": self.job_key,
+            "priority": self.priority,
+            "flags": list(self.flags) if self.flags is not None else None,
+        }
+
+
+def encode_payload(payload: Any) -> str:
+    """Serialise a payload to JSON text, or raise ``InvalidJobError`` naming the problem.
+
+    NaN and infinities are refused because PostgreSQL's json type rejects them.
+    """
+    if payload is None:
+        return "{}"
+    try:
+        return json.dumps(payload, allow_nan=False, separators=(",", ":"))
+    except (TypeError, ValueError, RecursionError) as exc:
+        raise InvalidJobError(
+            f"payload is not JSON-serialisable: {exc}", field="payload", value=payload
+        ) from exc
+
+
+def _check_text(name: str, value: Any, max_length: int | None, *, required: bool = False) -> None:
+    if value is None:
+        if required:
+            raise InvalidJobError(f"{name} is required", field=name, value=value)
+        return
+    if not isinstance(value, str):
+        raise InvalidJobError(
+            f"{name} must be a string, got {type(value).__name__}", field=name, value=value
+        )
+    if not value:
+        raise InvalidJobError(f"{name} must not be empty", field=name, value=value)
+    if "\x00" in value:
+        raise InvalidJobError(f"{name} must not contain NUL characters", field=name, value=value)
+    if max_length is not None and len(value) > max_length:
+        raise InvalidJobError(
+            f"{name} is {len(value)} characters long; at most {max_length} are allowed",
+            field=name,
+            value=value,
+        )
+
+
+def _check_int(name: str, value: Any, low: int, high: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidJobError(f"{name} must be an integer, got {value!r}", field=name, value=value)
+    if not low <= value <= high:
+        raise InvalidJobError(
+            f"{name} must be between {low} and {high}, got {value}", field=name, value=value
+        )

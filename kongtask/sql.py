@@ -1,0 +1,404 @@
+"""Every statement kongtask runs at run time, named and explained in one place.
+
+Templates name the schema as ``{s}``; :class:`Queries` composes them once per
+schema with :class:`psycopg.sql.Identifier`, so the schema name is always
+quoted and values only ever travel as parameters. Templates must not contain
+literal braces.
+
+The statements follow graphile-worker 0.17.3's effects on the database (see
+the module docstrings of their callers), so Python and Node workers can share
+one queue.
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+
+from psycopg import sql
+
+__all__ = ["LOCK_EXPIRY", "Queries"]
+
+#: A lock older than this is considered abandoned by a crashed worker.
+LOCK_EXPIRY = "4 hours"
+
+# --- enqueueing and admin (WorkerUtils) -------------------------------------
+
+# One job through the schema's own add_job function (job keys, queue and task
+# rows, NOTIFY are all handled in the database). The join adds the task
+# identifier; a LEFT join keeps the all-NULL row add_job returns when it lost a
+# race on a concurrently locked key, so the caller can see and retry it.
+ADD_JOB = """
+select jobs.*, tasks.identifier as task_identifier
+from {s}.add_job(
+    identifier => %(identifier)s::text,
+    payload => %(payload)s::json,
+    queue_name => %(queue_name)s::text,
+    run_at => %(run_at)s::timestamptz,
+    max_attempts => %(max_attempts)s::int,
+    job_key => %(job_key)s::text,
+    priority => %(priority)s::int,
+    flags => %(flags)s::text[],
+    job_key_mode => coalesce(%(job_key_mode)s::text, 'replace')
+) as jobs
+left join {s}._private_tasks as tasks on tasks.id = jobs.task_id
+"""
+
+# Many jobs in one statement: the specs travel as one JSON array and become
+# job_spec values in the database; rows come back in input order.
+ADD_JOBS = """
+select jobs.*, tasks.identifier as task_identifier
+from {s}.add_jobs(
+    array(select json_populate_recordset(null::{s}.job_spec, %(specs)s::json)),
+    %(preserve_run_at)s::boolean
+) as jobs
+left join {s}._private_tasks as tasks on tasks.id = jobs.task_id
+"""
+
+REMOVE_JOB = """
+select jobs.*, tasks.identifier as task_identifier
+from {s}.remove_job(%(job_key)s::text) as jobs
+left join {s}._private_tasks as tasks on tasks.id = jobs.task_id
+"""
+
+COMPLETE_JOBS_ADMIN = """
+select jobs.*, tasks.identifier as task_identifier
+from {s}.complete_jobs(%(ids)s::bigint[]) as jobs
+left join {s}._private_tasks as tasks on tasks.id = jobs.task_id
+"""
+
+PERMANENTLY_FAIL_JOBS = """
+select jobs.*, tasks.identifier as task_identifier
+from {s}.permanently_fail_jobs(%(ids)s::bigint[], %(reason)s::text) as jobs
+left join {s}._private_tasks as tasks on tasks.id = jobs.task_id
+"""
+
+RESCHEDULE_JOBS = """
+select jobs.*, tasks.identifier as task_identifier
+from {s}.reschedule_jobs(
+    %(ids)s::bigint[],
+    run_at => %(run_at)s::timestamptz,
+    priority => %(priority)s::int,
+    attempts => %(attempts)s::int,
+    max_attempts => %(max_attempts)s::int
+) as jobs
+left join {s}._private_tasks as tasks on tasks.id = jobs.task_id
+"""
+
+FORCE_UNLOCK_WORKERS = "select {s}.force_unlock_workers(%(worker_ids)s::text[])"
+
+# Task identifiers by id (for rows whose task was created by the same statement).
+TASK_IDENTIFIERS = "select id, identifier from {s}._private_tasks where id = any(%(ids)s::int[])"
+
+# Cleanup: permanently failed jobs that nobody holds.
+CLEANUP_DELETE_PERMAFAILED_JOBS = """
+delete from {s}._private_jobs as jobs
+where jobs.attempts >= jobs.max_attempts and jobs.locked_at is null
+"""
+
+# Cleanup: task rows no job refers to, except those the caller still uses.
+CLEANUP_GC_TASK_IDENTIFIERS = """
+delete from {s}._private_tasks as tasks
+where tasks.identifier <> all(%(keep)s::text[])
+and not exists (select 1 from {s}._private_jobs as jobs where jobs.task_id = tasks.id)
+"""
+
+# Cleanup: unlocked queue rows no job refers to.
+CLEANUP_GC_JOB_QUEUES = """
+delete from {s}._private_job_queues as queues
+where queues.locked_at is null
+and not exists (select 1 from {s}._private_jobs as jobs where jobs.job_queue_id = queues.id)
+"""
+
+# --- the worker --------------------------------------------------------------
+
+# Register the worker's task identifiers and learn their ids. The second
+# branch cannot see rows inserted by the first (same snapshot), so together
+# they return every identifier exactly once.
+UPSERT_TASK_IDS = """
+with inserted as (
+    insert into {s}._private_tasks (identifier)
+    select unnest(%(identifiers)s::text[])
+    on conflict (identifier) do nothing
+    returning id, identifier
+)
+select id, identifier from inserted
+union all
+select id, identifier from {s}._private_tasks where identifier = any(%(identifiers)s::text[])
+"""
+
+# Claim up to `batch` runnable jobs for this pool, in priority then run_at
+# order, skipping rows and queues other workers hold. Jobs in a named queue
+# may only run when the queue is unlocked, and a batch takes at most one job
+# per named queue, so named queues stay strictly serial even with batching.
+# Rows locked by `candidates` but not picked stay untouched (and so
+# available) once the statement ends.
+GET_JOBS = """
+with candidates as (
+    select jobs.id, jobs.job_queue_id, jobs.priority, jobs.run_at
+    from {s}._private_jobs as jobs
+    where jobs.is_available = true
+    and jobs.run_at <= now()
+    and jobs.task_id = any(%(task_ids)s::int[])
+    and (
+        jobs.job_queue_id is null
+        or jobs.job_queue_id in (
+            select queues.id from {s}._private_job_queues as queues
+            where queues.is_available = true
+            for update skip locked
+        )
+    )
+    and (%(forbidden_flags)s::text[] is null
+         or (jobs.flags ?| %(forbidden_flags)s::text[]) is not true)
+    order by jobs.priority asc, jobs.run_at asc
+    limit %(batch)s
+    for update of jobs skip locked
+),
+picked as (
+    select ranked.id, ranked.job_queue_id
+    from (
+        select candidates.id, candidates.job_queue_id,
+               row_number() over (
+                   partition by candidates.job_queue_id
+                   order by candidates.priority, candidates.run_at, candidates.id
+               ) as place
+        from candidates
+    ) as ranked
+    where ranked.job_queue_id is null or ranked.place = 1
+),
+locked_queues as (
+    update {s}._private_job_queues as queues
+    set locked_by = %(pool_id)s::text, locked_at = now()
+    from picked
+    where queues.id = picked.job_queue_id
+)
+update {s}._private_jobs as jobs
+set attempts = jobs.attempts + 1, locked_by = %(pool_id)s::text, locked_at = now()
+from picked
+where jobs.id = picked.id
+returning jobs.*
+"""
+
+# Finish successful jobs: delete them and release their queues (only queues
+# this pool holds).
+COMPLETE_JOBS = """
+with done as (
+    delete from {s}._private_jobs as jobs
+    where jobs.id = any(%(ids)s::bigint[])
+    returning jobs.job_queue_id
+)
+update {s}._private_job_queues as queues
+set locked_by = null, locked_at = null
+from done
+where queues.id = done.job_queue_id and queues.locked_by = %(pool_id)s::text
+"""
+
+# Fail jobs this pool holds, each with its own message and optionally a
+# replacement payload (batch jobs retry only their failed items). The retry
+# waits exp(min(attempts, 10)) seconds; the queue is released.
+FAIL_JOBS = """
+with specs as (
+    select (spec->>'id')::bigint as id, spec->>'message' as message, spec->'payload' as payload
+    from json_array_elements(%(specs)s::json) as spec
+),
+failed as (
+    update {s}._private_jobs as jobs
+    set last_error = specs.message,
+        run_at = greatest(now(), jobs.run_at)
+                 + exp(least(jobs.attempts, 10)) * interval '1 second',
+        locked_by = null,
+        locked_at = null,
+        payload = coalesce(specs.payload, jobs.payload),
+        updated_at = now()
+    from specs
+    where jobs.id = specs.id and jobs.locked_by = %(pool_id)s::text
+    returning jobs.*
+),
+released as (
+    update {s}._private_job_queues as queues
+    set locked_by = null, locked_at = null
+    from failed
+    where queues.id = failed.job_queue_id and queues.locked_by = %(pool_id)s::text
+)
+select * from failed
+"""
+
+# Give back claimed jobs that never started (local buffer on shutdown or TTL):
+# the attempt they were charged is refunded.
+RETURN_JOBS = """
+with returned as (
+    update {s}._private_jobs as jobs
+    set attempts = greatest(0, jobs.attempts - 1), locked_by = null, locked_at = null
+    where jobs.id = any(%(ids)s::bigint[]) and jobs.locked_by = %(pool_id)s::text
+    returning jobs.job_queue_id
+)
+update {s}._private_job_queues as queues
+set locked_by = null, locked_at = null
+from returned
+where queues.id = returned.job_queue_id and queues.locked_by = %(pool_id)s::text
+"""
+
+# The stale-lock sweep: locks older than the expiry (4 hours in production)
+# belong to dead workers; free the jobs (not before their run_at) and queues.
+RESET_LOCKED = """
+with jobs_reset as (
+    update {s}._private_jobs as jobs
+    set locked_at = null, locked_by = null, run_at = greatest(jobs.run_at, now())
+    where jobs.locked_at < now() - %(expiry)s::interval
+)
+update {s}._private_job_queues as queues
+set locked_at = null, locked_by = null
+where queues.locked_at < now() - %(expiry)s::interval
+"""
+
+# Names of queues by id, for helpers.get_queue_name().
+QUEUE_NAMES = """
+select id, queue_name from {s}._private_job_queues where id = any(%(ids)s::int[])
+"""
+
+# --- cron --------------------------------------------------------------------
+
+# Register cron identifiers (never overwriting a known one) and read them all.
+REGISTER_CRONTABS = """
+with inserted as (
+    insert into {s}._private_known_crontabs (identifier, known_since)
+    select unnest(%(identifiers)s::text[]), %(now)s::timestamptz
+    on conflict (identifier) do nothing
+    returning identifier
+)
+select known.identifier, known.known_since, known.last_execution
+from {s}._private_known_crontabs as known
+where known.identifier = any(%(identifiers)s::text[])
+and known.identifier not in (select identifier from inserted)
+"""
+
+# Schedule one minute's cron firings. Each identifier's last_execution only
+# moves forward, and a job is added only for the rows this statement
+# advanced; the row lock taken by the upsert makes a second instance (or a
+# clock that went backwards) add nothing for the same identifier and minute.
+SCHEDULE_CRON_JOBS = """
+with specs as (
+    select
+        spec.ordinality,
+        spec.value->>'identifier' as identifier,
+        spec.value->>'task' as task,
+        spec.value->'payload' as payload,
+        spec.value->>'queue_name' as queue_name,
+        (spec.value->>'max_attempts')::int as max_attempts,
+        spec.value->>'job_key' as job_key,
+        (spec.value->>'priority')::int as priority,
+        spec.value->>'job_key_mode' as job_key_mode
+    from json_array_elements(%(specs)s::json) with ordinality as spec(value, ordinality)
+),
+locks as (
+    insert into {s}._private_known_crontabs as known (identifier, known_since, last_execution)
+    select specs.identifier, %(ts)s::timestamptz, %(ts)s::timestamptz from specs
+    on conflict (identifier) do update
+    set last_execution = excluded.last_execution
+    where known.last_execution is null or known.last_execution < excluded.last_execution
+    returning known.identifier
+)
+select (
+    {s}.add_job(
+        specs.task,
+        specs.payload,
+        specs.queue_name,
+        %(ts)s::timestamptz,
+        specs.max_attempts,
+        specs.job_key,
+        specs.priority,
+        null,
+        coalesce(specs.job_key_mode, 'replace')
+    )
+).id as job_id, specs.identifier
+from specs
+inner join locks on locks.identifier = specs.identifier
+order by specs.ordinality
+"""
+
+
+class Queries:
+    """The statements above, composed for one schema (cheap to keep, one per schema)."""
+
+    def __init__(self, schema: str) -> None:
+        self.schema = schema
+        self._identifier = sql.Identifier(schema)
+
+    def _compose(self, template: str) -> sql.Composed:
+        return sql.SQL(template).format(s=self._identifier)
+
+    @cached_property
+    def add_job(self) -> sql.Composed:
+        return self._compose(ADD_JOB)
+
+    @cached_property
+    def add_jobs(self) -> sql.Composed:
+        return self._compose(ADD_JOBS)
+
+    @cached_property
+    def remove_job(self) -> sql.Composed:
+        return self._compose(REMOVE_JOB)
+
+    @cached_property
+    def complete_jobs_admin(self) -> sql.Composed:
+        return self._compose(COMPLETE_JOBS_ADMIN)
+
+    @cached_property
+    def permanently_fail_jobs(self) -> sql.Composed:
+        return self._compose(PERMANENTLY_FAIL_JOBS)
+
+    @cached_property
+    def reschedule_jobs(self) -> sql.Composed:
+        return self._compose(RESCHEDULE_JOBS)
+
+    @cached_property
+    def force_unlock_workers(self) -> sql.Composed:
+        return self._compose(FORCE_UNLOCK_WORKERS)
+
+    @cached_property
+    def task_identifiers(self) -> sql.Composed:
+        return self._compose(TASK_IDENTIFIERS)
+
+    @cached_property
+    def cleanup(self) -> dict[str, sql.Composed]:
+        """Cleanup statements by task name."""
+        return {
+            "DELETE_PERMAFAILED_JOBS": self._compose(CLEANUP_DELETE_PERMAFAILED_JOBS),
+            "GC_TASK_IDENTIFIERS": self._compose(CLEANUP_GC_TASK_IDENTIFIERS),
+            "GC_JOB_QUEUES": self._compose(CLEANUP_GC_JOB_QUEUES),
+        }
+
+    @cached_property
+    def upsert_task_ids(self) -> sql.Composed:
+        return self._compose(UPSERT_TASK_IDS)
+
+    @cached_property
+    def get_jobs(self) -> sql.Composed:
+        return self._compose(GET_JOBS)
+
+    @cached_property
+    def complete_jobs(self) -> sql.Composed:
+        return self._compose(COMPLETE_JOBS)
+
+    @cached_property
+    def fail_jobs(self) -> sql.Composed:
+        return self._compose(FAIL_JOBS)
+
+    @cached_property
+    def return_jobs(self) -> sql.Composed:
+        return self._compose(RETURN_JOBS)
+
+    @cached_property
+    def reset_locked(self) -> sql.Composed:
+        return self._compose(RESET_LOCKED)
+
+    @cached_property
+    def queue_names(self) -> sql.Composed:
+        return self._compose(QUEUE_NAMES)
+
+    @cached_property
+    def register_crontabs(self) -> sql.Composed:
+        return self._compose(REGISTER_CRONTABS)
+
+    @cached_property
+    def schedule_cron_jobs(self) -> sql.Composed:
+        return self._compose(SCHEDULE_CRON_JOBS)

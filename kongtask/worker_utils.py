@@ -1,0 +1,376 @@
+"""WorkerUtils: enqueue jobs and administer the queue from any Python process.
+
+Each method is one statement over one connection and calls the schema's own
+SQL functions where graphile-worker has them, so what a Node worker sees is
+exactly what its own ``WorkerUtils`` would have written.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import ExitStack, contextmanager
+from datetime import datetime
+from types import TracebackType
+from typing import Any, Self
+
+import psycopg
+from psycopg.rows import dict_row
+
+from .connection import open_database, resolve_schema
+from .errors import ConfigurationError, InvalidJobError, KongtaskError
+from .job import Job
+from .job_spec import JobSpec, encode_payload
+from .migrate import MigrationResult, migrate
+from .sql import Queries
+
+__all__ = ["CLEANUP_TASKS", "WorkerUtils", "add_job"]
+
+logger = logging.getLogger(__name__)
+
+#: The cleanup tasks ``WorkerUtils.cleanup`` knows, as graphile-worker names them.
+CLEANUP_TASKS = ("GC_TASK_IDENTIFIERS", "GC_JOB_QUEUES", "DELETE_PERMAFAILED_JOBS")
+
+# add_job can return an all-NULL row when a concurrent worker locked the keyed
+# job between the function's eviction step and its upsert; a retry evicts it.
+_ADD_JOB_RACE_RETRIES = 5
+
+
+class WorkerUtils:
+    """Enqueue and administer jobs; a context manager holding one connection.
+
+    ``connection_string`` falls back to ``DATABASE_URL``, then the ``PG*``
+    variables when ``PGDATABASE`` is set, then the embedded server. Opening
+    runs the migrations (a no-op on an up-to-date database), as
+    graphile-worker's WorkerUtils does. Methods are safe to call from several
+    threads; they take turns on the connection.
+    """
+
+    def __init__(
+        self,
+        connection_string: str | None = None,
+        *,
+        schema: str | None = None,
+        migrate_on_open: bool = True,
+    ) -> None:
+        if connection_string is not None and not isinstance(connection_string, str):
+            raise ConfigurationError(
+                "connection_string must be a string or None",
+                name="connection_string",
+                value=connection_string,
+            )
+        self._connection_string = connection_string
+        self.schema = resolve_schema(schema)
+        self._migrate_on_open = migrate_on_open
+        self._queries = Queries(self.schema)
+        self._conn: psycopg.Connection[Any] | None = None
+        self._stack: ExitStack | None = None
+        self._lock = threading.Lock()
+
+    # --- lifecycle ----------------------------------------------------------
+
+    def open(self) -> Self:
+        """Connect (starting the embedded server if that is the configuration)."""
+        if self._conn is not None:
+            return self
+        with ExitStack() as stack:
+            conninfo = stack.enter_context(open_database(self._connection_string))
+            conn = psycopg.connect(conninfo, autocommit=True)
+            stack.callback(conn.close)
+            if self._migrate_on_open:
+                migrate(conn, self.schema)
+            self._conn = conn
+            self._stack = stack.pop_all()
+        return self
+
+    def close(self) -> None:
+        """Close the connection (and stop the embedded server if we started it)."""
+        stack, self._stack, self._conn = self._stack, None, None
+        if stack is not None:
+            stack.close()
+
+    def __enter__(self) -> Self:
+        return self.open()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    @contextmanager
+    def connection(self) -> Iterator[psycopg.Connection[Any]]:
+        """The underlying connection, held exclusively for the ``with`` block."""
+        if self._conn is None:
+            raise KongtaskError("WorkerUtils is not open; use it as a context manager")
+        with self._lock:
+            yield self._conn
+
+    def _rows(self, query: Any, params: Mapping[str, Any]) -> list[dict[str, Any]]:
+        with self.connection() as conn, conn.cursor(row_factory=dict_row) as cursor:
+            return cursor.execute(query, params).fetchall()
+
+    def _jobs(self, query: Any, params: Mapping[str, Any]) -> list[Job]:
+        """Run a statement returning job rows and turn them into ``Job`` records.
+
+        A task row created by the very statement that returned the job is not
+        visible to that statement's join, so such identifiers are looked up
+        afterwards, in a second (rarely needed) round trip.
+        """
+        rows = [row for row in self._rows(query, params) if row["id"] is not None]
+        missing = {row["task_id"] for row in rows if row["task_identifier"] is None}
+        if missing:
+            found = self._rows(self._queries.task_identifiers, {"ids": sorted(missing)})
+            names = {row["id"]: row["identifier"] for row in found}
+            for row in rows:
+                if row["task_identifier"] is None:
+                    row["task_identifier"] = names.get(row["task_id"])
+        return [Job.from_row(row) for row in rows]
+
+    # --- migrations ---------------------------------------------------------
+
+    def migrate(self) -> MigrationResult:
+        """Bring the schema up to date (graphile-worker migration 19)."""
+        with self.connection() as conn:
+            return migrate(conn, self.schema)
+
+    # --- enqueueing ---------------------------------------------------------
+
+    def add_job(
+        self,
+        identifier: str,
+        payload: Any = None,
+        *,
+        queue_name: str | None = None,
+        run_at: datetime | None = None,
+        max_attempts: int | None = None,
+        job_key: str | None = None,
+        job_key_mode: str | None = None,
+        priority: int | None = None,
+        flags: Sequence[str] | None = None,
+    ) -> Job:
+        """Add one job (or replace/update the job holding ``job_key``) and return it.
+
+        ``job_key_mode`` is ``replace`` (default), ``preserve_run_at`` or
+        ``unsafe_dedupe``, with graphile-worker's semantics.
+        """
+        spec = JobSpec(
+            identifier,
+            payload,
+            queue_name=queue_name,
+            run_at=run_at,
+            max_attempts=max_attempts,
+            job_key=job_key,
+            job_key_mode=job_key_mode,
+            priority=priority,
+            flags=flags,
+        )
+        params = {
+            "identifier": spec.identifier,
+            "payload": encode_payload(spec.payload),
+            "queue_name": spec.queue_name,
+            "run_at": spec.run_at,
+            "max_attempts": spec.max_attempts,
+            "job_key": spec.job_key,
+            "priority": spec.priority,
+            "flags": list(spec.flags) if spec.flags is not None else None,
+            "job_key_mode": spec.job_key_mode,
+        }
+        for _ in range(_ADD_JOB_RACE_RETRIES):
+            jobs = self._jobs(self._queries.add_job, params)
+            if jobs:
+                return jobs[0]
+            logger.debug("add_job lost a race on job_key %r; retrying", spec.job_key)
+        raise KongtaskError(
+            f"add_job could not add job with job_key {spec.job_key!r}: the keyed job "
+            f"was locked concurrently {_ADD_JOB_RACE_RETRIES} times"
+        )
+
+    def add_jobs(
+        self,
+        specs: Iterable[JobSpec | Mapping[str, Any]],
+        *,
+        job_key_preserve_run_at: bool = False,
+    ) -> list[Job]:
+        """Add many jobs in one statement and return them in input order.
+
+        ``job_key_mode`` is not allowed per spec here (graphile-worker's
+        ``add_jobs`` has one mode for the call: replace, or preserve_run_at when
+        ``job_key_preserve_run_at`` is true).
+        """
+        checked = [JobSpec.coerce(spec, index) for index, spec in enumerate(specs)]
+        keys: set[str] = set()
+        for index, spec in enumerate(checked):
+            if spec.job_key_mode is not None:
+                raise InvalidJobError(
+                    f"job spec at index {index} sets job_key_mode; add_jobs takes "
+                    "job_key_preserve_run_at for the whole call instead",
+                    field="job_key_mode",
+                    value=spec.job_key_mode,
+                )
+            if spec.job_key is not None:
+                if spec.job_key in keys:
+                    raise InvalidJobError(
+                        f"job_key {spec.job_key!r} appears more than once in one add_jobs "
+                        f"call (again at index {index})",
+                        field="job_key",
+                        value=spec.job_key,
+                    )
+                keys.add(spec.job_key)
+        if not isinstance(job_key_preserve_run_at, bool):
+            raise InvalidJobError(
+                "job_key_preserve_run_at must be a bool",
+                field="job_key_preserve_run_at",
+                value=job_key_preserve_run_at,
+            )
+        if not checked:
+            return []
+        params = {
+            "specs": json.dumps([spec.to_json_spec() for spec in checked]),
+            "preserve_run_at": job_key_preserve_run_at,
+        }
+        return self._jobs(self._queries.add_jobs, params)
+
+    def remove_job(self, job_key: str) -> Job | None:
+        """Delete the unlocked job holding ``job_key``.
+
+        A locked job can't be deleted: it loses its key and will not be
+        retried. Returns the affected job, or ``None`` if no job had the key.
+        """
+        JobSpec("remove_job", job_key=job_key)  # validates the key
+        jobs = self._jobs(self._queries.remove_job, {"job_key": job_key})
+        return jobs[0] if jobs else None
+
+    # --- administration -----------------------------------------------------
+
+    def complete_jobs(self, ids: Iterable[int]) -> list[Job]:
+        """Mark jobs done (delete them); locked jobs are skipped unless their lock is stale."""
+        return self._jobs(self._queries.complete_jobs_admin, {"ids": _job_ids(ids)})
+
+    def permanently_fail_jobs(self, ids: Iterable[int], reason: str | None = None) -> list[Job]:
+        """Fail jobs for good (attempts = max_attempts) with ``reason`` as their last error."""
+        if reason is not None and not isinstance(reason, str):
+            raise InvalidJobError("reason must be a string or None", field="reason", value=reason)
+        params = {"ids": _job_ids(ids), "reason": reason}
+        return self._jobs(self._queries.permanently_fail_jobs, params)
+
+    def reschedule_jobs(
+        self,
+        ids: Iterable[int],
+        *,
+        run_at: datetime | None = None,
+        priority: int | None = None,
+        attempts: int | None = None,
+        max_attempts: int | None = None,
+    ) -> list[Job]:
+        """Change when and how unlocked jobs run; ``None`` leaves a column as it is.
+
+        Zero is a value here (``attempts=0`` resets the attempt count), unlike
+        graphile-worker's JavaScript helper where 0 means "unchanged".
+        """
+        JobSpec("reschedule_jobs", run_at=run_at, priority=priority)
+        if attempts is not None and (
+            isinstance(attempts, bool)
+            or not isinstance(attempts, int)
+            or not 0 <= attempts <= 32767
+        ):
+            raise InvalidJobError(
+                f"attempts must be an integer between 0 and 32767, got {attempts!r}",
+                field="attempts",
+                value=attempts,
+            )
+        if max_attempts is not None:
+            JobSpec("reschedule_jobs", max_attempts=max_attempts)
+        params = {
+            "ids": _job_ids(ids),
+            "run_at": run_at,
+            "priority": priority,
+            "attempts": attempts,
+            "max_attempts": max_attempts,
+        }
+        return self._jobs(self._queries.reschedule_jobs, params)
+
+    def force_unlock_workers(self, worker_ids: Iterable[str]) -> None:
+        """Release every job and queue locked by these pool ids (workers known to be dead)."""
+        if isinstance(worker_ids, str):
+            raise InvalidJobError(
+                "worker_ids must be a list of pool ids, not a single string",
+                field="worker_ids",
+                value=worker_ids,
+            )
+        ids = list(worker_ids)
+        for worker_id in ids:
+            if not isinstance(worker_id, str) or not worker_id:
+                raise InvalidJobError(
+                    f"worker_ids must hold non-empty strings, got {worker_id!r}",
+                    field="worker_ids",
+                    value=worker_id,
+                )
+        with self.connection() as conn:
+            conn.execute(self._queries.force_unlock_workers, {"worker_ids": ids})
+
+    def cleanup(
+        self,
+        tasks: Iterable[str] = ("GC_JOB_QUEUES",),
+        task_identifiers_to_keep: Iterable[str] = (),
+    ) -> dict[str, int]:
+        """Run cleanup tasks in order; returns how many rows each removed.
+
+        ``GC_TASK_IDENTIFIERS`` is unsafe while workers run (they cache task
+        ids), as in graphile-worker.
+        """
+        names = [tasks] if isinstance(tasks, str) else list(tasks)
+        invalid = [name for name in names if name not in CLEANUP_TASKS]
+        if invalid or not names:
+            raise ConfigurationError(
+                "Invalid cleanup tasks; allowed values: "
+                + ", ".join(f"'{name}'" for name in CLEANUP_TASKS)
+                + "; you provided: "
+                + ", ".join(f"'{name}'" for name in names),
+                name="tasks",
+                value=names,
+            )
+        keep = (
+            [task_identifiers_to_keep]
+            if isinstance(task_identifiers_to_keep, str)
+            else list(task_identifiers_to_keep)
+        )
+        removed: dict[str, int] = {}
+        with self.connection() as conn:
+            for name in names:
+                cursor = conn.execute(self._queries.cleanup[name], {"keep": keep})
+                removed[name] = cursor.rowcount
+        return removed
+
+
+def add_job(
+    identifier: str,
+    payload: Any = None,
+    *,
+    connection_string: str | None = None,
+    schema: str | None = None,
+    **spec: Any,
+) -> Job:
+    """Add one job using a connection opened and closed for this call alone.
+
+    Convenient for scripts; a long-lived process should keep a
+    ``WorkerUtils`` (or use ``Runner.add_job``) instead.
+    """
+    with WorkerUtils(connection_string, schema=schema) as utils:
+        return utils.add_job(identifier, payload, **spec)
+
+
+def _job_ids(ids: Iterable[int]) -> list[int]:
+    if isinstance(ids, str | bytes) or not isinstance(ids, Iterable):
+        raise InvalidJobError("ids must be a list of job ids", field="ids", value=ids)
+    result = list(ids)
+    for job_id in result:
+        if isinstance(job_id, bool) or not isinstance(job_id, int):
+            raise InvalidJobError(
+                f"ids must hold integer job ids, got {job_id!r}", field="ids", value=job_id
+            )
+    return result
