@@ -15,6 +15,8 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import psycopg
+
 from ._version import __version__
 from .errors import KongtaskError
 
@@ -204,6 +206,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _run_worker(args)
     except KongtaskError as exc:
         print(f"kongtask: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except psycopg.OperationalError as exc:
+        message = str(exc).strip().replace("\n", " ")
+        print(f"kongtask: error: database connection failed: {message}", file=sys.stderr)
+        return EXIT_ERROR
+    except psycopg.Error as exc:
+        print(f"kongtask: error: database error: {exc}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
         return 130
