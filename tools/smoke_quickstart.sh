@@ -21,7 +21,7 @@ if [ -z "$ready" ]; then
   kill -KILL "$pid" 2>/dev/null || true
   exit 1
 fi
-data_dir=$(sed -n 's/.*embedded PostgreSQL data folder: \(.*\)$/\1/p' "$log" | head -n1)
+data_dir=$(sed -n "s/.*running with [a-z]* data folder \(.*\); log in .*/\1/p" "$log" | head -n1)
 kill -TERM "$pid"
 status=0
 wait "$pid" || status=$?
