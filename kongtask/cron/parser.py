@@ -1,0 +1,356 @@
+"""Parse crontab text and programmatic cron items into ``ParsedCronItem`` values.
+
+The grammar, the accepted and rejected lines and every error message follow
+graphile-worker 0.17.3 (five UTC fields, a task identifier, ``?options``, a JSON5
+payload). kongtask-only extensions, which a Node worker cannot read: the nicknames
+``@yearly``/``@annually``, ``@monthly``, ``@weekly``, ``@daily``/``@midnight`` and
+``@hourly`` in place of the five fields, and the ``tz=Area/City`` option.
+
+Whatever string it is given, the parser raises only ``CrontabError``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import json5
+
+from kongtask.cron._jscompat import JS_DOT, JS_WS, js_number_text, js_parse_int, js_trim
+from kongtask.cron.options import options_from_mapping, parse_crontab_options
+from kongtask.cron.types import FIELDS, CronField, CronItem, CronItemOptions, ParsedCronItem
+from kongtask.errors import CrontabError
+
+__all__ = [
+    "NICKNAMES",
+    "parse_cron_item",
+    "parse_cron_items",
+    "parse_crontab",
+    "validate_pattern",
+]
+
+logger = logging.getLogger(__name__)
+
+#: kongtask-only nicknames and the five fields each stands for.
+NICKNAMES: dict[str, str] = {
+    "@yearly": "0 0 1 1 *",
+    "@annually": "0 0 1 1 *",
+    "@monthly": "0 0 1 * *",
+    "@weekly": "0 0 * * 0",
+    "@daily": "0 0 * * *",
+    "@midnight": "0 0 * * *",
+    "@hourly": "0 * * * *",
+}
+
+_S = f"[{JS_WS}]"
+_F = "([0-9*/,-]+)"
+_TIME_PARTS = re.compile(f"{_F}{_S}+{_F}{_S}+{_F}{_S}+{_F}{_S}+{_F}")
+_LINE_PARTS = re.compile(f"{_F}{_S}+{_F}{_S}+{_F}{_S}+{_F}{_S}+{_F}{_S}+({JS_DOT}*)")
+_NICKNAME_LINE = re.compile(f"(@[a-z]+){_S}+({JS_DOT}*)")
+_COMMAND = re.compile(
+    f"([_a-zA-Z][_a-zA-Z0-9:/_-]*)(?:{_S}+\\?([^{JS_WS}]+))?(?:{_S}+(\\{{{JS_DOT}*\\}}))?"
+)
+_NUMBER = re.compile(r"[0-9]+")
+_RANGE = re.compile(r"([0-9]+)-([0-9]+)")
+_WILDCARD = re.compile(r"\*(?:/([0-9]+))?")
+_LEADING_WS = re.compile(f"[{JS_WS}]*")
+
+Fields = tuple[tuple[int, ...], ...]
+
+
+class _PartError(Exception):
+    """A bad part of a field; ``offset`` is its position within the field text."""
+
+    def __init__(self, message: str, offset: int) -> None:
+        super().__init__(message)
+        self.message = message
+        self.offset = offset
+
+
+def _parse_field(text: str, spec: CronField, location: str) -> tuple[int, ...]:
+    """Parse one comma list of numbers, ranges and wildcards into sorted unique values."""
+    low, high = spec.low, spec.high
+    wrap = spec.label == "days of week"  # 7 is Sunday too
+    loc = f"{spec.label} range in {location}"
+    numbers: set[int] = set()
+    offset = 0
+    for part in text.split(","):
+        part_offset = offset
+        offset += len(part) + 1
+
+        def add(number: float, part_offset: int = part_offset) -> None:
+            wrapped = low if wrap and number == high + 1 else number
+            expected = f"expected values in the range {low}-{high}."
+            if wrapped > high:
+                raise _PartError(
+                    f"Too large value '{js_number_text(number)}' in {loc}: {expected}", part_offset
+                )
+            if wrapped < low:
+                raise _PartError(
+                    f"Too small value '{js_number_text(number)}' in {loc}: {expected}", part_offset
+                )
+            numbers.add(int(wrapped))
+
+        if _NUMBER.fullmatch(part):
+            add(js_parse_int(part))
+        elif match := _RANGE.fullmatch(part):
+            start, end = js_parse_int(match.group(1)), js_parse_int(match.group(2))
+            if end <= start:
+                raise _PartError(
+                    f"Invalid range '{part}' in {loc}: destination is not larger than source",
+                    part_offset,
+                )
+            value = start
+            while value <= end:  # add() raises within a few steps past ``high``
+                add(value)
+                value += 1
+        elif match := _WILDCARD.fullmatch(part):
+            divisor = js_parse_int(match.group(1)) if match.group(1) else 1.0
+            if divisor < 1:
+                raise _PartError(
+                    f"Invalid wildcard expression '{part}' in {loc}: divisor"
+                    f" '{match.group(1)}' expected to be greater than zero",
+                    part_offset,
+                )
+            numbers.update(range(low, high + 1, int(min(divisor, high + 1))))
+        else:
+            raise _PartError(
+                f"Unsupported syntax '{part}' in {loc}: this doesn't appear to be a number,"
+                " range or wildcard",
+                part_offset,
+            )
+    return tuple(sorted(numbers))
+
+
+def _parse_fields(
+    match: re.Match[str], location: str, line: int | None, column_base: int
+) -> Fields:
+    """Parse the five captured fields; ``column_base`` is the 1-based column of the match."""
+    parsed = []
+    for index, spec in enumerate(FIELDS, start=1):
+        try:
+            parsed.append(_parse_field(match.group(index), spec, location))
+        except _PartError as error:
+            column = column_base + match.start(index) + error.offset
+            raise CrontabError(error.message, line=line, column=column, source=location) from None
+    return tuple(parsed)
+
+
+def _fields_of_pattern(pattern: str, source: str) -> Fields:
+    """Parse a programmatic pattern (five fields or a kongtask nickname)."""
+    text = NICKNAMES.get(pattern, pattern)
+    match = _TIME_PARTS.fullmatch(text)
+    if match is None:
+        raise CrontabError(f"Invalid cron pattern '{pattern}' in {source}", source=source)
+    try:
+        return _parse_fields(match, source, None, 1)
+    except CrontabError as error:
+        if text is not pattern:  # a nickname's fields cannot be wrong, but be safe
+            error.column = None
+        raise
+
+
+def validate_pattern(pattern: str) -> None:
+    """Raise ``CrontabError`` unless ``pattern`` is five valid fields or a nickname."""
+    if not isinstance(pattern, str):
+        raise CrontabError(f"Invalid cron pattern {pattern!r}: expected a string")
+    _fields_of_pattern(pattern, "validate_pattern call")
+
+
+_NOT_JSON = object()
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _join_surrogates(value: Any) -> Any:
+    """Join ``"\\ud83d\\ude00"``-style escape pairs, which the json5 package leaves split."""
+    if isinstance(value, str):
+        if not _SURROGATE.search(value):
+            return value
+        units = value.encode("utf-16-le", "surrogatepass")
+        return units.decode("utf-16-le", "surrogatepass")
+    if isinstance(value, list):
+        return [_join_surrogates(v) for v in value]
+    if isinstance(value, dict):
+        return {_join_surrogates(k): _join_surrogates(v) for k, v in value.items()}
+    return value
+
+
+def _parse_payload(text: str | None, line_number: int, column: int) -> dict[str, Any] | None:
+    if not text:
+        return None
+    try:
+        # Plain JSON is JSON5 too, and the C parser is ~100x faster than json5's.
+        payload = json.loads(text)
+    except Exception:
+        payload = _NOT_JSON
+    try:
+        if payload is _NOT_JSON:
+            payload = json5.loads(text)
+    except Exception as error:  # json5 raises ValueError, RecursionError, ...
+        raise CrontabError(
+            f"Failed to parse JSON5 payload on line {line_number} of crontab: {error}",
+            line=line_number,
+            column=column,
+        ) from None
+    payload = _join_surrogates(payload)
+    if not isinstance(payload, dict):  # pragma: no cover - the grammar demands {...}
+        raise CrontabError(
+            f"Failed to parse JSON5 payload on line {line_number} of crontab: not an object",
+            line=line_number,
+            column=column,
+        )
+    return payload
+
+
+def _parse_line(raw: str, line: str, line_number: int) -> ParsedCronItem:
+    """Parse one trimmed, non-comment line; columns count from the raw line."""
+    base = len(_LEADING_WS.match(raw).group(0)) + 1  # type: ignore[union-attr]
+    location = f"line {line_number} of crontab"
+    nickname = _NICKNAME_LINE.fullmatch(line)
+    if nickname is not None and nickname.group(1) in NICKNAMES:
+        fields_match = _TIME_PARTS.fullmatch(NICKNAMES[nickname.group(1)])
+        assert fields_match is not None
+        fields = _parse_fields(fields_match, location, line_number, base)
+        command, command_column = nickname.group(2), base + nickname.start(2)
+    else:
+        match = _LINE_PARTS.fullmatch(line)
+        if match is None:
+            raise CrontabError(
+                f"Could not process line '{line_number}' of crontab: '{line}'",
+                line=line_number,
+                column=base,
+            )
+        fields = _parse_fields(match, location, line_number, base)
+        command, command_column = match.group(6), base + match.start(6)
+    parts = _COMMAND.fullmatch(command)
+    if parts is None:
+        raise CrontabError(
+            f"Invalid command specification in line {line_number} of crontab.",
+            line=line_number,
+            column=command_column,
+        )
+    task, options_text, payload_text = parts.groups()
+    options_column = command_column + parts.start(2) - 1 if options_text else None
+    options, identifier = parse_crontab_options(options_text, line_number, options_column)
+    payload = _parse_payload(payload_text, line_number, command_column + parts.start(3))
+    return _build(task, identifier or task, fields, options, payload, line_number)
+
+
+def _build(
+    task: str,
+    identifier: str,
+    fields: Fields,
+    options: CronItemOptions,
+    payload: dict[str, Any] | None,
+    line_number: int | None,
+) -> ParsedCronItem:
+    minutes, hours, dates, months, dows = fields
+    return ParsedCronItem(
+        identifier=identifier,
+        task=task,
+        minutes=minutes,
+        hours=hours,
+        dates=dates,
+        months=months,
+        dows=dows,
+        options=options,
+        payload=payload,
+        source_line=line_number,
+    )
+
+
+def parse_crontab(text: str) -> list[ParsedCronItem]:
+    """Parse crontab text; blank lines and lines starting with ``#`` are skipped.
+
+    Identifiers (the ``id`` option, else the task) must be unique across the file.
+    """
+    if not isinstance(text, str):
+        raise CrontabError(f"A crontab must be a string, not {type(text).__name__}")
+    items: list[ParsedCronItem] = []
+    for line_number, raw in enumerate(re.split(r"\r?\n", text), start=1):
+        line = js_trim(raw)
+        if not line or line.startswith("#"):
+            continue
+        items.append(_parse_line(raw, line, line_number))
+    identifiers = sorted(item.identifier for item in items)
+    duplicates = [ident for i, ident in enumerate(identifiers) if i and ident == identifiers[i - 1]]
+    if duplicates:
+        # Point at the second line that uses the first duplicated identifier.
+        first = [item.source_line for item in items if item.identifier == duplicates[0]][1]
+        listed = "', '".join(duplicates)
+        raise CrontabError(
+            f"Invalid crontab; duplicate identifiers found: '{listed}' - please"
+            " use '?id=...' to specify unique identifiers for your cron items",
+            line=first,
+        )
+    logger.debug("parsed %d cron items", len(items))
+    return items
+
+
+def _js_truthy(value: Any) -> bool:
+    """JavaScript truthiness (``[]`` and ``{}`` are truthy there, ``NaN`` is not)."""
+    if value is None or value is False:
+        return False
+    if isinstance(value, int | float):
+        return value == value and value != 0
+    if isinstance(value, str):
+        return value != ""
+    return True
+
+
+def parse_cron_item(
+    item: CronItem | Mapping[str, Any], source: str = "parseCronItem call"
+) -> ParsedCronItem:
+    """Validate one programmatic item (a ``CronItem`` or a mapping with the same keys).
+
+    Unlike graphile-worker, options are checked by the crontab rules (see
+    :func:`kongtask.cron.options.options_from_mapping`); there is no duplicate check.
+    """
+    task: Any
+    match: Any
+    options: Any
+    if isinstance(item, CronItem):
+        task, match, options = item.task, item.match, item.options
+        payload: Any = {} if item.payload is None else item.payload
+        identifier: Any = item.identifier
+    elif isinstance(item, Mapping):
+        if _js_truthy(item.get("pattern")):
+            raise CrontabError("Please rename the 'pattern' property to 'match'", source=source)
+        task, match, options = item.get("task"), item.get("match"), item.get("options")
+        payload = item.get("payload", {})
+        identifier = item.get("identifier")
+    else:
+        raise CrontabError(
+            f"Invalid cron item in {source}: expected a CronItem or a mapping, got"
+            f" {type(item).__name__}",
+            source=source,
+        )
+    if not isinstance(match, str):
+        raise CrontabError("Invalid 'match' configuration", source=source)
+    fields = _fields_of_pattern(match, source)
+    if not isinstance(task, str) or not task:
+        raise CrontabError(
+            f"Invalid 'task' in {source}: expected a non-empty string", source=source
+        )
+    identifier = task if identifier is None else identifier
+    if not isinstance(identifier, str) or not identifier:
+        raise CrontabError(
+            f"Invalid 'identifier' in {source}: expected a non-empty string", source=source
+        )
+    if payload is not None and not isinstance(payload, Mapping):
+        raise CrontabError(f"Invalid 'payload' in {source}: expected a mapping", source=source)
+    parsed_options = options_from_mapping(options, source)
+    return _build(
+        task, identifier, fields, parsed_options, None if payload is None else dict(payload), None
+    )
+
+
+def parse_cron_items(items: Sequence[CronItem | Mapping[str, Any]]) -> list[ParsedCronItem]:
+    """Validate a list of programmatic items; errors name the item's index."""
+    return [
+        parse_cron_item(item, f"item {index} of parseCronItems call")
+        for index, item in enumerate(items)
+    ]

@@ -1,0 +1,112 @@
+"""Tools for testing code that uses kongtask, without sleeping.
+
+``ManualClock`` stands in for the system clock: time moves only when the test
+calls :meth:`ManualClock.advance`, and timers due by then fire in order, in
+the calling thread. ``join`` waits until a Runner has nothing left to do.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import threading
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING
+
+from .actors.clock import Timer
+
+if TYPE_CHECKING:
+    from .runner import Runner
+
+__all__ = ["ManualClock", "join"]
+
+
+class ManualClock:
+    """A clock that moves only when told; implements :class:`kongtask.protocols.Clock`.
+
+    Start it at a fixed instant for reproducible tests; ``advance`` runs every
+    timer that falls due, including timers those timers schedule.
+    """
+
+    def __init__(self, start: datetime | None = None) -> None:
+        if start is None:
+            start = datetime(2021, 1, 1, tzinfo=UTC)
+        if start.utcoffset() is None:
+            raise ValueError("ManualClock start must be timezone-aware")
+        self._now = start
+        self._monotonic = 0.0
+        self._heap: list[tuple[float, int, Timer]] = []
+        self._counter = itertools.count()
+        self._lock = threading.RLock()
+        self._changed = threading.Condition(self._lock)
+
+    def now(self) -> datetime:
+        """The clock's current time."""
+        with self._lock:
+            return self._now
+
+    def monotonic(self) -> float:
+        """Seconds advanced since the clock was made."""
+        with self._lock:
+            return self._monotonic
+
+    def call_later(self, delay_s: float, callback: Callable[[], None]) -> Timer:
+        """Schedule ``callback`` to run when the clock is advanced past its time."""
+        timer = Timer(callback)
+        with self._lock:
+            heapq.heappush(self._heap, (self._monotonic + delay_s, next(self._counter), timer))
+            self._changed.notify_all()
+        return timer
+
+    @property
+    def pending(self) -> int:
+        """How many timers are scheduled and not cancelled."""
+        with self._lock:
+            return sum(1 for _, _, timer in self._heap if not timer.cancelled)
+
+    def next_deadline_s(self) -> float | None:
+        """Seconds until the next live timer is due, or ``None`` if there is none."""
+        with self._lock:
+            live = [due for due, _, timer in self._heap if not timer.cancelled]
+            return min(live) - self._monotonic if live else None
+
+    def wait_for_timers(self, count: int = 1, timeout_s: float = 10.0) -> None:
+        """Block until at least ``count`` live timers are scheduled (or fail after timeout)."""
+        deadline = time.monotonic() + timeout_s
+        with self._changed:
+            while self.pending < count:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError(f"expected {count} timer(s), have {self.pending}")
+                self._changed.wait(remaining)
+
+    def advance(self, seconds: float) -> None:
+        """Move time forward by ``seconds`` and fire every timer due by then."""
+        if seconds < 0:
+            raise ValueError("a ManualClock only moves forward")
+        with self._lock:
+            target = self._monotonic + seconds
+        while True:
+            with self._lock:
+                if not self._heap or self._heap[0][0] > target:
+                    self._now += timedelta(seconds=target - self._monotonic)
+                    self._monotonic = target
+                    return
+                due, _, timer = heapq.heappop(self._heap)
+                self._now += timedelta(seconds=max(0.0, due - self._monotonic))
+                self._monotonic = max(self._monotonic, due)
+            timer.fire()
+
+    def close(self) -> None:
+        """Forget every pending timer (the Runner calls this when it owns the clock)."""
+
+
+def join(runner: Runner, timeout_s: float = 30.0) -> None:
+    """Wait until ``runner`` has no runnable job claimed, buffered, running or unrecorded.
+
+    Jobs that become runnable later (a retry's back-off, a future ``run_at``)
+    are not waited for. Raises ``TimeoutError`` after ``timeout_s``.
+    """
+    runner.join(timeout_s)

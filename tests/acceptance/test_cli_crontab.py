@@ -1,0 +1,60 @@
+"""``kongtask crontab check|next`` in a subprocess."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+
+from kongtask.cli_crontab import main
+
+
+def run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "kongtask", "crontab", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_check_lists_items(tmp_path: Path) -> None:
+    crontab = tmp_path / "crontab"
+    crontab.write_text("# nightly\n0 4 * * * backup ?id=nightly\n@hourly ping\n")
+    result = run("check", str(crontab))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [
+        "line 2: nightly -> task backup",
+        "line 3: ping -> task ping",
+        "OK: 2 item(s)",
+    ]
+
+
+def test_check_reports_line_and_column(tmp_path: Path) -> None:
+    crontab = tmp_path / "crontab"
+    crontab.write_text("# ok\n* * * * * fine\n* 25 * * * broken\n")
+    result = run("check", str(crontab))
+    assert result.returncode == 1
+    assert "line 3" in result.stderr
+    assert "Too large value '25' in hours range in line 3 of crontab" in result.stderr
+
+
+def test_check_missing_file(tmp_path: Path) -> None:
+    result = run("check", str(tmp_path / "nope"))
+    assert result.returncode == 1
+    assert "Failed to read crontab file" in result.stderr
+
+
+def test_next_prints_zone_and_utc(tmp_path: Path, capsys: object) -> None:
+    crontab = tmp_path / "crontab"
+    crontab.write_text("0 9 * * * report ?tz=Europe/Berlin\n")
+    now = datetime(2021, 3, 27, 12, 0, tzinfo=UTC)  # Berlin springs forward on the 28th
+    assert main(["next", str(crontab), "-n", "2"], now=now) == 0
+    out = capsys.readouterr().out.splitlines()  # type: ignore[attr-defined]
+    assert out == [
+        "report (report, tz Europe/Berlin):",
+        "  2021-03-28 07:00 UTC  (2021-03-28 09:00 CEST)",
+        "  2021-03-29 07:00 UTC  (2021-03-29 09:00 CEST)",
+    ]
