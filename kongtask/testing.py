@@ -99,6 +99,15 @@ class ManualClock:
                 self._monotonic = max(self._monotonic, due)
             timer.fire()
 
+    def jump(self, delta: timedelta) -> None:
+        """Move the wall clock by ``delta`` (either way) without letting time pass.
+
+        This is what NTP corrections and suspended machines do: ``now()``
+        changes, monotonic time and pending timers do not.
+        """
+        with self._lock:
+            self._now += delta
+
     def close(self) -> None:
         """Forget every pending timer (the Runner calls this when it owns the clock)."""
 
