@@ -6,7 +6,21 @@ graphile-worker workers can share one database, one queue and one crontab.
 
 import logging
 
+from . import events
 from ._version import __version__
+from .cron import (
+    CronItem,
+    CronItemOptions,
+    ParsedCronItem,
+    digest,
+    fire_times,
+    matches,
+    next_fire_times,
+    parse_cron_item,
+    parse_cron_items,
+    parse_crontab,
+    validate_pattern,
+)
 from .errors import (
     ConfigurationError,
     CrontabError,
@@ -16,24 +30,51 @@ from .errors import (
     MigrationError,
     TaskLoadError,
 )
+from .helpers import Helpers
 from .job import Job
 from .job_spec import JobSpec
+from .migrate import LATEST_MIGRATION, MigrationResult, migrate
+from .protocols import Clock, TaskHandler
+from .runner import Runner, run, run_once
+from .settings import WorkerSettings
 from .worker_utils import CLEANUP_TASKS, WorkerUtils, add_job
 
 __all__ = [
     "CLEANUP_TASKS",
+    "LATEST_MIGRATION",
+    "Clock",
     "ConfigurationError",
+    "CronItem",
+    "CronItemOptions",
     "CrontabError",
     "EmbeddedServerError",
+    "Helpers",
     "InvalidJobError",
     "Job",
     "JobSpec",
     "KongtaskError",
     "MigrationError",
+    "MigrationResult",
+    "ParsedCronItem",
+    "Runner",
+    "TaskHandler",
     "TaskLoadError",
+    "WorkerSettings",
     "WorkerUtils",
     "__version__",
     "add_job",
+    "digest",
+    "events",
+    "fire_times",
+    "matches",
+    "migrate",
+    "next_fire_times",
+    "parse_cron_item",
+    "parse_cron_items",
+    "parse_crontab",
+    "run",
+    "run_once",
+    "validate_pattern",
 ]
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())

@@ -40,9 +40,7 @@ pool_create = _signal("pool:create", "The Runner created its pool. Payload: pool
 pool_listen_connecting = _signal(
     "pool:listen:connecting", "Connecting the LISTEN connection. Payload: pool_id, attempts."
 )
-pool_listen_success = _signal(
-    "pool:listen:success", "LISTEN is established. Payload: pool_id."
-)
+pool_listen_success = _signal("pool:listen:success", "LISTEN is established. Payload: pool_id.")
 pool_listen_error = _signal(
     "pool:listen:error", "The LISTEN connection failed. Payload: pool_id, error."
 )

@@ -250,6 +250,22 @@ set locked_at = null, locked_by = null
 where queues.locked_at < now() - %(expiry)s::interval
 """
 
+# Release named queues this pool holds for jobs it has just finished. Used
+# after a complete/fail statement had to be retried on a new connection: if
+# the first try committed before the connection broke, the retry finds no
+# rows and so releases no queue. A queue where this pool holds a job again
+# (it claimed the next one meanwhile) stays locked, so queues stay serial.
+RELEASE_QUEUES = """
+update {s}._private_job_queues as queues
+set locked_by = null, locked_at = null
+where queues.id = any(%(queue_ids)s::int[])
+and queues.locked_by = %(pool_id)s::text
+and not exists (
+    select 1 from {s}._private_jobs as jobs
+    where jobs.job_queue_id = queues.id and jobs.locked_by = %(pool_id)s::text
+)
+"""
+
 # Names of queues by id, for helpers.get_queue_name().
 QUEUE_NAMES = """
 select id, queue_name from {s}._private_job_queues where id = any(%(ids)s::int[])
@@ -390,6 +406,10 @@ class Queries:
     @cached_property
     def reset_locked(self) -> sql.Composed:
         return self._compose(RESET_LOCKED)
+
+    @cached_property
+    def release_queues(self) -> sql.Composed:
+        return self._compose(RELEASE_QUEUES)
 
     @cached_property
     def queue_names(self) -> sql.Composed:

@@ -1,0 +1,131 @@
+"""The listener: a dedicated connection waiting on ``LISTEN`` for new work.
+
+``jobs:insert`` nudges the claimer (new jobs to claim now, not at the next
+poll); a breaking ``worker:migrate`` means a newer worker changed the schema
+under us, so the Runner shuts down gracefully with a warning. A lost
+connection is re-established after a jittered back-off
+(``min(60 s, 50 ms·e^attempts)``, as graphile-worker), and the claimer is
+nudged once it is back, since notifications sent meanwhile were missed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import psycopg
+
+from kongtask import events
+
+from .context import WorkerContext
+
+__all__ = ["Listener"]
+
+logger = logging.getLogger(__name__)
+
+_CONNECT_TIMEOUT_S = 10
+
+
+class Listener:
+    """Runs on its own daemon thread; :meth:`stop` closes the connection to end it."""
+
+    def __init__(self, ctx: WorkerContext, nudge: Callable[[], None]) -> None:
+        self._ctx = ctx
+        self._nudge = nudge
+        self._stopped = threading.Event()
+        self._conn: psycopg.Connection[Any] | None = None
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(
+            target=self._run, name=f"kongtask-listen-{ctx.pool_id}", daemon=True
+        )
+        self.connected = threading.Event()
+
+    def start(self) -> None:
+        """Start listening in the background (emits the first ``pool:listen:connecting``)."""
+        self._ctx.bus.emit(events.pool_listen_connecting, pool_id=self._ctx.pool_id, attempts=0)
+        self._thread.start()
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        """Stop listening: closing the connection interrupts the wait for notifications."""
+        self._stopped.set()
+        with self._lock:
+            conn = self._conn
+        if conn is not None:
+            try:
+                conn.close()
+            except Exception:
+                logger.debug("Closing the LISTEN connection failed", exc_info=True)
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(timeout_s)
+
+    def _run(self) -> None:
+        ctx = self._ctx
+        attempts = 0
+        while not self._stopped.is_set():
+            if attempts:
+                ctx.bus.emit(events.pool_listen_connecting, pool_id=ctx.pool_id, attempts=attempts)
+            try:
+                conn = psycopg.connect(
+                    ctx.conninfo, autocommit=True, connect_timeout=_CONNECT_TIMEOUT_S
+                )
+                with self._lock:
+                    self._conn = conn
+                if self._stopped.is_set():
+                    conn.close()
+                    break
+                conn.execute('LISTEN "jobs:insert"')
+                conn.execute('LISTEN "worker:migrate"')
+                attempts = 0
+                self.connected.set()
+                ctx.bus.emit(events.pool_listen_success, pool_id=ctx.pool_id)
+                self._nudge()
+                for notify in conn.notifies():
+                    self._handle(notify.channel, notify.payload)
+            except Exception as exc:
+                if self._stopped.is_set():
+                    break
+                self.connected.clear()
+                ctx.bus.emit(events.pool_listen_error, pool_id=ctx.pool_id, error=exc)
+                delay = math.ceil(
+                    (0.5 + math.sqrt(random.random()) / 2) * min(60_000, 50 * math.exp(attempts))
+                )
+                logger.error("Error with notify listener (trying again in %dms): %s", delay, exc)
+                attempts += 1
+                self._stopped.wait(delay / 1000)
+            finally:
+                with self._lock:
+                    conn_, self._conn = self._conn, None
+                if conn_ is not None and not conn_.closed:
+                    conn_.close()
+        self.connected.clear()
+        ctx.bus.emit(events.pool_listen_release, pool_id=ctx.pool_id)
+
+    def _handle(self, channel: str, payload: str) -> None:
+        ctx = self._ctx
+        if ctx.stopping:
+            return
+        ctx.bus.emit(
+            events.pool_listen_notification, pool_id=ctx.pool_id, channel=channel, payload=payload
+        )
+        try:
+            data = json.loads(payload) if payload else {}
+        except ValueError:
+            data = {}
+        if not isinstance(data, dict):
+            data = {}
+        if channel == "jobs:insert":
+            count = data.get("count", 1)
+            if not isinstance(count, int | float) or count > 0:
+                self._nudge()
+        elif channel == "worker:migrate" and data.get("breaking") is True:
+            logger.warning(
+                "Graphile Worker detected breaking migration to database schema revision "
+                "'%s'; it would be unsafe to continue, so shutting down...",
+                data.get("migrationNumber"),
+            )
+            ctx.request_shutdown("A breaking migration was applied to the database")

@@ -1,0 +1,393 @@
+"""The supervisor: starts a Runner's actors in order and stops exactly those.
+
+Everything that can end a run arrives on one control queue: ``stop()``,
+``kill()``, OS signals, "run once is done", a breaking migration, or a fatal
+error from an actor. One daemon thread reads it and runs the shutdown:
+stop claiming and give back buffered jobs, let running jobs finish until the
+abort timeout, then set their abort events and fail them back so they retry,
+flush the outcomes, and release the pool. A second stop signal (or
+``kill()``) cuts the wait short.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import signal
+import threading
+from collections.abc import Callable, Mapping
+from contextlib import ExitStack
+from typing import Any
+
+import psycopg
+import pykka
+from psycopg_pool import ConnectionPool
+
+from kongtask import events
+from kongtask.connection import open_database
+from kongtask.errors import KongtaskError
+from kongtask.migrate import migrate
+from kongtask.protocols import Clock
+from kongtask.settings import WorkerSettings
+from kongtask.sql import Queries
+
+from .claimer import NUDGE, SHUTDOWN, Claimer
+from .clock import SystemClock
+from .completer import FLUSH, Completer, Outbox
+from .context import WorkerContext, new_pool_id
+from .executor import ExecutorPool
+from .listener import Listener
+from .local_queue import LocalQueue
+from .publisher import EventBus
+from .signals import SignalHandlers, can_install
+from .sweeper import STOP_TIMERS, Sweeper
+
+__all__ = ["Supervisor"]
+
+logger = logging.getLogger(__name__)
+
+_POOL_OPEN_TIMEOUT_S = 30.0
+_ACTOR_STOP_TIMEOUT_S = 30.0
+GRACEFUL_MESSAGE = "Worker pool is shutting down gracefully"
+FORCEFUL_MESSAGE = "Forced worker shutdown"
+
+
+class Supervisor:
+    """Owns one run: its resources, actors, threads and the shutdown sequence."""
+
+    def __init__(
+        self,
+        *,
+        sender: Any,
+        settings: WorkerSettings,
+        tasks: Mapping[str, Callable[..., Any]],
+        connection_string: str | None,
+        clock: Clock | None,
+        reload_hook: Callable[[], None] | None,
+        no_log_success: bool,
+    ) -> None:
+        self.settings = settings
+        self.pool_id = new_pool_id(settings.once)
+        self._sender = sender
+        self._tasks = dict(tasks)
+        self._connection_string = connection_string
+        self._own_clock = clock is None
+        self._clock: Clock = (
+            clock if clock is not None else SystemClock(name=f"kongtask-clock-{self.pool_id}")
+        )
+        self._reload_hook = reload_hook
+        self._no_log_success = no_log_success
+        self._control: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+        self._stack = ExitStack()
+        self._signals: SignalHandlers | None = None
+        self._thread: threading.Thread | None = None
+        self.done = threading.Event()
+        self.error: BaseException | None = None
+        self.ctx: WorkerContext | None = None
+        self.bus = EventBus(sender)
+        self._claimer: pykka.ActorRef[Claimer] | None = None
+        self._completer: pykka.ActorRef[Completer] | None = None
+        self._sweeper: pykka.ActorRef[Sweeper] | None = None
+        self._executors: ExecutorPool | None = None
+        self._listener: Listener | None = None
+        self._shutting_down = False
+
+    # --- starting -------------------------------------------------------------------
+
+    def start(self, install_signals: bool) -> None:
+        """Connect, migrate and start every actor; raises (having cleaned up) on failure."""
+        try:
+            self._start(install_signals)
+        except BaseException:
+            self._teardown()
+            raise
+
+    def _start(self, install_signals: bool) -> None:
+        settings = self.settings
+        conninfo = self._stack.enter_context(open_database(self._connection_string))
+        with psycopg.connect(conninfo, autocommit=True) as conn:
+            migrate(conn, settings.schema)
+        pool: ConnectionPool[Any] = ConnectionPool(
+            conninfo,
+            min_size=2,
+            max_size=settings.max_pool_size,
+            kwargs={
+                "autocommit": True,
+                "prepare_threshold": 0 if settings.prepared_statements else None,
+            },
+            name=self.pool_id,
+            open=False,
+        )
+        pool.open(wait=True, timeout=_POOL_OPEN_TIMEOUT_S)
+        self._stack.callback(pool.close)
+        self.bus.start()
+        self._stack.callback(self.bus.stop)
+
+        def request_fetch() -> None:
+            if self._claimer is not None:
+                self._claimer.tell("fetch")
+
+        local_queue = LocalQueue(settings.batch_size, request_fetch)
+        ctx = self.ctx = WorkerContext(
+            settings=settings,
+            queries=Queries(settings.schema),
+            pool_id=self.pool_id,
+            conninfo=conninfo,
+            pool=pool,
+            tasks=self._tasks,
+            clock=self._clock,
+            bus=self.bus,
+            queue=local_queue,
+            fatal=self._fatal,
+            request_shutdown=lambda message: self._control.put(("shutdown", message)),
+            no_log_success=self._no_log_success,
+        )
+        if (
+            settings.local_queue_size is not None
+            and settings.local_queue_size < settings.concurrency
+        ):
+            logger.warning(
+                "local_queue_size (%d) is smaller than concurrency (%d): some executors "
+                "will always be idle",
+                settings.local_queue_size,
+                settings.concurrency,
+            )
+        self.bus.emit(events.pool_create, pool_id=self.pool_id)
+        self._claimer = Claimer.start(ctx)
+        outbox = Outbox()
+        self._completer = Completer.start(ctx, outbox, self._claimer)
+        outbox.actor = self._completer
+        self._outbox = outbox
+        if not settings.once:
+            self._listener = Listener(ctx, lambda: self._nudge())
+            self._listener.start()
+        self._executors = ExecutorPool(ctx, outbox, on_all_stopped=self._workers_stopped)
+        self._executors.start()
+        if not settings.once:
+            self._sweeper = Sweeper.start(ctx, self._nudge)
+        self._thread = threading.Thread(
+            target=self._supervise, name=f"kongtask-supervisor-{self.pool_id}", daemon=True
+        )
+        self._thread.start()
+        if install_signals and can_install():
+            self._signals = SignalHandlers(self._control)
+            self._signals.install()
+        self._nudge()
+        self.bus.flush()
+
+    def _nudge(self) -> None:
+        if self._claimer is not None:
+            self._claimer.tell(NUDGE)
+
+    # --- control --------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Begin a graceful shutdown (emits ``stop``)."""
+        self._control.put(("stop", None))
+
+    def kill(self) -> None:
+        """Begin (or escalate to) a forceful shutdown."""
+        self._control.put(("kill", FORCEFUL_MESSAGE))
+
+    def join(self, timeout_s: float) -> None:
+        """Wait until nothing runnable is claimed, running or unrecorded."""
+        ctx = self.ctx
+        if ctx is None or self.done.is_set():
+            return
+        mark = ctx.queue.request_join()
+        self._nudge()
+        if not ctx.queue.wait_idle(mark, timeout_s):
+            raise TimeoutError(
+                f"the worker still had {ctx.queue.in_flight} job(s) in hand after {timeout_s}s"
+            )
+
+    def restore_signals(self) -> None:
+        """Put the host's signal handlers back (only possible from the main thread)."""
+        if self._signals is not None:
+            self._signals.remove()
+
+    def _fatal(self, action: str, exc: BaseException) -> None:
+        if self.error is None:
+            self.error = exc
+        self.bus.emit(events.pool_fatal_error, pool_id=self.pool_id, error=exc, action=action)
+        self._control.put(("fatal", f"{action} failed: {exc}"))
+
+    def _workers_stopped(self) -> None:
+        self._control.put(("workers_stopped", None))
+
+    def _supervise(self) -> None:
+        try:
+            self._control_loop()
+        except BaseException as exc:
+            # A bug here must not leave the actors running unsupervised.
+            logger.exception("The supervisor of worker pool %s failed", self.pool_id)
+            if self.error is None:
+                self.error = exc
+            if not self.done.is_set():
+                self._teardown()
+
+    def _control_loop(self) -> None:
+        signals_seen = 0
+        while True:
+            kind, value = self._control.get()
+            if kind == "signal":
+                if value == signal.SIGHUP:
+                    self._reload()
+                    continue
+                signals_seen += 1
+                name = signal.Signals(value).name
+                self.bus.emit(events.graceful_shutdown, signal=name)
+                logger.info("Received %s; shutting down gracefully (send again to force)", name)
+                self._shutdown(f"{GRACEFUL_MESSAGE} ({name})", forceful=False)
+                return
+            if kind == "stop":
+                self.bus.emit(events.stop)
+                self._shutdown(GRACEFUL_MESSAGE, forceful=False)
+                return
+            if kind == "kill":
+                self.bus.emit(events.stop)
+                self._shutdown(value, forceful=True)
+                return
+            if kind in ("shutdown", "fatal"):
+                if kind == "fatal":
+                    logger.error("Shutting down worker pool %s: %s", self.pool_id, value)
+                else:
+                    logger.info("%s", value)
+                self._shutdown(value, forceful=False)
+                return
+
+    def _reload(self) -> None:
+        if self._reload_hook is None:
+            logger.info("SIGHUP received; no crontab to reload")
+            return
+        try:
+            self._reload_hook()
+        except Exception:
+            logger.exception("Reloading the crontab failed; keeping the previous one")
+
+    # --- stopping -------------------------------------------------------------------
+
+    def _shutdown(self, message: str, *, forceful: bool) -> None:
+        ctx = self.ctx
+        assert ctx is not None and self._executors is not None
+        ctx.stopping = True
+        signal_name = events.pool_forceful_shutdown if forceful else events.pool_graceful_shutdown
+        self.bus.emit(signal_name, pool_id=self.pool_id, message=message)
+        force_failed: list[Any] = []
+        try:
+            if forceful:
+                ctx.give_up.set()
+            if self._listener is not None:
+                self._listener.stop()
+            if self._sweeper is not None:
+                self._sweeper.tell(STOP_TIMERS)
+            self._ask(self._claimer, SHUTDOWN)
+            self._executors.release()
+            forceful = self._wait_for_workers(forceful)
+            if not forceful:
+                self._executors.signal_abort()
+            force_failed = self._executors.abandon_running()
+            fail_message = FORCEFUL_MESSAGE if forceful else message
+            for job in force_failed:
+                self._outbox.failure(job, fail_message)
+            if force_failed:
+                logger.warning(
+                    "Failed %d job(s) that were still running at shutdown: %s",
+                    len(force_failed),
+                    ", ".join(str(job.id) for job in force_failed),
+                )
+            self._ask(self._completer, FLUSH)
+            for worker_id in self._executors.still_running_ids():
+                self.bus.emit(events.worker_stop, worker_id=worker_id, error=None)
+        except Exception as exc:
+            logger.exception("Shutting down worker pool %s failed", self.pool_id)
+            error_signal = (
+                events.pool_forceful_shutdown_error
+                if forceful
+                else events.pool_graceful_shutdown_error
+            )
+            self.bus.emit(error_signal, pool_id=self.pool_id, error=exc)
+            if self.error is None:
+                self.error = exc
+        else:
+            if forceful:
+                self.bus.emit(
+                    events.pool_forceful_shutdown_complete,
+                    pool_id=self.pool_id,
+                    force_failed_jobs=force_failed,
+                )
+            else:
+                self.bus.emit(events.pool_graceful_shutdown_complete, pool_id=self.pool_id)
+        finally:
+            self._teardown()
+
+    def _wait_for_workers(self, forceful: bool) -> bool:
+        """Wait for the workers until the abort timeout; True if the wait was forced short."""
+        assert self._executors is not None
+        if forceful:
+            return True
+        deadline = self._clock_monotonic() + self.settings.graceful_shutdown_abort_timeout_s
+        while not self._executors.all_stopped():
+            remaining = deadline - self._clock_monotonic()
+            if remaining <= 0:
+                return False
+            try:
+                kind, value = self._control.get(timeout=remaining)
+            except queue.Empty:
+                return False
+            if kind == "kill" or (kind == "signal" and value != signal.SIGHUP):
+                if kind == "signal":
+                    self.bus.emit(events.forceful_shutdown, signal=signal.Signals(value).name)
+                if self.ctx is not None:
+                    self.ctx.give_up.set()
+                return True
+            if kind == "signal":
+                self._reload()
+        return False
+
+    @staticmethod
+    def _clock_monotonic() -> float:
+        # The abort timeout is real time even with a manual clock: a test's
+        # handlers run on real threads.
+        import time
+
+        return time.monotonic()
+
+    def _ask(self, ref: pykka.ActorRef[Any] | None, message: str) -> Any:
+        if ref is None:
+            return None
+        try:
+            return ref.ask(message, timeout=_ACTOR_STOP_TIMEOUT_S)
+        except pykka.ActorDeadError:
+            return None
+
+    def _teardown(self) -> None:
+        """Stop exactly what this run started, in reverse order; never raises."""
+        if self.ctx is not None:
+            self.ctx.stopping = True
+            self.ctx.queue.close()
+        for ref in (self._sweeper, self._claimer, self._completer):
+            if ref is not None:
+                try:
+                    ref.stop(timeout=_ACTOR_STOP_TIMEOUT_S)
+                except (pykka.ActorDeadError, pykka.Timeout):
+                    pass
+        if self._listener is not None:
+            self._listener.stop()
+        if self.ctx is not None:
+            self.bus.emit(events.pool_release, pool_id=self.pool_id)
+        try:
+            self._stack.close()
+        except Exception:
+            logger.exception("Releasing the resources of worker pool %s failed", self.pool_id)
+        if self._own_clock:
+            close = getattr(self._clock, "close", None)
+            if close is not None:
+                close()
+        self.restore_signals()
+        self.done.set()
+
+    def check(self) -> None:
+        """Raise the fatal error that ended the run, if there was one."""
+        if self.error is not None:
+            raise KongtaskError(f"worker pool {self.pool_id} failed: {self.error}") from self.error

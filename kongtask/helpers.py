@@ -1,0 +1,197 @@
+"""The ``helpers`` object a task handler receives next to its payload.
+
+It gives the handler what graphile-worker's helpers give a task: the job, a
+logger scoped to it, enqueueing, pooled database access, the job's queue name
+and an abort signal (a ``threading.Event`` set when a graceful shutdown runs
+out of patience). One is made per job, so it is kept small and lazy.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+import psycopg
+from psycopg.rows import dict_row
+
+from .errors import InvalidJobError, KongtaskError
+from .job import Job
+from .job_spec import JobSpec, encode_payload
+
+if TYPE_CHECKING:
+    from .actors.context import WorkerContext
+    from .sql import Queries
+
+__all__ = ["Helpers", "add_job_on", "add_jobs_on"]
+
+_job_logger = logging.getLogger("kongtask.job")
+
+# add_job can return an all-NULL row when a concurrent worker locked the keyed
+# job mid-statement (graphile-worker #580); trying again evicts it.
+_ADD_JOB_RACE_RETRIES = 5
+
+
+class Helpers:
+    """What a handler may use besides its payload; one per job run."""
+
+    __slots__ = ("_ctx", "_logger", "abandoned", "abort_event", "job", "worker_id")
+
+    def __init__(self, ctx: WorkerContext, job: Job, worker_id: str) -> None:
+        self._ctx = ctx
+        self.job = job
+        self.worker_id = worker_id
+        #: Set when a graceful shutdown's abort timeout passes while the job runs.
+        self.abort_event = threading.Event()
+        #: True once the job was failed back by a shutdown; its outcome is ignored.
+        self.abandoned = False
+        self._logger: logging.LoggerAdapter[logging.Logger] | None = None
+
+    @property
+    def logger(self) -> logging.LoggerAdapter[logging.Logger]:
+        """A logger whose records carry the worker id, task identifier and job id."""
+        if self._logger is None:
+            job = self.job
+            self._logger = _JobLogger(
+                _job_logger,
+                {
+                    "worker_id": self.worker_id,
+                    "task_identifier": job.task_identifier,
+                    "job_id": job.id,
+                },
+            )
+        return self._logger
+
+    @contextmanager
+    def with_connection(self) -> Iterator[psycopg.Connection[Any]]:
+        """A pooled connection (autocommit) for the ``with`` block."""
+        with self._ctx.pool.connection() as conn:
+            yield conn
+
+    def query(
+        self, query: Any, params: Sequence[Any] | Mapping[str, Any] | None = None
+    ) -> list[dict[str, Any]]:
+        """Run one statement on a pooled connection; returns its rows as dicts ([] if none)."""
+        with self._ctx.pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
+            cur.execute(query, params)
+            return cur.fetchall() if cur.description is not None else []
+
+    def add_job(self, identifier: str, payload: Any = None, **spec: Any) -> Job:
+        """Add a job (same arguments as ``WorkerUtils.add_job``)."""
+        with self._ctx.pool.connection() as conn:
+            return add_job_on(conn, self._ctx.queries, identifier, payload, **spec)
+
+    def add_jobs(
+        self, specs: Iterable[JobSpec | Mapping[str, Any]], *, job_key_preserve_run_at: bool = False
+    ) -> list[Job]:
+        """Add many jobs in one statement (same arguments as ``WorkerUtils.add_jobs``)."""
+        with self._ctx.pool.connection() as conn:
+            return add_jobs_on(
+                conn, self._ctx.queries, specs, job_key_preserve_run_at=job_key_preserve_run_at
+            )
+
+    def get_queue_name(self, queue_id: int | None = None) -> str | None:
+        """The name of the job's queue (or of ``queue_id``); ``None`` if it has none."""
+        if queue_id is None:
+            queue_id = self.job.job_queue_id
+        if queue_id is None:
+            return None
+        names = self._ctx.queue_names
+        name = names.get(queue_id)
+        if name is None:
+            rows = self.query(self._ctx.queries.queue_names, {"ids": [queue_id]})
+            for row in rows:
+                names[row["id"]] = row["queue_name"]
+            name = names.get(queue_id)
+            if name is None:
+                raise KongtaskError(f"Queue with id '{queue_id}' not found")
+        return name
+
+
+class _JobLogger(logging.LoggerAdapter):  # type: ignore[type-arg]
+    """Prefixes messages like graphile-worker: ``[job(worker-…: task{id})]``."""
+
+    def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
+        extra = self.extra or {}
+        prefix = f"[job({extra['worker_id']}: {extra['task_identifier']}{{{extra['job_id']}}})]"
+        kwargs.setdefault("extra", {}).update(extra)
+        return f"{prefix} {msg}", kwargs
+
+
+def add_job_on(
+    conn: psycopg.Connection[Any],
+    queries: Queries,
+    identifier: str,
+    payload: Any = None,
+    *,
+    queue_name: str | None = None,
+    run_at: datetime | None = None,
+    max_attempts: int | None = None,
+    job_key: str | None = None,
+    job_key_mode: str | None = None,
+    priority: int | None = None,
+    flags: Sequence[str] | None = None,
+) -> Job:
+    """Add one job over ``conn`` through the schema's ``add_job`` function."""
+    spec = JobSpec(
+        identifier,
+        payload,
+        queue_name=queue_name,
+        run_at=run_at,
+        max_attempts=max_attempts,
+        job_key=job_key,
+        job_key_mode=job_key_mode,
+        priority=priority,
+        flags=flags,
+    )
+    params = {
+        "identifier": spec.identifier,
+        "payload": encode_payload(spec.payload),
+        "queue_name": spec.queue_name,
+        "run_at": spec.run_at,
+        "max_attempts": spec.max_attempts,
+        "job_key": spec.job_key,
+        "priority": spec.priority,
+        "flags": list(spec.flags) if spec.flags is not None else None,
+        "job_key_mode": spec.job_key_mode,
+    }
+    for _ in range(_ADD_JOB_RACE_RETRIES):
+        with conn.cursor(row_factory=dict_row) as cur:
+            row = cur.execute(queries.add_job, params).fetchone()
+        if row is not None and row["id"] is not None:
+            return Job.from_row(row)
+    raise KongtaskError(
+        f"add_job could not add job with job_key {spec.job_key!r}: the keyed job "
+        f"was locked concurrently {_ADD_JOB_RACE_RETRIES} times"
+    )
+
+
+def add_jobs_on(
+    conn: psycopg.Connection[Any],
+    queries: Queries,
+    specs: Iterable[JobSpec | Mapping[str, Any]],
+    *,
+    job_key_preserve_run_at: bool = False,
+) -> list[Job]:
+    """Add many jobs over ``conn`` in one ``add_jobs`` statement, in input order."""
+    checked = [JobSpec.coerce(spec, index) for index, spec in enumerate(specs)]
+    for spec in checked:
+        if spec.job_key_mode is not None:
+            raise InvalidJobError(
+                "add_jobs takes job_key_preserve_run_at for the whole call, not job_key_mode",
+                field="job_key_mode",
+                value=spec.job_key_mode,
+            )
+    if not checked:
+        return []
+    params = {
+        "specs": json.dumps([spec.to_json_spec() for spec in checked]),
+        "preserve_run_at": bool(job_key_preserve_run_at),
+    }
+    with conn.cursor(row_factory=dict_row) as cur:
+        rows = cur.execute(queries.add_jobs, params).fetchall()
+    return [Job.from_row(row) for row in rows]

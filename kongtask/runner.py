@@ -1,0 +1,309 @@
+"""The public worker API: ``run()``, ``run_once()`` and the ``Runner`` handle.
+
+A Runner is configuration until it starts: the constructor validates every
+option (errors name the parameter) and opens nothing. ``start()`` connects,
+migrates and starts the actors in the background; ``stop()`` drains
+gracefully, ``kill()`` forces, ``wait()`` blocks until it has stopped. The
+Runner itself holds no job logic: the actors in :mod:`kongtask.actors` do the
+work and :class:`~kongtask.actors.supervisor.Supervisor` stops exactly what
+it started. Several Runners (different schemas or databases) can share a
+process; each sends its events with itself as the blinker sender.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from datetime import datetime
+from types import ModuleType, TracebackType
+from typing import Any, Self
+
+from . import events
+from .actors.supervisor import Supervisor
+from .connection import resolve_schema
+from .errors import ConfigurationError, KongtaskError
+from .helpers import add_job_on, add_jobs_on
+from .job import Job
+from .job_spec import JobSpec
+from .protocols import Clock
+from .settings import WorkerSettings
+
+__all__ = ["Runner", "run", "run_once"]
+
+logger = logging.getLogger(__name__)
+
+_MAX_TASK_IDENTIFIER_LENGTH = 128
+
+
+class Runner:
+    """A worker pool processing jobs in the background; see :func:`run`.
+
+    Use it as a context manager (start on enter, graceful stop on exit) or
+    call :meth:`start` and later :meth:`stop`.
+    """
+
+    def __init__(
+        self,
+        *,
+        tasks: Mapping[str, Callable[..., Any]],
+        connection_string: str | None = None,
+        schema: str | None = None,
+        concurrency: int = 1,
+        poll_interval_s: float = 2.0,
+        forbidden_flags: Sequence[str] | None = None,
+        max_pool_size: int = 10,
+        prepared_statements: bool = True,
+        graceful_shutdown_abort_timeout_s: float = 5.0,
+        install_signal_handlers: bool | None = None,
+        local_queue_size: int | None = None,
+        local_queue_ttl_s: float = 300.0,
+        min_reset_locked_interval_s: float = 480.0,
+        max_reset_locked_interval_s: float = 600.0,
+        lock_expiry: str = "4 hours",
+        clock: Clock | None = None,
+        reload_crontab: Callable[[], None] | None = None,
+        once: bool = False,
+    ) -> None:
+        self._tasks = _check_tasks(tasks)
+        if connection_string is not None and not isinstance(connection_string, str):
+            raise ConfigurationError(
+                "connection_string must be a string or None",
+                name="connection_string",
+                value=connection_string,
+            )
+        if clock is not None and not all(
+            callable(getattr(clock, name, None)) for name in ("now", "monotonic", "call_later")
+        ):
+            raise ConfigurationError(
+                "clock must have now(), monotonic() and call_later() (kongtask.protocols.Clock)",
+                name="clock",
+                value=clock,
+            )
+        if reload_crontab is not None and not callable(reload_crontab):
+            raise ConfigurationError(
+                "reload_crontab must be callable or None",
+                name="reload_crontab",
+                value=reload_crontab,
+            )
+        self.settings = WorkerSettings(
+            schema=resolve_schema(schema),
+            concurrency=concurrency,
+            poll_interval_s=poll_interval_s,
+            forbidden_flags=forbidden_flags,  # type: ignore[arg-type]  # normalised to a tuple
+            max_pool_size=max_pool_size,
+            prepared_statements=prepared_statements,
+            graceful_shutdown_abort_timeout_s=graceful_shutdown_abort_timeout_s,
+            install_signal_handlers=install_signal_handlers,
+            local_queue_size=local_queue_size,
+            local_queue_ttl_s=local_queue_ttl_s,
+            min_reset_locked_interval_s=min_reset_locked_interval_s,
+            max_reset_locked_interval_s=max_reset_locked_interval_s,
+            lock_expiry=lock_expiry,
+            once=once,
+        )
+        self._connection_string = connection_string
+        self._clock = clock
+        self._reload_crontab = reload_crontab
+        self._supervisor: Supervisor | None = None
+
+    # --- identity ---------------------------------------------------------------------
+
+    @property
+    def signals(self) -> ModuleType:
+        """The :mod:`kongtask.events` module; connect with ``sender=runner`` for this Runner."""
+        return events
+
+    @property
+    def pool_id(self) -> str | None:
+        """This run's pool id (``pool-…``/``otpool-…``, stored in ``locked_by``), once started."""
+        return self._supervisor.pool_id if self._supervisor is not None else None
+
+    @property
+    def worker_ids(self) -> list[str]:
+        """The ids of this run's executors, once started."""
+        supervisor = self._supervisor
+        if supervisor is None or supervisor._executors is None:
+            return []
+        return list(supervisor._executors.worker_ids)
+
+    @property
+    def running(self) -> bool:
+        """True between a successful start and the end of the shutdown."""
+        return self._supervisor is not None and not self._supervisor.done.is_set()
+
+    # --- lifecycle --------------------------------------------------------------------
+
+    def start(self) -> Self:
+        """Connect, migrate, start the actors and return at once (raises if that fails)."""
+        if self._supervisor is not None:
+            raise KongtaskError("this Runner was already started; make a new one to run again")
+        supervisor = Supervisor(
+            sender=self,
+            settings=self.settings,
+            tasks=self._tasks,
+            connection_string=self._connection_string,
+            clock=self._clock,
+            reload_hook=self._reload_crontab,
+            no_log_success=bool(os.environ.get("NO_LOG_SUCCESS")),
+        )
+        self._supervisor = supervisor
+        supervisor.start(self.settings.install_signal_handlers is not False)
+        return self
+
+    def stop(self, timeout: float | None = None) -> bool:
+        """Drain gracefully and wait up to ``timeout`` seconds; True once stopped.
+
+        Buffered jobs are given back, running jobs get up to
+        ``graceful_shutdown_abort_timeout_s`` to finish, then their abort
+        events are set and they are failed back so they retry.
+        """
+        if self._supervisor is None:
+            return True
+        self._supervisor.stop()
+        return self.wait(timeout)
+
+    def kill(self, timeout: float | None = None) -> bool:
+        """Stop now: running jobs are failed back at once (they retry later)."""
+        if self._supervisor is None:
+            return True
+        self._supervisor.kill()
+        return self.wait(timeout)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the Runner has stopped; False on timeout.
+
+        Raises :class:`KongtaskError` if it stopped because of a fatal error.
+        """
+        supervisor = self._supervisor
+        if supervisor is None:
+            return True
+        if not supervisor.done.wait(timeout):
+            return False
+        supervisor.restore_signals()
+        supervisor.check()
+        return True
+
+    def join(self, timeout: float = 30.0) -> None:
+        """Wait until every job runnable now has been run and recorded (raises TimeoutError)."""
+        if self._supervisor is None:
+            raise KongtaskError("the Runner has not been started")
+        self._supervisor.join(timeout)
+
+    def __enter__(self) -> Self:
+        if self._supervisor is None:
+            self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    # --- enqueueing -------------------------------------------------------------------
+
+    def add_job(
+        self,
+        identifier: str,
+        payload: Any = None,
+        *,
+        queue_name: str | None = None,
+        run_at: datetime | None = None,
+        max_attempts: int | None = None,
+        job_key: str | None = None,
+        job_key_mode: str | None = None,
+        priority: int | None = None,
+        flags: Sequence[str] | None = None,
+    ) -> Job:
+        """Add a job through this Runner's pool (same arguments as ``WorkerUtils.add_job``)."""
+        ctx = self._context()
+        with ctx.pool.connection() as conn:
+            return add_job_on(
+                conn,
+                ctx.queries,
+                identifier,
+                payload,
+                queue_name=queue_name,
+                run_at=run_at,
+                max_attempts=max_attempts,
+                job_key=job_key,
+                job_key_mode=job_key_mode,
+                priority=priority,
+                flags=flags,
+            )
+
+    def add_jobs(
+        self, specs: Iterable[JobSpec | Mapping[str, Any]], *, job_key_preserve_run_at: bool = False
+    ) -> list[Job]:
+        """Add many jobs in one statement (same arguments as ``WorkerUtils.add_jobs``)."""
+        ctx = self._context()
+        with ctx.pool.connection() as conn:
+            return add_jobs_on(
+                conn, ctx.queries, specs, job_key_preserve_run_at=job_key_preserve_run_at
+            )
+
+    def _context(self) -> Any:
+        supervisor = self._supervisor
+        if supervisor is None or supervisor.ctx is None or supervisor.done.is_set():
+            raise KongtaskError("the Runner is not running; start it first")
+        return supervisor.ctx
+
+
+def run(**options: Any) -> Runner:
+    """Start a worker in the background and return its :class:`Runner` at once.
+
+    Options (all keyword-only): ``tasks`` (identifier -> ``handler(payload,
+    helpers)``), ``connection_string`` (else ``DATABASE_URL``, ``PG*``, or the
+    embedded server), ``schema``, ``concurrency``, ``poll_interval_s``,
+    ``forbidden_flags``, ``max_pool_size``, ``prepared_statements``,
+    ``graceful_shutdown_abort_timeout_s``, ``install_signal_handlers``,
+    ``local_queue_size``, ``local_queue_ttl_s``, ``lock_expiry``, ``clock``,
+    ``reload_crontab``. The schema is migrated first.
+    """
+    return Runner(**options).start()
+
+
+def run_once(**options: Any) -> Runner:
+    """Run every job that is runnable now, then stop; returns the stopped Runner.
+
+    Takes the options of :func:`run`. Like graphile-worker's ``--once``, it
+    neither listens for new jobs nor sweeps stale locks.
+    """
+    runner = Runner(once=True, **options).start()
+    runner.wait()
+    return runner
+
+
+def _check_tasks(tasks: Any) -> dict[str, Callable[..., Any]]:
+    if not isinstance(tasks, Mapping):
+        raise ConfigurationError(
+            f"tasks must be a mapping of task identifier to handler, got {type(tasks).__name__}",
+            name="tasks",
+            value=tasks,
+        )
+    checked: dict[str, Callable[..., Any]] = {}
+    for identifier, handler in tasks.items():
+        if not isinstance(identifier, str) or not identifier:
+            raise ConfigurationError(
+                f"task identifiers must be non-empty strings, got {identifier!r}",
+                name="tasks",
+                value=identifier,
+            )
+        if len(identifier) > _MAX_TASK_IDENTIFIER_LENGTH:
+            raise ConfigurationError(
+                f"task identifier {identifier[:40]!r}... is {len(identifier)} characters long; "
+                f"at most {_MAX_TASK_IDENTIFIER_LENGTH} are allowed",
+                name="tasks",
+                value=identifier,
+            )
+        if not callable(handler):
+            raise ConfigurationError(
+                f"the handler for task {identifier!r} is not callable: {handler!r}",
+                name="tasks",
+                value=handler,
+            )
+        checked[identifier] = handler
+    return checked

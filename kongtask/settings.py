@@ -1,0 +1,174 @@
+"""The validated options of one worker, as a frozen dataclass.
+
+Every option is checked here, with a message naming the parameter, so the
+Runner can trust its settings and a bad value fails before anything starts.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import ConfigurationError
+
+__all__ = ["DEFAULT_SCHEMA", "WorkerSettings", "default_local_queue_size"]
+
+DEFAULT_SCHEMA = "graphile_worker"
+
+# A lock expiry as PostgreSQL understands it, e.g. "4 hours" or "90 seconds".
+_INTERVAL_RE = re.compile(
+    r"^\s*\d+(\.\d+)?\s*(microseconds?|milliseconds?|seconds?|minutes?|hours?|days?|"
+    r"ms|s|min|h|d)\s*$"
+)
+
+
+def default_local_queue_size(concurrency: int) -> int:
+    """The local buffer size used when none is given: ``max(4 * concurrency, 16)``.
+
+    Four jobs per executor keep every executor fed while the next claim is in
+    flight (one claim round trip costs about as much as a handful of no-op
+    jobs), and the floor of 16 amortises the claim statement at low
+    concurrency. It stays small on purpose: buffered jobs are locked to this
+    pool, so a large buffer hoards work other workers could run.
+    """
+    return max(4 * concurrency, 16)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WorkerSettings:
+    """What a Runner needs to know besides its tasks and its database.
+
+    Durations are in seconds (``_s``). ``lock_expiry`` is a PostgreSQL
+    interval (``"4 hours"`` like graphile-worker); it is configurable so tests
+    can exercise the stale-lock sweep.
+    """
+
+    schema: str = DEFAULT_SCHEMA
+    concurrency: int = 1
+    poll_interval_s: float = 2.0
+    forbidden_flags: tuple[str, ...] | None = None
+    max_pool_size: int = 10
+    prepared_statements: bool = True
+    graceful_shutdown_abort_timeout_s: float = 5.0
+    install_signal_handlers: bool | None = None
+    local_queue_size: int | None = None
+    local_queue_ttl_s: float = 300.0
+    min_reset_locked_interval_s: float = 480.0
+    max_reset_locked_interval_s: float = 600.0
+    lock_expiry: str = "4 hours"
+    once: bool = False
+
+    def __post_init__(self) -> None:
+        _check_text("schema", self.schema, max_length=63)
+        _check_int("concurrency", self.concurrency, 1, 10_000)
+        _check_seconds("poll_interval_s", self.poll_interval_s, allow_zero=False)
+        if self.forbidden_flags is not None:
+            flags = _as_flags(self.forbidden_flags)
+            object.__setattr__(self, "forbidden_flags", flags)
+        _check_int("max_pool_size", self.max_pool_size, 3, 10_000)
+        _check_bool("prepared_statements", self.prepared_statements)
+        _check_seconds(
+            "graceful_shutdown_abort_timeout_s",
+            self.graceful_shutdown_abort_timeout_s,
+            allow_zero=True,
+        )
+        if self.install_signal_handlers is not None:
+            _check_bool("install_signal_handlers", self.install_signal_handlers)
+        if self.local_queue_size is None:
+            object.__setattr__(self, "local_queue_size", default_local_queue_size(self.concurrency))
+        else:
+            _check_int("local_queue_size", self.local_queue_size, 1, 100_000)
+        _check_seconds("local_queue_ttl_s", self.local_queue_ttl_s, allow_zero=False)
+        _check_seconds(
+            "min_reset_locked_interval_s", self.min_reset_locked_interval_s, allow_zero=False
+        )
+        _check_seconds(
+            "max_reset_locked_interval_s", self.max_reset_locked_interval_s, allow_zero=False
+        )
+        if self.max_reset_locked_interval_s < self.min_reset_locked_interval_s:
+            raise ConfigurationError(
+                f"max_reset_locked_interval_s ({self.max_reset_locked_interval_s}) must not be "
+                f"smaller than min_reset_locked_interval_s ({self.min_reset_locked_interval_s})",
+                name="max_reset_locked_interval_s",
+                value=self.max_reset_locked_interval_s,
+            )
+        if not isinstance(self.lock_expiry, str) or not _INTERVAL_RE.match(self.lock_expiry):
+            raise ConfigurationError(
+                f"lock_expiry must be an interval such as '4 hours' or '30 seconds', "
+                f"got {self.lock_expiry!r}",
+                name="lock_expiry",
+                value=self.lock_expiry,
+            )
+        _check_bool("once", self.once)
+
+    @property
+    def batch_size(self) -> int:
+        """How many jobs one claim statement asks for at most."""
+        assert self.local_queue_size is not None  # set in __post_init__
+        return self.local_queue_size
+
+
+def _check_int(name: str, value: Any, low: int, high: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigurationError(
+            f"{name} must be an integer, got {value!r}", name=name, value=value
+        )
+    if not low <= value <= high:
+        raise ConfigurationError(
+            f"{name} must be between {low} and {high}, got {value}", name=name, value=value
+        )
+
+
+def _check_seconds(name: str, value: Any, *, allow_zero: bool) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigurationError(
+            f"{name} must be a number of seconds, got {value!r}", name=name, value=value
+        )
+    if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
+        bound = "zero or more" if allow_zero else "more than zero"
+        raise ConfigurationError(
+            f"{name} must be a finite number of seconds, {bound}; got {value!r}",
+            name=name,
+            value=value,
+        )
+
+
+def _check_bool(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise ConfigurationError(
+            f"{name} must be True or False, got {value!r}", name=name, value=value
+        )
+
+
+def _check_text(name: str, value: Any, *, max_length: int) -> None:
+    if not isinstance(value, str) or not value:
+        raise ConfigurationError(
+            f"{name} must be a non-empty string, got {value!r}", name=name, value=value
+        )
+    if len(value) > max_length:
+        raise ConfigurationError(
+            f"{name} is {len(value)} characters long; at most {max_length} are allowed",
+            name=name,
+            value=value,
+        )
+
+
+def _as_flags(value: Any) -> tuple[str, ...]:
+    if isinstance(value, str | bytes) or not isinstance(value, Sequence | set | frozenset):
+        raise ConfigurationError(
+            f"forbidden_flags must be a list of strings, got {value!r}",
+            name="forbidden_flags",
+            value=value,
+        )
+    flags = tuple(value)
+    for flag in flags:
+        if not isinstance(flag, str) or not flag:
+            raise ConfigurationError(
+                f"forbidden_flags must hold non-empty strings, got {flag!r}",
+                name="forbidden_flags",
+                value=value,
+            )
+    return flags

@@ -1,0 +1,77 @@
+"""WorkerSettings validates every option and names the parameter at fault."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from kongtask.errors import ConfigurationError
+from kongtask.settings import WorkerSettings, default_local_queue_size
+
+
+def test_defaults_follow_graphile_worker() -> None:
+    settings = WorkerSettings()
+    assert settings.schema == "graphile_worker"
+    assert settings.concurrency == 1
+    assert settings.poll_interval_s == 2.0
+    assert settings.max_pool_size == 10
+    assert settings.graceful_shutdown_abort_timeout_s == 5.0
+    assert settings.local_queue_ttl_s == 300.0
+    assert (settings.min_reset_locked_interval_s, settings.max_reset_locked_interval_s) == (
+        480,
+        600,
+    )
+    assert settings.lock_expiry == "4 hours"
+    assert settings.local_queue_size == default_local_queue_size(1) == 16
+
+
+def test_local_queue_default_scales_with_concurrency() -> None:
+    assert WorkerSettings(concurrency=24).local_queue_size == 96
+    assert WorkerSettings(concurrency=24, local_queue_size=500).batch_size == 500
+
+
+def test_forbidden_flags_become_a_tuple() -> None:
+    assert WorkerSettings(forbidden_flags=["a", "b"]).forbidden_flags == ("a", "b")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("concurrency", 0),
+        ("concurrency", 1.5),
+        ("concurrency", True),
+        ("poll_interval_s", 0),
+        ("poll_interval_s", float("nan")),
+        ("poll_interval_s", "2"),
+        ("max_pool_size", 2),
+        ("prepared_statements", "yes"),
+        ("graceful_shutdown_abort_timeout_s", -1),
+        ("install_signal_handlers", 1),
+        ("local_queue_size", 0),
+        ("local_queue_ttl_s", float("inf")),
+        ("forbidden_flags", "flag"),
+        ("forbidden_flags", ["ok", ""]),
+        ("schema", ""),
+        ("schema", "x" * 64),
+        ("lock_expiry", "4 hours; drop table x"),
+        ("min_reset_locked_interval_s", 0),
+    ],
+)
+def test_bad_values_name_the_parameter(name: str, value: Any) -> None:
+    with pytest.raises(ConfigurationError) as info:
+        WorkerSettings(**{name: value})
+    assert info.value.name == name
+    assert name in str(info.value)
+
+
+def test_reset_interval_bounds_must_be_ordered() -> None:
+    with pytest.raises(ConfigurationError) as info:
+        WorkerSettings(min_reset_locked_interval_s=10, max_reset_locked_interval_s=5)
+    assert info.value.name == "max_reset_locked_interval_s"
+
+
+def test_settings_are_frozen() -> None:
+    settings = WorkerSettings()
+    with pytest.raises(AttributeError):
+        settings.concurrency = 2  # type: ignore[misc]

@@ -1,0 +1,85 @@
+"""Shared pieces of the benchmarks: a scratch database and graphile-worker from npm."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import psycopg
+from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+GRAPHILE_WORKER_VERSION = "0.17.3"
+DEFAULT_SERVER = "postgresql://postgres@127.0.0.1:5432/postgres"
+CACHE_DIR = Path(os.environ.get("KONGTASK_BENCH_CACHE", Path.home() / ".cache" / "kongtask-bench"))
+
+
+def server_url() -> str:
+    """The server to create scratch databases on (``KONGTASK_BENCH_URL``, ``DATABASE_URL``)."""
+    return os.environ.get("KONGTASK_BENCH_URL") or os.environ.get("DATABASE_URL") or DEFAULT_SERVER
+
+
+@contextmanager
+def scratch_database(server: str) -> Iterator[str]:
+    """Create a fresh database (with the schema migrated) and drop it afterwards."""
+    from kongtask.migrate import migrate
+
+    name = f"kongtask_bench_{secrets.token_hex(6)}"
+    with psycopg.connect(server, autocommit=True) as conn:
+        conn.execute(sql.SQL("create database {}").format(sql.Identifier(name)))
+    url = make_conninfo(server, dbname=name)
+    try:
+        with psycopg.connect(url, autocommit=True) as conn:
+            migrate(conn, "graphile_worker")
+        yield url
+    finally:
+        with psycopg.connect(server, autocommit=True) as conn:
+            conn.execute(
+                sql.SQL("drop database if exists {} with (force)").format(sql.Identifier(name))
+            )
+
+
+def to_uri(conninfo: str) -> str:
+    """A ``postgresql://`` URI for Node's client."""
+    params = conninfo_to_dict(conninfo)
+    host = params.get("host", "127.0.0.1")
+    port = params.get("port", "5432")
+    user = params.get("user", "postgres")
+    password = params.get("password")
+    auth = f"{user}:{password}@" if password else f"{user}@"
+    if str(host).startswith("/"):
+        return f"postgresql://{auth}/{params['dbname']}?host={host}&port={port}"
+    return f"postgresql://{auth}{host}:{port}/{params['dbname']}"
+
+
+def graphile_worker_dir() -> Path:
+    """A folder with graphile-worker 0.17.3 installed from npm (installed on first use)."""
+    target = CACHE_DIR / f"graphile-worker-{GRAPHILE_WORKER_VERSION}"
+    cli = target / "node_modules" / "graphile-worker" / "dist" / "cli.js"
+    if not cli.exists():
+        if shutil.which("npm") is None:
+            raise SystemExit("npm is needed for --compare-graphile-worker")
+        target.mkdir(parents=True, exist_ok=True)
+        subprocess.run(
+            [
+                "npm",
+                "install",
+                "--silent",
+                "--prefix",
+                str(target),
+                f"graphile-worker@{GRAPHILE_WORKER_VERSION}",
+            ],
+            check=True,
+        )
+    return target
+
+
+def percentile(sorted_values: list[float], fraction: float) -> float:
+    """The value below which ``fraction`` of the (sorted) values fall (nearest rank)."""
+    index = max(0, min(len(sorted_values) - 1, round(fraction * len(sorted_values)) - 1))
+    return sorted_values[index]
