@@ -174,8 +174,11 @@ def _run_worker(args: argparse.Namespace) -> int:
         options["crontab_file"] = crontab_file
     if not tasks and crontab_file is None:
         logger.warning("No tasks found (use --tasks PATH); the worker has nothing to run")
-    runner = run(**options)  # type: ignore[arg-type]
-    return runner.wait_for_exit_code()
+    runner = run(install_signal_handlers=True, **options)  # type: ignore[arg-type]
+    # Wait in short slices so the main thread keeps running signal handlers.
+    while not runner.wait(timeout=0.5):
+        pass
+    return EXIT_OK
 
 
 def _dispatch_group(name: str, argv: Sequence[str]) -> int:

@@ -16,12 +16,15 @@ import logging
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime
+from pathlib import Path
 from types import ModuleType, TracebackType
 from typing import Any, Self
 
 from . import events
 from .actors.supervisor import Supervisor
 from .connection import resolve_schema
+from .cron.source import CrontabSource
+from .cron.types import ParsedCronItem
 from .errors import ConfigurationError, KongtaskError
 from .helpers import add_job_on, add_jobs_on
 from .job import Job
@@ -62,7 +65,9 @@ class Runner:
         max_reset_locked_interval_s: float = 600.0,
         lock_expiry: str = "4 hours",
         clock: Clock | None = None,
-        reload_crontab: Callable[[], None] | None = None,
+        crontab: str | None = None,
+        crontab_file: str | Path | None = None,
+        cron_items: Sequence[ParsedCronItem] | None = None,
         once: bool = False,
     ) -> None:
         self._tasks = _check_tasks(tasks)
@@ -80,12 +85,9 @@ class Runner:
                 name="clock",
                 value=clock,
             )
-        if reload_crontab is not None and not callable(reload_crontab):
-            raise ConfigurationError(
-                "reload_crontab must be callable or None",
-                name="reload_crontab",
-                value=reload_crontab,
-            )
+        self._crontab = CrontabSource.of(
+            crontab=crontab, crontab_file=crontab_file, cron_items=cron_items
+        )
         self.settings = WorkerSettings(
             schema=resolve_schema(schema),
             concurrency=concurrency,
@@ -104,7 +106,6 @@ class Runner:
         )
         self._connection_string = connection_string
         self._clock = clock
-        self._reload_crontab = reload_crontab
         self._supervisor: Supervisor | None = None
 
     # --- identity ---------------------------------------------------------------------
@@ -144,12 +145,24 @@ class Runner:
             tasks=self._tasks,
             connection_string=self._connection_string,
             clock=self._clock,
-            reload_hook=self._reload_crontab,
+            crontab=None if self.settings.once else self._crontab,
             no_log_success=bool(os.environ.get("NO_LOG_SUCCESS")),
         )
         self._supervisor = supervisor
         supervisor.start(self.settings.install_signal_handlers is not False)
         return self
+
+    def reload_crontab(self, timeout: float | None = 30.0) -> bool:
+        """Re-read the crontab file now (what SIGHUP does); True if the new one took effect.
+
+        A file that fails to load changes nothing: the previous schedule keeps
+        running, the error is logged with its line and ``cron:reloadFailed``
+        is emitted. Minutes are neither skipped nor doubled across a reload.
+        """
+        supervisor = self._supervisor
+        if supervisor is None or supervisor.cron is None:
+            raise KongtaskError("this Runner has no crontab (or is not running)")
+        return supervisor.cron.reload(timeout)
 
     def stop(self, timeout: float | None = None) -> bool:
         """Drain gracefully and wait up to ``timeout`` seconds; True once stopped.
@@ -260,8 +273,10 @@ def run(**options: Any) -> Runner:
     embedded server), ``schema``, ``concurrency``, ``poll_interval_s``,
     ``forbidden_flags``, ``max_pool_size``, ``prepared_statements``,
     ``graceful_shutdown_abort_timeout_s``, ``install_signal_handlers``,
-    ``local_queue_size``, ``local_queue_ttl_s``, ``lock_expiry``, ``clock``,
-    ``reload_crontab``. The schema is migrated first.
+    ``local_queue_size``, ``local_queue_ttl_s``, ``lock_expiry``, ``clock``, and
+    the crontab as one of ``crontab`` (text), ``crontab_file`` (a path; SIGHUP
+    and :meth:`Runner.reload_crontab` re-read it) or ``cron_items`` (from
+    :func:`kongtask.parse_cron_items`). The schema is migrated first.
     """
     return Runner(**options).start()
 
@@ -270,7 +285,7 @@ def run_once(**options: Any) -> Runner:
     """Run every job that is runnable now, then stop; returns the stopped Runner.
 
     Takes the options of :func:`run`. Like graphile-worker's ``--once``, it
-    neither listens for new jobs nor sweeps stale locks.
+    neither listens for new jobs nor sweeps stale locks, and runs no cron.
     """
     runner = Runner(once=True, **options).start()
     runner.wait()

@@ -25,6 +25,7 @@ from psycopg_pool import ConnectionPool
 
 from kongtask import events
 from kongtask.connection import open_database
+from kongtask.cron.source import CrontabSource
 from kongtask.errors import KongtaskError
 from kongtask.migrate import migrate
 from kongtask.protocols import Clock
@@ -35,6 +36,7 @@ from .claimer import NUDGE, SHUTDOWN, Claimer
 from .clock import SystemClock
 from .completer import FLUSH, Completer, Outbox
 from .context import WorkerContext, new_pool_id
+from .cron import CronService
 from .executor import ExecutorPool
 from .listener import Listener
 from .local_queue import LocalQueue
@@ -63,7 +65,7 @@ class Supervisor:
         tasks: Mapping[str, Callable[..., Any]],
         connection_string: str | None,
         clock: Clock | None,
-        reload_hook: Callable[[], None] | None,
+        crontab: CrontabSource | None,
         no_log_success: bool,
     ) -> None:
         self.settings = settings
@@ -75,7 +77,8 @@ class Supervisor:
         self._clock: Clock = (
             clock if clock is not None else SystemClock(name=f"kongtask-clock-{self.pool_id}")
         )
-        self._reload_hook = reload_hook
+        self._crontab = crontab
+        self.cron: CronService | None = None
         self._no_log_success = no_log_success
         self._control: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self._stack = ExitStack()
@@ -172,7 +175,21 @@ class Supervisor:
         if install_signals and can_install():
             self._signals = SignalHandlers(self._control)
             self._signals.install()
+        if self._crontab is not None:
+            self.cron = CronService(
+                source=self._crontab,
+                clock=self._clock,
+                connect=pool.connection,
+                queries=ctx.queries,
+                emit=self.bus.emit,
+            )
+            self.cron.start()
         self._nudge()
+        logger.info(
+            "Worker connected and looking for jobs... (pool %s, task names: %s)",
+            self.pool_id,
+            ", ".join(f"'{name}'" for name in self._tasks) or "none",
+        )
         self.bus.flush()
 
     def _nudge(self) -> None:
@@ -257,13 +274,11 @@ class Supervisor:
                 return
 
     def _reload(self) -> None:
-        if self._reload_hook is None:
+        if self.cron is None:
             logger.info("SIGHUP received; no crontab to reload")
             return
-        try:
-            self._reload_hook()
-        except Exception:
-            logger.exception("Reloading the crontab failed; keeping the previous one")
+        logger.info("SIGHUP received; reloading the crontab")
+        self.cron.request_reload()
 
     # --- stopping -------------------------------------------------------------------
 
@@ -274,6 +289,7 @@ class Supervisor:
         signal_name = events.pool_forceful_shutdown if forceful else events.pool_graceful_shutdown
         self.bus.emit(signal_name, pool_id=self.pool_id, message=message)
         force_failed: list[Any] = []
+        self._stop_cron()
         try:
             if forceful:
                 ctx.give_up.set()
@@ -361,8 +377,14 @@ class Supervisor:
         except pykka.ActorDeadError:
             return None
 
+    def _stop_cron(self) -> None:
+        cron, self.cron = self.cron, None
+        if cron is not None:
+            cron.stop()
+
     def _teardown(self) -> None:
         """Stop exactly what this run started, in reverse order; never raises."""
+        self._stop_cron()
         if self.ctx is not None:
             self.ctx.stopping = True
             self.ctx.queue.close()

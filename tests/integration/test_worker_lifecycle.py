@@ -258,7 +258,9 @@ def test_bad_options_are_rejected_before_anything_starts(db_url: str) -> None:
     assert info.value.name == "tasks"
 
 
-def test_sigterm_drains_chains_the_previous_handler_and_is_removed_on_stop(db_url: str) -> None:
+def test_sigterm_drains_chains_the_previous_handler_and_is_removed_on_stop(
+    db_url: str, tmp_path: Any
+) -> None:
     import os
     import signal
 
@@ -269,21 +271,24 @@ def test_sigterm_drains_chains_the_previous_handler_and_is_removed_on_stop(db_ur
 
     original = signal.signal(signal.SIGTERM, previous)
     try:
+        crontab = tmp_path / "crontab"
+        crontab.write_text("0 4 * * * t\n")
         runner = Runner(
             tasks={"t": lambda payload, helpers: None},
             connection_string=db_url,
             install_signal_handlers=True,
+            crontab_file=crontab,
         )
-        reloads: list[bool] = []
-        runner._reload_crontab = lambda: reloads.append(True)
         with recording(runner) as log:
             runner.start()
             assert signal.getsignal(signal.SIGTERM) is not previous
+            crontab.write_text("0 4 * * * t\n0 5 * * * t ?id=later\n")
             os.kill(os.getpid(), signal.SIGHUP)
+            log.wait_for("cron:reload")
             os.kill(os.getpid(), signal.SIGTERM)
             assert runner.wait(30)
         assert previous_calls == [signal.SIGTERM]
-        assert reloads == [True]
+        assert log.payloads("cron:reload") == [{"items": 2, "added": ["later"], "removed": []}]
         assert log.payloads("gracefulShutdown") == [{"signal": "SIGTERM"}]
         assert signal.getsignal(signal.SIGTERM) is previous
     finally:
