@@ -154,9 +154,9 @@ cron_schedule = _signal(
 )
 cron_scheduled = _signal(
     "cron:scheduled",
-    "Firings were written. Payload: timestamp, jobs_and_identifiers, job_ids "
-    "(identifier -> id of the job this instance added; identifiers another instance "
-    "already scheduled for that minute are absent).",
+    "Firings were written. Payload: timestamp, jobs_and_identifiers, "
+    "scheduled_identifiers (those this instance added jobs for; another instance "
+    "already scheduled the rest for that minute).",
 )
 cron_stopped = _signal("cron:stopped", "The cron scheduler stopped. No payload.")
 cron_reload = _signal(

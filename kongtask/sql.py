@@ -273,7 +273,9 @@ select id, queue_name from {s}._private_job_queues where id = any(%(ids)s::int[]
 
 # --- cron --------------------------------------------------------------------
 
-# Register cron identifiers (never overwriting a known one) and read them all.
+# Register cron identifiers (never overwriting a known one) and return the
+# rows of those that were known before: the select sees the table as it was
+# before the insert, and only those identifiers may be backfilled.
 REGISTER_CRONTABS = """
 with inserted as (
     insert into {s}._private_known_crontabs (identifier, known_since)
@@ -287,48 +289,71 @@ where known.identifier = any(%(identifiers)s::text[])
 and known.identifier not in (select identifier from inserted)
 """
 
-# Schedule one minute's cron firings. Each identifier's last_execution only
-# moves forward, and a job is added only for the rows this statement
-# advanced; the row lock taken by the upsert makes a second instance (or a
-# clock that went backwards) add nothing for the same identifier and minute.
-SCHEDULE_CRON_JOBS = """
-with specs as (
-    select
-        spec.ordinality,
-        spec.value->>'identifier' as identifier,
-        spec.value->>'task' as task,
-        spec.value->'payload' as payload,
-        spec.value->>'queue_name' as queue_name,
-        (spec.value->>'max_attempts')::int as max_attempts,
-        spec.value->>'job_key' as job_key,
-        (spec.value->>'priority')::int as priority,
-        spec.value->>'job_key_mode' as job_key_mode
-    from json_array_elements(%(specs)s::json) with ordinality as spec(value, ordinality)
+# Scheduling cron firings is one transaction of up to four statements (see
+# CronWriter): make sure every identifier has a row, claim the firings, then
+# add their jobs. Claiming locks the identifiers' rows, keeps only firings
+# newer than each identifier's last_execution and moves last_execution
+# forward; another instance (Node or Python) scheduling the same identifier
+# waits on the row lock and then finds nothing newer to do, so every
+# (identifier, minute) gets exactly one job. This is graphile-worker's
+# protocol, extended to many minutes per transaction for fast backfills.
+
+# Rows for identifiers never seen (known_since = the earliest firing).
+CRON_ENSURE_KNOWN = """
+insert into {s}._private_known_crontabs (identifier, known_since)
+select unnest(%(identifiers)s::text[]), %(ts)s::timestamptz
+on conflict (identifier) do nothing
+"""
+
+# Claim firings: returns the ordinal positions (1-based) of those to run.
+CRON_CLAIM_FIRINGS = """
+with firings as (
+    select firing.identifier, firing.ts, firing.ordinality
+    from unnest(%(identifiers)s::text[], %(timestamps)s::timestamptz[])
+         with ordinality as firing(identifier, ts, ordinality)
 ),
-locks as (
-    insert into {s}._private_known_crontabs as known (identifier, known_since, last_execution)
-    select specs.identifier, %(ts)s::timestamptz, %(ts)s::timestamptz from specs
-    on conflict (identifier) do update
-    set last_execution = excluded.last_execution
-    where known.last_execution is null or known.last_execution < excluded.last_execution
-    returning known.identifier
+locked as (
+    select known.identifier, known.last_execution
+    from {s}._private_known_crontabs as known
+    where known.identifier in (select identifier from firings)
+    for update
+),
+chosen as (
+    select firings.identifier, firings.ts, firings.ordinality
+    from firings
+    inner join locked on locked.identifier = firings.identifier
+    where locked.last_execution is null or firings.ts > locked.last_execution
+),
+advanced as (
+    update {s}._private_known_crontabs as known
+    set last_execution = latest.ts
+    from (select identifier, max(ts) as ts from chosen group by identifier) as latest
+    where known.identifier = latest.identifier
 )
-select (
+select ordinality from chosen order by ordinality
+"""
+
+# Jobs without a job key, all at once (what add_job does for each of them).
+CRON_ADD_JOBS = """
+select count(*) from {s}.add_jobs(
+    array(select json_populate_recordset(null::{s}.job_spec, %(specs)s::json)),
+    false
+)
+"""
+
+# Jobs with a job key, one add_job call each and in order, so two firings
+# sharing a key replace each other exactly as they would minute by minute.
+CRON_ADD_KEYED_JOBS = """
+select count(
     {s}.add_job(
-        specs.task,
-        specs.payload,
-        specs.queue_name,
-        %(ts)s::timestamptz,
-        specs.max_attempts,
-        specs.job_key,
-        specs.priority,
-        null,
-        coalesce(specs.job_key_mode, 'replace')
+        spec.task, spec.payload, spec.queue_name, spec.run_at, spec.max_attempts,
+        spec.job_key, spec.priority, null, coalesce(spec.job_key_mode, 'replace')
     )
-).id as job_id, specs.identifier
-from specs
-inner join locks on locks.identifier = specs.identifier
-order by specs.ordinality
+)
+from json_to_recordset(%(specs)s::json) as spec(
+    task text, payload json, queue_name text, run_at timestamptz, max_attempts int,
+    job_key text, priority int, job_key_mode text
+)
 """
 
 
@@ -420,5 +445,17 @@ class Queries:
         return self._compose(REGISTER_CRONTABS)
 
     @cached_property
-    def schedule_cron_jobs(self) -> sql.Composed:
-        return self._compose(SCHEDULE_CRON_JOBS)
+    def cron_ensure_known(self) -> sql.Composed:
+        return self._compose(CRON_ENSURE_KNOWN)
+
+    @cached_property
+    def cron_claim_firings(self) -> sql.Composed:
+        return self._compose(CRON_CLAIM_FIRINGS)
+
+    @cached_property
+    def cron_add_jobs(self) -> sql.Composed:
+        return self._compose(CRON_ADD_JOBS)
+
+    @cached_property
+    def cron_add_keyed_jobs(self) -> sql.Composed:
+        return self._compose(CRON_ADD_KEYED_JOBS)

@@ -55,6 +55,8 @@ _RETRY_MAX_S = 60.0
 _RETRY_MULTIPLIER = 1.5
 # Timers fire this much after the minute boundary so rounding never lands early.
 _TIMER_SLACK_S = 0.001
+# Backfill sends this many job specs (or a little more) per transaction.
+_BACKFILL_BATCH = 5000
 # Registrations sent for reloaded crontabs: their answers need no follow-up.
 _RELOAD_GENERATION = -1
 
@@ -179,31 +181,39 @@ class CronMatcher(pykka.ThreadingActor):
         self._backfill_next()
 
     def _backfill_next(self) -> None:
+        """Send the next batch of backfill minutes, or start the minute loop when done."""
         assert self._plan is not None and self._start is not None
-        batch = next(self._plan, None)
-        if batch is None:
-            self._plan = None
-            self._state = "running"
-            self._emit(events.cron_started, start=self._start)
-            self._next = ceil_minute(self._start)
-            self._arm()
+        firings: list[tuple[datetime, tuple[dict[str, Any], ...]]] = []
+        size = 0
+        while size < _BACKFILL_BATCH:
+            batch = next(self._plan, None)
+            if batch is None:
+                break
+            ts, due = batch
+            specs = tuple(job_spec(item, ts, backfilled=True) for item in due)
+            self._emit(
+                events.cron_backfill,
+                items_to_backfill=[
+                    {
+                        "identifier": spec["identifier"],
+                        "job": spec,
+                        "known_since": self._known[spec["identifier"]].known_since,
+                        "last_execution": self._known[spec["identifier"]].last_execution,
+                    }
+                    for spec in specs
+                ],
+                timestamp=cron_timestamp(ts),
+            )
+            firings.append((ts, specs))
+            size += len(specs)
+        if firings:
+            self._send(Schedule(tuple(firings), True, self._generation, self.actor_ref))
             return
-        ts, due = batch
-        specs = tuple(job_spec(item, ts, backfilled=True) for item in due)
-        self._emit(
-            events.cron_backfill,
-            items_to_backfill=[
-                {
-                    "identifier": spec["identifier"],
-                    "job": spec,
-                    "known_since": self._known[spec["identifier"]].known_since,
-                    "last_execution": self._known[spec["identifier"]].last_execution,
-                }
-                for spec in specs
-            ],
-            timestamp=cron_timestamp(ts),
-        )
-        self._send(Schedule(ts, specs, True, self._generation, self.actor_ref))
+        self._plan = None
+        self._state = "running"
+        self._emit(events.cron_started, start=self._start)
+        self._next = ceil_minute(self._start)
+        self._arm()
 
     # --- the minute loop ------------------------------------------------------
 
@@ -238,7 +248,7 @@ class CronMatcher(pykka.ThreadingActor):
             timestamp=to_ms(self._next),
             jobs_and_identifiers=[{"identifier": s["identifier"], "job": s} for s in specs],
         )
-        self._send(Schedule(self._next, specs, False, self._generation, self.actor_ref))
+        self._send(Schedule(((self._next, specs),), False, self._generation, self.actor_ref))
 
     def _on_scheduled(self, message: Scheduled) -> None:
         in_flight = self._in_flight
@@ -248,13 +258,12 @@ class CronMatcher(pykka.ThreadingActor):
         if in_flight.backfilled:
             self._backfill_next()
             return
+        ((ts, specs),) = in_flight.firings
         self._emit(
             events.cron_scheduled,
-            timestamp=to_ms(in_flight.ts),
-            jobs_and_identifiers=[
-                {"identifier": s["identifier"], "job": s} for s in in_flight.specs
-            ],
-            job_ids=message.job_ids,
+            timestamp=to_ms(ts),
+            jobs_and_identifiers=[{"identifier": s["identifier"], "job": s} for s in specs],
+            scheduled_identifiers=[identifier for identifier, _ in message.scheduled],
         )
         assert self._next is not None
         self._next += MINUTE

@@ -57,10 +57,14 @@ class Registered:
 
 @dataclass(frozen=True, slots=True)
 class Schedule:
-    """Add the jobs of the firings at ``ts`` whose identifiers have not run at ``ts`` yet."""
+    """Add the jobs of these firings, each a minute and the job specs due then.
 
-    ts: datetime
-    specs: tuple[dict[str, Any], ...]
+    Only firings newer than their identifier's ``last_execution`` are added;
+    the rest were scheduled already (by another instance, or before a clock
+    went back).
+    """
+
+    firings: tuple[tuple[datetime, tuple[dict[str, Any], ...]], ...]
     backfilled: bool
     generation: int
     reply_to: pykka.ActorRef[Any]
@@ -68,11 +72,10 @@ class Schedule:
 
 @dataclass(frozen=True, slots=True)
 class Scheduled:
-    """The firings at ``ts`` are written; ``job_ids`` maps identifier to the new job id
-    for the identifiers this instance scheduled (others were already done elsewhere)."""
+    """The firings are written; ``scheduled`` lists the (identifier, minute) pairs
+    this instance added jobs for."""
 
-    ts: datetime
-    job_ids: dict[str, int]
+    scheduled: tuple[tuple[str, datetime], ...]
     generation: int
 
 
@@ -101,8 +104,8 @@ class CronWriter(pykka.ThreadingActor):
                 known = self._register(message.identifiers, message.now)
                 message.reply_to.tell(Registered(known, message.generation))
             elif isinstance(message, Schedule):
-                job_ids = self._schedule(message.ts, message.specs)
-                message.reply_to.tell(Scheduled(message.ts, job_ids, message.generation))
+                scheduled = self._schedule(message.firings)
+                message.reply_to.tell(Scheduled(scheduled, message.generation))
         except Exception as exc:  # reported, never allowed to kill the actor
             stage = "register" if isinstance(message, Register) else "schedule"
             logger.debug("cron %s failed: %r", stage, exc)
@@ -123,8 +126,44 @@ class CronWriter(pykka.ThreadingActor):
             for row in rows
         }
 
-    def _schedule(self, ts: datetime, specs: Sequence[dict[str, Any]]) -> dict[str, int]:
-        params = {"specs": json.dumps(list(specs)), "ts": ts}
-        with self._connect() as conn, conn.cursor() as cursor:
-            rows = cursor.execute(self._queries.schedule_cron_jobs, params).fetchall()
-        return {identifier: job_id for job_id, identifier in rows}
+    def _schedule(
+        self, firings: Sequence[tuple[datetime, Sequence[dict[str, Any]]]]
+    ) -> tuple[tuple[str, datetime], ...]:
+        flat = [(ts, spec) for ts, specs in firings for spec in specs]
+        if not flat:
+            return ()
+        identifiers = [spec["identifier"] for _, spec in flat]
+        queries = self._queries
+        with self._connect() as conn, conn.transaction(), conn.cursor() as cursor:
+            cursor.execute(
+                queries.cron_ensure_known,
+                {"identifiers": sorted(set(identifiers)), "ts": min(ts for ts, _ in flat)},
+            )
+            cursor.execute(
+                queries.cron_claim_firings,
+                {"identifiers": identifiers, "timestamps": [ts for ts, _ in flat]},
+            )
+            chosen = [flat[ordinality - 1] for (ordinality,) in cursor.fetchall()]
+            plain = [_job_row(ts, spec) for ts, spec in chosen if spec["job_key"] is None]
+            keyed = [_job_row(ts, spec) for ts, spec in chosen if spec["job_key"] is not None]
+            if plain:
+                cursor.execute(queries.cron_add_jobs, {"specs": json.dumps(plain)})
+            if keyed:
+                cursor.execute(queries.cron_add_keyed_jobs, {"specs": json.dumps(keyed)})
+        return tuple((spec["identifier"], ts) for ts, spec in chosen)
+
+
+def _job_row(ts: datetime, spec: dict[str, Any]) -> dict[str, Any]:
+    """One job in the shape of the schema's ``job_spec`` (``identifier`` is the task)."""
+    return {
+        "identifier": spec["task"],
+        "task": spec["task"],
+        "payload": spec["payload"],
+        "queue_name": spec["queue_name"],
+        "run_at": ts.isoformat(),
+        "max_attempts": spec["max_attempts"],
+        "job_key": spec["job_key"],
+        "priority": spec["priority"],
+        "job_key_mode": spec["job_key_mode"],
+        "flags": None,
+    }

@@ -281,3 +281,21 @@ def test_database_outage_is_caught_up_not_skipped(
     db.execute("alter table graphile_worker.known_crontabs_away rename to _private_known_crontabs")
     cron.advance_to(T0 + timedelta(minutes=3, seconds=1), scheduled=3)
     assert [row["run_at"].minute for row in jobs(db)] == [1, 2, 3]
+
+
+def test_backfill_of_a_keyed_item_replaces_minute_by_minute(
+    cron_factory: Callable[..., Cron], db: Any
+) -> None:
+    remember(db, "k", T0 - timedelta(days=1), T0)
+    start = T0 + timedelta(minutes=10, seconds=30)
+    remember(db, "u", T0 - timedelta(days=1), T0 + timedelta(minutes=7))
+    cron_factory(
+        "* * * * * t ?id=k&fill=1h&jobKey=the-key\n* * * * * u ?fill=1h", start=start
+    ).start()
+    keyed = [row for row in jobs(db) if row["task"] == "t"]
+    assert len(keyed) == 1
+    assert keyed[0]["revision"] == 9  # minutes 1..10, each replacing the last
+    assert keyed[0]["run_at"] == T0 + timedelta(minutes=10)
+    plain = [row["run_at"].minute for row in jobs(db) if row["task"] == "u"]
+    assert plain == [8, 9, 10]
+    assert known(db)["k"][1] == T0 + timedelta(minutes=10)
