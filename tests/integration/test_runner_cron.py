@@ -1,0 +1,102 @@
+"""A Runner with a crontab: cron firings become jobs that the same Runner runs."""
+
+from __future__ import annotations
+
+import threading
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import kongtask
+from kongtask import ConfigurationError, CrontabError
+from kongtask.testing import ManualClock
+
+START = datetime(2021, 1, 1, 3, 59, 30, tzinfo=UTC)
+
+
+def test_cron_jobs_run_on_the_same_runner(db_url: str) -> None:
+    ran: list[dict[str, Any]] = []
+    done = threading.Event()
+
+    def report(payload: dict[str, Any], helpers: Any) -> None:
+        ran.append(payload)
+        done.set()
+
+    clock = ManualClock(START)
+    with kongtask.run(
+        tasks={"report": report},
+        connection_string=db_url,
+        crontab="0 4 * * * report {kind: 'daily'}",
+        clock=clock,
+        install_signal_handlers=False,
+    ) as runner:
+        clock.wait_for_timers(2)  # the lock sweep and the cron minute
+        clock.advance(31)
+        assert done.wait(10), "the cron job never ran"
+        runner.join()
+    assert ran == [
+        {"kind": "daily", "_cron": {"ts": "2021-01-01T04:00:00.000Z", "backfilled": False}}
+    ]
+
+
+def test_reload_crontab_from_the_runner(db_url: str, tmp_path: Path) -> None:
+    crontab = tmp_path / "crontab"
+    crontab.write_text("0 4 * * * report\n")
+    runner = kongtask.run(
+        tasks={"report": lambda payload, helpers: None},
+        connection_string=db_url,
+        crontab_file=crontab,
+        clock=ManualClock(START),
+        install_signal_handlers=False,
+    )
+    try:
+        crontab.write_text("0 4 * * * report\n0 5 * * * other\n")
+        assert runner.reload_crontab() is True
+        crontab.write_text("not a crontab\n")
+        assert runner.reload_crontab() is False
+    finally:
+        runner.stop()
+
+
+def test_bad_crontab_fails_the_start_with_its_line(db_url: str) -> None:
+    with pytest.raises(CrontabError) as info:
+        kongtask.run(
+            tasks={"t": lambda payload, helpers: None},
+            connection_string=db_url,
+            crontab="# ok\n0 4 * * * t\n* * * * * t\n",
+            install_signal_handlers=False,
+        )
+    assert "duplicate identifiers found: 't'" in str(info.value)
+
+
+def test_crontab_arguments_are_exclusive() -> None:
+    with pytest.raises(ConfigurationError) as info:
+        kongtask.Runner(
+            tasks={"t": lambda payload, helpers: None}, crontab="", crontab_file="crontab"
+        )
+    assert info.value.name == "crontab_file"
+
+
+def test_runner_without_crontab_has_nothing_to_reload(db_url: str) -> None:
+    with (
+        kongtask.run(
+            tasks={"t": lambda payload, helpers: None},
+            connection_string=db_url,
+            install_signal_handlers=False,
+            clock=ManualClock(START),
+        ) as runner,
+        pytest.raises(kongtask.KongtaskError, match="no crontab"),
+    ):
+        runner.reload_crontab()
+
+
+def test_run_once_ignores_the_crontab(db_url: str) -> None:
+    ran: list[str] = []
+    kongtask.run_once(
+        tasks={"report": lambda payload, helpers: ran.append("x")},
+        connection_string=db_url,
+        crontab="* * * * * report",
+    )
+    assert ran == []
