@@ -168,13 +168,13 @@ def _run_worker(args: argparse.Namespace) -> int:
     if args.max_pool_size is not None:
         options["max_pool_size"] = args.max_pool_size
     if args.once:
-        run_once(**options)  # type: ignore[arg-type]
+        run_once(**options)
         return EXIT_OK
     if crontab_file is not None:
         options["crontab_file"] = crontab_file
     if not tasks and crontab_file is None:
         logger.warning("No tasks found (use --tasks PATH); the worker has nothing to run")
-    runner = run(install_signal_handlers=True, **options)  # type: ignore[arg-type]
+    runner = run(install_signal_handlers=True, **options)
     # Wait in short slices so the main thread keeps running signal handlers.
     while not runner.wait(timeout=0.5):
         pass

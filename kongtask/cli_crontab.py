@@ -52,10 +52,11 @@ def main(argv: Sequence[str], *, now: datetime | None = None) -> int:
         return 0
     start = now or datetime.now(UTC)
     for item in items:
-        zone = ZoneInfo(item.options.tz) if item.options.tz else None
-        print(f"{item.identifier} ({item.task}{', tz ' + item.options.tz if zone else ''}):")
+        tz_name = item.options.tz
+        tz = ZoneInfo(tz_name) if tz_name else None
+        print(f"{item.identifier} ({item.task}{f', tz {tz_name}' if tz_name else ''}):")
         for when in next_fire_times(item, start, args.n):
             utc = when.astimezone(UTC).strftime("%Y-%m-%d %H:%M UTC")
-            local = f"  ({when.astimezone(zone).strftime('%Y-%m-%d %H:%M %Z')})" if zone else ""
+            local = f"  ({when.astimezone(tz).strftime('%Y-%m-%d %H:%M %Z')})" if tz else ""
             print(f"  {utc}{local}")
     return 0

@@ -46,7 +46,7 @@ class Job:
         ``task_identifier`` overrides (or supplies) the row's own column, for
         queries that return bare ``_private_jobs`` rows.
         """
-        values = {name: row.get(name) for name in _FIELD_NAMES}
+        values: dict[str, Any] = {name: row.get(name) for name in _FIELD_NAMES}
         if task_identifier is not None:
             values["task_identifier"] = task_identifier
         return cls(**values)
