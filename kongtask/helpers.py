@@ -8,32 +8,26 @@ out of patience). One is made per job, so it is kept small and lazy.
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 import psycopg
 from psycopg.rows import dict_row
 
-from .errors import InvalidJobError, KongtaskError
+from .enqueue import add_job_on, add_jobs_on
+from .errors import KongtaskError
 from .job import Job
-from .job_spec import JobSpec, encode_payload
+from .job_spec import JobSpec
 
 if TYPE_CHECKING:
     from .actors.context import WorkerContext
-    from .sql import Queries
 
-__all__ = ["Helpers", "add_job_on", "add_jobs_on"]
+__all__ = ["Helpers"]
 
 _job_logger = logging.getLogger("kongtask.job")
-
-# add_job can return an all-NULL row when a concurrent worker locked the keyed
-# job mid-statement (graphile-worker #580); trying again evicts it.
-_ADD_JOB_RACE_RETRIES = 5
 
 
 class Helpers:
@@ -82,8 +76,9 @@ class Helpers:
 
     def add_job(self, identifier: str, payload: Any = None, **spec: Any) -> Job:
         """Add a job (same arguments as ``WorkerUtils.add_job``)."""
+        job_spec = JobSpec(identifier, payload, **spec)
         with self._ctx.pool.connection() as conn:
-            return add_job_on(conn, self._ctx.queries, identifier, payload, **spec)
+            return add_job_on(conn, self._ctx.queries, job_spec)
 
     def add_jobs(
         self, specs: Iterable[JobSpec | Mapping[str, Any]], *, job_key_preserve_run_at: bool = False
@@ -120,78 +115,3 @@ class _JobLogger(logging.LoggerAdapter):  # type: ignore[type-arg]
         prefix = f"[job({extra['worker_id']}: {extra['task_identifier']}{{{extra['job_id']}}})]"
         kwargs.setdefault("extra", {}).update(extra)
         return f"{prefix} {msg}", kwargs
-
-
-def add_job_on(
-    conn: psycopg.Connection[Any],
-    queries: Queries,
-    identifier: str,
-    payload: Any = None,
-    *,
-    queue_name: str | None = None,
-    run_at: datetime | None = None,
-    max_attempts: int | None = None,
-    job_key: str | None = None,
-    job_key_mode: str | None = None,
-    priority: int | None = None,
-    flags: Sequence[str] | None = None,
-) -> Job:
-    """Add one job over ``conn`` through the schema's ``add_job`` function."""
-    spec = JobSpec(
-        identifier,
-        payload,
-        queue_name=queue_name,
-        run_at=run_at,
-        max_attempts=max_attempts,
-        job_key=job_key,
-        job_key_mode=job_key_mode,
-        priority=priority,
-        flags=flags,
-    )
-    params = {
-        "identifier": spec.identifier,
-        "payload": encode_payload(spec.payload),
-        "queue_name": spec.queue_name,
-        "run_at": spec.run_at,
-        "max_attempts": spec.max_attempts,
-        "job_key": spec.job_key,
-        "priority": spec.priority,
-        "flags": list(spec.flags) if spec.flags is not None else None,
-        "job_key_mode": spec.job_key_mode,
-    }
-    for _ in range(_ADD_JOB_RACE_RETRIES):
-        with conn.cursor(row_factory=dict_row) as cur:
-            row = cur.execute(queries.add_job, params).fetchone()
-        if row is not None and row["id"] is not None:
-            return Job.from_row(row)
-    raise KongtaskError(
-        f"add_job could not add job with job_key {spec.job_key!r}: the keyed job "
-        f"was locked concurrently {_ADD_JOB_RACE_RETRIES} times"
-    )
-
-
-def add_jobs_on(
-    conn: psycopg.Connection[Any],
-    queries: Queries,
-    specs: Iterable[JobSpec | Mapping[str, Any]],
-    *,
-    job_key_preserve_run_at: bool = False,
-) -> list[Job]:
-    """Add many jobs over ``conn`` in one ``add_jobs`` statement, in input order."""
-    checked = [JobSpec.coerce(spec, index) for index, spec in enumerate(specs)]
-    for spec in checked:
-        if spec.job_key_mode is not None:
-            raise InvalidJobError(
-                "add_jobs takes job_key_preserve_run_at for the whole call, not job_key_mode",
-                field="job_key_mode",
-                value=spec.job_key_mode,
-            )
-    if not checked:
-        return []
-    params = {
-        "specs": json.dumps([spec.to_json_spec() for spec in checked]),
-        "preserve_run_at": bool(job_key_preserve_run_at),
-    }
-    with conn.cursor(row_factory=dict_row) as cur:
-        rows = cur.execute(queries.add_jobs, params).fetchall()
-    return [Job.from_row(row) for row in rows]

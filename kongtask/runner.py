@@ -25,8 +25,8 @@ from .actors.supervisor import Supervisor
 from .connection import resolve_schema
 from .cron.source import CrontabSource
 from .cron.types import ParsedCronItem
+from .enqueue import add_job_on, add_jobs_on
 from .errors import ConfigurationError, KongtaskError
-from .helpers import add_job_on, add_jobs_on
 from .job import Job
 from .job_spec import JobSpec
 from .protocols import Clock
@@ -232,21 +232,20 @@ class Runner:
         flags: Sequence[str] | None = None,
     ) -> Job:
         """Add a job through this Runner's pool (same arguments as ``WorkerUtils.add_job``)."""
+        spec = JobSpec(
+            identifier,
+            payload,
+            queue_name=queue_name,
+            run_at=run_at,
+            max_attempts=max_attempts,
+            job_key=job_key,
+            job_key_mode=job_key_mode,
+            priority=priority,
+            flags=flags,
+        )
         ctx = self._context()
         with ctx.pool.connection() as conn:
-            return add_job_on(
-                conn,
-                ctx.queries,
-                identifier,
-                payload,
-                queue_name=queue_name,
-                run_at=run_at,
-                max_attempts=max_attempts,
-                job_key=job_key,
-                job_key_mode=job_key_mode,
-                priority=priority,
-                flags=flags,
-            )
+            return add_job_on(conn, ctx.queries, spec)
 
     def add_jobs(
         self, specs: Iterable[JobSpec | Mapping[str, Any]], *, job_key_preserve_run_at: bool = False

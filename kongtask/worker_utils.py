@@ -7,7 +7,6 @@ exactly what its own ``WorkerUtils`` would have written.
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -20,9 +19,10 @@ import psycopg
 from psycopg.rows import dict_row
 
 from .connection import open_database, resolve_schema
+from .enqueue import add_job_on, add_jobs_on, jobs_from_query
 from .errors import ConfigurationError, InvalidJobError, KongtaskError
 from .job import Job
-from .job_spec import JobSpec, encode_payload
+from .job_spec import JobSpec
 from .migrate import MigrationResult, migrate
 from .sql import Queries
 
@@ -32,10 +32,6 @@ logger = logging.getLogger(__name__)
 
 #: The cleanup tasks ``WorkerUtils.cleanup`` knows, as graphile-worker names them.
 CLEANUP_TASKS = ("GC_TASK_IDENTIFIERS", "GC_JOB_QUEUES", "DELETE_PERMAFAILED_JOBS")
-
-# add_job can return an all-NULL row when a concurrent worker locked the keyed
-# job between the function's eviction step and its upsert; a retry evicts it.
-_ADD_JOB_RACE_RETRIES = 5
 
 
 class WorkerUtils:
@@ -115,21 +111,8 @@ class WorkerUtils:
             return cursor.execute(query, params).fetchall()
 
     def _jobs(self, query: Any, params: Mapping[str, Any]) -> list[Job]:
-        """Run a statement returning job rows and turn them into ``Job`` records.
-
-        A task row created by the very statement that returned the job is not
-        visible to that statement's join, so such identifiers are looked up
-        afterwards, in a second (rarely needed) round trip.
-        """
-        rows = [row for row in self._rows(query, params) if row["id"] is not None]
-        missing = {row["task_id"] for row in rows if row["task_identifier"] is None}
-        if missing:
-            found = self._rows(self._queries.task_identifiers, {"ids": sorted(missing)})
-            names = {row["id"]: row["identifier"] for row in found}
-            for row in rows:
-                if row["task_identifier"] is None:
-                    row["task_identifier"] = names.get(row["task_id"])
-        return [Job.from_row(row) for row in rows]
+        with self.connection() as conn:
+            return jobs_from_query(conn, self._queries, query, params)
 
     # --- migrations ---------------------------------------------------------
 
@@ -169,26 +152,8 @@ class WorkerUtils:
             priority=priority,
             flags=flags,
         )
-        params = {
-            "identifier": spec.identifier,
-            "payload": encode_payload(spec.payload),
-            "queue_name": spec.queue_name,
-            "run_at": spec.run_at,
-            "max_attempts": spec.max_attempts,
-            "job_key": spec.job_key,
-            "priority": spec.priority,
-            "flags": list(spec.flags) if spec.flags is not None else None,
-            "job_key_mode": spec.job_key_mode,
-        }
-        for _ in range(_ADD_JOB_RACE_RETRIES):
-            jobs = self._jobs(self._queries.add_job, params)
-            if jobs:
-                return jobs[0]
-            logger.debug("add_job lost a race on job_key %r; retrying", spec.job_key)
-        raise KongtaskError(
-            f"add_job could not add job with job_key {spec.job_key!r}: the keyed job "
-            f"was locked concurrently {_ADD_JOB_RACE_RETRIES} times"
-        )
+        with self.connection() as conn:
+            return add_job_on(conn, self._queries, spec)
 
     def add_jobs(
         self,
@@ -202,38 +167,10 @@ class WorkerUtils:
         ``add_jobs`` has one mode for the call: replace, or preserve_run_at when
         ``job_key_preserve_run_at`` is true).
         """
-        checked = [JobSpec.coerce(spec, index) for index, spec in enumerate(specs)]
-        keys: set[str] = set()
-        for index, spec in enumerate(checked):
-            if spec.job_key_mode is not None:
-                raise InvalidJobError(
-                    f"job spec at index {index} sets job_key_mode; add_jobs takes "
-                    "job_key_preserve_run_at for the whole call instead",
-                    field="job_key_mode",
-                    value=spec.job_key_mode,
-                )
-            if spec.job_key is not None:
-                if spec.job_key in keys:
-                    raise InvalidJobError(
-                        f"job_key {spec.job_key!r} appears more than once in one add_jobs "
-                        f"call (again at index {index})",
-                        field="job_key",
-                        value=spec.job_key,
-                    )
-                keys.add(spec.job_key)
-        if not isinstance(job_key_preserve_run_at, bool):
-            raise InvalidJobError(
-                "job_key_preserve_run_at must be a bool",
-                field="job_key_preserve_run_at",
-                value=job_key_preserve_run_at,
+        with self.connection() as conn:
+            return add_jobs_on(
+                conn, self._queries, specs, job_key_preserve_run_at=job_key_preserve_run_at
             )
-        if not checked:
-            return []
-        params = {
-            "specs": json.dumps([spec.to_json_spec() for spec in checked]),
-            "preserve_run_at": job_key_preserve_run_at,
-        }
-        return self._jobs(self._queries.add_jobs, params)
 
     def remove_job(self, job_key: str) -> Job | None:
         """Delete the unlocked job holding ``job_key``.

@@ -1,0 +1,124 @@
+"""Adding jobs over a given connection: the one implementation behind every ``add_job``.
+
+``WorkerUtils``, ``Runner`` and a handler's ``helpers`` only differ in where
+their connection comes from; validation, the statements and the handling of
+graphile-worker's quirks live here once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import psycopg
+from psycopg.rows import dict_row
+
+from .errors import InvalidJobError, KongtaskError
+from .job import Job
+from .job_spec import JobSpec, encode_payload
+from .sql import Queries
+
+__all__ = ["add_job_on", "add_jobs_on", "jobs_from_query"]
+
+logger = logging.getLogger(__name__)
+
+# add_job can return an all-NULL row when a concurrent worker locked the keyed
+# job between the function's eviction step and its upsert (graphile-worker
+# #580); a retry evicts the locked job and inserts a new one.
+_ADD_JOB_RACE_RETRIES = 5
+
+
+def jobs_from_query(
+    conn: psycopg.Connection[Any], queries: Queries, query: Any, params: Mapping[str, Any]
+) -> list[Job]:
+    """Run a statement returning job rows (with ``task_identifier``) and build ``Job``s.
+
+    Rows of all NULLs (what the SQL functions return for "nothing") are
+    skipped. A task row created by the very statement that returned the job
+    is invisible to that statement's join, so such identifiers are looked up
+    afterwards, in a second (rarely needed) round trip.
+    """
+    with conn.cursor(row_factory=dict_row) as cursor:
+        rows = [row for row in cursor.execute(query, params).fetchall() if row["id"] is not None]
+        missing = sorted({row["task_id"] for row in rows if row["task_identifier"] is None})
+        if missing:
+            found = cursor.execute(queries.task_identifiers, {"ids": missing}).fetchall()
+            names = {row["id"]: row["identifier"] for row in found}
+            for row in rows:
+                if row["task_identifier"] is None:
+                    row["task_identifier"] = names.get(row["task_id"])
+    return [Job.from_row(row) for row in rows]
+
+
+def add_job_on(conn: psycopg.Connection[Any], queries: Queries, spec: JobSpec) -> Job:
+    """Add one job (or update the job holding its key) through the schema's ``add_job``."""
+    params = {
+        "identifier": spec.identifier,
+        "payload": encode_payload(spec.payload),
+        "queue_name": spec.queue_name,
+        "run_at": spec.run_at,
+        "max_attempts": spec.max_attempts,
+        "job_key": spec.job_key,
+        "priority": spec.priority,
+        "flags": list(spec.flags) if spec.flags is not None else None,
+        "job_key_mode": spec.job_key_mode,
+    }
+    for _ in range(_ADD_JOB_RACE_RETRIES):
+        jobs = jobs_from_query(conn, queries, queries.add_job, params)
+        if jobs:
+            return jobs[0]
+        logger.debug("add_job lost a race on job_key %r; retrying", spec.job_key)
+    raise KongtaskError(
+        f"add_job could not add job with job_key {spec.job_key!r}: the keyed job "
+        f"was locked concurrently {_ADD_JOB_RACE_RETRIES} times"
+    )
+
+
+def add_jobs_on(
+    conn: psycopg.Connection[Any],
+    queries: Queries,
+    specs: Iterable[JobSpec | Mapping[str, Any]],
+    *,
+    job_key_preserve_run_at: bool = False,
+) -> list[Job]:
+    """Add many jobs in one ``add_jobs`` statement; returns them in input order.
+
+    ``job_key_mode`` is not allowed per spec (graphile-worker's ``add_jobs``
+    has one mode for the call: replace, or preserve_run_at when
+    ``job_key_preserve_run_at`` is true), and one key may appear only once.
+    Everything is checked before the database is touched.
+    """
+    if not isinstance(job_key_preserve_run_at, bool):
+        raise InvalidJobError(
+            "job_key_preserve_run_at must be a bool",
+            field="job_key_preserve_run_at",
+            value=job_key_preserve_run_at,
+        )
+    checked = [JobSpec.coerce(spec, index) for index, spec in enumerate(specs)]
+    keys: set[str] = set()
+    for index, spec in enumerate(checked):
+        if spec.job_key_mode is not None:
+            raise InvalidJobError(
+                f"job spec at index {index} sets job_key_mode; add_jobs takes "
+                "job_key_preserve_run_at for the whole call instead",
+                field="job_key_mode",
+                value=spec.job_key_mode,
+            )
+        if spec.job_key is not None:
+            if spec.job_key in keys:
+                raise InvalidJobError(
+                    f"job_key {spec.job_key!r} appears more than once in one add_jobs "
+                    f"call (again at index {index})",
+                    field="job_key",
+                    value=spec.job_key,
+                )
+            keys.add(spec.job_key)
+    if not checked:
+        return []
+    params = {
+        "specs": json.dumps([spec.to_json_spec() for spec in checked]),
+        "preserve_run_at": job_key_preserve_run_at,
+    }
+    return jobs_from_query(conn, queries, queries.add_jobs, params)
