@@ -8,53 +8,32 @@ Prints:
 - CronIndex CPU per tick for the same crontab (mean and worst over a day);
 - the time to backfill one week for 100 ``* * * * *`` items with ``fill=1w``.
 
-Each run uses a scratch database that it drops afterwards.
+Each run uses a scratch database on ``--url`` (default ``KONGTASK_BENCH_URL``,
+``DATABASE_URL`` or the local server) that it drops afterwards.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import sys
 import threading
 import time
-import uuid
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import psycopg
-from psycopg import sql
-from psycopg.conninfo import make_conninfo
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from kongtask.actors.cron import CronService
 from kongtask.cron import CronIndex, parse_crontab
 from kongtask.cron.source import CrontabSource
-from kongtask.migrate import migrate
 from kongtask.sql import Queries
 from kongtask.testing import ManualClock
+from tools._bench_common import scratch_database, server_url
 
 START = datetime(2021, 1, 4, 0, 0, 30, tzinfo=UTC)
-
-
-@contextlib.contextmanager
-def scratch_database(url: str) -> Iterator[str]:
-    name = f"kt_bench_cron_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(url, autocommit=True) as conn:
-        conn.execute(sql.SQL("create database {}").format(sql.Identifier(name)))
-    conninfo = make_conninfo(url, dbname=name)
-    try:
-        with psycopg.connect(conninfo, autocommit=True) as conn:
-            migrate(conn, "graphile_worker")
-        yield conninfo
-    finally:
-        with psycopg.connect(url, autocommit=True) as conn:
-            conn.execute(
-                sql.SQL("drop database if exists {} with (force)").format(sql.Identifier(name))
-            )
 
 
 class Waiter:
@@ -158,7 +137,7 @@ def backfill_week(url: str, items: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--url", default="postgresql://postgres@127.0.0.1:5432/postgres")
+    parser.add_argument("--url", default=server_url(), help="server for scratch databases")
     parser.add_argument("--items", type=int, default=10_000)
     parser.add_argument("--backfill-items", type=int, default=100)
     parser.add_argument("--skip-backfill", action="store_true")
