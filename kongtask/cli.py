@@ -97,6 +97,13 @@ def _worker_parser() -> argparse.ArgumentParser:
         help="maximum number of database connections (default 10)",
     )
     parser.add_argument(
+        "--local-queue-size",
+        type=_positive_int("--local-queue-size"),
+        default=None,
+        metavar="N",
+        help="how many jobs to claim ahead into the local buffer (default max(4 x jobs, 16))",
+    )
+    parser.add_argument(
         "--no-prepared-statements",
         action="store_true",
         help="don't use prepared statements (for pgBouncer in transaction mode)",
@@ -167,6 +174,8 @@ def _run_worker(args: argparse.Namespace) -> int:
         options["poll_interval_s"] = args.poll_interval / 1000
     if args.max_pool_size is not None:
         options["max_pool_size"] = args.max_pool_size
+    if args.local_queue_size is not None:
+        options["local_queue_size"] = args.local_queue_size
     if args.once:
         run_once(**options)
         return EXIT_OK

@@ -49,6 +49,10 @@ class Claimer(DbActor):
         self._ttl_timer: TimerHandle | None = None
         self._last_fill_at = 0.0
         self._task_id_list: list[int] = []
+        # What the last claim saw, for telling whether a refetch can find anything new.
+        self._inserts_at_claim = -1
+        self._finished_at_claim = 0
+        self._last_batch_queued = False
         settings = ctx.settings
         self._flags = (
             list(settings.forbidden_flags) if settings.forbidden_flags is not None else None
@@ -57,7 +61,8 @@ class Claimer(DbActor):
     def handle(self, message: Any) -> Any:
         if message == FETCH:
             self.ctx.queue.fetch_requested = False
-            self._maybe_claim(force=False)
+            if not self._nothing_new():
+                self._maybe_claim(force=False)
         elif message == NUDGE:
             self._maybe_claim(force=True)
         elif message == POLL:
@@ -86,6 +91,32 @@ class Claimer(DbActor):
         if not self._task_id_list:
             logger.warning("No tasks found; nothing to do!")
 
+    def _nothing_new(self) -> bool:
+        """True when a refetch after a short batch cannot find anything new.
+
+        A claim that got fewer jobs than it asked for took everything runnable
+        then. Until ``jobs:insert`` says otherwise, or a finished job releases a
+        named queue the claim had to skip, another claim would come back empty;
+        skipping it spares a round trip that would compete with the next real
+        claim. The buffer then waits as after an empty claim (notification,
+        poll, or the completer's nudge on a queue release).
+        """
+        ctx = self.ctx
+        queue = ctx.queue
+        if (
+            ctx.settings.once
+            or queue.mode != FetchMode.PARTIAL
+            or len(queue)
+            or queue.wants_idle_claim
+            or queue.inserts_notified != self._inserts_at_claim
+        ):
+            return False
+        if self._last_batch_queued and queue.finished_total != self._finished_at_claim:
+            return False
+        queue.mode = FetchMode.EMPTY
+        self._schedule_poll()
+        return True
+
     def _maybe_claim(self, *, force: bool) -> None:
         ctx = self.ctx
         queue = ctx.queue
@@ -105,6 +136,8 @@ class Claimer(DbActor):
         mark = queue.join_requests
         held_at_start = queue.in_flight
         finished_at_start = queue.finished_total
+        self._inserts_at_claim = queue.inserts_notified
+        self._finished_at_claim = finished_at_start
         ctx.bus.emit(events.worker_get_job_start, pool_id=ctx.pool_id)
         try:
             jobs = self.run(lambda conn: self._claim(conn, want), "Claiming jobs")
@@ -116,6 +149,7 @@ class Claimer(DbActor):
             queue.mode = FetchMode.EMPTY
             self._schedule_poll()
             return
+        self._last_batch_queued = any(job.job_queue_id is not None for job in jobs)
         if jobs:
             queue.put_many(jobs)
             ctx.bus.emit(events.local_queue_get_jobs_complete, pool_id=ctx.pool_id, jobs=jobs)

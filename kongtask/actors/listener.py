@@ -83,6 +83,7 @@ class Listener:
                 attempts = 0
                 self.connected.set()
                 ctx.bus.emit(events.pool_listen_success, pool_id=ctx.pool_id)
+                ctx.queue.inserts_notified += 1  # notifications may have been missed
                 self._nudge()
                 for notify in conn.notifies():
                     self._handle(notify.channel, notify.payload)
@@ -121,6 +122,7 @@ class Listener:
         if channel == "jobs:insert":
             count = data.get("count", 1)
             if not isinstance(count, int | float) or count > 0:
+                ctx.queue.inserts_notified += 1
                 self._nudge()
         elif channel == "worker:migrate" and data.get("breaking") is True:
             logger.warning(

@@ -51,6 +51,8 @@ class LocalQueue:
         #: Raised by ``join`` callers; the claimer copies it into ``idle_mark``.
         self.join_requests = 0
         self.idle_mark = 0
+        #: Bumped by the listener for every ``jobs:insert`` (and on reconnecting).
+        self.inserts_notified = 0
 
     def __len__(self) -> int:
         return len(self._jobs)
