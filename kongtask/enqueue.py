@@ -13,11 +13,10 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 import psycopg
-from psycopg.rows import dict_row
 
 from .errors import InvalidJobError, KongtaskError
 from .job import Job
-from .job_spec import JobSpec, encode_payload
+from .job_spec import JobSpec
 from .sql import Queries
 
 __all__ = ["add_job_on", "add_jobs_on", "jobs_from_query"]
@@ -33,30 +32,42 @@ _ADD_JOB_RACE_RETRIES = 5
 def jobs_from_query(
     conn: psycopg.Connection[Any], queries: Queries, query: Any, params: Mapping[str, Any]
 ) -> list[Job]:
-    """Run a statement returning job rows (with ``task_identifier``) and build ``Job``s.
+    """Run a statement returning ``JOB_COLUMNS`` rows and build ``Job`` records.
 
     Rows of all NULLs (what the SQL functions return for "nothing") are
-    skipped. A task row created by the very statement that returned the job
-    is invisible to that statement's join, so such identifiers are looked up
-    afterwards, in a second (rarely needed) round trip.
+    skipped. Payloads arrive as text and are decoded in one ``json.loads``
+    call for the whole batch. A task row created by the very statement that
+    returned the job is invisible to that statement's join, so such
+    identifiers are looked up afterwards, in a second (rarely needed) round trip.
     """
-    with conn.cursor(row_factory=dict_row) as cursor:
-        rows = [row for row in cursor.execute(query, params).fetchall() if row["id"] is not None]
-        missing = sorted({row["task_id"] for row in rows if row["task_identifier"] is None})
+    with conn.cursor() as cursor:
+        rows = [row for row in cursor.execute(query, params).fetchall() if row[0] is not None]
+        missing = sorted({row[2] for row in rows if row[3] is None})
+        names: dict[int, str] = {}
         if missing:
             found = cursor.execute(queries.task_identifiers, {"ids": missing}).fetchall()
-            names = {row["id"]: row["identifier"] for row in found}
-            for row in rows:
-                if row["task_identifier"] is None:
-                    row["task_identifier"] = names.get(row["task_id"])
-    return [Job.from_row(row) for row in rows]
+            names = dict(found)
+    if not rows:
+        return []
+    payloads = json.loads("[" + ",".join(row[4] for row in rows) + "]")
+    return [
+        Job(
+            row[0],
+            row[1],
+            row[2],
+            names[row[2]] if row[3] is None else row[3],
+            payload,
+            *row[5:],
+        )
+        for row, payload in zip(rows, payloads, strict=True)
+    ]
 
 
 def add_job_on(conn: psycopg.Connection[Any], queries: Queries, spec: JobSpec) -> Job:
     """Add one job (or update the job holding its key) through the schema's ``add_job``."""
     params = {
         "identifier": spec.identifier,
-        "payload": encode_payload(spec.payload),
+        "payload": spec.payload_json,
         "queue_name": spec.queue_name,
         "run_at": spec.run_at,
         "max_attempts": spec.max_attempts,
@@ -118,7 +129,7 @@ def add_jobs_on(
     if not checked:
         return []
     params = {
-        "specs": json.dumps([spec.to_json_spec() for spec in checked]),
+        "specs": json.dumps([spec.to_json_spec() for spec in checked], separators=(",", ":")),
         "preserve_run_at": job_key_preserve_run_at,
     }
     return jobs_from_query(conn, queries, queries.add_jobs, params)

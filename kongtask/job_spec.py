@@ -43,10 +43,12 @@ class JobSpec:
     job_key_mode: str | None = None
     priority: int | None = None
     flags: Sequence[str] | None = field(default=None)
+    #: The payload as JSON text, encoded once when the spec is checked.
+    payload_json: str = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         _check_text("identifier", self.identifier, _MAX_IDENTIFIER_LENGTH, required=True)
-        encode_payload(self.payload)
+        object.__setattr__(self, "payload_json", encode_payload(self.payload))
         _check_text("queue_name", self.queue_name, _MAX_IDENTIFIER_LENGTH)
         if self.run_at is not None:
             if not isinstance(self.run_at, datetime):
@@ -98,7 +100,7 @@ class JobSpec:
                 field="specs",
                 value=spec,
             )
-        unknown = set(spec) - set(cls.__dataclass_fields__)
+        unknown = set(spec) - _SPEC_FIELDS
         if unknown:
             where = f" at index {index}" if index is not None else ""
             raise InvalidJobError(
@@ -120,6 +122,11 @@ class JobSpec:
             "priority": self.priority,
             "flags": list(self.flags) if self.flags is not None else None,
         }
+
+
+_SPEC_FIELDS = frozenset(
+    name for name, spec_field in JobSpec.__dataclass_fields__.items() if spec_field.init
+)
 
 
 def encode_payload(payload: Any) -> str:
@@ -150,6 +157,16 @@ def _check_text(name: str, value: Any, max_length: int | None, *, required: bool
         raise InvalidJobError(f"{name} must not be empty", field=name, value=value)
     if "\x00" in value:
         raise InvalidJobError(f"{name} must not contain NUL characters", field=name, value=value)
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            # A lone surrogate cannot be sent to PostgreSQL at all.
+            raise InvalidJobError(
+                f"{name} is not valid Unicode text (lone surrogate at position {exc.start})",
+                field=name,
+                value=value,
+            ) from None
     if max_length is not None and len(value) > max_length:
         raise InvalidJobError(
             f"{name} is {len(value)} characters long; at most {max_length} are allowed",

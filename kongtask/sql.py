@@ -23,12 +23,23 @@ LOCK_EXPIRY = "4 hours"
 
 # --- enqueueing and admin (WorkerUtils) -------------------------------------
 
+# A job row as kongtask.Job lays it out (same order). The payload comes as
+# text so a batch of rows can be decoded by one json.loads call.
+JOB_COLUMNS = """
+    jobs.id, jobs.job_queue_id, jobs.task_id, tasks.identifier as task_identifier,
+    jobs.payload::text as payload, jobs.priority, jobs.run_at, jobs.attempts,
+    jobs.max_attempts, jobs.last_error, jobs.created_at, jobs.updated_at, jobs.key,
+    jobs.locked_at, jobs.locked_by, jobs.revision, jobs.flags, jobs.is_available
+"""
+
 # One job through the schema's own add_job function (job keys, queue and task
 # rows, NOTIFY are all handled in the database). The join adds the task
 # identifier; a LEFT join keeps the all-NULL row add_job returns when it lost a
 # race on a concurrently locked key, so the caller can see and retry it.
-ADD_JOB = """
-select jobs.*, tasks.identifier as task_identifier
+ADD_JOB = (
+    "select"
+    + JOB_COLUMNS
+    + """
 from {s}.add_job(
     identifier => %(identifier)s::text,
     payload => %(payload)s::json,
@@ -42,38 +53,53 @@ from {s}.add_job(
 ) as jobs
 left join {s}._private_tasks as tasks on tasks.id = jobs.task_id
 """
+)
 
 # Many jobs in one statement: the specs travel as one JSON array and become
 # job_spec values in the database; rows come back in input order.
-ADD_JOBS = """
-select jobs.*, tasks.identifier as task_identifier
+ADD_JOBS = (
+    "select"
+    + JOB_COLUMNS
+    + """
 from {s}.add_jobs(
     array(select json_populate_recordset(null::{s}.job_spec, %(specs)s::json)),
     %(preserve_run_at)s::boolean
 ) as jobs
 left join {s}._private_tasks as tasks on tasks.id = jobs.task_id
 """
+)
 
-REMOVE_JOB = """
-select jobs.*, tasks.identifier as task_identifier
+REMOVE_JOB = (
+    "select"
+    + JOB_COLUMNS
+    + """
 from {s}.remove_job(%(job_key)s::text) as jobs
 left join {s}._private_tasks as tasks on tasks.id = jobs.task_id
 """
+)
 
-COMPLETE_JOBS_ADMIN = """
-select jobs.*, tasks.identifier as task_identifier
+COMPLETE_JOBS_ADMIN = (
+    "select"
+    + JOB_COLUMNS
+    + """
 from {s}.complete_jobs(%(ids)s::bigint[]) as jobs
 left join {s}._private_tasks as tasks on tasks.id = jobs.task_id
 """
+)
 
-PERMANENTLY_FAIL_JOBS = """
-select jobs.*, tasks.identifier as task_identifier
+PERMANENTLY_FAIL_JOBS = (
+    "select"
+    + JOB_COLUMNS
+    + """
 from {s}.permanently_fail_jobs(%(ids)s::bigint[], %(reason)s::text) as jobs
 left join {s}._private_tasks as tasks on tasks.id = jobs.task_id
 """
+)
 
-RESCHEDULE_JOBS = """
-select jobs.*, tasks.identifier as task_identifier
+RESCHEDULE_JOBS = (
+    "select"
+    + JOB_COLUMNS
+    + """
 from {s}.reschedule_jobs(
     %(ids)s::bigint[],
     run_at => %(run_at)s::timestamptz,
@@ -83,6 +109,7 @@ from {s}.reschedule_jobs(
 ) as jobs
 left join {s}._private_tasks as tasks on tasks.id = jobs.task_id
 """
+)
 
 FORCE_UNLOCK_WORKERS = "select {s}.force_unlock_workers(%(worker_ids)s::text[])"
 
