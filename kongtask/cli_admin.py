@@ -1,13 +1,80 @@
-"""``kongtask admin ...``: operator commands on a live queue."""
+"""``kongtask admin ...``: operator commands on a live queue.
+
+``force-unlock POOL_ID...`` releases what the named pools hold (the operator
+knows they are dead). ``unlock-dead`` finds such pools itself: every kongtask
+session announces its pool id as ``application_name``, so a pool id that still
+holds locks but has no session in ``pg_stat_activity`` belongs to a worker
+that died (SIGKILL, a lost host) without giving its jobs back.
+"""
 
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
+import psycopg
+from psycopg import sql
+
+from .sql import Queries
 from .worker_utils import WorkerUtils
 
-__all__ = ["main"]
+__all__ = ["DeadPool", "find_dead_pools", "main"]
+
+# Lock holders (jobs and named queues) with no session announcing their id.
+# pg_stat_activity spans the whole cluster, so a pool connected to this
+# database from any host counts as alive. Only ids kongtask generates
+# (pool-/otpool-) are candidates unless the caller asks for every holder.
+_DEAD_POOLS = """
+with holders as (
+    select locked_by, count(*) as jobs, 0 as queues, min(locked_at) as since
+    from {s}._private_jobs where locked_by is not null group by locked_by
+    union all
+    select locked_by, 0, count(*), min(locked_at)
+    from {s}._private_job_queues where locked_by is not null group by locked_by
+)
+select locked_by, sum(jobs)::int, sum(queues)::int, min(since)
+from holders
+where (%(any_holder)s or locked_by ~ '^(ot)?pool-[0-9a-f]+$')
+  and not exists (
+    select 1 from pg_stat_activity a where a.application_name = holders.locked_by
+  )
+group by locked_by
+order by min(since)
+"""
+
+_WARNING = (
+    "Only kongtask pools announce themselves (as application_name); a Node "
+    "graphile-worker's pool ids never do, so they are ignored unless you pass "
+    "--include-foreign, and then every one of them looks dead. Use unlock-dead on "
+    "kongtask-only fleets, or check the list before passing --yes."
+)
+
+
+@dataclass(frozen=True, slots=True)
+class DeadPool:
+    """A lock holder with no live session: its id and what it still holds."""
+
+    pool_id: str
+    jobs: int
+    queues: int
+    locked_since: Any
+
+
+def find_dead_pools(
+    conn: psycopg.Connection[Any], schema: str, *, include_foreign: bool = False
+) -> list[DeadPool]:
+    """The pool ids that hold job or queue locks but have no session in ``pg_stat_activity``.
+
+    A kongtask pool reconnecting after a lost connection has no session for a
+    moment, so callers should re-check before acting (``unlock-dead`` does the
+    check and the unlock in one transaction).
+    """
+    query = sql.SQL(_DEAD_POOLS).format(s=sql.Identifier(schema))
+    rows = conn.execute(query, {"any_holder": include_foreign}).fetchall()
+    return [DeadPool(row[0], row[1], row[2], row[3]) for row in rows]
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -20,7 +87,49 @@ def _parser() -> argparse.ArgumentParser:
         help="release the jobs and queues locked by these pool ids (workers known to be dead)",
     )
     unlock.add_argument("pool_ids", nargs="+", metavar="POOL_ID")
+    dead = commands.add_parser(
+        "unlock-dead",
+        help="list kongtask pool ids that hold locks but have no database session; "
+        "release their jobs and queues with --yes",
+        description="Find lock holders with no session in pg_stat_activity. " + _WARNING,
+    )
+    dead.add_argument(
+        "--yes", action="store_true", help="unlock them (without it, only list the candidates)"
+    )
+    dead.add_argument(
+        "--include-foreign",
+        action="store_true",
+        help="also consider lock holders whose ids kongtask did not generate (Node pools)",
+    )
     return parser
+
+
+def _unlock_dead(utils: WorkerUtils, args: argparse.Namespace) -> int:
+    schema = utils.schema
+    with utils.connection() as conn:
+        candidates = find_dead_pools(conn, schema, include_foreign=args.include_foreign)
+        if not candidates:
+            print("No dead pools hold locks")
+            return 0
+        for pool in candidates:
+            print(
+                f"{pool.pool_id}: {pool.jobs} job(s), {pool.queues} queue(s), "
+                f"locked since {pool.locked_since}"
+            )
+        if not args.yes:
+            print(f"{len(candidates)} dead pool id(s); run again with --yes to unlock them")
+            print(f"Note: {_WARNING}", file=sys.stderr)
+            return 0
+        # Re-check inside the transaction that unlocks, so a pool that came
+        # back in between (a reconnect) keeps its jobs.
+        with conn.transaction():
+            again = find_dead_pools(conn, schema, include_foreign=args.include_foreign)
+            wanted = {pool.pool_id for pool in candidates}
+            ids = [pool.pool_id for pool in again if pool.pool_id in wanted]
+            if ids:
+                conn.execute(Queries(schema).force_unlock_workers, {"worker_ids": ids})
+    print(f"Unlocked jobs and queues held by {len(ids)} dead pool id(s)")
+    return 0
 
 
 def main(argv: Sequence[str]) -> int:
@@ -30,4 +139,6 @@ def main(argv: Sequence[str]) -> int:
         if args.command == "force-unlock":
             utils.force_unlock_workers(args.pool_ids)
             print(f"Unlocked jobs and queues held by {len(args.pool_ids)} pool id(s)")
+        elif args.command == "unlock-dead":
+            return _unlock_dead(utils, args)
     return 0

@@ -12,6 +12,7 @@ process; each sends its events with itself as the blinker sender.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -313,11 +314,41 @@ def _check_tasks(tasks: Any) -> dict[str, Callable[..., Any]]:
                 name="tasks",
                 value=identifier,
             )
+        if "\x00" in identifier or not _is_utf8(identifier):
+            raise ConfigurationError(
+                f"task identifier {identifier!r} contains a NUL character or a lone surrogate, "
+                "which PostgreSQL cannot store",
+                name="tasks",
+                value=identifier,
+            )
         if not callable(handler):
             raise ConfigurationError(
                 f"the handler for task {identifier!r} is not callable: {handler!r}",
                 name="tasks",
                 value=handler,
             )
+        if inspect.iscoroutinefunction(handler) or inspect.isasyncgenfunction(handler):
+            raise ConfigurationError(
+                f"the handler for task {identifier!r} is an async function; kongtask runs "
+                "plain callables on threads (wrap it, e.g. with asyncio.run)",
+                name="tasks",
+                value=handler,
+            )
+        if inspect.isgeneratorfunction(handler):
+            # Calling it would only create a generator: the body would never run.
+            raise ConfigurationError(
+                f"the handler for task {identifier!r} is a generator function; its body "
+                "would never run",
+                name="tasks",
+                value=handler,
+            )
         checked[identifier] = handler
     return checked
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True

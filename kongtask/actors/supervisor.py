@@ -21,6 +21,7 @@ from typing import Any
 
 import psycopg
 import pykka
+from psycopg.conninfo import make_conninfo
 from psycopg_pool import ConnectionPool
 
 from kongtask import events
@@ -110,6 +111,10 @@ class Supervisor:
         conninfo = self._stack.enter_context(open_database(self._connection_string))
         with psycopg.connect(conninfo, autocommit=True) as conn:
             migrate(conn, settings.schema)
+        # Every session of this run (pool and LISTEN) announces the pool id as its
+        # application_name, so an operator can tell a live pool from a dead one
+        # (``kongtask admin unlock-dead``) by looking at pg_stat_activity.
+        conninfo = make_conninfo(conninfo, application_name=self.pool_id)
         pool: ConnectionPool[Any] = ConnectionPool(
             conninfo,
             min_size=2,
