@@ -243,5 +243,8 @@ def error_message(error: BaseException) -> str:
     """The text stored as ``last_error``: the message, else the exception's name."""
     if isinstance(error, LookupError) and error.args and isinstance(error.args[0], str):
         return error.args[0]
-    text = str(error)
+    try:
+        text = str(error)
+    except Exception:  # a broken __str__ must fail only this job, not the worker
+        text = ""
     return text if text else type(error).__name__

@@ -594,12 +594,6 @@ def test_handlers_returning_garbage(db_url: str, db: psycopg.Connection[Any]) ->
     assert json.loads(rows["exceptions"][2]) == [1]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="executor.error_message() calls str(error) unguarded in the worker thread: an "
-    "exception whose __str__ raises crashes the worker and brings the Runner down "
-    "(fatal 'worker'); reported for kongtask/actors/executor.py",
-)
 def test_exception_whose_str_raises_fails_only_its_job(
     db_url: str, db: psycopg.Connection[Any]
 ) -> None:
