@@ -114,8 +114,13 @@ class Completer(DbActor):
                 # retry find nothing, so it would not release the queues.
                 self.run(functools.partial(self._release, queue_ids=queue_ids), "Releasing queues")
             remaining = queue.finished(len(successes) + len(failures))
-            if queue.mode == FetchMode.EMPTY and (
-                released or (remaining <= 0 and (ctx.settings.once or queue.wants_idle_claim))
+            # A released named queue may hold the next runnable job, which a
+            # claim that came back short (or empty) had to skip: claim again
+            # now rather than wait for a poll.
+            if (released and queue.mode != FetchMode.FULL) or (
+                queue.mode == FetchMode.EMPTY
+                and remaining <= 0
+                and (ctx.settings.once or queue.wants_idle_claim)
             ):
                 self._claimer.tell(NUDGE)
 

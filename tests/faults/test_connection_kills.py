@@ -99,11 +99,9 @@ def test_terminated_backends_under_load(
                 what="every job to complete after the kills",
             )
             drained_after = time.monotonic() - kills_done
-            # Known issue (docs/reliability.md): after some rounds the claimer idles
-            # until its poll timer although runnable named-queue jobs remain, so the
-            # drain is bounded by the poll interval, not by the kills. Tighten this
-            # to a few seconds once the lost wake-up is fixed.
-            assert drained_after < 60.0 + 10.0, drained_after
+            # Well under the 60 s poll interval: a released named queue wakes the
+            # claimer at once (this once idled until the poll, a lost wake-up).
+            assert drained_after < 15.0, drained_after
             assert runner.running
 
             # LISTEN is back: with a 60 s poll interval only a notification explains
