@@ -16,34 +16,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import psycopg
-from psycopg import sql
 
 from .sql import Queries
 from .worker_utils import WorkerUtils
 
 __all__ = ["DeadPool", "find_dead_pools", "main"]
-
-# Lock holders (jobs and named queues) with no session announcing their id.
-# pg_stat_activity spans the whole cluster, so a pool connected to this
-# database from any host counts as alive. Only ids kongtask generates
-# (pool-/otpool-) are candidates unless the caller asks for every holder.
-_DEAD_POOLS = """
-with holders as (
-    select locked_by, count(*) as jobs, 0 as queues, min(locked_at) as since
-    from {s}._private_jobs where locked_by is not null group by locked_by
-    union all
-    select locked_by, 0, count(*), min(locked_at)
-    from {s}._private_job_queues where locked_by is not null group by locked_by
-)
-select locked_by, sum(jobs)::int, sum(queues)::int, min(since)
-from holders
-where (%(any_holder)s or locked_by ~ '^(ot)?pool-[0-9a-f]+$')
-  and not exists (
-    select 1 from pg_stat_activity a where a.application_name = holders.locked_by
-  )
-group by locked_by
-order by min(since)
-"""
 
 _WARNING = (
     "Only kongtask pools announce themselves (as application_name); a Node "
@@ -72,8 +49,7 @@ def find_dead_pools(
     moment, so callers should re-check before acting (``unlock-dead`` does the
     check and the unlock in one transaction).
     """
-    query = sql.SQL(_DEAD_POOLS).format(s=sql.Identifier(schema))
-    rows = conn.execute(query, {"any_holder": include_foreign}).fetchall()
+    rows = conn.execute(Queries(schema).dead_pools, {"any_holder": include_foreign}).fetchall()
     return [DeadPool(row[0], row[1], row[2], row[3]) for row in rows]
 
 

@@ -293,6 +293,28 @@ and not exists (
 )
 """
 
+# Lock holders (jobs and named queues) with no session announcing their id.
+# pg_stat_activity spans the whole cluster, so a pool connected to this
+# database from any host counts as alive. Only ids kongtask generates
+# (pool-/otpool-) are candidates unless the caller asks for every holder.
+DEAD_POOLS = """
+with holders as (
+    select locked_by, count(*) as jobs, 0 as queues, min(locked_at) as since
+    from {s}._private_jobs where locked_by is not null group by locked_by
+    union all
+    select locked_by, 0, count(*), min(locked_at)
+    from {s}._private_job_queues where locked_by is not null group by locked_by
+)
+select locked_by, sum(jobs)::int, sum(queues)::int, min(since)
+from holders
+where (%(any_holder)s or locked_by ~ '^(ot)?pool-[0-9a-f]+$')
+  and not exists (
+    select 1 from pg_stat_activity a where a.application_name = holders.locked_by
+  )
+group by locked_by
+order by min(since)
+"""
+
 # Names of queues by id, for helpers.get_queue_name().
 QUEUE_NAMES = """
 select id, queue_name from {s}._private_job_queues where id = any(%(ids)s::int[])
@@ -462,6 +484,10 @@ class Queries:
     @cached_property
     def release_queues(self) -> sql.Composed:
         return self._compose(RELEASE_QUEUES)
+
+    @cached_property
+    def dead_pools(self) -> sql.Composed:
+        return self._compose(DEAD_POOLS)
 
     @cached_property
     def queue_names(self) -> sql.Composed:
