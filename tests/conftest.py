@@ -8,9 +8,13 @@ that was migrated once per session, so tests never see each other's rows.
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import sys
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
 from urllib.parse import quote
 
 import psycopg
@@ -19,6 +23,20 @@ from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 DEFAULT_SCHEMA = "graphile_worker"
+REPO = Path(__file__).resolve().parents[1]
+
+
+def load_catalog_tool() -> ModuleType:
+    """Import ``tools/catalog.py`` (tools/ is not a package), once per process."""
+    name = "kongtask_tools_catalog"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, REPO / "tools" / "catalog.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def to_uri(conninfo: str) -> str:

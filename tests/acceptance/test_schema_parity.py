@@ -8,7 +8,6 @@ leave identical rows behind for the same sequence of calls.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -19,7 +18,6 @@ import uuid
 from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 from urllib.parse import quote
 
@@ -29,6 +27,7 @@ from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 
 from kongtask.migrate import LATEST_MIGRATION, migrate
+from tests.conftest import load_catalog_tool
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from nodepeer import require_graphile_worker, run_graphile_worker
@@ -38,19 +37,7 @@ pytestmark = pytest.mark.interop
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _load_catalog_tool() -> ModuleType:
-    """Import tools/catalog.py (tools/ is not a package)."""
-    spec = importlib.util.spec_from_file_location(
-        "kongtask_tools_catalog", REPO / "tools" / "catalog.py"
-    )
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault(spec.name, module)
-    spec.loader.exec_module(module)
-    return module
-
-
-catalog_tool = _load_catalog_tool()
+catalog_tool = load_catalog_tool()
 
 
 def _server_url() -> str:

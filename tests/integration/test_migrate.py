@@ -6,24 +6,17 @@ run from nothing; the shared migrated-template fixtures are not used here.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
-import os
-import sys
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta
-from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import psycopg
 import pytest
 from psycopg import sql
-from psycopg.conninfo import make_conninfo
 
 from kongtask.errors import ConfigurationError, MigrationError
 from kongtask.migrate import (
@@ -33,52 +26,19 @@ from kongtask.migrate import (
     _check_server_version,
     migrate,
 )
+from tests.conftest import DatabaseFactory, load_catalog_tool
 
 ODD_SCHEMA = 'My "odd" schema'
 ALL_IDS = tuple(range(1, LATEST_MIGRATION + 1))
 
 
-def _load_catalog_tool() -> ModuleType:
-    """Import tools/catalog.py (tools/ is not a package)."""
-    path = Path(__file__).resolve().parents[2] / "tools" / "catalog.py"
-    spec = importlib.util.spec_from_file_location("kongtask_tools_catalog", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault(spec.name, module)
-    spec.loader.exec_module(module)
-    return module
-
-
-catalog_tool = _load_catalog_tool()
-
-
-def _server_url() -> str:
-    return (
-        os.environ.get("KONGTASK_TEST_DATABASE_URL")
-        or os.environ.get("DATABASE_URL")
-        or "postgresql://postgres@127.0.0.1:5432/test"
-    )
+catalog_tool = load_catalog_tool()
 
 
 @pytest.fixture
-def mig_new_database() -> Iterator[Callable[[], str]]:
-    """A factory of empty databases named ``mig_<hex>``, all dropped after the test."""
-    server = _server_url()
-    created: list[str] = []
-
-    def create() -> str:
-        name = f"mig_{uuid.uuid4().hex[:20]}"
-        with psycopg.connect(server, autocommit=True) as conn:
-            conn.execute(sql.SQL("create database {}").format(sql.Identifier(name)))
-        created.append(name)
-        return make_conninfo(server, dbname=name)
-
-    yield create
-    with psycopg.connect(server, autocommit=True) as conn:
-        for name in created:
-            conn.execute(
-                sql.SQL("drop database if exists {} with (force)").format(sql.Identifier(name))
-            )
+def mig_new_database(databases: DatabaseFactory) -> Callable[[], str]:
+    """A factory of empty databases on the test server (dropped after the session)."""
+    return lambda: databases.create(prefix="mig")
 
 
 @pytest.fixture

@@ -9,28 +9,16 @@ on a database that graphile-worker 0.17.3 migrated.
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
-from types import ModuleType
 
 import psycopg
 
 from kongtask.migrate import migrate
-
-REPO = Path(__file__).resolve().parents[2]
-
-
-def _catalog_tool() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("kongtask_catalog", REPO / "tools" / "catalog.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests.conftest import REPO, load_catalog_tool
 
 
 def test_migrations_match_the_committed_snapshot(empty_db_url: str) -> None:
-    tool = _catalog_tool()
+    tool = load_catalog_tool()
     with psycopg.connect(empty_db_url, autocommit=True) as conn:
         migrate(conn, "graphile_worker")
     ours = json.loads(json.dumps(tool.dump_catalog(empty_db_url, "graphile_worker"), default=str))
