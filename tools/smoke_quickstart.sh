@@ -15,8 +15,8 @@ for _ in $(seq 1 120); do
   if ! kill -0 "$pid" 2>/dev/null; then break; fi
   sleep 0.5
 done
-cat "$log"
 if [ -z "$ready" ]; then
+  cat "$log"
   echo "smoke: the worker never reported it was ready" >&2
   kill -KILL "$pid" 2>/dev/null || true
   exit 1
