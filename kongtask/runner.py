@@ -140,13 +140,18 @@ class Runner:
         """Connect, migrate, start the actors and return at once (raises if that fails)."""
         if self._supervisor is not None:
             raise KongtaskError("this Runner was already started; make a new one to run again")
+        crontab = None if self.settings.once else self._crontab
+        # Parse the crontab before connecting: a bad line fails the start with
+        # its line number and nothing is touched (not even the migrations).
+        cron_items = crontab.load() if crontab is not None else None
         supervisor = Supervisor(
             sender=self,
             settings=self.settings,
             tasks=self._tasks,
             connection_string=self._connection_string,
             clock=self._clock,
-            crontab=None if self.settings.once else self._crontab,
+            crontab=crontab,
+            cron_items=cron_items,
             no_log_success=bool(os.environ.get("NO_LOG_SUCCESS")),
         )
         self._supervisor = supervisor

@@ -14,6 +14,7 @@ from typing import Any
 import pykka
 
 from kongtask.cron.source import CrontabSource
+from kongtask.cron.types import ParsedCronItem
 from kongtask.protocols import Clock
 from kongtask.sql import Queries
 
@@ -46,9 +47,11 @@ class CronService:
         self._actors: list[pykka.ActorRef[Any]] = []
         self._loader: pykka.ActorRef[Any] | None = None
 
-    def start(self) -> None:
-        """Parse the crontab (raises ``CrontabError``) and start the actors."""
-        items = self._source.load()
+    def start(self, items: list[ParsedCronItem] | None = None) -> None:
+        """Start the actors with ``items`` (parsed from the source if not given;
+        raises ``CrontabError``)."""
+        if items is None:
+            items = self._source.load()
         logger.info("Cron: %d item(s) from %s", len(items), self._source.description)
         writer = CronWriter.start(self._connect, self._queries)
         self._actors.append(writer)

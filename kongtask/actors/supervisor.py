@@ -27,6 +27,7 @@ from psycopg_pool import ConnectionPool
 from kongtask import events
 from kongtask.connection import open_database
 from kongtask.cron.source import CrontabSource
+from kongtask.cron.types import ParsedCronItem
 from kongtask.errors import KongtaskError
 from kongtask.migrate import migrate
 from kongtask.protocols import Clock
@@ -67,6 +68,7 @@ class Supervisor:
         connection_string: str | None,
         clock: Clock | None,
         crontab: CrontabSource | None,
+        cron_items: list[ParsedCronItem] | None = None,
         no_log_success: bool,
     ) -> None:
         self.settings = settings
@@ -79,6 +81,7 @@ class Supervisor:
             clock if clock is not None else SystemClock(name=f"kongtask-clock-{self.pool_id}")
         )
         self._crontab = crontab
+        self._cron_items = cron_items
         self.cron: CronService | None = None
         self._no_log_success = no_log_success
         self._control: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
@@ -188,7 +191,7 @@ class Supervisor:
                 queries=ctx.queries,
                 emit=self.bus.emit,
             )
-            self.cron.start()
+            self.cron.start(self._cron_items)
         self._nudge()
         logger.info(
             "Worker connected and looking for jobs... (pool %s, task names: %s)",

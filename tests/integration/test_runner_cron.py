@@ -7,6 +7,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 
 import kongtask
@@ -60,15 +61,21 @@ def test_reload_crontab_from_the_runner(db_url: str, tmp_path: Path) -> None:
         runner.stop()
 
 
-def test_bad_crontab_fails_the_start_with_its_line(db_url: str) -> None:
+def test_bad_crontab_fails_the_start_and_touches_nothing(empty_db_url: str) -> None:
     with pytest.raises(CrontabError) as info:
         kongtask.run(
             tasks={"t": lambda payload, helpers: None},
-            connection_string=db_url,
-            crontab="# ok\n0 4 * * * t\n* * * * * t\n",
+            connection_string=empty_db_url,
+            crontab="# ok\n0 4 * * * t\n* 24 * * * other\n",
             install_signal_handlers=False,
         )
-    assert "duplicate identifiers found: 't'" in str(info.value)
+    assert info.value.line == 3
+    assert "Too large value '24' in hours range in line 3 of crontab" in str(info.value)
+    with psycopg.connect(empty_db_url) as conn:
+        schemas = conn.execute(
+            "select count(*) from pg_namespace where nspname = 'graphile_worker'"
+        ).fetchone()
+    assert schemas == (0,), "the database was migrated although the crontab was bad"
 
 
 def test_crontab_arguments_are_exclusive() -> None:
