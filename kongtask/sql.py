@@ -205,6 +205,18 @@ where jobs.id = picked.id
 returning jobs.*
 """
 
+# Jobs this pool locked in a claim whose answer never arrived (the statement
+# committed, then the connection broke): everything locked by the pool after
+# its last answered claim, except what the retried claim just returned. Only
+# the claimer locks jobs for a pool, so these can only be those orphans; the
+# claimer adopts them instead of leaving them locked until the 4-hour sweep.
+ORPHANED_CLAIMS = """
+select jobs.* from {s}._private_jobs as jobs
+where jobs.locked_by = %(pool_id)s::text
+and jobs.locked_at > %(since)s::timestamptz
+and jobs.id <> all(%(claimed)s::bigint[])
+"""
+
 # Finish successful jobs: delete them and release their queues (only queues
 # this pool holds).
 COMPLETE_JOBS = """
@@ -464,6 +476,10 @@ class Queries:
     @cached_property
     def get_jobs(self) -> sql.Composed:
         return self._compose(GET_JOBS)
+
+    @cached_property
+    def orphaned_claims(self) -> sql.Composed:
+        return self._compose(ORPHANED_CLAIMS)
 
     @cached_property
     def complete_jobs(self) -> sql.Composed:

@@ -13,6 +13,7 @@ fallback, or a queue being released. Buffered jobs left unstarted for
 from __future__ import annotations
 
 import logging
+from datetime import UTC, datetime
 from typing import Any
 
 import psycopg
@@ -53,6 +54,9 @@ class Claimer(DbActor):
         self._inserts_at_claim = -1
         self._finished_at_claim = 0
         self._last_batch_queued = False
+        # The newest locked_at among the jobs claims have answered with: any
+        # job locked by this pool later than that comes from a lost answer.
+        self._last_locked_at = datetime.min.replace(tzinfo=UTC)
         settings = ctx.settings
         self._flags = (
             list(settings.forbidden_flags) if settings.forbidden_flags is not None else None
@@ -141,6 +145,9 @@ class Claimer(DbActor):
         ctx.bus.emit(events.worker_get_job_start, pool_id=ctx.pool_id)
         try:
             jobs = self.run(lambda conn: self._claim(conn, want), "Claiming jobs")
+            if self.retried:
+                jobs += self.run(lambda conn: self._orphans(conn, jobs), "Adopting claimed jobs")
+            self._note_answered(jobs)
         except Exception as exc:
             if not isinstance(exc, psycopg.Error):
                 raise
@@ -195,8 +202,34 @@ class Claimer(DbActor):
         }
         with conn.cursor(row_factory=dict_row) as cur:
             rows = cur.execute(ctx.queries.get_jobs, params).fetchall()
-        task_ids = ctx.task_ids
+        return self._jobs_of(rows)
+
+    def _orphans(self, conn: psycopg.Connection[Any], claimed: list[Job]) -> list[Job]:
+        """Jobs locked by a claim whose answer was lost with its connection."""
+        params = {
+            "pool_id": self.ctx.pool_id,
+            "since": self._last_locked_at,
+            "claimed": [job.id for job in claimed],
+        }
+        with conn.cursor(row_factory=dict_row) as cur:
+            rows = cur.execute(self.ctx.queries.orphaned_claims, params).fetchall()
+        if rows:
+            logger.warning(
+                "Adopted %d job(s) locked by a claim whose answer was lost: %s",
+                len(rows),
+                ", ".join(str(row["id"]) for row in rows),
+            )
+        return self._jobs_of(rows)
+
+    def _jobs_of(self, rows: list[dict[str, Any]]) -> list[Job]:
+        task_ids = self.ctx.task_ids
         return [Job.from_row(row, task_ids[row["task_id"]]) for row in rows]
+
+    def _note_answered(self, jobs: list[Job]) -> None:
+        """Remember the newest lock among jobs whose claim answered (see _orphans)."""
+        for job in jobs:
+            if job.locked_at is not None and job.locked_at > self._last_locked_at:
+                self._last_locked_at = job.locked_at
 
     def _schedule_poll(self) -> None:
         if self._poll_timer is None and not self._stopping:
