@@ -23,6 +23,7 @@ from kongtask.errors import ConfigurationError
 __all__ = [
     "DEFAULT_SCHEMA",
     "MAX_SCHEMA_BYTES",
+    "check_schema_name",
     "describe_conninfo",
     "open_database",
     "resolve_connection_string",
@@ -91,6 +92,14 @@ def resolve_schema(schema: str | None = None, *, environ: Mapping[str, str] | No
     if schema is None:
         schema = env.get("GRAPHILE_WORKER_SCHEMA") or DEFAULT_SCHEMA
         source = "GRAPHILE_WORKER_SCHEMA" if env.get("GRAPHILE_WORKER_SCHEMA") else "default"
+    return check_schema_name(schema, source)
+
+
+def check_schema_name(schema: object, source: str = "schema") -> str:
+    """Return ``schema`` if it can name a PostgreSQL schema, else raise ``ConfigurationError``.
+
+    ``source`` says where the name came from (the argument, the environment).
+    """
     if not isinstance(schema, str):
         raise ConfigurationError(
             f"schema must be a string, not {type(schema).__name__}", name="schema", value=schema

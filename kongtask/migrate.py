@@ -34,6 +34,7 @@ from typing import Any
 import psycopg
 from psycopg import pq, sql
 
+from kongtask.connection import check_schema_name
 from kongtask.errors import ConfigurationError, MigrationError
 
 __all__ = [
@@ -59,7 +60,6 @@ MIN_SERVER_VERSION_NUM = 120000
 SCHEMA_TOKEN = ":KONGTASK_SCHEMA"
 """Stands for the quoted schema identifier inside migration files."""
 
-MAX_IDENTIFIER_BYTES = 63
 
 # Key class for pg_advisory_xact_lock(int, int): "kong" in ASCII, so the lock does
 # not collide with an application's own single-key advisory locks.
@@ -125,29 +125,6 @@ class _State:
 
 class _Clash(Exception):
     """Another migrator got there first; start over after a short pause."""
-
-
-def _validate_schema(schema: object) -> str:
-    """Return ``schema`` if it can name a PostgreSQL schema, else raise ConfigurationError."""
-    if not isinstance(schema, str):
-        raise ConfigurationError(
-            f"schema must be a string, got {type(schema).__name__}", name="schema", value=schema
-        )
-    if not schema:
-        raise ConfigurationError("schema must not be empty", name="schema", value=schema)
-    if "\x00" in schema:
-        raise ConfigurationError(
-            "schema must not contain a NUL character", name="schema", value=schema
-        )
-    size = len(schema.encode("utf-8"))
-    if size > MAX_IDENTIFIER_BYTES:
-        raise ConfigurationError(
-            f"schema {schema!r} is {size} bytes long; PostgreSQL identifiers are at most "
-            f"{MAX_IDENTIFIER_BYTES} bytes",
-            name="schema",
-            value=schema,
-        )
-    return schema
 
 
 def _check_server_version(server_version_num: int) -> None:
@@ -401,7 +378,7 @@ def migrate(conn: psycopg.Connection[Any], schema: str = "graphile_worker") -> M
     when the schema is older than revision 19 or newer and breaking, and
     :class:`ConfigurationError` for an invalid schema name.
     """
-    _validate_schema(schema)
+    check_schema_name(schema)
     if conn.info.transaction_status != pq.TransactionStatus.IDLE:
         raise ConfigurationError(
             "migrate() needs a connection with no transaction in progress "
