@@ -304,7 +304,6 @@ class CronMatcher(pykka.ThreadingActor):
         self._index = CronIndex(items)
         added = tuple(item.identifier for item in items if item.identifier not in known)
         if added:
-            assert self._start is not None
             self._writer.tell(
                 Register(added, self._clock.now(), _RELOAD_GENERATION, self.actor_ref)
             )
