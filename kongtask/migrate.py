@@ -14,9 +14,13 @@ empty schema and records ids 1..19). Each file refers to the schema through
 the token ``:KONGTASK_SCHEMA``, which is replaced by a quoted identifier,
 never by string formatting.
 
-kongtask's own additions (tables graphile-worker does not have) will get their
-own files and their own record table, ``<schema>._kongtask_migrations``, so
-that the ``migrations`` table only ever holds upstream ids.
+kongtask's own additions (tables graphile-worker does not have: pool
+liveness, stored cron items, cron history, ...) live in files named
+``kongtask_NNNN_name.sql`` in the same package and are recorded in their own
+table, ``<schema>._kongtask_migrations``, so that the ``migrations`` table only
+ever holds upstream ids and a Node worker never sees a difference. Every object
+they create is named ``_kongtask*``. They are applied in the same locked
+transaction as the upstream files, after them.
 """
 
 from __future__ import annotations
@@ -72,6 +76,7 @@ _CLASH_SQLSTATES = frozenset({"23505", "42P06", "42P07", "42710"})
 _CLASH_RETRY_DEADLINE_S = 30.0
 
 _FILE_NAME = re.compile(r"^(\d{6})_[a-z0-9_]+\.sql$")
+_EXTRA_FILE_NAME = re.compile(r"^kongtask_(\d{4})_[a-z0-9_]+\.sql$")
 
 _REQUIRED_TABLES = (
     "_private_jobs",
@@ -94,11 +99,12 @@ class MigrationResult:
     from_version: int
     to_version: int
     applied: tuple[int, ...]
+    extras_applied: tuple[int, ...] = ()
 
     @property
     def changed(self) -> bool:
-        """True when this call applied at least one migration."""
-        return bool(self.applied)
+        """True when this call applied at least one migration (upstream or kongtask's own)."""
+        return bool(self.applied or self.extras_applied)
 
 
 @dataclass(frozen=True)
@@ -156,6 +162,56 @@ def _migration_files() -> list[_MigrationFile]:
             f"the shipped migration files end at revision {previous}, expected {LATEST_MIGRATION}"
         )
     return files
+
+
+def _extra_files() -> list[tuple[int, str, str]]:
+    """Load kongtask's own ``kongtask_NNNN_*.sql`` files as (id, name, text), in order."""
+    found: list[tuple[int, str, str]] = []
+    for entry in resources.files("kongtask.migrations").iterdir():
+        match = _EXTRA_FILE_NAME.match(entry.name)
+        if match:
+            found.append((int(match.group(1)), entry.name, entry.read_text(encoding="utf-8")))
+    found.sort()
+    ids = [number for number, _, _ in found]
+    if ids != list(range(1, len(ids) + 1)):
+        raise MigrationError(f"kongtask's own migration files are not numbered 1..n: {ids}")
+    return found
+
+
+def _apply_extras(cur: psycopg.Cursor[Any], schema: str) -> tuple[int, ...]:
+    """Run kongtask's own files not yet recorded in ``_kongtask_migrations``; return their ids."""
+    ident = sql.Identifier(schema)
+    cur.execute("select to_regclass(format('%%I._kongtask_migrations', %s::text))", (schema,))
+    row = cur.fetchone()
+    if row is None or row[0] is None:
+        cur.execute(
+            sql.SQL(
+                "create table {}._kongtask_migrations ("
+                " id int primary key,"
+                " name text not null,"
+                " ts timestamptz not null default now())"
+            ).format(ident)
+        )
+    cur.execute(sql.SQL("select id from {}._kongtask_migrations").format(ident))
+    done = {row[0] for row in cur.fetchall()}
+    applied: list[int] = []
+    for number, name, text in _extra_files():
+        if number in done:
+            continue
+        logger.debug("applying kongtask migration file %s to schema %r", name, schema)
+        try:
+            cur.execute(_render(text, schema))
+        except psycopg.Error as error:
+            raise MigrationError(
+                f"kongtask migration {name} failed in schema {schema!r}: "
+                f"{error.sqlstate} {error}".rstrip()
+            ) from error
+        cur.execute(
+            sql.SQL("insert into {}._kongtask_migrations (id, name) values (%s, %s)").format(ident),
+            (number, name),
+        )
+        applied.append(number)
+    return tuple(applied)
 
 
 def _render(text: str, schema: str) -> sql.Composed:
@@ -326,7 +382,7 @@ def _attempt(conn: psycopg.Connection[Any], schema: str, last_seen: int | None) 
                 latest,
                 LATEST_MIGRATION,
             )
-            return MigrationResult(schema, latest, latest, ())
+            return MigrationResult(schema, latest, latest, (), _apply_extras(cur, schema))
 
         files = [f for f in _migration_files() if f.last_id > latest]
         if files and files[0].first_id != latest + 1:
@@ -349,7 +405,7 @@ def _attempt(conn: psycopg.Connection[Any], schema: str, last_seen: int | None) 
                     f"{', '.join(missing)}; it has been altered by hand. kongtask will not "
                     "guess how to repair it."
                 )
-            return MigrationResult(schema, latest, latest, ())
+            return MigrationResult(schema, latest, latest, (), _apply_extras(cur, schema))
 
         try:
             _bootstrap(cur, schema, state)
@@ -358,7 +414,7 @@ def _attempt(conn: psycopg.Connection[Any], schema: str, last_seen: int | None) 
                 raise _Clash from error
             raise
         applied = _apply(cur, schema, files)
-        return MigrationResult(schema, latest, applied[-1], applied)
+        return MigrationResult(schema, latest, applied[-1], applied, _apply_extras(cur, schema))
 
 
 def _retry_delays() -> Iterator[float]:

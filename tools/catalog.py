@@ -9,7 +9,8 @@ The description covers everything a client can observe about the schema except
 function bodies: tables and their columns, constraints, indexes, sequences,
 views, composite types, functions (signature, result, language, volatility,
 ...), row level security, policies, triggers, comments, and the rows of the
-``migrations`` table (id and breaking, not the timestamp). Definitions are
+``migrations`` table (id and breaking, not the timestamp). kongtask's own
+objects (named ``_kongtask*``) are left out: they are outside the contract. Definitions are
 rendered with the schema on the ``search_path``, so they do not mention the
 schema name and two schemas of different names compare equal.
 """
@@ -162,10 +163,23 @@ _RELKINDS = {
 }
 
 
+KONGTASK_PREFIX = "_kongtask"
+"""kongtask's own objects (outside graphile-worker's contract) are named with this prefix."""
+
+
 def _rows(cur: psycopg.Cursor[Any], query: str, schema: str) -> list[tuple[Any, ...]]:
-    """Run a catalog query with the schema bound as both name and regnamespace."""
+    """Run a catalog query with the schema bound; drop rows about kongtask's own objects.
+
+    Every query names the owning object (relation, type or function) first, and
+    kongtask's additions all start with ``_kongtask``: they are not part of the
+    schema shared with graphile-worker, so a comparison must not see them.
+    """
     cur.execute(query, {"nsp": schema, "schema": schema})
-    return cur.fetchall()
+    return [
+        row
+        for row in cur.fetchall()
+        if not (isinstance(row[0], str) and row[0].startswith(KONGTASK_PREFIX))
+    ]
 
 
 def dump_catalog(conn_or_url: psycopg.Connection[Any] | str, schema: str) -> dict[str, Any]:

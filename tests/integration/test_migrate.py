@@ -24,6 +24,7 @@ from kongtask.migrate import (
     LATEST_MIGRATION,
     MigrationResult,
     _check_server_version,
+    _extra_files,
     migrate,
 )
 from tests.conftest import DatabaseFactory, load_catalog_tool
@@ -81,6 +82,24 @@ def _snapshot(conn: psycopg.Connection[Any]) -> dict[str, Any]:
     return snapshot
 
 
+EXTRA_IDS = tuple(number for number, _name, _text in _extra_files())
+
+
+def test_kongtask_extras_are_recorded_apart_and_applied_once(
+    mig_conn: psycopg.Connection[Any],
+) -> None:
+    migrate(mig_conn)
+    with mig_conn.cursor() as cur:
+        cur.execute("select id, name from graphile_worker._kongtask_migrations order by id")
+        recorded = cur.fetchall()
+        cur.execute("select max(id) from graphile_worker.migrations")
+        upstream = cur.fetchone()
+    assert [number for number, _ in recorded] == list(EXTRA_IDS)
+    assert all(name.startswith("kongtask_") for _, name in recorded)
+    assert upstream == (LATEST_MIGRATION,)
+    assert migrate(mig_conn).extras_applied == ()
+
+
 def _expected_rows() -> list[tuple[int, bool]]:
     return [(i, i in BREAKING_MIGRATIONS) for i in ALL_IDS]
 
@@ -88,7 +107,7 @@ def _expected_rows() -> list[tuple[int, bool]]:
 def test_fresh_install_creates_revision_19(mig_conn: psycopg.Connection[Any]) -> None:
     result = migrate(mig_conn)
 
-    assert result == MigrationResult("graphile_worker", 0, LATEST_MIGRATION, ALL_IDS)
+    assert result == MigrationResult("graphile_worker", 0, LATEST_MIGRATION, ALL_IDS, EXTRA_IDS)
     assert result.changed
     rows = [(i, b) for i, _ts, b in _migration_rows(mig_conn, "graphile_worker")]
     assert rows == _expected_rows()
@@ -121,6 +140,7 @@ def test_second_migrate_changes_nothing(mig_conn: psycopg.Connection[Any]) -> No
     again = migrate(mig_conn)
 
     assert again == MigrationResult("graphile_worker", LATEST_MIGRATION, LATEST_MIGRATION, ())
+    assert not again.changed
     assert not again.changed
     assert _snapshot(mig_conn) == before
 

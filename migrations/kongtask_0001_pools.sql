@@ -1,0 +1,15 @@
+-- kongtask's own tables, outside graphile-worker's contract (a Node worker never
+-- reads them). Recorded in :KONGTASK_SCHEMA._kongtask_migrations, not in migrations.
+
+-- One row per live kongtask worker pool: its heartbeat lets the other pools
+-- tell a dead pool from a live one without asking pg_stat_activity (which
+-- cannot tell through pgbouncer).
+create table :KONGTASK_SCHEMA._kongtask_pools (
+  pool_id text primary key,
+  hostname text not null,
+  pid int not null,
+  concurrency int not null,
+  started_at timestamptz not null default now(),
+  last_seen timestamptz not null default now(),
+  version text not null
+);
