@@ -261,6 +261,28 @@ released as (
 select * from failed
 """
 
+# The completer's last resort for one job whose outcome the database refused
+# to record (a constraint, trigger or foreign key of the application's on the
+# row): permanently fail it with a plain message, touching neither its payload
+# nor its run_at, and release its queue, so it is never left locked and does
+# not run again.
+PERMANENTLY_FAIL_HELD_JOB = """
+with failed as (
+    update {s}._private_jobs as jobs
+    set last_error = %(message)s::text,
+        attempts = greatest(jobs.attempts, jobs.max_attempts),
+        locked_by = null,
+        locked_at = null,
+        updated_at = now()
+    where jobs.id = %(id)s::bigint and jobs.locked_by = %(pool_id)s::text
+    returning jobs.job_queue_id
+)
+update {s}._private_job_queues as queues
+set locked_by = null, locked_at = null
+from failed
+where queues.id = failed.job_queue_id and queues.locked_by = %(pool_id)s::text
+"""
+
 # Give back claimed jobs that never started (local buffer on shutdown or TTL):
 # the attempt they were charged is refunded.
 RETURN_JOBS = """
@@ -325,6 +347,14 @@ where (%(any_holder)s or locked_by ~ '^(ot)?pool-[0-9a-f]+$')
   )
 group by locked_by
 order by min(since)
+"""
+
+# The newest migration recorded in this schema, and the newest breaking one.
+# A `worker:migrate` notice names no schema (graphile-worker sends the same
+# one), so the listener reads its own schema's table before believing it.
+MIGRATION_STATE = """
+select coalesce(max(id), 0)::int, coalesce(max(id) filter (where breaking), 0)::int
+from {s}.migrations
 """
 
 # Names of queues by id, for helpers.get_queue_name().
@@ -488,6 +518,14 @@ class Queries:
     @cached_property
     def fail_jobs(self) -> sql.Composed:
         return self._compose(FAIL_JOBS)
+
+    @cached_property
+    def permanently_fail_held_job(self) -> sql.Composed:
+        return self._compose(PERMANENTLY_FAIL_HELD_JOB)
+
+    @cached_property
+    def migration_state(self) -> sql.Composed:
+        return self._compose(MIGRATION_STATE)
 
     @cached_property
     def return_jobs(self) -> sql.Composed:

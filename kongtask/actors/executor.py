@@ -20,6 +20,7 @@ from typing import Any
 from kongtask import events
 from kongtask.helpers import Helpers
 from kongtask.job import Job
+from kongtask.last_error import last_error_text
 
 from .completer import Outbox
 from .context import WorkerContext, new_worker_id
@@ -240,11 +241,5 @@ class _BatchError(Exception):
 
 
 def error_message(error: BaseException) -> str:
-    """The text stored as ``last_error``: the message, else the exception's name."""
-    if isinstance(error, LookupError) and error.args and isinstance(error.args[0], str):
-        return error.args[0]
-    try:
-        text = str(error)
-    except Exception:  # a broken __str__ must fail only this job, not the worker
-        text = ""
-    return text if text else type(error).__name__
+    """The text stored as ``last_error``: the message, else the exception's name (sanitised)."""
+    return last_error_text(error)
