@@ -8,6 +8,7 @@ argument named, and nothing is written.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -108,7 +109,15 @@ class JobSpec:
                 field="specs",
                 value=spec,
             )
-        return cls(**spec)
+        try:
+            return cls(**spec)
+        except InvalidJobError as error:
+            if index is None:
+                raise
+            # add_jobs: say which spec, keep naming the field.
+            raise InvalidJobError(
+                f"job spec at index {index}: {error}", field=error.field, value=error.value
+            ) from None
 
     def to_json_spec(self) -> dict[str, Any]:
         """This spec in the shape of the schema's ``job_spec`` composite type."""
@@ -132,16 +141,62 @@ _SPEC_FIELDS = frozenset(
 def encode_payload(payload: Any) -> str:
     """Serialise a payload to JSON text, or raise ``InvalidJobError`` naming the problem.
 
-    NaN and infinities are refused because PostgreSQL's json type rejects them.
+    NaN and infinities are refused because PostgreSQL's json type rejects them;
+    strings (values or keys) holding NUL or lone surrogates because PostgreSQL
+    cannot turn them into text or jsonb: ``add_jobs``, job-key batch merging
+    and any ``payload->>'key'`` would fail on such a job later.
     """
     if payload is None:
         return "{}"
     try:
-        return json.dumps(payload, allow_nan=False, separators=(",", ":"))
+        text = json.dumps(payload, allow_nan=False, separators=(",", ":"))
     except (TypeError, ValueError, RecursionError) as exc:
         raise InvalidJobError(
             f"payload is not JSON-serialisable: {exc}", field="payload", value=payload
         ) from exc
+    # json.dumps escapes every non-ASCII character, so both faults show as
+    # escapes; only then is the payload walked to find (and name) the string.
+    if "\\u0000" in text or _SURROGATE_ESCAPE.search(text):
+        _check_payload_strings(payload)
+    return text
+
+
+_SURROGATE_ESCAPE = re.compile(r"\\ud[89a-f]", re.IGNORECASE)
+
+
+def _check_payload_strings(payload: Any) -> None:
+    """Raise ``InvalidJobError`` naming the first string PostgreSQL could not store."""
+    stack: list[tuple[Any, str]] = [(payload, "payload")]
+    while stack:
+        value, path = stack.pop()
+        if isinstance(value, str):
+            _check_payload_text(value, path, payload)
+        elif isinstance(value, Mapping):
+            for key, item in value.items():
+                if isinstance(key, str):
+                    _check_payload_text(key, f"a key of {path}", payload)
+                stack.append((item, f"{path}[{key!r}]"))
+        elif isinstance(value, list | tuple):
+            stack.extend((item, f"{path}[{index}]") for index, item in enumerate(value))
+
+
+def _check_payload_text(text: str, path: str, payload: Any) -> None:
+    if "\x00" in text:
+        problem = f"a NUL character (U+0000) at position {text.index(chr(0))}"
+    else:
+        try:
+            text.encode("utf-8")
+            return
+        except UnicodeEncodeError as exc:
+            problem = f"a lone surrogate (U+{ord(text[exc.start]):04X}) at position {exc.start}"
+    if len(path) > 200:
+        path = path[:200] + "…"
+    raise InvalidJobError(
+        f"payload cannot be stored: {path} contains {problem}; PostgreSQL text and jsonb "
+        "cannot hold it",
+        field="payload",
+        value=payload,
+    )
 
 
 def _check_text(name: str, value: Any, max_length: int | None, *, required: bool = False) -> None:
