@@ -21,6 +21,7 @@ from typing import Any
 import psycopg
 
 from kongtask import events
+from kongtask.migrate import LATEST_MIGRATION
 
 from .context import WorkerContext
 
@@ -29,6 +30,8 @@ __all__ = ["Listener"]
 logger = logging.getLogger(__name__)
 
 _CONNECT_TIMEOUT_S = 10
+# How long a breaking-migration check waits for a pooled connection.
+_CHECK_TIMEOUT_S = 10.0
 
 
 class Listener:
@@ -125,9 +128,49 @@ class Listener:
                 ctx.queue.inserts_notified += 1
                 self._nudge()
         elif channel == "worker:migrate" and data.get("breaking") is True:
+            self._breaking_migration(data.get("migrationNumber"))
+
+    def _breaking_migration(self, number: object) -> None:
+        """Shut down only if our own schema now holds a breaking migration we do not know.
+
+        The notice names no schema (graphile-worker sends the same one), so
+        migrating any other schema of the database (``kongtask --schema-only -s
+        other``, a second Runner, Node installing its schema) sends it too; the
+        schema's own ``migrations`` table says whether it concerns us. When that
+        table cannot be read, the notice is believed: stopping is recoverable,
+        running on an incompatible schema may not be.
+        """
+        ctx = self._ctx
+        schema = ctx.settings.schema
+        try:
+            with ctx.pool.connection(timeout=_CHECK_TIMEOUT_S) as conn:
+                row = conn.execute(ctx.queries.migration_state).fetchone()
+        except Exception as exc:
             logger.warning(
-                "Graphile Worker detected breaking migration to database schema revision "
-                "'%s'; it would be unsafe to continue, so shutting down...",
-                data.get("migrationNumber"),
+                "Could not read schema %r's migrations after a breaking migration notice "
+                "(%s: %s); believing the notice",
+                schema,
+                type(exc).__name__,
+                str(exc).strip(),
             )
-            ctx.request_shutdown("A breaking migration was applied to the database")
+            row = None
+        if row is not None:
+            latest, latest_breaking = row
+            if latest_breaking <= LATEST_MIGRATION:
+                logger.debug(
+                    "Ignoring a breaking migration notice (revision %s): schema %r is at "
+                    "revision %d, with no breaking migration newer than %d (another schema "
+                    "was migrated)",
+                    number,
+                    schema,
+                    latest,
+                    LATEST_MIGRATION,
+                )
+                return
+            number = latest_breaking
+        logger.warning(
+            "Graphile Worker detected breaking migration to database schema revision "
+            "'%s'; it would be unsafe to continue, so shutting down...",
+            number,
+        )
+        ctx.request_shutdown("A breaking migration was applied to the database")
