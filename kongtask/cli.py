@@ -14,6 +14,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TextIO, cast
 
 import psycopg
 
@@ -201,8 +202,25 @@ def _dispatch_group(name: str, argv: Sequence[str]) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``kongtask`` console script; returns the exit code."""
+    """Entry point of the ``kongtask`` console script; returns the exit code.
+
+    Everything it prints goes through :class:`kongtask.connection.RedactingStream`,
+    which knows the passwords of the command line and the environment.
+    """
+    from .connection import RedactingStream, connection_secrets
+
     args_list = list(sys.argv[1:] if argv is None else argv)
+    secrets = connection_secrets(args_list)
+    stdout, stderr = sys.stdout, sys.stderr
+    sys.stdout = cast(TextIO, RedactingStream(stdout, secrets))
+    sys.stderr = cast(TextIO, RedactingStream(stderr, secrets))
+    try:
+        return _main(args_list)
+    finally:
+        sys.stdout, sys.stderr = stdout, stderr
+
+
+def _main(args_list: list[str]) -> int:
     _configure_logging()
     try:
         if args_list and args_list[0] in ("crontab", "admin"):
@@ -228,6 +246,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_ERROR
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:  # unforeseen: one line (the traceback with KONGTASK_DEBUG)
+        logger.debug("Unexpected error", exc_info=True)
+        print(f"kongtask: error: unexpected {type(exc).__name__}: {exc}", file=sys.stderr)
+        return EXIT_ERROR
 
 
 if __name__ == "__main__":  # pragma: no cover

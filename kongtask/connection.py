@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator, Mapping
+import re
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any, TextIO
+from urllib.parse import unquote
 
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
@@ -23,9 +26,13 @@ from kongtask.errors import ConfigurationError
 __all__ = [
     "DEFAULT_SCHEMA",
     "MAX_SCHEMA_BYTES",
+    "RedactingFilter",
+    "RedactingStream",
     "check_schema_name",
+    "connection_secrets",
     "describe_conninfo",
     "open_database",
+    "redact",
     "resolve_connection_string",
     "resolve_schema",
 ]
@@ -155,13 +162,19 @@ def open_database(
         try:
             description = describe_conninfo(conninfo)
         except psycopg.ProgrammingError as exc:
-            # The message from libpq never repeats the password-bearing string.
+            # libpq's message may quote the string, password included
+            # ('invalid percent-encoded token: "s3cret%zz"'): redact it, and
+            # do not chain the original, whose text would show in a traceback.
             raise ConfigurationError(
-                f"{source} is not a valid PostgreSQL connection string: {exc}",
+                redact(
+                    f"{source} is not a valid PostgreSQL connection string: {str(exc).strip()}",
+                    conninfo,
+                ),
                 name=source,
                 value=None,  # the string may hold a password
-            ) from exc
-        logger.info("using database %s (from %s)", description, source)
+            ) from None
+        # A password with a bare '@' in a URI leaks into the host: redact that too.
+        logger.info("using database %s (from %s)", redact(description, conninfo), source)
         yield conninfo
         return
     server = EmbeddedPostgres(
@@ -173,3 +186,143 @@ def open_database(
     )
     with server as embedded_conninfo:
         yield embedded_conninfo
+
+
+# --- keeping passwords out of every message -----------------------------------------
+
+REDACTED = "***"
+
+_URI_PASSWORD = re.compile(r"(?P<head>\b[a-z][a-z0-9+.-]*://[^\s:/@]*:)[^\s/]*@", re.IGNORECASE)
+_KEYWORD_PASSWORD = re.compile(
+    r"(?P<head>\b(?:password|PGPASSWORD)\s*=\s*)(?:'(?:[^'\\]|\\.)*'?|\S+)", re.IGNORECASE
+)
+# Shorter fragments are replaced only where libpq quotes them ("ab"), so a
+# short password does not turn every message into asterisks.
+_MIN_BARE_SECRET = 3
+
+
+def connection_secrets(
+    conninfos: Iterable[str | None] = (), *, environ: Mapping[str, str] | None = None
+) -> frozenset[str]:
+    """Every string that could reveal a password in ``conninfos`` and the environment.
+
+    That is the password each connection string parses to, and also, read
+    leniently, what a malformed string would hold as one (libpq echoes parts of
+    a string it cannot parse, and a bare ``@`` in a URI password spills the rest
+    into the host name), plus ``PGPASSWORD`` and ``DATABASE_URL``'s own.
+    """
+    env = os.environ if environ is None else environ
+    found: set[str] = set()
+    for conninfo in [*conninfos, env.get("DATABASE_URL")]:
+        if conninfo:
+            found.update(_secrets_of(conninfo))
+    if env.get("PGPASSWORD"):
+        found.add(env["PGPASSWORD"])
+    return frozenset(secret for secret in found if secret)
+
+
+def _secrets_of(conninfo: str) -> set[str]:
+    found: set[str] = set()
+    try:
+        password = conninfo_to_dict(conninfo).get("password")
+    except psycopg.Error:
+        password = None
+    if isinstance(password, str):
+        found.add(password)
+    if "://" in conninfo:
+        rest = conninfo.split("://", 1)[1]
+        userinfo = rest[: rest.rfind("@")] if "@" in rest else ""
+        if ":" in userinfo:
+            raw = userinfo.split(":", 1)[1]
+            found.update([raw, unquote(raw), *raw.split("@")])
+    for match in re.finditer(r"\bpassword\s*=\s*", conninfo):
+        tail = conninfo[match.end() :]
+        if tail.startswith("'"):
+            end = re.search(r"(?<!\\)'", tail[1:])
+            value = tail[1 : end.start() + 1] if end else tail[1:]
+            found.add(value)
+            found.add(value.replace("\\'", "'").replace("\\\\", "\\"))
+        else:
+            # Up to the next keyword=: a space in an unquoted password makes libpq
+            # complain about (and quote) the words after it.
+            value = re.split(r"\s+\w+\s*=", tail, maxsplit=1)[0]
+            found.update([value, *value.split()])
+    return found
+
+
+def redact(text: str, *conninfos: str | None, environ: Mapping[str, str] | None = None) -> str:
+    """``text`` with every password replaced by ``***``.
+
+    Passwords are recognised by shape (``scheme://user:PASSWORD@``,
+    ``password=PASSWORD``, ``PGPASSWORD=PASSWORD``) and by value: the
+    :func:`connection_secrets` of ``conninfos`` and of the environment, so that
+    a fragment libpq quotes from a malformed string is caught as well.
+    """
+    return _redact(text, connection_secrets(conninfos, environ=environ))
+
+
+def _redact(text: str, secrets: Iterable[str]) -> str:
+    for secret in _longest_first(secrets):
+        if secret not in text:
+            continue
+        if len(secret) >= _MIN_BARE_SECRET:
+            text = text.replace(secret, REDACTED)
+        else:
+            text = text.replace(f'"{secret}"', f'"{REDACTED}"')
+    if "://" in text:
+        text = _URI_PASSWORD.sub(lambda m: f"{m['head']}{REDACTED}@", text)
+    if "=" in text:
+        text = _KEYWORD_PASSWORD.sub(lambda m: f"{m['head']}{REDACTED}", text)
+    return text
+
+
+def _longest_first(secrets: Iterable[str]) -> tuple[str, ...]:
+    """Longest first, so a secret containing another is replaced whole (kept sorted once)."""
+    if isinstance(secrets, tuple):
+        return secrets
+    return tuple(sorted(secrets, key=len, reverse=True))
+
+
+class RedactingFilter(logging.Filter):
+    """A logging filter that redacts each record's message and traceback.
+
+    Install it on a handler (filters on a logger do not reach its children).
+    The secrets are read once, from ``conninfos`` and the environment.
+    """
+
+    def __init__(
+        self, conninfos: Iterable[str | None] = (), *, environ: Mapping[str, str] | None = None
+    ) -> None:
+        super().__init__()
+        self._secrets = _longest_first(connection_secrets(conninfos, environ=environ))
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        record.msg, record.args = _redact(message, self._secrets), None
+        if record.exc_info and not record.exc_text:
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = _redact(record.exc_text, self._secrets)
+        if record.stack_info:
+            record.stack_info = _redact(record.stack_info, self._secrets)
+        return True
+
+
+class RedactingStream:
+    """A text stream that redacts what is written before passing it on.
+
+    The CLI wraps ``sys.stdout`` and ``sys.stderr`` in it, so nothing it prints
+    (messages, log lines, argparse errors, a library's warnings) carries a
+    password. Everything but ``write`` is the wrapped stream's.
+    """
+
+    def __init__(self, stream: TextIO, secrets: Iterable[str]) -> None:
+        self._stream = stream
+        self._secrets = _longest_first(secrets)
+
+    def write(self, text: str) -> int:
+        self._stream.write(_redact(text, self._secrets))
+        return len(text)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
