@@ -103,9 +103,17 @@ def resolve_schema(schema: str | None = None, *, environ: Mapping[str, str] | No
 
 
 def check_schema_name(schema: object, source: str = "schema") -> str:
-    """Return ``schema`` if it can name a PostgreSQL schema, else raise ``ConfigurationError``.
+    """Return ``schema`` if every statement kongtask runs can carry it, else raise an error.
 
-    ``source`` says where the name came from (the argument, the environment).
+    The schema always enters SQL as a quoted identifier, which can hold almost
+    anything; the rule refuses exactly what it cannot: an empty name, NUL, text
+    that is not valid Unicode, more than 63 bytes of UTF-8 (PostgreSQL would
+    truncate it), the ``pg_`` prefix (reserved for system schemas), ``%``
+    (psycopg reads it as a parameter placeholder in every statement with
+    values), and a ``$`` … ``$`` pair that could close a dollar-quoted function
+    body (``$$``, ``$body$``, ``$x1$``). Anything else (spaces, quotes, mixed
+    case, ``;``, a single ``$``) works. ``source`` says where the name came
+    from (the argument, the environment); the error is a ``ConfigurationError``.
     """
     if not isinstance(schema, str):
         raise ConfigurationError(
@@ -113,21 +121,45 @@ def check_schema_name(schema: object, source: str = "schema") -> str:
         )
     if not schema:
         raise ConfigurationError("schema must not be empty", name="schema", value=schema)
-    if "\x00" in schema:
+    problem = _schema_name_problem(schema)
+    if problem is not None:
         raise ConfigurationError(
-            f"schema {schema!r} (from {source}) contains a NUL character",
-            name="schema",
-            value=schema,
-        )
-    size = len(schema.encode("utf-8"))
-    if size > MAX_SCHEMA_BYTES:
-        raise ConfigurationError(
-            f"schema {schema!r} (from {source}) is {size} bytes long; PostgreSQL identifiers "
-            f"are at most {MAX_SCHEMA_BYTES} bytes",
-            name="schema",
-            value=schema,
+            f"schema {schema!r} (from {source}) {problem}", name="schema", value=schema
         )
     return schema
+
+
+# What would end a dollar-quoted string whatever its tag: $, an optional tag
+# (PostgreSQL's lexer: an ASCII letter, underscore or any non-ASCII character,
+# then those or digits), $.
+_DOLLAR_QUOTE = re.compile("\\$(?:[A-Za-z_\x80-\U0010ffff][A-Za-z0-9_\x80-\U0010ffff]*)?\\$")
+
+
+def _schema_name_problem(schema: str) -> str | None:
+    """Why ``schema`` cannot be used (the end of a sentence), or None."""
+    if "\x00" in schema:
+        return "contains a NUL character"
+    try:
+        size = len(schema.encode("utf-8"))
+    except UnicodeEncodeError as exc:
+        return f"is not valid Unicode text (lone surrogate at position {exc.start})"
+    if size > MAX_SCHEMA_BYTES:
+        return f"is {size} bytes long; PostgreSQL identifiers are at most {MAX_SCHEMA_BYTES} bytes"
+    if schema.startswith("pg_"):
+        return "starts with 'pg_', which PostgreSQL reserves for system schemas"
+    if "%" in schema:
+        return (
+            "contains '%', which the database driver would read as a parameter placeholder "
+            "in kongtask's statements"
+        )
+    match = _DOLLAR_QUOTE.search(schema)
+    if match is not None:
+        return (
+            f"contains {match.group()!r} at position {match.start()}, which would end a "
+            "dollar-quoted function body in the schema's migration (two '$' signs with only "
+            "letters, digits, underscores or non-ASCII characters between them)"
+        )
+    return None
 
 
 def describe_conninfo(conninfo: str) -> str:
