@@ -24,6 +24,8 @@ from kongtask.last_error import MAX_LAST_ERROR_CHARS, last_error_text, sanitize_
 from kongtask.runner import Runner
 from tests.integration.worker_support import jobs, recording
 
+from .ledger import install_ledger
+
 pytestmark = pytest.mark.faults
 
 
@@ -152,22 +154,27 @@ create table public.job_refs (job_id bigint references graphile_worker._private_
 def test_refused_outcomes_are_written_job_by_job(
     db_url: str, db: psycopg.Connection[Any], caplog: pytest.LogCaptureFixture
 ) -> None:
+    install_ledger(db)  # public.completions: every deleted job row
     db.execute(_HOSTILE_SCHEMA)
+    runs: list[int] = []
     gate_started = threading.Event()
     release_gate = threading.Event()
     gate_failing = threading.Event()
 
     def gate(payload: Any, helpers: Any) -> None:
+        runs.append(helpers.job.id)
         gate_started.set()
         assert release_gate.wait(60)
         gate_failing.set()
         raise ValueError("the gate job fails first")
 
     def fail(payload: Any, helpers: Any) -> None:
+        runs.append(helpers.job.id)
         assert gate_failing.wait(60)
         raise ValueError(payload["message"])
 
     def ok(payload: Any, helpers: Any) -> None:
+        runs.append(helpers.job.id)
         assert gate_failing.wait(60)
 
     tasks = {"gate": gate, "fail": fail, "ok": ok}
@@ -177,7 +184,7 @@ def test_refused_outcomes_are_written_job_by_job(
         refused = utils.add_job("fail", {"message": "refuse-this-message please"}, queue_name="r")
         pinned = utils.add_job("fail", {"message": "x", "pinned_run_at": True}, queue_name="p")
         oks = [utils.add_job("ok", {"n": n}) for n in range(5)]
-        referenced = utils.add_job("ok", {"n": "referenced"}, queue_name="f")
+        referenced = utils.add_job("ok", {"n": 101}, queue_name="f")
     db.execute("insert into public.job_refs values (%s)", (referenced.id,))
     total = 1 + len(plain) + 2 + len(oks) + 1
     runner = Runner(
@@ -201,7 +208,7 @@ def test_refused_outcomes_are_written_job_by_job(
             log.wait_for("job:complete", total, timeout_s=60)
         runner.join(60)
         assert runner.running
-        runner.add_job("ok", {"n": "afterwards"})
+        runner.add_job("ok", {"n": 100})
         runner.join(30)
     assert log.count("pool:fatalError") == 0
     rows = {row["id"]: row for row in jobs(db)}
@@ -236,5 +243,12 @@ def test_refused_outcomes_are_written_job_by_job(
         "the job succeeded, but the database refused to delete its row (23503:"
     )
     assert set(rows) == {gate_job.id, refused.id, pinned.id, referenced.id, *(j.id for j in plain)}
+    # Each job ran once; each success was completed (deleted) exactly once.
+    assert len(runs) == total + 1 and len(set(runs)) == total + 1
+    completions = dict(
+        db.execute("select job_id, count(*) from public.completions group by job_id").fetchall()
+    )
+    assert len(completions) == len(oks) + 1 and set(completions.values()) == {1}
+    assert {job.id for job in oks} < set(completions)
     messages = [record.getMessage() for record in caplog.records]
     assert any("in one statement was refused" in message for message in messages), messages
