@@ -126,7 +126,16 @@ def test_an_exception_escaping_the_cli_is_one_redacted_line(
     monkeypatch.setattr(cli, "_run_worker", explode)
     monkeypatch.delenv("KONGTASK_DEBUG", raising=False)
     monkeypatch.delenv("GRAPHILE_LOGGER_DEBUG", raising=False)
-    assert cli.main(["-c", conninfo]) == cli.EXIT_ERROR
+    # main() configures the "kongtask" logger for a process of its own; put it
+    # back, or later tests would log into this test's closed capture stream.
+    package_logger = logging.getLogger("kongtask")
+    saved = (list(package_logger.handlers), package_logger.level, package_logger.propagate)
+    try:
+        assert cli.main(["-c", conninfo]) == cli.EXIT_ERROR
+    finally:
+        package_logger.handlers[:] = saved[0]
+        package_logger.setLevel(saved[1])
+        package_logger.propagate = saved[2]
     captured = capsys.readouterr()
     assert PASSWORD not in captured.out + captured.err
     assert captured.err == (
