@@ -1,0 +1,1 @@
+"""The web dashboard (work in progress)."""
