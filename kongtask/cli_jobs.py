@@ -30,8 +30,11 @@ __all__ = ["jobs_main", "parse_time", "status_main"]
 _RELATIVE = re.compile(r"^\+(?P<phrase>[0-9smhdw]+)$")
 
 
-def parse_time(text: str, *, now: datetime | None = None) -> datetime:
-    """``now``, ``+1h30m`` (from now) or an ISO 8601 time (UTC if it has no offset)."""
+def parse_time(text: str, *, now: datetime | None = None, name: str = "--at") -> datetime:
+    """``now``, ``+1h30m`` (from now) or an ISO 8601 time (UTC if it has no offset).
+
+    ``name`` is what error messages call the value (a flag or a form field).
+    """
     current = now or datetime.now(UTC)
     if text == "now":
         return current
@@ -40,13 +43,13 @@ def parse_time(text: str, *, now: datetime | None = None) -> datetime:
         try:
             return current + time_phrase_to_timedelta(relative.group("phrase"))
         except CrontabError as exc:
-            raise ConfigurationError(str(exc), name="--at", value=text) from None
+            raise ConfigurationError(f"{name}: {exc}", name=name, value=text) from None
     try:
         when = datetime.fromisoformat(text)
     except ValueError:
         raise ConfigurationError(
-            f"--at expects 'now', '+DURATION' (like +1h30m) or an ISO 8601 time, got {text!r}",
-            name="--at",
+            f"{name} expects 'now', '+DURATION' (like +1h30m) or an ISO 8601 time, got {text!r}",
+            name=name,
             value=text,
         ) from None
     return when if when.utcoffset() is not None else when.replace(tzinfo=UTC)

@@ -235,14 +235,14 @@ def wsgi_app(
     return app
 
 
-class _QuietHandler(WSGIRequestHandler):
+class QuietHandler(WSGIRequestHandler):
     """Request lines go to kongtask's debug log, not to stderr."""
 
     def log_message(self, format: str, *args: Any) -> None:
         logger.debug("%s - %s", self.address_string(), format % args)
 
 
-class _ThreadingWSGIServer(WSGIServer):
+class ThreadingWSGIServer(WSGIServer):
     """One thread per request, so a slow probe never blocks a scrape."""
 
     daemon_threads = True
@@ -334,8 +334,8 @@ class OpsServer:
             self._host,
             self._port,
             self._app,
-            server_class=_ThreadingWSGIServer,
-            handler_class=_QuietHandler,
+            server_class=ThreadingWSGIServer,
+            handler_class=QuietHandler,
         )
         self._thread = threading.Thread(
             target=self._server.serve_forever,

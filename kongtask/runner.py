@@ -12,6 +12,7 @@ process; each sends its events with itself as the blinker sender.
 
 from __future__ import annotations
 
+import importlib.util
 import inspect
 import logging
 import os
@@ -86,6 +87,12 @@ class Runner:
         ):
             raise ConfigurationError(
                 f"metrics_port must be a TCP port number (0-65535) or None, got {metrics_port!r}",
+                name="metrics_port",
+                value=metrics_port,
+            )
+        if metrics_port is not None and importlib.util.find_spec("prometheus_client") is None:
+            raise ConfigurationError(
+                "metrics_port needs the prometheus_client package: pip install 'kongtask[metrics]'",
                 name="metrics_port",
                 value=metrics_port,
             )
