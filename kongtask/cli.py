@@ -45,6 +45,18 @@ def _positive_int(flag: str) -> Callable[[str], int]:
     return parse
 
 
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expects a port number, got {text!r}") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(
+            f"must be a port number (0-65535; 0: any free port), got {value}"
+        )
+    return value
+
+
 def _worker_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kongtask",
@@ -123,10 +135,11 @@ def _worker_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--metrics-port",
-        type=_positive_int("--metrics-port"),
+        type=_port,
         default=None,
         metavar="PORT",
-        help="serve Prometheus /metrics and the /healthz and /readyz probes on this port",
+        help="serve Prometheus /metrics and the /healthz and /readyz probes on this port "
+        "(0: any free port, logged at start; needs the 'metrics' extra)",
     )
     parser.add_argument(
         "--metrics-host",

@@ -185,3 +185,47 @@ def test_text_logs_carry_a_timestamp(db_url: str, tmp_path: Path) -> None:
     bad = run_cli("--log-format", "xml", "--schema-only", "-c", to_uri(db_url))
     assert bad.returncode == 1
     assert "--log-format must be one of text, json, got 'xml'" in bad.stderr
+
+
+def test_worker_serves_metrics_and_probes(db_url: str, tmp_path: Path) -> None:
+    import re
+    import signal
+    import subprocess
+    import sys
+    import urllib.request
+
+    tasks = tmp_path / "tasks.py"
+    tasks.write_text("def ok(payload, helpers):\n    pass\n")
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        for _ in range(3):
+            add(conn, "ok")
+    process = subprocess.Popen(
+        [
+            *(sys.executable, "-m", "kongtask", "-c", to_uri(db_url), "--tasks", str(tasks)),
+            *("--metrics-port", "0", "--log-format", "json"),
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert process.stderr is not None
+        url = None
+        for line in process.stderr:  # ends when the worker exits (it would fail the test)
+            found = re.search(r"Serving /metrics, /healthz and /readyz on (http://\S+?)\"", line)
+            if found:
+                url = found.group(1)
+                break
+        assert url, "the worker never said where it serves its metrics"
+        with urllib.request.urlopen(url + "/healthz", timeout=10) as response:
+            assert response.status == 200
+            assert json.loads(response.read())["status"] == "ok"
+        with urllib.request.urlopen(url + "/readyz", timeout=10) as response:
+            assert response.status == 200
+        with urllib.request.urlopen(url + "/metrics", timeout=10) as response:
+            assert b"# TYPE kongtask_jobs_started_total counter" in response.read()
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(30)
+        if process.stderr is not None:
+            process.stderr.close()
+    assert process.returncode == 0

@@ -60,6 +60,14 @@ def seed_every_state(conn: psycopg.Connection[Any]) -> dict[str, list[int]]:
         (retrying,),
     )
     ids["retrying"].append(retrying)
+    # Failed once and due again already: still "retrying", not "ready".
+    due_again = add(conn, "report")
+    conn.execute(
+        "update graphile_worker._private_jobs set attempts = 1, last_error = 'timeout', "
+        "run_at = now() - interval '1 minute', updated_at = now() where id = %s",
+        (due_again,),
+    )
+    ids["retrying"].append(due_again)
     for reason in ("bad address", "mailbox full"):
         job = add(conn, "email", max_attempts=3)
         conn.execute(

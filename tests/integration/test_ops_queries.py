@@ -103,7 +103,7 @@ def test_bad_filters_name_the_argument(db_url: str) -> None:
 
 
 def test_get_job_detail(db_url: str, seeded: dict[str, list[int]]) -> None:
-    (retrying,) = seeded["retrying"]
+    retrying = seeded["retrying"][0]
     with WorkerUtils(db_url) as utils:
         info = utils.get_job(retrying)
         missing = utils.get_job(10**12)
@@ -119,7 +119,7 @@ def test_retry_runs_failed_and_retrying_jobs_now(
     db_url: str, db: psycopg.Connection[Any], seeded: dict[str, list[int]]
 ) -> None:
     failed = seeded["failed"][0]
-    (retrying,) = seeded["retrying"]
+    retrying = seeded["retrying"][0]
     (running,) = seeded["running"]
     db.execute('listen "jobs:insert"')
     with WorkerUtils(db_url) as utils:
