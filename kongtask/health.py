@@ -2,7 +2,9 @@
 
 ``/healthz`` (alive): every actor of the Runner answers a message within
 ``probe_timeout_s`` and every executor thread is running; a stuck actor (its
-mailbox not drained) turns it red. ``/readyz`` (ready for work): the
+mailbox not drained) turns it red, except an actor retrying a statement
+while the database itself does not answer (restarting would not help; that
+is what ``/readyz`` reports). ``/readyz`` (ready for work): the
 database answers ``select now()`` within ``db_timeout_s``, and cron is not
 more than ``CRON_BEHIND_BOUND_S`` behind its minute. The LISTEN connection is
 reported too; while it reconnects the worker finds jobs by polling
@@ -44,6 +46,9 @@ CRON_BEHIND_BOUND_S = 120.0
 DB_TIMEOUT_S = 2.0
 #: Default deadline for every actor to answer the liveness probe (seconds).
 PROBE_TIMEOUT_S = 2.0
+
+#: Actors that wait on the database while retrying; silent only counts if it answers.
+_DATABASE_ACTORS = frozenset({"claimer", "completer", "sweeper", "cron:CronWriter"})
 
 ConnectionFactory = Callable[[], AbstractContextManager[Any]]
 StartResponse = Callable[..., Any]
@@ -160,8 +165,16 @@ class Probes:
         if not runner.running:
             return False, {"runner": {"ok": False, "error": "the worker is not running"}}
         checks: dict[str, Any] = {"runner": {"ok": True, "pool": runner.pool_id}}
+        silent_db_actors = []
         for name, problem in runner.probe(self.probe_timeout_s).items():
             checks[name] = {"ok": True} if problem is None else {"ok": False, "error": problem}
+            if problem is not None and name in _DATABASE_ACTORS:
+                silent_db_actors.append(name)
+        if silent_db_actors and not self._database(self.db_timeout_s)["ok"]:
+            # Retrying a statement while the database is away is not being stuck:
+            # restarting the process would not help (readiness reports the outage).
+            for name in silent_db_actors:
+                checks[name] = {"ok": True, "waiting": "for the database (see /readyz)"}
         return all(check["ok"] for check in checks.values()), checks
 
     def readiness(self) -> tuple[bool, dict[str, Any]]:

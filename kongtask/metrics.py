@@ -63,6 +63,9 @@ DEPTH_TIMEOUT_S = 3.0
 
 ConnectionFactory = Callable[[], AbstractContextManager[Any]]
 
+# Start times kept for the duration histogram; more than this means leaks.
+_MAX_TRACKED_STARTS = 100_000
+
 _JOB_EVENTS = ("job:start", "job:success", "job:error", "job:failed", "job:complete")
 _CRON_EVENTS = ("cron:scheduled", "cron:overdueTimer", "cron:backfill")
 
@@ -283,6 +286,8 @@ class Metrics:
         self.jobs_started.labels(task).inc()
         latency = (_now(sender) - job.run_at).total_seconds()
         self.pickup_latency.labels(task).observe(max(0.0, latency))
+        if len(self._started) > _MAX_TRACKED_STARTS:
+            self._started.clear()  # jobs abandoned at a shutdown never complete
         self._started[(worker_id, job.id)] = time.perf_counter()
 
     def _on_complete(self, sender: Any, *, worker_id: str, job: Any, **payload: Any) -> None:

@@ -103,6 +103,7 @@ class Dashboard:
         self._utils: WorkerUtils | None = None
         self._utils_lock = threading.Lock()
         self._flashes: OrderedDict[str, tuple[bool, str]] = OrderedDict()
+        self._flash_lock = threading.Lock()
         self._template = Template(
             resources.files(__package__).joinpath("templates/layout.html").read_text("utf-8")
         )
@@ -257,7 +258,8 @@ class Dashboard:
             )
         else:
             raise _Refused("404 Not Found", "no such page")
-        flash = self._flashes.pop(query.get("flash", ""), None)
+        with self._flash_lock:
+            flash = self._flashes.pop(query.get("flash", ""), None)
         flash_html = ""
         if flash is not None:
             kind = "flash" if flash[0] else "flash bad"
@@ -379,9 +381,10 @@ class Dashboard:
 
     def _flash(self, ok: bool, message: str) -> str:
         key = secrets.token_urlsafe(8)
-        self._flashes[key] = (ok, message)
-        while len(self._flashes) > _MAX_FLASHES:
-            self._flashes.popitem(last=False)
+        with self._flash_lock:
+            self._flashes[key] = (ok, message)
+            while len(self._flashes) > _MAX_FLASHES:
+                self._flashes.popitem(last=False)
         return key
 
     def _do(self, name: str, form: dict[str, str]) -> tuple[bool, str]:

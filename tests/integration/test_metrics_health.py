@@ -211,6 +211,20 @@ def test_readyz_follows_the_database_down_and_up(private_server: PrivateServer) 
         assert status == 503 and report["status"] == "failing"
         assert report["checks"]["database"]["ok"] is False
         assert report["checks"]["database"]["error"]
+        # Alive all the same, even once the claimer is busy retrying its claim
+        # (its poll falls due every 2 s): a restart would not bring the database back.
+        wait_until(
+            lambda: runner.probe(0.3).get("claimer") is not None,
+            timeout_s=20,
+            what="the claimer to be busy retrying",
+        )
+        runner.ops_server.probes.probe_timeout_s = 0.3
+        status, body = get(runner.ops_server.url + "/healthz")
+        assert status == 200, body
+        assert json.loads(body)["checks"]["claimer"] == {
+            "ok": True,
+            "waiting": "for the database (see /readyz)",
+        }
 
         private_server.start()
         wait_until(lambda: get(readyz)[0] == 200, timeout_s=60, what="200 after the restart")
