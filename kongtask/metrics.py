@@ -32,6 +32,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -66,8 +67,16 @@ ConnectionFactory = Callable[[], AbstractContextManager[Any]]
 # Start times kept for the duration histogram; more than this means leaks.
 _MAX_TRACKED_STARTS = 100_000
 
-_JOB_EVENTS = ("job:start", "job:success", "job:error", "job:failed", "job:complete")
-_CRON_EVENTS = ("cron:scheduled", "cron:overdueTimer", "cron:backfill")
+
+@dataclass(frozen=True, slots=True)
+class _TaskMetrics:
+    """One task's labelled children of the job metrics."""
+
+    started: Any
+    succeeded: Any
+    failed: Any
+    duration: Any
+    pickup: Any
 
 
 class _LoadCollector(Collector):
@@ -232,6 +241,7 @@ class Metrics:
         self._runners: list[Any] = []
         self._receivers: list[tuple[Any, Callable[..., None]]] = []
         self._started: dict[tuple[str, int], float] = {}
+        self._by_task: dict[str, _TaskMetrics] = {}
         self._lock = threading.Lock()
         #: The latest cron lag seen per Runner (seconds), for the readiness probe.
         self.cron_lag_s: dict[int, float] = {}
@@ -248,18 +258,15 @@ class Metrics:
         """Count ``runner``'s jobs and cron firings (call before it starts to miss nothing)."""
         with self._lock:
             self._runners.append(runner)
+        # Two events per job (start, complete) and one per permanent failure:
+        # job:success and job:error stay without receivers, so the Runner drops
+        # them at the source (the outcome is in job:complete's ``error``).
         handlers: dict[str, Callable[..., None]] = {
             "job:start": self._on_start,
-            "job:success": lambda sender, *, job, **_: self.jobs_succeeded.labels(
-                job.task_identifier
-            ).inc(),
-            "job:error": lambda sender, *, job, **_: self.jobs_failed.labels(
-                job.task_identifier
-            ).inc(),
+            "job:complete": self._on_complete,
             "job:failed": lambda sender, *, job, **_: self.jobs_permanently_failed.labels(
                 job.task_identifier
             ).inc(),
-            "job:complete": self._on_complete,
             "cron:scheduled": self._on_cron_scheduled,
             "cron:overdueTimer": self._on_cron_overdue,
             "cron:backfill": lambda sender, *, items_to_backfill, **_: self.cron_backfilled.inc(
@@ -281,16 +288,33 @@ class Metrics:
 
     # --- receivers (run on each Runner's event publisher thread) --------------------
 
+    def _children(self, task: str) -> _TaskMetrics:
+        """The labelled metrics of one task (looked up once, not per job)."""
+        children = self._by_task.get(task)
+        if children is None:
+            children = self._by_task[task] = _TaskMetrics(
+                started=self.jobs_started.labels(task),
+                succeeded=self.jobs_succeeded.labels(task),
+                failed=self.jobs_failed.labels(task),
+                duration=self.job_duration.labels(task),
+                pickup=self.pickup_latency.labels(task),
+            )
+        return children
+
     def _on_start(self, sender: Any, *, worker_id: str, job: Any, **_: Any) -> None:
-        task = job.task_identifier
-        self.jobs_started.labels(task).inc()
+        children = self._children(job.task_identifier)
+        children.started.inc()
         latency = (_now(sender) - job.run_at).total_seconds()
-        self.pickup_latency.labels(task).observe(max(0.0, latency))
+        children.pickup.observe(latency if latency > 0 else 0.0)
         if len(self._started) > _MAX_TRACKED_STARTS:
             self._started.clear()  # jobs abandoned at a shutdown never complete
         self._started[(worker_id, job.id)] = time.perf_counter()
 
-    def _on_complete(self, sender: Any, *, worker_id: str, job: Any, **payload: Any) -> None:
+    def _on_complete(
+        self, sender: Any, *, worker_id: str, job: Any, error: Any = None, **payload: Any
+    ) -> None:
+        children = self._children(job.task_identifier)
+        (children.succeeded if error is None else children.failed).inc()
         started = self._started.pop((worker_id, job.id), None)
         duration = payload.get("duration_s")
         if duration is None and started is not None:
@@ -298,7 +322,7 @@ class Metrics:
             # times measure the handler (plus a delivery jitter).
             duration = time.perf_counter() - started
         if duration is not None:
-            self.job_duration.labels(job.task_identifier).observe(duration)
+            children.duration.observe(duration)
 
     def _on_cron_scheduled(
         self,
