@@ -55,9 +55,16 @@ def parse_time(text: str, *, now: datetime | None = None, name: str = "--at") ->
     return when if when.utcoffset() is not None else when.replace(tzinfo=UTC)
 
 
-def _connection_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("-c", "--connection", metavar="URL", help="PostgreSQL connection string")
-    parser.add_argument("-s", "--schema", metavar="NAME", help="schema holding the queue")
+def _connection_args(parser: argparse.ArgumentParser, *, sub: bool = False) -> None:
+    # On a subcommand too (suppressed defaults keep the group's value), so both
+    # ``kongtask jobs -c URL list`` and ``kongtask jobs list -c URL`` work.
+    default = argparse.SUPPRESS if sub else None
+    parser.add_argument(
+        "-c", "--connection", metavar="URL", default=default, help="PostgreSQL connection string"
+    )
+    parser.add_argument(
+        "-s", "--schema", metavar="NAME", default=default, help="schema holding the queue"
+    )
 
 
 def load_cron_items(crontab: str | None) -> list[ParsedCronItem]:
@@ -246,6 +253,8 @@ def _jobs_parser() -> argparse.ArgumentParser:
     )
     for sub in (retry, fail, remove, reschedule):
         sub.add_argument("--json", action="store_true", help="print the changed jobs as JSON")
+    for sub in (listing, show, retry, fail, remove, reschedule):
+        _connection_args(sub, sub=True)
     return parser
 
 

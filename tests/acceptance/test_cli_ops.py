@@ -81,7 +81,7 @@ def test_jobs_list_failed_matches_sql(
     listed = json.loads(result.stdout)
     assert sorted(job["id"] for job in listed) == ids_by_sql(db, "failed")
     assert {job["last_error"] for job in listed} == {"bad address", "mailbox full"}
-    text = run_cli("jobs", "-c", to_uri(db_url), "list", "--state", "failed")
+    text = run_cli("jobs", "list", "--state", "failed", "-c", to_uri(db_url))
     assert text.returncode == 0, text.stderr
     assert "mailbox full" in text.stdout and "3/3" in text.stdout
 
