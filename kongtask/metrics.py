@@ -243,8 +243,9 @@ class Metrics:
         self._started: dict[tuple[str, int], float] = {}
         self._by_task: dict[str, _TaskMetrics] = {}
         self._lock = threading.Lock()
-        #: The latest cron lag seen per Runner (seconds), for the readiness probe.
-        self.cron_lag_s: dict[int, float] = {}
+        #: Per Runner (by id): the latest cron lag seen (seconds) and when
+        #: (``time.monotonic()``), for the readiness probe.
+        self.cron_lag_s: dict[int, tuple[float, float]] = {}
         reg.register(_LoadCollector(self))
         if connect is not None:
             reg.register(_DepthCollector(connect, Queries(schema), depth_max_age_s))
@@ -337,12 +338,13 @@ class Metrics:
         self.cron_skips.inc(len(jobs_and_identifiers) - len(scheduled_identifiers))
         lag = max(0.0, _now(sender).timestamp() - timestamp / 1000)
         self._cron_lag.observe(lag)
-        self.cron_lag_s[id(sender)] = lag
+        self.cron_lag_s[id(sender)] = (lag, time.monotonic())
 
     def _on_cron_overdue(
         self, sender: Any, *, current_timestamp: int, expected_timestamp: int, **_: Any
     ) -> None:
-        self.cron_lag_s[id(sender)] = max(0.0, (current_timestamp - expected_timestamp) / 1000)
+        lag = max(0.0, (current_timestamp - expected_timestamp) / 1000)
+        self.cron_lag_s[id(sender)] = (lag, time.monotonic())
 
 
 def _now(runner: Any) -> datetime:

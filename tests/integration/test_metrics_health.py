@@ -231,3 +231,56 @@ def test_readyz_follows_the_database_down_and_up(private_server: PrivateServer) 
         # Still a working worker: a job added now runs.
         runner.add_job("ok")
         runner.join()
+
+
+def test_readyz_reports_cron_behind_its_minute(db_url: str) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from kongtask import events
+    from kongtask.testing import ManualClock
+
+    clock = ManualClock(datetime(2026, 1, 1, 0, 0, 30, tzinfo=UTC))
+    runner = kongtask.Runner(
+        tasks={"daily": ok},
+        connection_string=db_url,
+        crontab="1 0 * * * daily",
+        clock=clock,
+        metrics_port=0,
+        install_signal_handlers=False,
+    )
+    started, scheduled = threading.Event(), threading.Event()
+
+    def on_started(sender: Any, **_: Any) -> None:
+        started.set()
+
+    def on_scheduled(sender: Any, **_: Any) -> None:
+        scheduled.set()
+
+    events.cron_started.connect(on_started, sender=runner, weak=False)
+    events.cron_scheduled.connect(on_scheduled, sender=runner, weak=False)
+    try:
+        with runner:
+            readyz = runner.ops_server.url + "/readyz"
+            assert started.wait(30)
+            status, body = get(readyz)
+            assert status == 200, body
+            assert "cron" not in json.loads(body)["checks"]  # nothing measured yet
+            # The machine was suspended for ten minutes, and another session
+            # holds the cron rows, so the overdue 00:01 firing cannot be written.
+            with psycopg.connect(db_url) as blocker:
+                blocker.execute("select * from graphile_worker._private_known_crontabs for update")
+                clock.jump(timedelta(minutes=10))
+                clock.advance(31)
+                wait_until(lambda: get(readyz)[0] == 503, what="/readyz to see cron behind")
+                cron = json.loads(get(readyz)[1])["checks"]["cron"]
+                assert cron["ok"] is False and 600 <= cron["lag_s"] < 602
+                assert cron["error"].startswith("cron was 601s behind its minute")
+                assert not scheduled.is_set()
+                blocker.rollback()
+            # Released: the firing is written and cron catches up minute by minute.
+            assert scheduled.wait(30)
+            wait_until(lambda: get(readyz)[0] == 200, what="/readyz once cron caught up")
+            assert json.loads(get(readyz)[1])["checks"]["cron"]["lag_s"] < 120
+    finally:
+        events.cron_started.disconnect(on_started)
+        events.cron_scheduled.disconnect(on_scheduled)
