@@ -281,6 +281,13 @@ def test_readyz_reports_cron_behind_its_minute(db_url: str) -> None:
             assert scheduled.wait(30)
             wait_until(lambda: get(readyz)[0] == 200, what="/readyz once cron caught up")
             assert json.loads(get(readyz)[1])["checks"]["cron"]["lag_s"] < 120
+            values = samples(get(runner.ops_server.url + "/metrics")[1])
+            assert values[("kongtask_cron_firings_total", ())] == 1
+            assert values[("kongtask_cron_skips_total", ())] == 0
+            assert values[("kongtask_cron_lag_seconds_count", ())] == 1
+            assert values[("kongtask_cron_lag_seconds_bucket", (("le", "300.0"),))] == 0
+            assert values[("kongtask_cron_lag_seconds_bucket", (("le", "600.0"),))] == 0
+            assert values[("kongtask_cron_lag_seconds_bucket", (("le", "+Inf"),))] == 1
     finally:
         events.cron_started.disconnect(on_started)
         events.cron_scheduled.disconnect(on_scheduled)
