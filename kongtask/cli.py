@@ -1,8 +1,9 @@
 """The ``kongtask`` command: run a worker, migrate, check crontabs, administer.
 
-``kongtask [flags]`` runs a worker with graphile-worker's flags. Two command
-groups sit beside it: ``kongtask crontab check|next FILE`` and
-``kongtask admin ...``. Every failure ends with a one-line message on stderr
+``kongtask [flags]`` runs a worker with graphile-worker's flags. Command
+groups sit beside it: ``kongtask crontab check|next FILE``,
+``kongtask admin ...``, ``kongtask status``, ``kongtask jobs ...`` and
+``kongtask dashboard``. Every failure ends with a one-line message on stderr
 and a non-zero exit code, never a traceback, for errors we anticipate.
 """
 
@@ -20,6 +21,8 @@ import psycopg
 
 from ._version import __version__
 from .errors import KongtaskError
+from .logs import LOG_FORMATS
+from .logs import configure as configure_logs
 
 __all__ = ["main"]
 
@@ -43,13 +46,26 @@ def _positive_int(flag: str) -> Callable[[str], int]:
     return parse
 
 
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expects a port number, got {text!r}") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(
+            f"must be a port number (0-65535; 0: any free port), got {value}"
+        )
+    return value
+
+
 def _worker_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kongtask",
         description=(
             "Run a kongtask worker: a PostgreSQL job queue and cron scheduler that shares "
             "its database with graphile-worker. Other commands: 'kongtask crontab --help', "
-            "'kongtask admin --help'."
+            "'kongtask admin --help', 'kongtask status --help', 'kongtask jobs --help', "
+            "'kongtask dashboard --help'."
         ),
         allow_abbrev=False,
     )
@@ -118,18 +134,49 @@ def _worker_parser() -> argparse.ArgumentParser:
         help="run cleanup tasks (comma separated: GC_TASK_IDENTIFIERS, GC_JOB_QUEUES, "
         "DELETE_PERMAFAILED_JOBS), then exit",
     )
+    parser.add_argument(
+        "--metrics-port",
+        type=_port,
+        default=None,
+        metavar="PORT",
+        help="serve Prometheus /metrics and the /healthz and /readyz probes on this port "
+        "(0: any free port, logged at start; needs the 'metrics' extra)",
+    )
+    parser.add_argument(
+        "--metrics-host",
+        default="127.0.0.1",
+        metavar="HOST",
+        help="address for --metrics-port (default 127.0.0.1; 0.0.0.0 for every interface)",
+    )
+    parser.add_argument(
+        "--log-format",
+        choices=LOG_FORMATS,
+        default="text",
+        help="log lines as timestamped text or as JSON lines (default text; "
+        "also $KONGTASK_LOG_FORMAT); works with every command",
+    )
     parser.add_argument("--version", action="version", version=f"kongtask {__version__}")
     return parser
 
 
-def _configure_logging() -> None:
+def _configure_logging(fmt: str = "text") -> None:
     debug = bool(os.environ.get("GRAPHILE_LOGGER_DEBUG") or os.environ.get("KONGTASK_DEBUG"))
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("[%(name)s] %(levelname)s: %(message)s"))
-    root = logging.getLogger("kongtask")
-    root.handlers[:] = [handler]
-    root.setLevel(logging.DEBUG if debug else logging.INFO)
-    root.propagate = False
+    configure_logs(fmt, level=logging.DEBUG if debug else logging.INFO)
+
+
+def _pop_log_format(args: list[str]) -> tuple[str, list[str]]:
+    """Take ``--log-format X`` out of the arguments (any command accepts it)."""
+    fmt = os.environ.get("KONGTASK_LOG_FORMAT") or "text"
+    rest: list[str] = []
+    items = iter(args)
+    for arg in items:
+        if arg == "--log-format":
+            fmt = next(items, "")
+        elif arg.startswith("--log-format="):
+            fmt = arg.partition("=")[2]
+        else:
+            rest.append(arg)
+    return fmt, rest
 
 
 def _schema_only(args: argparse.Namespace) -> int:
@@ -177,6 +224,9 @@ def _run_worker(args: argparse.Namespace) -> int:
         options["max_pool_size"] = args.max_pool_size
     if args.local_queue_size is not None:
         options["local_queue_size"] = args.local_queue_size
+    if args.metrics_port is not None:
+        options["metrics_port"] = args.metrics_port
+        options["metrics_host"] = args.metrics_host
     if args.once:
         run_once(**options)
         return EXIT_OK
@@ -191,7 +241,19 @@ def _run_worker(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+#: Command groups beside the worker: ``kongtask GROUP ...``.
+GROUPS = ("crontab", "admin", "status", "jobs", "dashboard")
+
+
 def _dispatch_group(name: str, argv: Sequence[str]) -> int:
+    if name in ("status", "jobs"):
+        from .cli_jobs import jobs_main, status_main
+
+        return status_main(argv) if name == "status" else jobs_main(argv)
+    if name == "dashboard":
+        from .dashboard.cli import main as dashboard_main
+
+        return dashboard_main(argv)
     if name == "crontab":
         from .cli_crontab import main as crontab_main
 
@@ -221,9 +283,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _main(args_list: list[str]) -> int:
-    _configure_logging()
+    log_format, args_list = _pop_log_format(args_list)
     try:
-        if args_list and args_list[0] in ("crontab", "admin"):
+        _configure_logging(log_format)
+        if args_list and args_list[0] in GROUPS:
             return _dispatch_group(args_list[0], args_list[1:])
         parser = _worker_parser()
         args = parser.parse_args(args_list)

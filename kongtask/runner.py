@@ -12,14 +12,20 @@ process; each sends its events with itself as the blinker sender.
 
 from __future__ import annotations
 
+import importlib.util
 import inspect
 import logging
 import os
-from collections.abc import Callable, Iterable, Mapping, Sequence
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from types import ModuleType, TracebackType
 from typing import Any, Self
+
+import pykka
 
 from . import events
 from .actors.supervisor import Supervisor
@@ -33,7 +39,7 @@ from .job_spec import JobSpec
 from .protocols import Clock
 from .settings import WorkerSettings
 
-__all__ = ["Runner", "run", "run_once"]
+__all__ = ["Runner", "RunnerLoad", "run", "run_once"]
 
 logger = logging.getLogger(__name__)
 
@@ -70,8 +76,29 @@ class Runner:
         crontab_file: str | Path | None = None,
         cron_items: Sequence[ParsedCronItem] | None = None,
         once: bool = False,
+        metrics_port: int | None = None,
+        metrics_host: str = "127.0.0.1",
     ) -> None:
         self._tasks = _check_tasks(tasks)
+        if metrics_port is not None and (
+            isinstance(metrics_port, bool)
+            or not isinstance(metrics_port, int)
+            or not 0 <= metrics_port <= 65535
+        ):
+            raise ConfigurationError(
+                f"metrics_port must be a TCP port number (0-65535) or None, got {metrics_port!r}",
+                name="metrics_port",
+                value=metrics_port,
+            )
+        if metrics_port is not None and importlib.util.find_spec("prometheus_client") is None:
+            raise ConfigurationError(
+                "metrics_port needs the prometheus_client package: pip install 'kongtask[metrics]'",
+                name="metrics_port",
+                value=metrics_port,
+            )
+        self._metrics_port = metrics_port
+        self._metrics_host = metrics_host
+        self.ops_server: Any = None
         if connection_string is not None and not isinstance(connection_string, str):
             raise ConfigurationError(
                 "connection_string must be a string or None",
@@ -155,7 +182,23 @@ class Runner:
             no_log_success=bool(os.environ.get("NO_LOG_SUCCESS")),
         )
         self._supervisor = supervisor
+        # The permanent-failure line (kept off the executor's hot path: it is
+        # an ordinary receiver of job:failed).
+        events.job_failed.connect(_log_giving_up, sender=self)
+        if self._metrics_port is not None:
+            from .health import OpsServer
+
+            # Made before the actors start, so the metrics count every event.
+            self.ops_server = OpsServer.for_runner(
+                self, host=self._metrics_host, port=self._metrics_port
+            )
         supervisor.start(self.settings.install_signal_handlers is not False)
+        if self.ops_server is not None:
+            try:
+                self.ops_server.start()
+            except BaseException:
+                self.kill()
+                raise
         return self
 
     def reload_crontab(self, timeout: float | None = 30.0) -> bool:
@@ -263,11 +306,127 @@ class Runner:
                 conn, ctx.queries, specs, job_key_preserve_run_at=job_key_preserve_run_at
             )
 
+    # --- read-only views for metrics and health probes --------------------------------
+
+    def load(self) -> RunnerLoad | None:
+        """How busy the executors and the local queue are right now; ``None`` unless running."""
+        supervisor = self._supervisor
+        if supervisor is None or supervisor.ctx is None or supervisor.done.is_set():
+            return None
+        executors = supervisor._executors
+        queue = supervisor.ctx.queue
+        return RunnerLoad(
+            concurrency=self.settings.concurrency,
+            executors_busy=len(executors.running()) if executors is not None else 0,
+            local_queue_jobs=len(queue),
+            local_queue_size=queue.size,
+        )
+
+    def probe(self, timeout_s: float = 2.0) -> dict[str, str | None]:
+        """Ask every actor to answer and check every executor thread, within ``timeout_s``.
+
+        Returns part name -> ``None`` when it answered, else why not (a stuck
+        or dead actor, a dead executor thread). Empty unless running.
+        """
+        supervisor = self._supervisor
+        if supervisor is None or supervisor.done.is_set():
+            return {}
+        refs: dict[str, Any] = {
+            "claimer": supervisor._claimer,
+            "completer": supervisor._completer,
+            "sweeper": supervisor._sweeper,
+            "publisher": supervisor.bus._actor,
+        }
+        cron = supervisor.cron
+        for ref in getattr(cron, "_actors", None) or ():
+            refs[f"cron:{ref.actor_class.__name__}"] = ref
+        futures: dict[str, Any] = {}
+        result: dict[str, str | None] = {}
+        for name, ref in refs.items():
+            if ref is None:
+                continue
+            try:
+                futures[name] = ref.ask(_PROBE, block=False)
+            except pykka.ActorDeadError:
+                result[name] = "the actor has stopped"
+        deadline = time.monotonic() + timeout_s
+        for name, future in futures.items():
+            try:
+                future.get(timeout=max(0.0, deadline - time.monotonic()))
+                result[name] = None
+            except pykka.Timeout:
+                result[name] = f"did not answer within {timeout_s:g}s"
+            except pykka.ActorDeadError:
+                result[name] = "the actor has stopped"
+        executors = supervisor._executors
+        if executors is not None:
+            dead = [
+                worker_id
+                for worker_id, thread in zip(executors.worker_ids, executors._threads, strict=False)
+                if not thread.is_alive()
+            ]
+            result["executors"] = f"executor threads ended: {', '.join(dead)}" if dead else None
+        return result
+
+    @property
+    def listening(self) -> bool | None:
+        """True while LISTEN is connected; ``None`` when this Runner does not listen (run once)."""
+        supervisor = self._supervisor
+        listener = supervisor._listener if supervisor is not None else None
+        if listener is None:
+            return None
+        return listener.connected.is_set()
+
+    @contextmanager
+    def connection(self, timeout_s: float = 5.0) -> Iterator[Any]:
+        """A connection from this Runner's pool for the ``with`` block (waits ``timeout_s``)."""
+        ctx = self._context()
+        with ctx.pool.connection(timeout=timeout_s) as conn:
+            yield conn
+
     def _context(self) -> Any:
         supervisor = self._supervisor
         if supervisor is None or supervisor.ctx is None or supervisor.done.is_set():
             raise KongtaskError("the Runner is not running; start it first")
         return supervisor.ctx
+
+
+@dataclass(frozen=True, slots=True)
+class RunnerLoad:
+    """A Runner's executors and local queue at one instant (see :meth:`Runner.load`)."""
+
+    concurrency: int
+    executors_busy: int
+    local_queue_jobs: int
+    local_queue_size: int
+
+
+# Actors answer None to a message they do not know: a cheap "are you there?".
+_PROBE = "kongtask:probe"
+
+_worker_logger = logging.getLogger("kongtask.worker")
+
+
+def _log_giving_up(runner: Runner, *, job: Job, error: Any, **_: Any) -> None:
+    """Say plainly that a job used its last attempt and will not run again."""
+    from .actors.executor import error_message
+
+    message = error_message(error) if isinstance(error, BaseException) else str(error)
+    _worker_logger.error(
+        "Giving up on job %s (%s) after %d attempt(s): %s",
+        job.id,
+        job.task_identifier,
+        job.attempts,
+        message,
+        extra={
+            "job_id": job.id,
+            "task": job.task_identifier,
+            "attempt": job.attempts,
+            "max_attempts": job.max_attempts,
+            "queue_id": job.job_queue_id,
+            "pool": runner.pool_id,
+        },
+    )
 
 
 def run(**options: Any) -> Runner:
@@ -278,7 +437,9 @@ def run(**options: Any) -> Runner:
     embedded server), ``schema``, ``concurrency``, ``poll_interval_s``,
     ``forbidden_flags``, ``max_pool_size``, ``prepared_statements``,
     ``graceful_shutdown_abort_timeout_s``, ``install_signal_handlers``,
-    ``local_queue_size``, ``local_queue_ttl_s``, ``lock_expiry``, ``clock``, and
+    ``local_queue_size``, ``local_queue_ttl_s``, ``lock_expiry``, ``clock``,
+    ``metrics_port``/``metrics_host`` (serve ``/metrics``, ``/healthz`` and
+    ``/readyz``; see :mod:`kongtask.health`), and
     the crontab as one of ``crontab`` (text), ``crontab_file`` (a path; SIGHUP
     and :meth:`Runner.reload_crontab` re-read it) or ``cron_items`` (from
     :func:`kongtask.parse_cron_items`). The schema is migrated first.

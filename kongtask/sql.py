@@ -448,6 +448,137 @@ from json_to_recordset(%(specs)s::json) as spec(
 """
 
 
+# --- inspection (kongtask status, kongtask jobs, the dashboard) -------------
+
+# A job's state as operators name it, from its columns alone (so every
+# listing and count agrees): running = locked by a pool; failed = attempts
+# used up (permanently failed); retrying = failed before and waiting for its
+# next attempt; scheduled = never tried and run_at in the future; ready =
+# runnable now (perhaps behind a locked named queue).
+JOB_STATE = """
+case
+    when jobs.locked_at is not null then 'running'
+    when jobs.attempts >= jobs.max_attempts then 'failed'
+    when jobs.attempts > 0 then 'retrying'
+    when jobs.run_at > now() then 'scheduled'
+    else 'ready'
+end
+"""
+
+# Job counts by task, named queue (NULL for none), state and locking pool.
+STATUS_COUNTS = (
+    """
+select tasks.identifier as task, queues.queue_name as queue,
+       """
+    + JOB_STATE
+    + """ as state,
+       jobs.locked_by as locked_by, count(*)::int as jobs
+from {s}._private_jobs as jobs
+join {s}._private_tasks as tasks on tasks.id = jobs.task_id
+left join {s}._private_job_queues as queues on queues.id = jobs.job_queue_id
+group by 1, 2, 3, 4
+order by 1, 2 nulls first, 3, 4 nulls first
+"""
+)
+
+# Named queues currently locked, and by whom.
+LOCKED_QUEUES = """
+select queue_name, locked_by, locked_at
+from {s}._private_job_queues
+where locked_at is not null
+order by queue_name
+"""
+
+# kongtask pools (from their heartbeat table), newest heartbeat first, with
+# whether each counts as live (heartbeat within the bound, in seconds).
+POOLS = """
+select pool_id, hostname, pid, concurrency, started_at, last_seen, version,
+       last_seen > now() - make_interval(secs => %(live_bound_s)s) as live
+from {s}._kongtask_pools
+order by last_seen desc, pool_id
+"""
+
+# Every identifier the cron protocol knows, with its last firing.
+KNOWN_CRONTABS = """
+select identifier, known_since, last_execution
+from {s}._private_known_crontabs
+order by identifier
+"""
+
+# Jobs filtered by task, named queue and state, oldest run_at first; each row
+# is JOB_COLUMNS plus its queue name and state. NULL filters match all.
+LIST_JOBS = (
+    "select"
+    + JOB_COLUMNS
+    + """, queues.queue_name, """
+    + JOB_STATE
+    + """ as state
+from {s}._private_jobs as jobs
+join {s}._private_tasks as tasks on tasks.id = jobs.task_id
+left join {s}._private_job_queues as queues on queues.id = jobs.job_queue_id
+where (%(task)s::text is null or tasks.identifier = %(task)s::text)
+  and (%(queue)s::text is null or queues.queue_name = %(queue)s::text)
+  and (%(state)s::text is null or """
+    + JOB_STATE
+    + """ = %(state)s::text)
+  and (%(ids)s::bigint[] is null or jobs.id = any(%(ids)s::bigint[]))
+order by jobs.run_at, jobs.id
+limit %(limit)s
+"""
+)
+
+# Make jobs run now: run_at = now() and, for a job whose attempts are used
+# up, one more attempt (max_attempts = attempts + 1), keeping its history.
+# Locked jobs are left alone unless their lock is stale (as the schema's own
+# admin functions do). Workers are woken with the notification add_jobs
+# sends (same channel and payload shape), so they claim at once.
+RETRY_JOBS = (
+    """
+with retried as (
+    update {s}._private_jobs as jobs
+    set run_at = now(),
+        max_attempts = least(32767, greatest(jobs.max_attempts, jobs.attempts + 1)),
+        updated_at = now()
+    where jobs.id = any(%(ids)s::bigint[])
+      and (jobs.locked_at is null or jobs.locked_at < now() - interval '4 hours')
+    returning jobs.*
+),
+woken as (
+    select pg_notify('jobs:insert', format('{{"r":%%s,"count":%%s}}', random(), count(*)))
+    from retried having count(*) > 0
+)
+select"""
+    + JOB_COLUMNS
+    + """
+from retried as jobs
+left join {s}._private_tasks as tasks on tasks.id = jobs.task_id
+cross join (select count(*) from woken) as notified
+"""
+)
+
+# Per minute of the last hour: how many jobs recorded a failure then (their
+# latest failure; a job failing twice in the hour counts in its last minute).
+FAILURES_BY_MINUTE = """
+select date_trunc('minute', updated_at) as minute, count(*)::int as failures
+from {s}._private_jobs
+where last_error is not null and locked_at is null
+  and updated_at > now() - interval '1 hour'
+group by 1
+order by 1
+"""
+
+# Rows ever deleted from the jobs table (completed, removed or cleaned up),
+# from PostgreSQL's statistics: sampled over time it gives the throughput.
+JOBS_DELETED_TOTAL = """
+select coalesce(n_tup_del, 0)::bigint, now()
+from pg_stat_user_tables
+where schemaname = %(schema)s::text and relname = '_private_jobs'
+"""
+
+# The database answers (the readiness probe), with its clock.
+PING = "select now()"
+
+
 class Queries:
     """The statements above, composed for one schema (cheap to keep, one per schema)."""
 
@@ -566,3 +697,39 @@ class Queries:
     @cached_property
     def cron_add_keyed_jobs(self) -> sql.Composed:
         return self._compose(CRON_ADD_KEYED_JOBS)
+
+    @cached_property
+    def status_counts(self) -> sql.Composed:
+        return self._compose(STATUS_COUNTS)
+
+    @cached_property
+    def locked_queues(self) -> sql.Composed:
+        return self._compose(LOCKED_QUEUES)
+
+    @cached_property
+    def pools(self) -> sql.Composed:
+        return self._compose(POOLS)
+
+    @cached_property
+    def known_crontabs(self) -> sql.Composed:
+        return self._compose(KNOWN_CRONTABS)
+
+    @cached_property
+    def list_jobs(self) -> sql.Composed:
+        return self._compose(LIST_JOBS)
+
+    @cached_property
+    def retry_jobs(self) -> sql.Composed:
+        return self._compose(RETRY_JOBS)
+
+    @cached_property
+    def failures_by_minute(self) -> sql.Composed:
+        return self._compose(FAILURES_BY_MINUTE)
+
+    @cached_property
+    def jobs_deleted_total(self) -> sql.Composed:
+        return self._compose(JOBS_DELETED_TOTAL)
+
+    @cached_property
+    def ping(self) -> sql.Composed:
+        return self._compose(PING)

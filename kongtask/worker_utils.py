@@ -18,12 +18,15 @@ from typing import Any, Self
 import psycopg
 from psycopg.rows import dict_row
 
+from . import ops
 from .connection import open_database, resolve_schema
+from .cron.types import ParsedCronItem
 from .enqueue import add_job_on, add_jobs_on, jobs_from_query
 from .errors import ConfigurationError, InvalidJobError, KongtaskError
 from .job import Job
 from .job_spec import JobSpec
 from .migrate import MigrationResult, migrate
+from .ops import JobInfo, PoolInfo, StatusReport
 from .sql import Queries
 
 __all__ = ["CLEANUP_TASKS", "WorkerUtils", "add_job"]
@@ -282,6 +285,45 @@ class WorkerUtils:
                 cursor = conn.execute(self._queries.cleanup[name], {"keep": keep})
                 removed[name] = cursor.rowcount
         return removed
+
+    # --- inspection (kongtask status / jobs, the dashboard) --------------------
+
+    def status(self, *, cron_items: Sequence[ParsedCronItem] = ()) -> StatusReport:
+        """Job counts per task, named queue and pool; locked queues, live pools, cron.
+
+        ``cron_items`` (a parsed crontab) adds each item's spec and next firing.
+        """
+        with self.connection() as conn:
+            return ops.status(conn, self._queries, cron_items=cron_items)
+
+    def list_jobs(
+        self,
+        *,
+        task: str | None = None,
+        queue: str | None = None,
+        state: str | None = None,
+        limit: int = 100,
+    ) -> list[JobInfo]:
+        """Jobs matching the filters (``state`` one of ``kongtask.ops.JOB_STATES``)."""
+        with self.connection() as conn:
+            return ops.list_jobs(
+                conn, self._queries, task=task, queue=queue, state=state, limit=limit
+            )
+
+    def get_job(self, job_id: int) -> JobInfo | None:
+        """One job with its queue, state and timing, or ``None`` if it does not exist."""
+        with self.connection() as conn:
+            return ops.get_job(conn, self._queries, job_id)
+
+    def retry_jobs(self, ids: Iterable[int]) -> list[Job]:
+        """Run these jobs now (a permanently failed one gets one more attempt)."""
+        with self.connection() as conn:
+            return ops.retry_jobs(conn, self._queries, ids)
+
+    def list_pools(self, *, live_only: bool = False) -> list[PoolInfo]:
+        """kongtask pools from their heartbeat rows (``live`` within 60 s)."""
+        with self.connection() as conn:
+            return ops.list_pools(conn, self._queries, live_only=live_only)
 
 
 def add_job(

@@ -1,0 +1,448 @@
+"""The dashboard as a WSGI application: server-rendered pages and POST actions.
+
+Mount it in a host's WSGI server (``Dashboard(...)`` is the app; under a
+prefix, the host sets ``SCRIPT_NAME``), or run ``kongtask dashboard``.
+
+Security, since the pages can change jobs:
+
+- every action is a POST carrying a per-process CSRF token twice, in a hidden
+  form field and in a ``SameSite=Strict`` cookie, compared in constant time;
+  and its ``Origin`` (or ``Referer``) must name the host the request was sent
+  to, so another site can neither forge nor replay a form;
+- with ``allowed_hosts`` (``kongtask dashboard`` sets it to the address it
+  listens on) other ``Host`` headers are refused, which defeats DNS rebinding;
+- with ``token`` every request must carry it (a ``kongtask_token`` cookie set
+  by visiting ``/?token=T`` once, or ``Authorization: Bearer T``);
+- pages forbid framing and load nothing from elsewhere (CSP ``default-src 'none'``).
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import secrets
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Sequence
+from datetime import UTC, datetime
+from http.cookies import SimpleCookie
+from importlib import resources
+from string import Template
+from typing import Any
+from urllib.parse import parse_qs, urlencode, urlsplit
+
+import psycopg
+
+from kongtask.cli_admin import find_dead_pools
+from kongtask.cli_jobs import parse_time
+from kongtask.cron.types import ParsedCronItem
+from kongtask.errors import KongtaskError
+from kongtask.ops import JOB_STATES, failures_by_minute, jobs_deleted_total
+from kongtask.sql import Queries
+from kongtask.worker_utils import WorkerUtils
+
+from . import views
+from .chart import ThroughputSampler, floor_minute, render_chart
+
+__all__ = ["Dashboard"]
+
+logger = logging.getLogger(__name__)
+
+StartResponse = Callable[..., Any]
+
+_CSRF_COOKIE = "kongtask_csrf"
+_TOKEN_COOKIE = "kongtask_token"
+_MAX_FORM_BYTES = 64 * 1024
+_MAX_FLASHES = 256
+_LIST_LIMIT = 200
+_FAILING_LIMIT = 50
+_SECURITY_HEADERS = [
+    (
+        "Content-Security-Policy",
+        "default-src 'none'; style-src 'unsafe-inline'; img-src 'self' data:; "
+        "form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
+    ),
+    ("X-Frame-Options", "DENY"),
+    ("X-Content-Type-Options", "nosniff"),
+    ("Referrer-Policy", "same-origin"),
+    ("Cache-Control", "no-store"),
+]
+
+
+class _Refused(Exception):
+    """A request the dashboard will not serve: (status, message)."""
+
+    def __init__(self, status: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class Dashboard:
+    """The dashboard WSGI app over one database (``connection_string`` as everywhere else)."""
+
+    def __init__(
+        self,
+        connection_string: str | None = None,
+        *,
+        schema: str | None = None,
+        cron_items: Sequence[ParsedCronItem] = (),
+        token: str | None = None,
+        allowed_hosts: Iterable[str] | None = None,
+    ) -> None:
+        if token is not None and (not isinstance(token, str) or len(token) < 8):
+            raise KongtaskError("the dashboard token must be a string of at least 8 characters")
+        self._connection_string = connection_string
+        self._schema = schema
+        self._cron_items = list(cron_items)
+        self._token = token
+        self._allowed_hosts = (
+            {host.lower() for host in allowed_hosts} if allowed_hosts is not None else None
+        )
+        self.csrf_token = secrets.token_urlsafe(32)
+        self.sampler = ThroughputSampler()
+        self._utils: WorkerUtils | None = None
+        self._utils_lock = threading.Lock()
+        self._flashes: OrderedDict[str, tuple[bool, str]] = OrderedDict()
+        self._flash_lock = threading.Lock()
+        self._template = Template(
+            resources.files(__package__).joinpath("templates/layout.html").read_text("utf-8")
+        )
+
+    # --- the database -------------------------------------------------------------
+
+    def utils(self) -> WorkerUtils:
+        """The open WorkerUtils (reopened after a lost connection)."""
+        with self._utils_lock:
+            utils = self._utils
+            if utils is not None:
+                with utils.connection() as conn:
+                    broken = conn.closed
+                if not broken:
+                    return utils
+                utils.close()
+            self._utils = WorkerUtils(self._connection_string, schema=self._schema).open()
+            return self._utils
+
+    def _drop_utils(self) -> None:
+        with self._utils_lock:
+            utils, self._utils = self._utils, None
+        if utils is not None:
+            utils.close()
+
+    def close(self) -> None:
+        """Close the database connection (and the embedded server if it started one)."""
+        self._drop_utils()
+
+    def sample(self) -> None:
+        """Record the jobs table's deletion counter now (feeds the throughput chart)."""
+        utils = self.utils()
+        with utils.connection() as conn:
+            found = jobs_deleted_total(conn, Queries(utils.schema))
+        if found is not None:
+            total, now = found
+            self.sampler.add(now, total)
+
+    # --- WSGI --------------------------------------------------------------------
+
+    def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+        try:
+            self._check_host(environ)
+            cookies = SimpleCookie(environ.get("HTTP_COOKIE", ""))
+            login = self._check_token(environ, cookies)
+            if login is not None:
+                return self._redirect(start_response, login, token_cookie=True)
+            method = environ.get("REQUEST_METHOD", "GET")
+            path = environ.get("PATH_INFO", "") or "/"
+            if method == "POST" and path.startswith("/actions/"):
+                return self._action(environ, start_response, cookies, path[len("/actions/") :])
+            if method not in ("GET", "HEAD") or path.startswith("/actions/"):
+                raise _Refused("405 Method Not Allowed", "pages are GETs; actions are POSTs")
+            return self._page(environ, start_response, path)
+        except _Refused as refused:
+            return self._plain(start_response, refused.status, str(refused))
+        except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
+            logger.warning("Dashboard: database unavailable: %s", exc)
+            self._drop_utils()
+            return self._plain(
+                start_response, "503 Service Unavailable", "The database is unavailable; retry."
+            )
+
+    def _plain(self, start_response: StartResponse, status: str, text: str) -> list[bytes]:
+        body = (text + "\n").encode()
+        start_response(
+            status,
+            [("Content-Type", "text/plain; charset=utf-8"), *_SECURITY_HEADERS],
+        )
+        return [body]
+
+    def _check_host(self, environ: dict[str, Any]) -> None:
+        if self._allowed_hosts is None:
+            return
+        host = environ.get("HTTP_HOST", "").lower()
+        if host not in self._allowed_hosts:
+            raise _Refused("421 Misdirected Request", f"unexpected Host header: {host!r}")
+
+    def _check_token(self, environ: dict[str, Any], cookies: SimpleCookie) -> str | None:
+        """Raise unless the request carries the token; a location to go to after a login."""
+        token = self._token
+        if token is None:
+            return None
+        query = parse_qs(environ.get("QUERY_STRING", ""))
+        given = query.get("token", [None])[0]
+        if given is not None and environ.get("REQUEST_METHOD") == "GET":
+            if hmac.compare_digest(given.encode(), token.encode()):
+                return str(environ.get("SCRIPT_NAME", "")) + str(environ.get("PATH_INFO") or "/")
+            raise _Refused("403 Forbidden", "wrong token")
+        header = environ.get("HTTP_AUTHORIZATION", "")
+        if header.startswith("Bearer ") and hmac.compare_digest(
+            header[7:].encode(), token.encode()
+        ):
+            return None
+        cookie = cookies.get(_TOKEN_COOKIE)
+        if cookie is not None and hmac.compare_digest(cookie.value.encode(), token.encode()):
+            return None
+        raise _Refused(
+            "401 Unauthorized", "This dashboard needs its token: open it once as /?token=TOKEN"
+        )
+
+    def _cookies(self, token_cookie: bool = False) -> list[tuple[str, str]]:
+        headers = [
+            (
+                "Set-Cookie",
+                f"{_CSRF_COOKIE}={self.csrf_token}; Path=/; SameSite=Strict; HttpOnly",
+            )
+        ]
+        if token_cookie and self._token is not None:
+            headers.append(
+                ("Set-Cookie", f"{_TOKEN_COOKIE}={self._token}; Path=/; SameSite=Strict; HttpOnly")
+            )
+        return headers
+
+    def _redirect(
+        self, start_response: StartResponse, location: str, *, token_cookie: bool = False
+    ) -> list[bytes]:
+        start_response(
+            "303 See Other",
+            [("Location", location), *self._cookies(token_cookie), *_SECURITY_HEADERS],
+        )
+        return [b""]
+
+    # --- pages ---------------------------------------------------------------------
+
+    def _page(
+        self, environ: dict[str, Any], start_response: StartResponse, path: str
+    ) -> list[bytes]:
+        base = environ.get("SCRIPT_NAME", "").rstrip("/")
+        query = {
+            key: values[0] for key, values in parse_qs(environ.get("QUERY_STRING", "")).items()
+        }
+        back = (
+            base + path + (("?" + environ["QUERY_STRING"]) if environ.get("QUERY_STRING") else "")
+        )
+        forms = views.Forms(base, self.csrf_token, _strip_flash(back))
+        utils = self.utils()
+        now = datetime.now(UTC)
+        if path == "/":
+            title, body = "Overview", self._overview(utils, forms, base)
+        elif path == "/jobs":
+            title, body = "Jobs", self._jobs(utils, forms, base, query, now)
+        elif path.startswith("/jobs/") and path[len("/jobs/") :].isdigit():
+            job_id = int(path[len("/jobs/") :])
+            info = utils.get_job(job_id) if job_id < 2**63 else None
+            title = f"Job {job_id}"
+            body = (
+                views.job_detail(info, forms)
+                if info is not None
+                else f"<p>No job {job_id}: it may have completed or been removed. "
+                f'<a href="{views.e(base)}/">Back to the overview</a></p>'
+            )
+        else:
+            raise _Refused("404 Not Found", "no such page")
+        with self._flash_lock:
+            flash = self._flashes.pop(query.get("flash", ""), None)
+        flash_html = ""
+        if flash is not None:
+            kind = "flash" if flash[0] else "flash bad"
+            flash_html = f'<div class="{kind}" role="status">{views.e(flash[1])}</div>'
+
+        html = self._template.substitute(
+            title=views.e(title),
+            body=body,
+            base=views.e(base),
+            schema=views.e(utils.schema),
+            now=views.e(now.strftime("%Y-%m-%d %H:%M:%S UTC")),
+            flash=flash_html,
+        )
+        data = html.encode("utf-8")
+        start_response(
+            "200 OK",
+            [
+                ("Content-Type", "text/html; charset=utf-8"),
+                ("Content-Length", str(len(data))),
+                *self._cookies(),
+                *_SECURITY_HEADERS,
+            ],
+        )
+        return [data]
+
+    def _overview(self, utils: WorkerUtils, forms: views.Forms, base: str) -> str:
+        self.sample()
+        report = utils.status(cron_items=self._cron_items)
+        with utils.connection() as conn:
+            failed = {
+                floor_minute(m): n for m, n in failures_by_minute(conn, Queries(utils.schema))
+            }
+            dead_locks = find_dead_pools(conn, utils.schema)
+        chart = render_chart(report.now, self.sampler.per_minute(), failed)
+        failing = utils.list_jobs(state="retrying", limit=_FAILING_LIMIT) + utils.list_jobs(
+            state="failed", limit=_FAILING_LIMIT
+        )
+        pools = utils.list_pools()
+        live = {pool.pool_id for pool in pools if pool.live}
+        dead = [holder for holder in dead_locks if holder.pool_id not in live]
+        history_of = getattr(utils, "cron_history", None)
+        history = list(history_of(limit=20)) if callable(history_of) else None
+        return views.overview(
+            report,
+            base=base,
+            chart=chart,
+            chart_since=self.sampler.since,
+            failing=views.failing_section(failing, forms, base, report.now),
+            pools=views.pools_section(pools, dead, forms, report.now),
+            cron=views.cron_section(report.cron, report.now, history),
+        )
+
+    def _jobs(
+        self,
+        utils: WorkerUtils,
+        forms: views.Forms,
+        base: str,
+        query: dict[str, str],
+        now: datetime,
+    ) -> str:
+        filters: dict[str, str | None] = {
+            name: (query.get(name) or None) for name in ("task", "queue", "state")
+        }
+        if filters["state"] is not None and filters["state"] not in JOB_STATES:
+            raise _Refused("400 Bad Request", f"unknown state {filters['state']!r}")
+        infos = utils.list_jobs(
+            task=filters["task"], queue=filters["queue"], state=filters["state"], limit=_LIST_LIMIT
+        )
+        return views.jobs_page(infos, forms, base=base, now=now, filters=filters, limit=_LIST_LIMIT)
+
+    # --- actions ---------------------------------------------------------------------
+
+    def _check_origin(self, environ: dict[str, Any]) -> None:
+        host = environ.get("HTTP_HOST", "").lower()
+        source = environ.get("HTTP_ORIGIN") or environ.get("HTTP_REFERER")
+        if not source or source == "null":
+            raise _Refused("403 Forbidden", "actions need an Origin or Referer header")
+        if urlsplit(source).netloc.lower() != host:
+            raise _Refused("403 Forbidden", "cross-site request refused")
+
+    def _read_form(self, environ: dict[str, Any]) -> dict[str, str]:
+        try:
+            length = int(environ.get("CONTENT_LENGTH") or 0)
+        except ValueError:
+            length = 0
+        if length > _MAX_FORM_BYTES:
+            raise _Refused("413 Content Too Large", "form too large")
+        raw = environ["wsgi.input"].read(length).decode("utf-8", "replace") if length else ""
+        return {key: values[0] for key, values in parse_qs(raw).items()}
+
+    def _action(
+        self,
+        environ: dict[str, Any],
+        start_response: StartResponse,
+        cookies: SimpleCookie,
+        name: str,
+    ) -> list[bytes]:
+        self._check_origin(environ)
+        form = self._read_form(environ)
+        cookie = cookies.get(_CSRF_COOKIE)
+        expected = self.csrf_token.encode()
+        if not (
+            hmac.compare_digest(form.get("csrf", "").encode(), expected)
+            and cookie is not None
+            and hmac.compare_digest(cookie.value.encode(), expected)
+        ):
+            raise _Refused("403 Forbidden", "missing or stale form token; reload the page")
+        base = environ.get("SCRIPT_NAME", "").rstrip("/")
+        back = form.get("next") or base + "/"
+        if not back.startswith("/") or back.startswith("//"):
+            back = base + "/"
+        try:
+            ok, message = self._do(name, form)
+        except KongtaskError as exc:
+            ok, message = False, str(exc)
+        flash = self._flash(ok, message)
+        separator = "&" if "?" in back else "?"
+        return self._redirect(start_response, f"{back}{separator}{urlencode({'flash': flash})}")
+
+    def _flash(self, ok: bool, message: str) -> str:
+        key = secrets.token_urlsafe(8)
+        with self._flash_lock:
+            self._flashes[key] = (ok, message)
+            while len(self._flashes) > _MAX_FLASHES:
+                self._flashes.popitem(last=False)
+        return key
+
+    def _do(self, name: str, form: dict[str, str]) -> tuple[bool, str]:
+        utils = self.utils()
+        if name == "unlock":
+            return self._unlock(utils, form.get("pool_id", ""))
+        if name == "remove":
+            key = form.get("key", "")
+            removed = utils.remove_job(key)
+            if removed is None:
+                return False, f"No job holds the key {key!r}"
+            if removed.key is None and removed.locked_at is not None:
+                return True, f"Job {removed.id} is running; it lost its key and will not retry"
+            return True, f"Removed job {removed.id} (key {key!r})"
+        job_id = _job_id(form.get("job_id", ""))
+        if name == "retry":
+            done = utils.retry_jobs([job_id])
+            verb = "Retrying job {} now"
+        elif name == "fail":
+            reason = form.get("reason", "").strip()
+            if not reason:
+                return False, "Give a reason to fail a job"
+            done = utils.permanently_fail_jobs([job_id], reason)
+            verb = "Failed job {} permanently"
+        elif name == "reschedule":
+            at = parse_time(form.get("at", "").strip(), name="the new run time")
+            done = utils.reschedule_jobs([job_id], run_at=at)
+            verb = "Rescheduled job {} to " + at.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+        else:
+            raise _Refused("404 Not Found", f"no action {name!r}")
+        if not done:
+            return False, f"Job {job_id} was not changed: it is running, or no longer exists"
+        return True, verb.format(job_id)
+
+    def _unlock(self, utils: WorkerUtils, pool_id: str) -> tuple[bool, str]:
+        if not pool_id:
+            return False, "No pool id given"
+        live = {pool.pool_id for pool in utils.list_pools(live_only=True)}
+        if pool_id in live:
+            return False, f"Pool {pool_id} sent a heartbeat recently; it is alive, not unlocked"
+        with utils.connection() as conn, conn.transaction():
+            # Checked again in the transaction that unlocks (a reconnecting pool
+            # has no session for a moment).
+            dead = {holder.pool_id for holder in find_dead_pools(conn, utils.schema)}
+            if pool_id not in dead:
+                return False, f"Pool {pool_id} has a database session or holds nothing"
+            conn.execute(Queries(utils.schema).force_unlock_workers, {"worker_ids": [pool_id]})
+        return True, f"Unlocked the jobs and queues held by {pool_id}"
+
+
+def _job_id(text: str) -> int:
+    if not text.isdigit() or not 0 < int(text) < 2**63:
+        raise KongtaskError(f"not a job id: {text!r}")
+    return int(text)
+
+
+def _strip_flash(url: str) -> str:
+    parts = urlsplit(url)
+    query = [(k, v) for k, v in parse_qs(parts.query).items() if k != "flash"]
+    rest = urlencode([(k, v[0]) for k, v in query])
+    return parts.path + (f"?{rest}" if rest else "")

@@ -1,0 +1,125 @@
+"""The dashboard in a real browser (Debian's chromium driven by Playwright) over a live worker.
+
+Set ``KONGTASK_DASHBOARD_SCREENSHOT=docs/dashboard.png`` to save the
+screenshot the README shows.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+import kongtask
+from kongtask.dashboard import DashboardServer
+from tests.integration.ops_support import add, ids_by_sql, seed_every_state
+from tests.integration.worker_support import wait_until
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+
+pytestmark = pytest.mark.skipif(
+    not Path(CHROMIUM).exists() or shutil.which("chromium") is None,
+    reason=f"Debian's chromium is not installed at {CHROMIUM} (apt-get install chromium)",
+)
+
+
+@pytest.fixture
+def browser_page() -> Iterator[Any]:
+    sync_api = pytest.importorskip("playwright.sync_api")
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 1400})
+            page.set_default_timeout(30_000)
+            yield page
+        finally:
+            browser.close()
+
+
+def count(conn: psycopg.Connection[Any], state: str) -> int:
+    return len(ids_by_sql(conn, state))
+
+
+def test_dashboard_shows_the_counts_and_retries_a_failed_job(
+    db_url: str, db: psycopg.Connection[Any], browser_page: Any, tmp_path: Path
+) -> None:
+    seeded = seed_every_state(db)
+    crontab = tmp_path / "crontab"
+    crontab.write_text("0 3 * * * report ?id=nightly\n*/15 * * * * email ?id=digest\n")
+    ran: list[int] = []
+    ran_changed = threading.Condition()
+
+    def email(payload: Any, helpers: Any) -> None:
+        with ran_changed:
+            ran.append(helpers.job.id)
+            ran_changed.notify_all()
+
+    def flaky(payload: Any, helpers: Any) -> None:
+        raise RuntimeError("upstream returned 502")
+
+    with (
+        kongtask.run(
+            tasks={"email": email, "flaky": flaky},
+            connection_string=db_url,
+            install_signal_handlers=False,
+        ) as runner,
+        DashboardServer(
+            db_url, port=0, cron_items=kongtask.parse_crontab(crontab.read_text())
+        ) as dashboard,
+    ):
+        for _ in range(40):
+            add(db, "email")
+        for _ in range(3):
+            add(db, "flaky", max_attempts=1)
+        runner.join()  # the ready email jobs ran; the rest stays as seeded
+        page = browser_page
+        page.goto(dashboard.url)
+        for state in ("ready", "scheduled", "running", "retrying", "failed"):
+            shown = page.inner_text(f'#totals b[data-state="{state}"]')
+            assert int(shown) == count(db, state), state
+        assert count(db, "failed") == 5  # two seeded, three flaky
+        assert "upstream returned 502" in page.inner_text("#failing")
+        assert "nightly" in page.inner_text("#cron") and "digest" in page.inner_text("#cron")
+        assert "web-1" in page.inner_text("#pools")
+        if os.environ.get("KONGTASK_DASHBOARD_SCREENSHOT"):
+            # PostgreSQL publishes the deletion counter within seconds; the
+            # picture should show the finished jobs too.
+            assert dashboard.app is not None
+            app = dashboard.app
+
+            def finished_counted() -> bool:
+                app.sample()
+                return bool(app.sampler.per_minute())
+
+            wait_until(finished_counted, timeout_s=20, what="the finished jobs to be counted")
+            page.goto(dashboard.url)
+            page.screenshot(path=os.environ["KONGTASK_DASHBOARD_SCREENSHOT"], full_page=True)
+
+        target = seeded["failed"][0]
+        row = page.locator(f'#failing tr[data-job-id="{target}"]')
+        row.get_by_role("button", name="Retry now").click()
+        page.wait_for_selector(".flash")
+        assert page.inner_text(".flash") == f"Retrying job {target} now"
+        with ran_changed:
+            assert ran_changed.wait_for(lambda: target in ran, 30), "the retried job did not run"
+        runner.join()
+        page.goto(dashboard.url + f"jobs/{target}")
+        assert f"No job {target}" in page.inner_text("main")
+        page.goto(dashboard.url)
+        assert int(page.inner_text('#totals b[data-state="failed"]')) == count(db, "failed") == 4
+        assert page.locator(f'#failing tr[data-job-id="{target}"]').count() == 0
