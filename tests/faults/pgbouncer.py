@@ -24,7 +24,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from .ledger import wait_until
 
-__all__ = ["Pgbouncer", "pgbouncer"]
+__all__ = ["Pgbouncer", "pgbouncer_fixture"]
 
 _CONFIG = """\
 [databases]
@@ -67,8 +67,8 @@ class Pgbouncer:
         return self.log_path.read_text(errors="replace")
 
 
-@pytest.fixture
-def pgbouncer(server_conninfo: str) -> Iterator[Pgbouncer]:
+@pytest.fixture(name="pgbouncer")
+def pgbouncer_fixture(server_conninfo: str) -> Iterator[Pgbouncer]:
     """Start pgbouncer (transaction pooling) in front of the test server; stop it afterwards."""
     binary = shutil.which("pgbouncer") or (
         "/usr/sbin/pgbouncer" if os.path.exists("/usr/sbin/pgbouncer") else None

@@ -1,4 +1,4 @@
-"""A TCP proxy on 127.0.0.1 that can make its connections go silent, and a server that never answers.
+"""A TCP proxy on 127.0.0.1 whose connections can go silent; a server that never answers.
 
 :class:`TcpProxy` forwards every connection to PostgreSQL. :meth:`TcpProxy.silence`
 turns the connections open at that moment half-open: their sockets stay

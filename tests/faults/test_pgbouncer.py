@@ -34,7 +34,7 @@ from .ledger import (
     wait_until,
     write_tasks,
 )
-from .pgbouncer import Pgbouncer, pgbouncer  # noqa: F401  (the fixture)
+from .pgbouncer import Pgbouncer, pgbouncer_fixture  # noqa: F401  (the fixture)
 
 pytestmark = pytest.mark.faults
 
@@ -193,8 +193,7 @@ def test_unlock_dead_through_pgbouncer_spares_live_pools(
                 seen += [pool.pool_id for pool in find_dead_pools(conn, "graphile_worker")]
         assert seen == []
         result = subprocess.run(
-            [sys.executable, "-m", "kongtask", "admin", "-c", to_uri(bounced)]
-            + ["unlock-dead", "--yes"],
+            [sys.executable, "-m", "kongtask", "admin", "-c", to_uri(bounced), "unlock-dead", "--yes"],
             capture_output=True,
             text=True,
             timeout=60,
