@@ -170,13 +170,15 @@ def test_unlock_dead_through_pgbouncer_spares_live_pools(
         enqueue(db, make_specs(total, queues=2, queued_every=4, ms=400))
         live = [worker.pool_id for worker in workers]
         wait_until(
-            lambda: scalar(
-                db,
-                "select count(distinct locked_by) from graphile_worker._private_jobs "
-                "where locked_by = any(%s)",
-                (live,),
-            )
-            == 3,
+            lambda: (
+                scalar(
+                    db,
+                    "select count(distinct locked_by) from graphile_worker._private_jobs "
+                    "where locked_by = any(%s)",
+                    (live,),
+                )
+                == 3
+            ),
             timeout_s=30,
             what="every live pool to hold jobs",
         )
@@ -192,8 +194,9 @@ def test_unlock_dead_through_pgbouncer_spares_live_pools(
             for _ in range(40):
                 seen += [pool.pool_id for pool in find_dead_pools(conn, "graphile_worker")]
         assert seen == []
+        admin = [sys.executable, "-m", "kongtask", "admin", "-c", to_uri(bounced)]
         result = subprocess.run(
-            [sys.executable, "-m", "kongtask", "admin", "-c", to_uri(bounced), "unlock-dead", "--yes"],
+            [*admin, "unlock-dead", "--yes"],
             capture_output=True,
             text=True,
             timeout=60,

@@ -161,13 +161,15 @@ def test_sigkilled_workers_recovered_by_admin_commands(
 
         # Their heartbeats stopped with them.
         wait_until(
-            lambda: scalar(
-                db,
-                "select count(*) from graphile_worker._kongtask_pools where pool_id = any(%s) "
-                "and last_seen < now() - interval '2 seconds'",
-                (dead,),
-            )
-            == 2,
+            lambda: (
+                scalar(
+                    db,
+                    "select count(*) from graphile_worker._kongtask_pools where pool_id = any(%s) "
+                    "and last_seen < now() - interval '2 seconds'",
+                    (dead,),
+                )
+                == 2
+            ),
             timeout_s=30,
             what="the dead pools' heartbeats to age past 2 s",
         )
