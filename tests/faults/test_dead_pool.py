@@ -1,4 +1,4 @@
-"""Dead kongtask pools give their jobs back by themselves, and a job that kills its worker is quarantined.
+"""Dead kongtask pools give their jobs back by themselves; a job that kills its worker is quarantined.
 
 Workers are real processes. Each keeps a liveness record with a heartbeat
 (``heartbeat_interval_s``); a pool whose heartbeat is older than
@@ -52,6 +52,12 @@ tasks["poison"] = poison
 '''
 
 
+def _jobs_other_than(db: psycopg.Connection[Any], job_id: int) -> int:
+    return int(
+        scalar(db, "select count(*) from graphile_worker._private_jobs where id <> %s", (job_id,))
+    )
+
+
 def test_killed_pool_is_released_automatically(
     db_url: str, db: psycopg.Connection[Any], tmp_path: Path, record_property: Any
 ) -> None:
@@ -98,10 +104,7 @@ def test_killed_pool_is_released_automatically(
         )
         released = time.monotonic() - killed_at
         wait_until(
-            lambda: scalar(
-                db, "select count(*) from graphile_worker._private_jobs where id <> %s", (foreign_id,)
-            )
-            == 0,
+            lambda: _jobs_other_than(db, foreign_id) == 0,
             timeout_s=90,
             what="the survivor to run everything",
         )
@@ -158,8 +161,7 @@ def test_job_that_kills_its_worker_is_quarantined(
 
     def settled() -> bool:
         return (
-            scalar(db, "select count(*) from graphile_worker._private_jobs where id <> %s", (poison_id,))
-            == 0
+            _jobs_other_than(db, poison_id) == 0
             and scalar(
                 db,
                 "select count(*) from graphile_worker._private_jobs where id = %s "
@@ -203,11 +205,13 @@ def test_job_that_kills_its_worker_is_quarantined(
     assert last_error.startswith("kongtask: quarantined: this job was running when its worker")
     assert "3 times" in last_error
     crashes = scalar(
-        db, "select crashes from graphile_worker._kongtask_job_crashes where job_id = %s", (poison_id,)
+        db,
+        "select crashes from graphile_worker._kongtask_job_crashes where job_id = %s",
+        (poison_id,),
     )
     assert crashes == 3
     # The innocent batch-mates: each completed, and run exactly once.
-    runs = dict(db.execute("select n, count(*) from ledger where phase = 'ok' group by n").fetchall())
+    runs = dict(db.execute("select n, count(*) from ledger where phase = 'ok' group by n"))
     assert runs == dict.fromkeys(range(innocents), 1)
     db.execute("delete from graphile_worker._private_jobs where id = %s", (poison_id,))
     db.execute("delete from public.completions where job_id = %s", (poison_id,))
