@@ -1,4 +1,4 @@
-"""Dead kongtask pools give their jobs back by themselves; a job that kills its worker is quarantined.
+"""Dead kongtask pools give their jobs back unasked; a job that kills its worker is quarantined.
 
 Workers are real processes. Each keeps a liveness record with a heartbeat
 (``heartbeat_interval_s``); a pool whose heartbeat is older than
