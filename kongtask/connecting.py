@@ -36,6 +36,7 @@ from psycopg.abc import PQGen
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.rows import Row
 
+from kongtask.connection import describe_conninfo
 from kongtask.settings import ConnectionSettings
 
 __all__ = [
@@ -162,11 +163,19 @@ def connect(
     added to the conninfo.
     """
     threshold: int | None = None if settings.pgbouncer else 5
-    conn: DeadlineConnection[Any] = DeadlineConnection.connect(
-        guarded_conninfo(conninfo, settings, **extra),
-        autocommit=autocommit,
-        prepare_threshold=threshold,
-    )
+    try:
+        conn: DeadlineConnection[Any] = DeadlineConnection.connect(
+            guarded_conninfo(conninfo, settings, **extra),
+            autocommit=autocommit,
+            prepare_threshold=threshold,
+        )
+    except pg_errors.ConnectionTimeout:
+        # Say where and how long (never the password: describe_conninfo leaves it out).
+        raise pg_errors.ConnectionTimeout(
+            f"no answer from {describe_conninfo(conninfo)} within "
+            f"{max(2, _seconds(settings.connect_timeout_s))} s (connection timeout; "
+            "connect_timeout_s, --connect-timeout)"
+        ) from None
     conn.deadline_s = settings.statement_timeout_s
     return conn
 
