@@ -42,10 +42,11 @@ class ConnectionSettings:
     """How every connection kongtask opens guards against a network that stops answering.
 
     ``connect_timeout_s`` bounds opening a connection (libpq's own default is
-    none; psycopg's is 130 s; libpq rounds it up to whole seconds, at least 2). ``statement_timeout_s`` bounds every wait for
-    the server's answer to kongtask's own statements: it is enforced by the
-    client (a silent path never delivers a server-side timeout, and pgbouncer
-    refuses ``options=-c statement_timeout=...``), and the connection is then
+    none, psycopg's 130 s; libpq rounds it up to whole seconds, at least 2).
+    ``statement_timeout_s`` bounds every wait for the server's answer to
+    kongtask's own statements: it is enforced by the client (a silent path
+    never delivers a server-side timeout, and pgbouncer refuses
+    ``options=-c statement_timeout=...``), and the connection is then
     cancelled and closed so the caller retries on a fresh one. The TCP
     settings make the kernel notice a peer that vanished (keepalive probes
     after ``keepalives_idle_s`` of silence, every ``keepalives_interval_s``,

@@ -34,15 +34,15 @@ from .tcp_proxy import SilentServer, TcpProxy
 
 pytestmark = pytest.mark.faults
 
+_KONGTASK = [sys.executable, "-m", "kongtask"]
+
 
 def _through(proxy: TcpProxy, db_url: str) -> str:
     return make_conninfo(db_url, host="127.0.0.1", hostaddr="127.0.0.1", port=str(proxy.port))
 
 
 def _add(db: psycopg.Connection[Any], n: int) -> None:
-    db.execute(
-        "select graphile_worker.add_job('record', json_build_object('n', %s::int))", (n,)
-    )
+    db.execute("select graphile_worker.add_job('record', json_build_object('n', %s::int))", (n,))
 
 
 def test_worker_recovers_from_half_open_connections(
@@ -118,7 +118,7 @@ def test_sigterm_ends_a_worker_whose_connections_went_silent(
             worker.wait_ready()
             db.execute(
                 "select graphile_worker.add_job('work', "
-                "'{\"n\": 1, \"ms\": 1500, \"mark_start\": true}'::json)"
+                '\'{"n": 1, "ms": 1500, "mark_start": true}\'::json)'
             )
             wait_until(
                 lambda: scalar(db, "select count(*) from ledger where phase = 'start'") == 1,
@@ -143,13 +143,12 @@ def test_sigterm_ends_a_worker_whose_connections_went_silent(
 def test_silent_server_fails_within_connect_timeout_without_the_password(
     tmp_path: Path,
 ) -> None:
-    (tmp_path / "tasks.py").write_text("def noop(payload, helpers):\n    pass\n")
+    (tmp_path / "t.py").write_text("def noop(payload, helpers):\n    pass\n")
     with SilentServer() as server:
         url = f"postgresql://kt:SuperSecret123@127.0.0.1:{server.port}/app"
         started = time.monotonic()
         result = subprocess.run(
-            [sys.executable, "-m", "kongtask", "-c", url, "--connect-timeout", "2"]
-            + ["--tasks", str(tmp_path / "tasks.py")],
+            [*_KONGTASK, "-c", url, "--connect-timeout", "2", "--tasks", str(tmp_path / "t.py")],
             capture_output=True,
             text=True,
             timeout=60,
