@@ -31,7 +31,7 @@ from .errors import ConfigurationError, KongtaskError
 from .job import Job
 from .job_spec import JobSpec
 from .protocols import Clock
-from .settings import WorkerSettings
+from .settings import ConnectionSettings, WorkerSettings
 
 __all__ = ["Runner", "run", "run_once"]
 
@@ -115,13 +115,15 @@ class Runner:
             max_reset_locked_interval_s=max_reset_locked_interval_s,
             lock_expiry=lock_expiry,
             once=once,
-            pgbouncer=pgbouncer,
-            connect_timeout_s=connect_timeout_s,
-            statement_timeout_s=statement_timeout_s,
-            keepalives_idle_s=keepalives_idle_s,
-            keepalives_interval_s=keepalives_interval_s,
-            keepalives_count=keepalives_count,
-            tcp_user_timeout_s=tcp_user_timeout_s,
+            connection=ConnectionSettings(
+                pgbouncer=pgbouncer,
+                connect_timeout_s=connect_timeout_s,
+                statement_timeout_s=statement_timeout_s,
+                keepalives_idle_s=keepalives_idle_s,
+                keepalives_interval_s=keepalives_interval_s,
+                keepalives_count=keepalives_count,
+                tcp_user_timeout_s=tcp_user_timeout_s,
+            ),
             heartbeat_interval_s=heartbeat_interval_s,
             pool_dead_after_s=pool_dead_after_s,
             crash_quarantine_after=crash_quarantine_after,

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import ConfigurationError
@@ -104,13 +104,8 @@ class WorkerSettings:
     pool_dead_after_s: float = 60.0
     #: A job that killed its worker this many times (running as a suspect) is failed for good.
     crash_quarantine_after: int = 3
-    connect_timeout_s: float = 10.0
-    statement_timeout_s: float | None = 30.0
-    keepalives_idle_s: int = 10
-    keepalives_interval_s: int = 5
-    keepalives_count: int = 3
-    tcp_user_timeout_s: float = 30.0
-    pgbouncer: bool = False
+    #: Timeouts, TCP keepalives and pgbouncer mode of every connection the pool opens.
+    connection: ConnectionSettings = field(default_factory=lambda: ConnectionSettings())
 
     def __post_init__(self) -> None:
         _check_text("schema", self.schema, max_length=63)
@@ -165,21 +160,22 @@ class WorkerSettings:
                 value=self.pool_dead_after_s,
             )
         _check_int("crash_quarantine_after", self.crash_quarantine_after, 1, 1_000)
-        # Validates the connection options (the errors name them).
-        _ = self.connection
+        if not isinstance(self.connection, ConnectionSettings):
+            raise ConfigurationError(
+                f"connection must be a ConnectionSettings, got {self.connection!r}",
+                name="connection",
+                value=self.connection,
+            )
 
     @property
-    def connection(self) -> ConnectionSettings:
-        """The connection options of this worker, for :mod:`kongtask.connecting`."""
-        return ConnectionSettings(
-            connect_timeout_s=self.connect_timeout_s,
-            statement_timeout_s=self.statement_timeout_s,
-            keepalives_idle_s=self.keepalives_idle_s,
-            keepalives_interval_s=self.keepalives_interval_s,
-            keepalives_count=self.keepalives_count,
-            tcp_user_timeout_s=self.tcp_user_timeout_s,
-            pgbouncer=self.pgbouncer,
-        )
+    def statement_timeout_s(self) -> float | None:
+        """The deadline on kongtask's own statements (see :class:`ConnectionSettings`)."""
+        return self.connection.statement_timeout_s
+
+    @property
+    def pgbouncer(self) -> bool:
+        """True when the connection goes through pgbouncer in transaction pooling."""
+        return self.connection.pgbouncer
 
     @property
     def batch_size(self) -> int:

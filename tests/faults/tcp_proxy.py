@@ -20,6 +20,27 @@ from typing import Self
 __all__ = ["SilentServer", "TcpProxy"]
 
 
+class _Service:
+    """A background helper used as a context manager: ``start()`` on entry, ``close()`` on exit."""
+
+    def start(self) -> Self:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
 class _Pair:
     def __init__(self, client: socket.socket, upstream: socket.socket) -> None:
         self.client = client
@@ -34,7 +55,7 @@ class _Pair:
                 pass
 
 
-class TcpProxy:
+class TcpProxy(_Service):
     """Forwards ``127.0.0.1:<port>`` to ``target``; one thread moves all the bytes."""
 
     def __init__(self, target_host: str, target_port: int) -> None:
@@ -72,17 +93,6 @@ class TcpProxy:
             self._pairs.clear()
         self._listener.close()
         self._selector.close()
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def _accept(self) -> None:
         try:
@@ -147,7 +157,7 @@ class TcpProxy:
                     self._forget(pair)
 
 
-class SilentServer:
+class SilentServer(_Service):
     """Accepts TCP connections on 127.0.0.1 and never sends a byte."""
 
     def __init__(self) -> None:
@@ -178,14 +188,3 @@ class SilentServer:
         for conn in self._held:
             conn.close()
         self._listener.close()
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
