@@ -65,6 +65,16 @@ def find_dead_pools(
     return [DeadPool(row[0], row[1], row[2], row[3]) for row in rows]
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be more than 0 seconds, got {text}")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kongtask admin", description="Administer the queue.")
     parser.add_argument("-c", "--connection", metavar="URL", help="PostgreSQL connection string")
@@ -83,7 +93,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     dead.add_argument(
         "--dead-after",
-        type=float,
+        type=_seconds,
         default=DEFAULT_DEAD_AFTER_S,
         metavar="SECONDS",
         help="a pool whose last heartbeat is older than this is dead (default 60, the "
