@@ -20,6 +20,7 @@ from contextlib import ExitStack
 from typing import Any
 
 import pykka
+from psycopg import errors as pg_errors
 from psycopg_pool import ConnectionPool
 
 from kongtask import events
@@ -64,6 +65,11 @@ _POOL_OPEN_TIMEOUT_S = 30.0
 SHUTDOWN_GRACE_S = 5.0
 #: No single step of that may take longer than this.
 _STEP_TIMEOUT_S = 2.0
+# What prepared statements do behind pgbouncer in transaction pooling.
+_PREPARED_STATEMENT_ERRORS = (
+    pg_errors.DuplicatePreparedStatement,
+    pg_errors.InvalidSqlStatementName,
+)
 GRACEFUL_MESSAGE = "Worker pool is shutting down gracefully"
 FORCEFUL_MESSAGE = "Forced worker shutdown"
 
@@ -236,7 +242,7 @@ class Supervisor:
             open=False,
         )
         pool.open(wait=True, timeout=_POOL_OPEN_TIMEOUT_S)
-        self._stack.callback(pool.close, timeout=_STEP_TIMEOUT_S)
+        self._stack.callback(lambda: pool.close(timeout=self._step_timeout()))
         return pool
 
     def _start_listener(self, ctx: WorkerContext, conninfo: str) -> None:
@@ -292,7 +298,13 @@ class Supervisor:
         if self.error is None:
             self.error = exc
         self.bus.emit(events.pool_fatal_error, pool_id=self.pool_id, error=exc, action=action)
-        self._control.put(("fatal", f"{action} failed: {exc}"))
+        message = f"{action} failed: {exc}"
+        if isinstance(exc, _PREPARED_STATEMENT_ERRORS) and not self.settings.pgbouncer:
+            message += (
+                " (prepared statements are lost or doubled: is the connection going through "
+                "pgbouncer in transaction pooling? Then run with pgbouncer=True / --pgbouncer)"
+            )
+        self._control.put(("fatal", message))
 
     def _workers_stopped(self) -> None:
         self._control.put(("workers_stopped", None))
