@@ -21,6 +21,7 @@ from typing import Any
 
 import psycopg
 
+from .settings import ConnectionSettings
 from .sql import Queries
 from .worker_utils import WorkerUtils
 
@@ -79,6 +80,13 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kongtask admin", description="Administer the queue.")
     parser.add_argument("-c", "--connection", metavar="URL", help="PostgreSQL connection string")
     parser.add_argument("-s", "--schema", metavar="NAME", help="schema holding the queue")
+    parser.add_argument(
+        "--connect-timeout",
+        type=_seconds,
+        default=None,
+        metavar="SECONDS",
+        help="give up opening the database connection after this long (default 10)",
+    )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     unlock = commands.add_parser(
         "force-unlock",
@@ -145,7 +153,10 @@ def _unlock_dead(utils: WorkerUtils, args: argparse.Namespace) -> int:
 def main(argv: Sequence[str]) -> int:
     """Run the admin command group; returns the exit code."""
     args = _parser().parse_args(list(argv))
-    with WorkerUtils(args.connection, schema=args.schema) as utils:
+    settings = ConnectionSettings(
+        connect_timeout_s=args.connect_timeout or ConnectionSettings().connect_timeout_s
+    )
+    with WorkerUtils(args.connection, schema=args.schema, connection_settings=settings) as utils:
         if args.command == "force-unlock":
             utils.force_unlock_workers(args.pool_ids)
             print(f"Unlocked jobs and queues held by {len(args.pool_ids)} pool id(s)")

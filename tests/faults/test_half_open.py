@@ -161,6 +161,17 @@ def test_silent_server_fails_within_connect_timeout_without_the_password(
         # Python's start-up and imports come on top of the 2 s.
         assert took < 2 + 6, took
 
+        # The admin commands too.
+        admin = subprocess.run(
+            [*_KONGTASK, "admin", "-c", url, "--connect-timeout", "2", "unlock-dead"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert admin.returncode == 1 and "within 2 s" in admin.stderr, admin.stderr
+        assert "SuperSecret123" not in admin.stderr + admin.stdout
+
         # The API: WorkerUtils with a connect timeout.
         started = time.monotonic()
         settings = ConnectionSettings(connect_timeout_s=1)
