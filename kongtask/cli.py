@@ -19,6 +19,7 @@ from typing import Any
 import psycopg
 
 from ._version import __version__
+from .cli_types import positive_seconds
 from .errors import KongtaskError
 from .settings import ConnectionSettings
 
@@ -39,21 +40,6 @@ def _positive_int(flag: str) -> Callable[[str], int]:
             raise argparse.ArgumentTypeError(f"{flag} expects an integer, got {text!r}") from None
         if value < 1:
             raise argparse.ArgumentTypeError(f"{flag} must be at least 1, got {value}")
-        return value
-
-    return parse
-
-
-def _positive_seconds(flag: str) -> Callable[[str], float]:
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(
-                f"{flag} expects a number of seconds, got {text!r}"
-            ) from None
-        if not 0 < value < float("inf"):
-            raise argparse.ArgumentTypeError(f"{flag} must be more than 0 seconds, got {text}")
         return value
 
     return parse
@@ -138,14 +124,14 @@ def _worker_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--connect-timeout",
-        type=_positive_seconds("--connect-timeout"),
+        type=positive_seconds("--connect-timeout"),
         default=None,
         metavar="SECONDS",
         help="give up opening a database connection after this long (default 10)",
     )
     parser.add_argument(
         "--statement-timeout",
-        type=_positive_seconds("--statement-timeout"),
+        type=positive_seconds("--statement-timeout"),
         default=None,
         metavar="SECONDS",
         help="close a connection whose answer to one of kongtask's own statements takes "

@@ -21,6 +21,7 @@ from typing import Any
 
 import psycopg
 
+from .cli_types import positive_seconds
 from .settings import ConnectionSettings
 from .sql import Queries
 from .worker_utils import WorkerUtils
@@ -66,23 +67,13 @@ def find_dead_pools(
     return [DeadPool(row[0], row[1], row[2], row[3]) for row in rows]
 
 
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be more than 0 seconds, got {text}")
-    return value
-
-
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kongtask admin", description="Administer the queue.")
     parser.add_argument("-c", "--connection", metavar="URL", help="PostgreSQL connection string")
     parser.add_argument("-s", "--schema", metavar="NAME", help="schema holding the queue")
     parser.add_argument(
         "--connect-timeout",
-        type=_seconds,
+        type=positive_seconds("--connect-timeout"),
         default=None,
         metavar="SECONDS",
         help="give up opening the database connection after this long (default 10)",
@@ -101,7 +92,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     dead.add_argument(
         "--dead-after",
-        type=_seconds,
+        type=positive_seconds("--dead-after"),
         default=DEFAULT_DEAD_AFTER_S,
         metavar="SECONDS",
         help="a pool whose last heartbeat is older than this is dead (default 60, the "
