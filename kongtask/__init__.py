@@ -36,7 +36,7 @@ from .job_spec import JobSpec
 from .migrate import LATEST_MIGRATION, MigrationResult, migrate
 from .protocols import Clock, TaskHandler
 from .runner import Runner, run, run_once
-from .settings import WorkerSettings
+from .settings import ConnectionSettings, WorkerSettings
 from .worker_utils import CLEANUP_TASKS, WorkerUtils, add_job
 
 __all__ = [
@@ -44,6 +44,7 @@ __all__ = [
     "LATEST_MIGRATION",
     "Clock",
     "ConfigurationError",
+    "ConnectionSettings",
     "CronItem",
     "CronItemOptions",
     "CrontabError",

@@ -15,14 +15,16 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TextIO, cast
+from typing import Any, TextIO, cast
 
 import psycopg
 
 from ._version import __version__
+from .cli_types import positive_seconds
 from .errors import KongtaskError
 from .logs import LOG_FORMATS
 from .logs import configure as configure_logs
+from .settings import ConnectionSettings
 
 __all__ = ["main"]
 
@@ -126,6 +128,32 @@ def _worker_parser() -> argparse.ArgumentParser:
         help="don't use prepared statements (for pgBouncer in transaction mode)",
     )
     parser.add_argument(
+        "--pgbouncer",
+        action="store_true",
+        help="the connection goes through pgbouncer in transaction pooling: no prepared "
+        "statements, and LISTEN only on --listen-connection (else poll, with a warning)",
+    )
+    parser.add_argument(
+        "--listen-connection",
+        metavar="URL",
+        help="a direct PostgreSQL connection for LISTEN (when -c goes through pgbouncer)",
+    )
+    parser.add_argument(
+        "--connect-timeout",
+        type=positive_seconds("--connect-timeout"),
+        default=None,
+        metavar="SECONDS",
+        help="give up opening a database connection after this long (default 10)",
+    )
+    parser.add_argument(
+        "--statement-timeout",
+        type=positive_seconds("--statement-timeout"),
+        default=None,
+        metavar="SECONDS",
+        help="close a connection whose answer to one of kongtask's own statements takes "
+        "longer than this, and retry on a new one (default 30)",
+    )
+    parser.add_argument(
         "--crontab", metavar="FILE", help="crontab file (default: ./crontab if present)"
     )
     parser.add_argument(
@@ -179,10 +207,22 @@ def _pop_log_format(args: list[str]) -> tuple[str, list[str]]:
     return fmt, rest
 
 
+def _connection_settings(args: argparse.Namespace) -> ConnectionSettings:
+    """The timeouts and pgbouncer mode the flags ask for (kongtask's defaults otherwise)."""
+    options: dict[str, Any] = {"pgbouncer": args.pgbouncer}
+    if args.connect_timeout is not None:
+        options["connect_timeout_s"] = args.connect_timeout
+    if args.statement_timeout is not None:
+        options["statement_timeout_s"] = args.statement_timeout
+    return ConnectionSettings(**options)
+
+
 def _schema_only(args: argparse.Namespace) -> int:
     from .worker_utils import WorkerUtils
 
-    with WorkerUtils(args.connection, schema=args.schema):
+    with WorkerUtils(
+        args.connection, schema=args.schema, connection_settings=_connection_settings(args)
+    ):
         pass
     print("Schema updated")
     return EXIT_OK
@@ -192,7 +232,9 @@ def _cleanup(args: argparse.Namespace, task_identifiers: Sequence[str]) -> int:
     from .worker_utils import WorkerUtils
 
     tasks = [name.strip() for name in args.cleanup.split(",") if name.strip()]
-    with WorkerUtils(args.connection, schema=args.schema) as utils:
+    with WorkerUtils(
+        args.connection, schema=args.schema, connection_settings=_connection_settings(args)
+    ) as utils:
         removed = utils.cleanup(tasks, task_identifiers_to_keep=task_identifiers)
     for name, count in removed.items():
         print(f"{name}: removed {count} row(s)")
@@ -227,6 +269,14 @@ def _run_worker(args: argparse.Namespace) -> int:
     if args.metrics_port is not None:
         options["metrics_port"] = args.metrics_port
         options["metrics_host"] = args.metrics_host
+    if args.pgbouncer:
+        options["pgbouncer"] = True
+    if args.listen_connection is not None:
+        options["listen_connection_string"] = args.listen_connection
+    if args.connect_timeout is not None:
+        options["connect_timeout_s"] = args.connect_timeout
+    if args.statement_timeout is not None:
+        options["statement_timeout_s"] = args.statement_timeout
     if args.once:
         run_once(**options)
         return EXIT_OK

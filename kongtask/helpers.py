@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import psycopg
 from psycopg.rows import dict_row
 
+from .connecting import without_deadline
 from .enqueue import add_job_on, add_jobs_on
 from .errors import KongtaskError
 from .job import Job
@@ -63,14 +64,19 @@ class Helpers:
     @contextmanager
     def with_connection(self) -> Iterator[psycopg.Connection[Any]]:
         """A pooled connection (autocommit) for the ``with`` block."""
-        with self._ctx.pool.connection() as conn:
+        # The handler's own queries may legitimately run long: no kongtask deadline.
+        with self._ctx.pool.connection() as conn, without_deadline(conn):
             yield conn
 
     def query(
         self, query: Any, params: Sequence[Any] | Mapping[str, Any] | None = None
     ) -> list[dict[str, Any]]:
         """Run one statement on a pooled connection; returns its rows as dicts ([] if none)."""
-        with self._ctx.pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
+        with (
+            self._ctx.pool.connection() as conn,
+            without_deadline(conn),
+            conn.cursor(row_factory=dict_row) as cur,
+        ):
             cur.execute(query, params)
             return cur.fetchall() if cur.description is not None else []
 

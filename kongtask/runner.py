@@ -37,7 +37,7 @@ from .errors import ConfigurationError, KongtaskError
 from .job import Job
 from .job_spec import JobSpec
 from .protocols import Clock
-from .settings import WorkerSettings
+from .settings import ConnectionSettings, WorkerSettings
 
 __all__ = ["Runner", "RunnerLoad", "run", "run_once"]
 
@@ -78,6 +78,17 @@ class Runner:
         once: bool = False,
         metrics_port: int | None = None,
         metrics_host: str = "127.0.0.1",
+        listen_connection_string: str | None = None,
+        pgbouncer: bool = False,
+        connect_timeout_s: float = 10.0,
+        statement_timeout_s: float | None = 30.0,
+        keepalives_idle_s: int = 10,
+        keepalives_interval_s: int = 5,
+        keepalives_count: int = 3,
+        tcp_user_timeout_s: float = 30.0,
+        heartbeat_interval_s: float = 10.0,
+        pool_dead_after_s: float = 60.0,
+        crash_quarantine_after: int = 3,
     ) -> None:
         self._tasks = _check_tasks(tasks)
         if metrics_port is not None and (
@@ -131,7 +142,28 @@ class Runner:
             max_reset_locked_interval_s=max_reset_locked_interval_s,
             lock_expiry=lock_expiry,
             once=once,
+            connection=ConnectionSettings(
+                pgbouncer=pgbouncer,
+                connect_timeout_s=connect_timeout_s,
+                statement_timeout_s=statement_timeout_s,
+                keepalives_idle_s=keepalives_idle_s,
+                keepalives_interval_s=keepalives_interval_s,
+                keepalives_count=keepalives_count,
+                tcp_user_timeout_s=tcp_user_timeout_s,
+            ),
+            heartbeat_interval_s=heartbeat_interval_s,
+            pool_dead_after_s=pool_dead_after_s,
+            crash_quarantine_after=crash_quarantine_after,
         )
+        if listen_connection_string is not None and (
+            not isinstance(listen_connection_string, str) or not listen_connection_string
+        ):
+            raise ConfigurationError(
+                "listen_connection_string must be a non-empty connection string or None",
+                name="listen_connection_string",
+                value=None,  # it may hold a password
+            )
+        self._listen_connection_string = listen_connection_string
         self._connection_string = connection_string
         self._clock = clock
         self._supervisor: Supervisor | None = None
@@ -180,6 +212,7 @@ class Runner:
             crontab=crontab,
             cron_items=cron_items,
             no_log_success=bool(os.environ.get("NO_LOG_SUCCESS")),
+            listen_connection_string=self._listen_connection_string,
         )
         self._supervisor = supervisor
         # The permanent-failure line (kept off the executor's hot path: it is
@@ -439,7 +472,11 @@ def run(**options: Any) -> Runner:
     ``graceful_shutdown_abort_timeout_s``, ``install_signal_handlers``,
     ``local_queue_size``, ``local_queue_ttl_s``, ``lock_expiry``, ``clock``,
     ``metrics_port``/``metrics_host`` (serve ``/metrics``, ``/healthz`` and
-    ``/readyz``; see :mod:`kongtask.health`), and
+    ``/readyz``; see :mod:`kongtask.health`), the
+    deadlines and liveness options (``connect_timeout_s``, ``statement_timeout_s``,
+    ``keepalives_idle_s``, ``keepalives_interval_s``, ``keepalives_count``,
+    ``tcp_user_timeout_s``, ``heartbeat_interval_s``, ``pool_dead_after_s``,
+    ``crash_quarantine_after``), ``pgbouncer`` and ``listen_connection_string``, and
     the crontab as one of ``crontab`` (text), ``crontab_file`` (a path; SIGHUP
     and :meth:`Runner.reload_crontab` re-read it) or ``cron_items`` (from
     :func:`kongtask.parse_cron_items`). The schema is migrated first.

@@ -9,12 +9,12 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import ConfigurationError
 
-__all__ = ["DEFAULT_SCHEMA", "WorkerSettings", "default_local_queue_size"]
+__all__ = ["DEFAULT_SCHEMA", "ConnectionSettings", "WorkerSettings", "default_local_queue_size"]
 
 DEFAULT_SCHEMA = "graphile_worker"
 
@@ -35,6 +35,44 @@ def default_local_queue_size(concurrency: int) -> int:
     pool, so a large buffer hoards work other workers could run.
     """
     return max(4 * concurrency, 16)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ConnectionSettings:
+    """How every connection kongtask opens guards against a network that stops answering.
+
+    ``connect_timeout_s`` bounds opening a connection (libpq's own default is
+    none, psycopg's 130 s; libpq rounds it up to whole seconds, at least 2).
+    ``statement_timeout_s`` bounds every wait for the server's answer to
+    kongtask's own statements: it is enforced by the client (a silent path
+    never delivers a server-side timeout, and pgbouncer refuses
+    ``options=-c statement_timeout=...``), and the connection is then
+    cancelled and closed so the caller retries on a fresh one. The TCP
+    settings make the kernel notice a peer that vanished (keepalive probes
+    after ``keepalives_idle_s`` of silence, every ``keepalives_interval_s``,
+    ``keepalives_count`` of them; ``tcp_user_timeout_s`` for data sent but
+    never acknowledged). A value already present in the connection string wins.
+    ``pgbouncer`` turns prepared statements off (transaction pooling cannot
+    carry them).
+    """
+
+    connect_timeout_s: float = 10.0
+    statement_timeout_s: float | None = 30.0
+    keepalives_idle_s: int = 10
+    keepalives_interval_s: int = 5
+    keepalives_count: int = 3
+    tcp_user_timeout_s: float = 30.0
+    pgbouncer: bool = False
+
+    def __post_init__(self) -> None:
+        _check_seconds("connect_timeout_s", self.connect_timeout_s, allow_zero=False)
+        if self.statement_timeout_s is not None:
+            _check_seconds("statement_timeout_s", self.statement_timeout_s, allow_zero=False)
+        _check_int("keepalives_idle_s", self.keepalives_idle_s, 1, 86_400)
+        _check_int("keepalives_interval_s", self.keepalives_interval_s, 1, 86_400)
+        _check_int("keepalives_count", self.keepalives_count, 1, 1_000)
+        _check_seconds("tcp_user_timeout_s", self.tcp_user_timeout_s, allow_zero=True)
+        _check_bool("pgbouncer", self.pgbouncer)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -60,6 +98,14 @@ class WorkerSettings:
     max_reset_locked_interval_s: float = 600.0
     lock_expiry: str = "4 hours"
     once: bool = False
+    #: How often the pool writes its liveness heartbeat and checks for dead pools.
+    heartbeat_interval_s: float = 10.0
+    #: A kongtask pool whose heartbeat is older than this is dead: its locks are released.
+    pool_dead_after_s: float = 60.0
+    #: A job that killed its worker this many times (running as a suspect) is failed for good.
+    crash_quarantine_after: int = 3
+    #: Timeouts, TCP keepalives and pgbouncer mode of every connection the pool opens.
+    connection: ConnectionSettings = field(default_factory=lambda: ConnectionSettings())
 
     def __post_init__(self) -> None:
         _check_text("schema", self.schema, max_length=63)
@@ -103,6 +149,33 @@ class WorkerSettings:
                 value=self.lock_expiry,
             )
         _check_bool("once", self.once)
+        _check_seconds("heartbeat_interval_s", self.heartbeat_interval_s, allow_zero=False)
+        _check_seconds("pool_dead_after_s", self.pool_dead_after_s, allow_zero=False)
+        if self.pool_dead_after_s < 2 * self.heartbeat_interval_s:
+            raise ConfigurationError(
+                f"pool_dead_after_s ({self.pool_dead_after_s}) must be at least twice "
+                f"heartbeat_interval_s ({self.heartbeat_interval_s}), or one late heartbeat "
+                "would make a live pool look dead",
+                name="pool_dead_after_s",
+                value=self.pool_dead_after_s,
+            )
+        _check_int("crash_quarantine_after", self.crash_quarantine_after, 1, 1_000)
+        if not isinstance(self.connection, ConnectionSettings):
+            raise ConfigurationError(
+                f"connection must be a ConnectionSettings, got {self.connection!r}",
+                name="connection",
+                value=self.connection,
+            )
+
+    @property
+    def statement_timeout_s(self) -> float | None:
+        """The deadline on kongtask's own statements (see :class:`ConnectionSettings`)."""
+        return self.connection.statement_timeout_s
+
+    @property
+    def pgbouncer(self) -> bool:
+        """True when the connection goes through pgbouncer in transaction pooling."""
+        return self.connection.pgbouncer
 
     @property
     def batch_size(self) -> int:

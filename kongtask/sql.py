@@ -327,10 +327,155 @@ and not exists (
 )
 """
 
-# Lock holders (jobs and named queues) with no session announcing their id.
-# pg_stat_activity spans the whole cluster, so a pool connected to this
-# database from any host counts as alive. Only ids kongtask generates
-# (pool-/otpool-) are candidates unless the caller asks for every holder.
+# --- pool liveness (kongtask's own tables, see migrations/kongtask_0001_pools.sql) --
+
+# A pool announces itself before it claims anything. Timestamps are the
+# database's, never the worker's, so a skewed host clock cannot fake a death.
+REGISTER_POOL = """
+insert into {s}._kongtask_pools (pool_id, hostname, pid, concurrency, version)
+values (%(pool_id)s::text, %(hostname)s::text, %(pid)s::int, %(concurrency)s::int,
+        %(version)s::text)
+on conflict (pool_id) do update set last_seen = now()
+"""
+
+# The heartbeat: returns no row when another pool has declared this one dead
+# (and released its locks); the caller then registers again.
+HEARTBEAT = """
+update {s}._kongtask_pools set last_seen = now()
+where pool_id = %(pool_id)s::text
+returning pool_id
+"""
+
+# A clean stop: the pool has given everything back.
+DEREGISTER_POOL = """
+delete from {s}._kongtask_pools where pool_id = %(pool_id)s::text
+"""
+
+# Release every kongtask pool whose heartbeat is older than the bound, in one
+# statement: its row goes; a suspect it was running (marked in
+# _kongtask_job_crashes) gets one more crash; its locked jobs are unlocked
+# and marked as suspects through last_error, except those that have now
+# crashed `quarantine_after` times, which are failed for good
+# (attempts = max_attempts); its named queues are unlocked. Concurrent
+# releasers serialise on the pool rows, so each death is counted once. Node
+# pools have no row and are never touched here (the 4-hour sweep frees them).
+RELEASE_DEAD_POOLS = """
+with dead as (
+    delete from {s}._kongtask_pools as pools
+    where pools.last_seen < now() - %(dead_after_s)s * interval '1 second'
+    returning pools.pool_id, pools.last_seen
+),
+crashed as (
+    update {s}._kongtask_job_crashes as crashes
+    set crashes = crashes.crashes + 1, running_pool = null, running_since = null,
+        last_crash_at = now()
+    from dead
+    where crashes.running_pool = dead.pool_id
+    returning crashes.job_id, crashes.crashes
+),
+targets as (
+    select jobs.id, dead.pool_id, coalesce(crashed.crashes, 0) as crashes
+    from {s}._private_jobs as jobs
+    inner join dead on jobs.locked_by = dead.pool_id
+    left join crashed on crashed.job_id = jobs.id
+),
+released as (
+    update {s}._private_jobs as jobs
+    set locked_by = null,
+        locked_at = null,
+        attempts = case
+            when targets.crashes >= %(quarantine_after)s::int
+            then greatest(jobs.attempts, jobs.max_attempts)
+            else jobs.attempts
+        end,
+        last_error = case
+            when targets.crashes >= %(quarantine_after)s::int
+            then format(%(quarantined_message)s::text, targets.crashes, targets.pool_id)
+            else format(%(suspect_message)s::text, targets.pool_id)
+        end,
+        run_at = greatest(jobs.run_at, now()),
+        updated_at = now()
+    from targets
+    where jobs.id = targets.id
+    returning jobs.id, targets.crashes >= %(quarantine_after)s::int as quarantined
+),
+queues as (
+    update {s}._private_job_queues as queues
+    set locked_by = null, locked_at = null
+    from dead
+    where queues.locked_by = dead.pool_id
+    returning queues.id
+)
+select
+    coalesce((select array_agg(dead.pool_id order by dead.pool_id) from dead), array[]::text[]),
+    (select count(*) from released)::int,
+    (select count(*) from queues)::int,
+    coalesce((select array_agg(released.id order by released.id)
+              from released where released.quarantined), array[]::bigint[])
+"""
+
+# Lock holders that look like kongtask pools (pool-/otpool- ids) but have no
+# liveness row, holding locks older than the dead-pool bound: a pool declared
+# dead whose locks were left (or one that stopped without giving them back).
+# A live pool always has a row: it registers before claiming and registers
+# again at once if it was declared dead. Run by the (rare) stale-lock sweep.
+ORPHANED_POOL_LOCKS = """
+with holders as (
+    select jobs.locked_by from {s}._private_jobs as jobs
+    where jobs.locked_by ~ '^(ot)?pool-[0-9a-f]+$'
+    and jobs.locked_at < now() - %(dead_after_s)s * interval '1 second'
+    union
+    select queues.locked_by from {s}._private_job_queues as queues
+    where queues.locked_by ~ '^(ot)?pool-[0-9a-f]+$'
+    and queues.locked_at < now() - %(dead_after_s)s * interval '1 second'
+)
+select holders.locked_by from holders
+where not exists (
+    select 1 from {s}._kongtask_pools as pools where pools.pool_id = holders.locked_by
+)
+"""
+
+# Crash counts of jobs that no longer exist (completed, or removed).
+GC_JOB_CRASHES = """
+delete from {s}._kongtask_job_crashes as crashes
+where not exists (select 1 from {s}._private_jobs as jobs where jobs.id = crashes.job_id)
+"""
+
+# A suspect is about to run in this pool: name the pool, so that if the
+# process dies now the next release counts a crash against this job.
+MARK_SUSPECT_RUNNING = """
+insert into {s}._kongtask_job_crashes (job_id, running_pool, running_since)
+values (%(job_id)s::bigint, %(pool_id)s::text, now())
+on conflict (job_id) do update
+set running_pool = excluded.running_pool, running_since = excluded.running_since
+"""
+
+# A suspect's handler returned: it did not kill the process. Its success is
+# recorded at once (the job deleted, its queue released) so a crash of the
+# next suspect cannot make it run again; the completer's later delete finds
+# nothing. On failure only the mark is cleared.
+FINISH_SUSPECT = """
+with mark as (
+    update {s}._kongtask_job_crashes as crashes
+    set running_pool = null, running_since = null
+    where crashes.job_id = %(job_id)s::bigint
+),
+done as (
+    delete from {s}._private_jobs as jobs
+    where jobs.id = %(job_id)s::bigint and %(succeeded)s::boolean
+    and jobs.locked_by = %(pool_id)s::text
+    returning jobs.job_queue_id
+)
+update {s}._private_job_queues as queues
+set locked_by = null, locked_at = null
+from done
+where queues.id = done.job_queue_id and queues.locked_by = %(pool_id)s::text
+"""
+
+# Lock holders that are not live kongtask pools, for `kongtask admin
+# unlock-dead`: kongtask pool ids with no liveness row or a heartbeat older
+# than the bound (never pg_stat_activity, which pgbouncer makes lie), and,
+# only when asked for, every other holder (Node pools, which keep no row).
 DEAD_POOLS = """
 with holders as (
     select locked_by, count(*) as jobs, 0 as queues, min(locked_at) as since
@@ -343,7 +488,9 @@ select locked_by, sum(jobs)::int, sum(queues)::int, min(since)
 from holders
 where (%(any_holder)s or locked_by ~ '^(ot)?pool-[0-9a-f]+$')
   and not exists (
-    select 1 from pg_stat_activity a where a.application_name = holders.locked_by
+    select 1 from {s}._kongtask_pools as pools
+    where pools.pool_id = holders.locked_by
+    and pools.last_seen >= now() - %(dead_after_s)s * interval '1 second'
   )
 group by locked_by
 order by min(since)
@@ -673,6 +820,38 @@ class Queries:
     @cached_property
     def dead_pools(self) -> sql.Composed:
         return self._compose(DEAD_POOLS)
+
+    @cached_property
+    def register_pool(self) -> sql.Composed:
+        return self._compose(REGISTER_POOL)
+
+    @cached_property
+    def heartbeat(self) -> sql.Composed:
+        return self._compose(HEARTBEAT)
+
+    @cached_property
+    def deregister_pool(self) -> sql.Composed:
+        return self._compose(DEREGISTER_POOL)
+
+    @cached_property
+    def release_dead_pools(self) -> sql.Composed:
+        return self._compose(RELEASE_DEAD_POOLS)
+
+    @cached_property
+    def orphaned_pool_locks(self) -> sql.Composed:
+        return self._compose(ORPHANED_POOL_LOCKS)
+
+    @cached_property
+    def gc_job_crashes(self) -> sql.Composed:
+        return self._compose(GC_JOB_CRASHES)
+
+    @cached_property
+    def mark_suspect_running(self) -> sql.Composed:
+        return self._compose(MARK_SUSPECT_RUNNING)
+
+    @cached_property
+    def finish_suspect(self) -> sql.Composed:
+        return self._compose(FINISH_SUSPECT)
 
     @cached_property
     def queue_names(self) -> sql.Composed:

@@ -19,6 +19,7 @@ import psycopg
 from psycopg.rows import dict_row
 
 from . import ops
+from .connecting import DEFAULT_CONNECTION_SETTINGS, connect
 from .connection import open_database, resolve_schema
 from .cron.types import ParsedCronItem
 from .enqueue import add_job_on, add_jobs_on, jobs_from_query
@@ -27,6 +28,7 @@ from .job import Job
 from .job_spec import JobSpec
 from .migrate import MigrationResult, migrate
 from .ops import JobInfo, PoolInfo, StatusReport
+from .settings import ConnectionSettings
 from .sql import Queries
 
 __all__ = ["CLEANUP_TASKS", "WorkerUtils", "add_job"]
@@ -44,7 +46,9 @@ class WorkerUtils:
     variables when ``PGDATABASE`` is set, then the embedded server. Opening
     runs the migrations (a no-op on an up-to-date database), as
     graphile-worker's WorkerUtils does. Methods are safe to call from several
-    threads; they take turns on the connection.
+    threads; they take turns on the connection. ``connection_settings`` sets
+    the connect and statement timeouts, TCP keepalives and pgbouncer mode
+    (:class:`kongtask.settings.ConnectionSettings`; its defaults otherwise).
     """
 
     def __init__(
@@ -53,6 +57,7 @@ class WorkerUtils:
         *,
         schema: str | None = None,
         migrate_on_open: bool = True,
+        connection_settings: ConnectionSettings | None = None,
     ) -> None:
         if connection_string is not None and not isinstance(connection_string, str):
             raise ConfigurationError(
@@ -60,7 +65,17 @@ class WorkerUtils:
                 name="connection_string",
                 value=connection_string,
             )
+        if connection_settings is not None and not isinstance(
+            connection_settings, ConnectionSettings
+        ):
+            raise ConfigurationError(
+                "connection_settings must be a kongtask.settings.ConnectionSettings or None",
+                name="connection_settings",
+                value=connection_settings,
+            )
         self._connection_string = connection_string
+        #: Timeouts and pgbouncer mode of the connection (kongtask's defaults if not given).
+        self.connection_settings = connection_settings or DEFAULT_CONNECTION_SETTINGS
         self.schema = resolve_schema(schema)
         self._migrate_on_open = migrate_on_open
         self._queries = Queries(self.schema)
@@ -76,7 +91,7 @@ class WorkerUtils:
             return self
         with ExitStack() as stack:
             conninfo = stack.enter_context(open_database(self._connection_string))
-            conn = psycopg.connect(conninfo, autocommit=True)
+            conn = connect(conninfo, self.connection_settings)
             stack.callback(conn.close)
             if self._migrate_on_open:
                 migrate(conn, self.schema)

@@ -13,3 +13,15 @@ create table :KONGTASK_SCHEMA._kongtask_pools (
   last_seen timestamptz not null default now(),
   version text not null
 );
+
+-- Jobs that were running, as suspects, in a pool that died: how many times
+-- each has killed its worker. A job becomes a suspect when a dead pool's locks
+-- are released (its last_error then says so); a suspect runs only after this
+-- row names its pool in running_pool, so the next release can blame it.
+create table :KONGTASK_SCHEMA._kongtask_job_crashes (
+  job_id bigint primary key,
+  crashes int not null default 0,
+  running_pool text,
+  running_since timestamptz,
+  last_crash_at timestamptz
+);

@@ -21,6 +21,7 @@ from typing import Any
 import psycopg
 
 from kongtask import events
+from kongtask.connecting import connect
 from kongtask.migrate import LATEST_MIGRATION
 
 from .context import WorkerContext
@@ -29,7 +30,6 @@ __all__ = ["Listener"]
 
 logger = logging.getLogger(__name__)
 
-_CONNECT_TIMEOUT_S = 10
 # How long a breaking-migration check waits for a pooled connection.
 _CHECK_TIMEOUT_S = 10.0
 
@@ -37,8 +37,12 @@ _CHECK_TIMEOUT_S = 10.0
 class Listener:
     """Runs on its own daemon thread; :meth:`stop` closes the connection to end it."""
 
-    def __init__(self, ctx: WorkerContext, nudge: Callable[[], None]) -> None:
+    def __init__(
+        self, ctx: WorkerContext, nudge: Callable[[], None], *, conninfo: str | None = None
+    ) -> None:
         self._ctx = ctx
+        #: Where to LISTEN: a direct connection when the pool goes through pgbouncer.
+        self._conninfo = ctx.conninfo if conninfo is None else conninfo
         self._nudge = nudge
         self._stopped = threading.Event()
         self._conn: psycopg.Connection[Any] | None = None
@@ -73,9 +77,7 @@ class Listener:
             if attempts:
                 ctx.bus.emit(events.pool_listen_connecting, pool_id=ctx.pool_id, attempts=attempts)
             try:
-                conn = psycopg.connect(
-                    ctx.conninfo, autocommit=True, connect_timeout=_CONNECT_TIMEOUT_S
-                )
+                conn = connect(self._conninfo, ctx.settings.connection)
                 with self._lock:
                     self._conn = conn
                 if self._stopped.is_set():
@@ -88,8 +90,12 @@ class Listener:
                 ctx.bus.emit(events.pool_listen_success, pool_id=ctx.pool_id)
                 ctx.queue.inserts_notified += 1  # notifications may have been missed
                 self._nudge()
-                for notify in conn.notifies():
-                    self._handle(notify.channel, notify.payload)
+                while not self._stopped.is_set():
+                    for notify in conn.notifies(timeout=ctx.settings.heartbeat_interval_s):
+                        self._handle(notify.channel, notify.payload)
+                    # Quiet for a while: check that the path still answers, since a
+                    # half-open connection would otherwise wait here for ever.
+                    conn.execute("select 1")
             except Exception as exc:
                 if self._stopped.is_set():
                     break

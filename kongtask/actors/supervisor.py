@@ -19,12 +19,18 @@ from collections.abc import Callable, Mapping
 from contextlib import ExitStack
 from typing import Any
 
-import psycopg
 import pykka
-from psycopg.conninfo import make_conninfo
+from psycopg import errors as pg_errors
 from psycopg_pool import ConnectionPool
 
 from kongtask import events
+from kongtask.connecting import (
+    DeadlineConnection,
+    check_connection,
+    connect,
+    guarded_conninfo,
+    prepare_threshold,
+)
 from kongtask.connection import open_database
 from kongtask.cron.source import CrontabSource
 from kongtask.cron.types import ParsedCronItem
@@ -41,8 +47,10 @@ from .context import WorkerContext, new_pool_id
 from .cron import CronService
 from .executor import ExecutorPool
 from .listener import Listener
+from .liveness import DEREGISTER, REGISTER, Liveness
 from .local_queue import LocalQueue
 from .publisher import EventBus
+from .quarantine import CrashGuard
 from .signals import SignalHandlers, can_install
 from .sweeper import STOP_TIMERS, Sweeper
 
@@ -51,7 +59,17 @@ __all__ = ["Supervisor"]
 logger = logging.getLogger(__name__)
 
 _POOL_OPEN_TIMEOUT_S = 30.0
-_ACTOR_STOP_TIMEOUT_S = 30.0
+#: After the abort timeout, what is left of a shutdown (give back buffered jobs,
+#: flush outcomes, remove the liveness record, stop the actors) gets this long
+#: in all; an actor stuck on a silent connection costs at most its share.
+SHUTDOWN_GRACE_S = 5.0
+#: No single step of that may take longer than this.
+_STEP_TIMEOUT_S = 2.0
+# What prepared statements do behind pgbouncer in transaction pooling.
+_PREPARED_STATEMENT_ERRORS = (
+    pg_errors.DuplicatePreparedStatement,
+    pg_errors.InvalidSqlStatementName,
+)
 GRACEFUL_MESSAGE = "Worker pool is shutting down gracefully"
 FORCEFUL_MESSAGE = "Forced worker shutdown"
 
@@ -70,12 +88,18 @@ class Supervisor:
         crontab: CrontabSource | None,
         cron_items: list[ParsedCronItem] | None = None,
         no_log_success: bool,
+        listen_connection_string: str | None = None,
     ) -> None:
         self.settings = settings
         self.pool_id = new_pool_id(settings.once)
         self._sender = sender
         self._tasks = dict(tasks)
         self._connection_string = connection_string
+        self._listen_connection_string = listen_connection_string
+        self._guard = CrashGuard()
+        self._tasks = {name: self._guard.wrap(handler) for name, handler in self._tasks.items()}
+        self._liveness: pykka.ActorRef[Liveness] | None = None
+        self._shutdown_deadline: float | None = None
         self._own_clock = clock is None
         self._clock: Clock = (
             clock if clock is not None else SystemClock(name=f"kongtask-clock-{self.pool_id}")
@@ -111,26 +135,14 @@ class Supervisor:
 
     def _start(self, install_signals: bool) -> None:
         settings = self.settings
+        options = settings.connection
         conninfo = self._stack.enter_context(open_database(self._connection_string))
-        with psycopg.connect(conninfo, autocommit=True) as conn:
+        with connect(conninfo, options) as conn:
             migrate(conn, settings.schema)
-        # Every session of this run (pool and LISTEN) announces the pool id as its
-        # application_name, so an operator can tell a live pool from a dead one
-        # (``kongtask admin unlock-dead``) by looking at pg_stat_activity.
-        conninfo = make_conninfo(conninfo, application_name=self.pool_id)
-        pool: ConnectionPool[Any] = ConnectionPool(
-            conninfo,
-            min_size=2,
-            max_size=settings.max_pool_size,
-            kwargs={
-                "autocommit": True,
-                "prepare_threshold": 0 if settings.prepared_statements else None,
-            },
-            name=self.pool_id,
-            open=False,
-        )
-        pool.open(wait=True, timeout=_POOL_OPEN_TIMEOUT_S)
-        self._stack.callback(pool.close)
+        # Every session of this run announces the pool id as its application_name
+        # (for the operator's eye; liveness itself is the _kongtask_pools record).
+        conninfo = guarded_conninfo(conninfo, options, application_name=self.pool_id)
+        pool = self._open_pool(conninfo)
         self.bus.start()
         self._stack.callback(self.bus.stop)
 
@@ -153,6 +165,7 @@ class Supervisor:
             request_shutdown=lambda message: self._control.put(("shutdown", message)),
             no_log_success=self._no_log_success,
         )
+        self._guard.ctx = ctx
         if (
             settings.local_queue_size is not None
             and settings.local_queue_size < settings.concurrency
@@ -164,14 +177,18 @@ class Supervisor:
                 settings.concurrency,
             )
         self.bus.emit(events.pool_create, pool_id=self.pool_id)
+        # The liveness record exists before anything is claimed, so a pool id
+        # seen in locked_by without a live record always means a dead pool.
+        self._liveness = Liveness.start(ctx, self._nudge)
+        if self._liveness.ask(REGISTER, timeout=_POOL_OPEN_TIMEOUT_S) is not True:
+            raise KongtaskError(f"pool {self.pool_id} could not register its liveness record")
         self._claimer = Claimer.start(ctx)
         outbox = Outbox()
         self._completer = Completer.start(ctx, outbox, self._claimer)
         outbox.actor = self._completer
         self._outbox = outbox
         if not settings.once:
-            self._listener = Listener(ctx, lambda: self._nudge())
-            self._listener.start()
+            self._start_listener(ctx, conninfo)
         self._executors = ExecutorPool(ctx, outbox, on_all_stopped=self._workers_stopped)
         self._executors.start()
         if not settings.once:
@@ -199,6 +216,52 @@ class Supervisor:
             ", ".join(f"'{name}'" for name in self._tasks) or "none",
         )
         self.bus.flush()
+
+    def _open_pool(self, conninfo: str) -> ConnectionPool[Any]:
+        """The run's connection pool: deadlines on every statement, a check on every checkout."""
+        settings = self.settings
+        deadline_s = settings.statement_timeout_s
+
+        def configure(conn: Any) -> None:
+            conn.deadline_s = deadline_s
+
+        pool: ConnectionPool[Any] = ConnectionPool(
+            conninfo,
+            min_size=2,
+            max_size=settings.max_pool_size,
+            connection_class=DeadlineConnection,
+            kwargs={
+                "autocommit": True,
+                "prepare_threshold": prepare_threshold(
+                    settings.connection, settings.prepared_statements
+                ),
+            },
+            configure=configure,
+            check=check_connection,
+            name=self.pool_id,
+            open=False,
+        )
+        pool.open(wait=True, timeout=_POOL_OPEN_TIMEOUT_S)
+        self._stack.callback(lambda: pool.close(timeout=self._step_timeout()))
+        return pool
+
+    def _start_listener(self, ctx: WorkerContext, conninfo: str) -> None:
+        """LISTEN on the listen connection if given, else the main one (not through pgbouncer)."""
+        settings = self.settings
+        listen = self._listen_connection_string
+        if listen is not None:
+            conninfo = guarded_conninfo(listen, settings.connection, application_name=self.pool_id)
+        elif settings.pgbouncer:
+            logger.warning(
+                "pgbouncer=True and no listen_connection_string: LISTEN cannot work through "
+                "transaction pooling, so this worker is polling for new jobs every %g ms. Set "
+                "listen_connection_string (--listen-connection) to a direct PostgreSQL "
+                "connection for instant wake-ups.",
+                settings.poll_interval_s * 1000,
+            )
+            return
+        self._listener = Listener(ctx, lambda: self._nudge(), conninfo=conninfo)
+        self._listener.start()
 
     def _nudge(self) -> None:
         if self._claimer is not None:
@@ -235,7 +298,13 @@ class Supervisor:
         if self.error is None:
             self.error = exc
         self.bus.emit(events.pool_fatal_error, pool_id=self.pool_id, error=exc, action=action)
-        self._control.put(("fatal", f"{action} failed: {exc}"))
+        message = f"{action} failed: {exc}"
+        if isinstance(exc, _PREPARED_STATEMENT_ERRORS) and not self.settings.pgbouncer:
+            message += (
+                " (prepared statements are lost or doubled: is the connection going through "
+                "pgbouncer in transaction pooling? Then run with pgbouncer=True / --pgbouncer)"
+            )
+        self._control.put(("fatal", message))
 
     def _workers_stopped(self) -> None:
         self._control.put(("workers_stopped", None))
@@ -302,7 +371,7 @@ class Supervisor:
             if forceful:
                 ctx.give_up.set()
             if self._listener is not None:
-                self._listener.stop()
+                self._listener.stop(_STEP_TIMEOUT_S)
             if self._sweeper is not None:
                 self._sweeper.tell(STOP_TIMERS)
             self._ask(self._claimer, SHUTDOWN)
@@ -310,6 +379,7 @@ class Supervisor:
             forceful = self._wait_for_workers(forceful)
             if not forceful:
                 self._executors.signal_abort()
+            self._shutdown_deadline = self._clock_monotonic() + SHUTDOWN_GRACE_S
             force_failed = self._executors.abandon_running()
             fail_message = FORCEFUL_MESSAGE if forceful else message
             for job in force_failed:
@@ -321,6 +391,7 @@ class Supervisor:
                     ", ".join(str(job.id) for job in force_failed),
                 )
             self._ask(self._completer, FLUSH)
+            self._ask(self._liveness, DEREGISTER)
             for worker_id in self._executors.still_running_ids():
                 self.bus.emit(events.worker_stop, worker_id=worker_id, error=None)
         except Exception as exc:
@@ -377,12 +448,29 @@ class Supervisor:
 
         return time.monotonic()
 
+    def _step_timeout(self) -> float:
+        """How long the next shutdown step may take: its share of what is left of the grace."""
+        deadline = self._shutdown_deadline
+        if deadline is None:
+            return _STEP_TIMEOUT_S
+        return max(0.1, min(_STEP_TIMEOUT_S, deadline - self._clock_monotonic()))
+
     def _ask(self, ref: pykka.ActorRef[Any] | None, message: str) -> Any:
         if ref is None:
             return None
+        timeout = self._step_timeout()
         try:
-            return ref.ask(message, timeout=_ACTOR_STOP_TIMEOUT_S)
+            return ref.ask(message, timeout=timeout)
         except pykka.ActorDeadError:
+            return None
+        except pykka.Timeout:
+            # Stuck (a statement on a silent connection): leave it behind.
+            logger.warning(
+                "Shutdown of pool %s: %r got no answer within %.1f s; going on without it",
+                self.pool_id,
+                message,
+                timeout,
+            )
             return None
 
     def _stop_cron(self) -> None:
@@ -396,14 +484,14 @@ class Supervisor:
         if self.ctx is not None:
             self.ctx.stopping = True
             self.ctx.queue.close()
-        for ref in (self._sweeper, self._claimer, self._completer):
+        for ref in (self._sweeper, self._claimer, self._completer, self._liveness):
             if ref is not None:
                 try:
-                    ref.stop(timeout=_ACTOR_STOP_TIMEOUT_S)
+                    ref.stop(timeout=self._step_timeout())
                 except (pykka.ActorDeadError, pykka.Timeout):
                     pass
         if self._listener is not None:
-            self._listener.stop()
+            self._listener.stop(self._step_timeout())
         if self.ctx is not None:
             self.bus.emit(events.pool_release, pool_id=self.pool_id)
         try:

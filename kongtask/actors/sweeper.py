@@ -4,6 +4,12 @@ A lock older than ``lock_expiry`` (4 hours, as graphile-worker) cannot belong
 to a live worker. The first sweep runs after a random part of a minute, then
 every 8 to 10 minutes with jitter, all timed by the Runner's clock so tests can
 drive it with a ``ManualClock``. Run-once mode does not sweep.
+
+The same sweep frees what kongtask pools without a liveness record still hold
+(locks older than ``pool_dead_after_s``: a pool that died and whose release
+was missed, or that stopped without giving everything back) and forgets the
+crash counts of jobs that are gone. Dead pools *with* a record are released
+much sooner, by :mod:`kongtask.actors.liveness`.
 """
 
 from __future__ import annotations
@@ -75,6 +81,15 @@ class Sweeper(DbActor):
 
         def reset(conn: psycopg.Connection[Any]) -> None:
             conn.execute(ctx.queries.reset_locked, {"expiry": ctx.settings.lock_expiry})
+            bound = {"dead_after_s": ctx.settings.pool_dead_after_s}
+            orphans = [row[0] for row in conn.execute(ctx.queries.orphaned_pool_locks, bound)]
+            if orphans:
+                logger.warning(
+                    "Releasing locks held by kongtask pool(s) with no liveness record: %s",
+                    ", ".join(orphans),
+                )
+                conn.execute(ctx.queries.force_unlock_workers, {"worker_ids": orphans})
+            conn.execute(ctx.queries.gc_job_crashes)
 
         try:
             self.run(reset, "Resetting stale locks")

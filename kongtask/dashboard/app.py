@@ -430,7 +430,7 @@ class Dashboard:
             # has no session for a moment).
             dead = {holder.pool_id for holder in find_dead_pools(conn, utils.schema)}
             if pool_id not in dead:
-                return False, f"Pool {pool_id} has a database session or holds nothing"
+                return False, f"Pool {pool_id} is live or holds nothing"
             conn.execute(Queries(utils.schema).force_unlock_workers, {"worker_ids": [pool_id]})
         return True, f"Unlocked the jobs and queues held by {pool_id}"
 

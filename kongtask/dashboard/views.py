@@ -295,7 +295,7 @@ def pools_section(
         )
         parts.append(
             '<h2>Dead pools holding locks</h2><p class="muted">kongtask pool ids that hold '
-            "jobs or queues but have neither a database session nor a recent heartbeat.</p>"
+            "jobs or queues but have no recent heartbeat.</p>"
             "<table><thead><tr><th>pool</th><th>jobs</th><th>queues</th><th>locked since</th>"
             f"<th></th></tr></thead><tbody>{rows}</tbody></table>"
         )

@@ -1,10 +1,13 @@
 """Scenario 2: workers killed with SIGKILL mid-batch; their jobs come back and complete.
 
-Several ``kongtask`` processes (``-j 4``) share a queue that includes named
-queues. Killed workers leave jobs (and named queues) locked under their pool
-ids. Those come back through ``kongtask admin force-unlock POOL_ID``, through
-``kongtask admin unlock-dead --yes`` and, in the second test, through the
-stale-lock sweep of a survivor whose lock expiry is shortened.
+Several kongtask worker processes (concurrency 4) share a queue that includes
+named queues. Killed workers leave jobs (and named queues) locked under their
+pool ids. Those come back through ``kongtask admin force-unlock POOL_ID``,
+through ``kongtask admin unlock-dead --yes`` (which reads the liveness
+records: a killed pool's heartbeat stops) and, in the second test, through the
+stale-lock sweep of a survivor whose lock expiry is shortened. (The automatic
+release of dead pools is kept out of the way here with a long
+``pool_dead_after_s``; ``test_dead_pool.py`` tests it.)
 
 The only jobs allowed to run twice are the ones the dead pool held at the
 moment of the kill: a handler may have finished (and written its ledger row)
@@ -119,8 +122,15 @@ def test_sigkilled_workers_recovered_by_admin_commands(
 ) -> None:
     install_ledger(db)
     tasks = write_tasks(tmp_path)
+    # Quick heartbeats, so that `unlock-dead --dead-after 2` can tell live from dead.
+    options = {
+        "concurrency": 4,
+        "poll_interval_s": 0.2,
+        "heartbeat_interval_s": 0.25,
+        "pool_dead_after_s": 600,
+    }
     workers = [
-        WorkerProcess.cli(db_url, tasks, tmp_path / f"worker{i}.log", jobs=4) for i in range(4)
+        WorkerProcess.script(db_url, tasks, tmp_path / f"worker{i}.log", options) for i in range(4)
     ]
     try:
         for worker in workers:
@@ -149,8 +159,22 @@ def test_sigkilled_workers_recovered_by_admin_commands(
             (dead,),
         )
 
+        # Their heartbeats stopped with them.
+        wait_until(
+            lambda: (
+                scalar(
+                    db,
+                    "select count(*) from graphile_worker._kongtask_pools where pool_id = any(%s) "
+                    "and last_seen < now() - interval '2 seconds'",
+                    (dead,),
+                )
+                == 2
+            ),
+            timeout_s=30,
+            what="the dead pools' heartbeats to age past 2 s",
+        )
         # unlock-dead without --yes lists exactly the two dead pools and changes nothing.
-        listing = _admin(db_url, "unlock-dead")
+        listing = _admin(db_url, "unlock-dead", "--dead-after", "2")
         assert listing.returncode == 0, listing.stderr
         listed = {line.split(":")[0] for line in listing.stdout.splitlines() if ": " in line}
         assert listed == set(dead), listing.stdout
@@ -171,7 +195,7 @@ def test_sigkilled_workers_recovered_by_admin_commands(
 
         # Operator path 2: unlock-dead --yes finds the second one by itself.
         started = time.monotonic()
-        result = _admin(db_url, "unlock-dead", "--yes")
+        result = _admin(db_url, "unlock-dead", "--dead-after", "2", "--yes")
         assert result.returncode == 0, result.stderr
         assert b.pool_id in result.stdout and a.pool_id not in result.stdout
         wait_until(
@@ -180,7 +204,8 @@ def test_sigkilled_workers_recovered_by_admin_commands(
             what="every job to complete",
         )
         recovered_b = time.monotonic() - started
-        assert _admin(db_url, "unlock-dead").stdout.strip() == "No dead pools hold locks"
+        again = _admin(db_url, "unlock-dead", "--dead-after", "2")
+        assert again.stdout.strip() == "No dead pools hold locks"
 
         for worker in (c, d):
             worker.send(signal.SIGTERM)

@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from kongtask.errors import ConfigurationError
-from kongtask.settings import WorkerSettings, default_local_queue_size
+from kongtask.settings import ConnectionSettings, WorkerSettings, default_local_queue_size
 
 
 def test_defaults_follow_graphile_worker() -> None:
@@ -75,3 +75,55 @@ def test_settings_are_frozen() -> None:
     settings = WorkerSettings()
     with pytest.raises(AttributeError):
         settings.concurrency = 2  # type: ignore[misc]
+
+
+def test_liveness_and_timeout_defaults() -> None:
+    settings = WorkerSettings()
+    assert (settings.heartbeat_interval_s, settings.pool_dead_after_s) == (10.0, 60.0)
+    assert settings.crash_quarantine_after == 3
+    connection = settings.connection
+    assert connection == ConnectionSettings()
+    assert (connection.connect_timeout_s, connection.statement_timeout_s) == (10.0, 30.0)
+    assert (connection.keepalives_idle_s, connection.keepalives_interval_s) == (10, 5)
+    assert (connection.keepalives_count, connection.tcp_user_timeout_s) == (3, 30.0)
+    assert connection.pgbouncer is False and settings.pgbouncer is False
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("heartbeat_interval_s", 0),
+        ("pool_dead_after_s", float("nan")),
+        ("crash_quarantine_after", 0),
+        ("crash_quarantine_after", 2.5),
+    ],
+)
+def test_bad_liveness_values_name_the_parameter(name: str, value: Any) -> None:
+    with pytest.raises(ConfigurationError) as info:
+        WorkerSettings(**{name: value})
+    assert info.value.name == name
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("connect_timeout_s", 0),
+        ("statement_timeout_s", -1),
+        ("keepalives_idle_s", 0),
+        ("keepalives_interval_s", 1.5),
+        ("keepalives_count", "3"),
+        ("tcp_user_timeout_s", float("inf")),
+        ("pgbouncer", "yes"),
+    ],
+)
+def test_bad_connection_values_name_the_parameter(name: str, value: Any) -> None:
+    with pytest.raises(ConfigurationError) as info:
+        ConnectionSettings(**{name: value})
+    assert info.value.name == name
+
+
+def test_a_dead_pool_bound_under_two_heartbeats_is_refused() -> None:
+    with pytest.raises(ConfigurationError) as info:
+        WorkerSettings(heartbeat_interval_s=10, pool_dead_after_s=15)
+    assert info.value.name == "pool_dead_after_s"
+    assert "twice" in str(info.value)

@@ -1,0 +1,190 @@
+"""A TCP proxy on 127.0.0.1 whose connections can go silent; a server that never answers.
+
+:class:`TcpProxy` forwards every connection to PostgreSQL. :meth:`TcpProxy.silence`
+turns the connections open at that moment half-open: their sockets stay
+open (the kernel keeps acknowledging what the client sends) but nothing is
+forwarded either way, as when a firewall or NAT box forgets a flow.
+Connections opened afterwards are forwarded normally (a new path works).
+:class:`SilentServer` accepts connections and never says a word (an
+unreachable host behind a load balancer, a hung server).
+"""
+
+from __future__ import annotations
+
+import selectors
+import socket
+import threading
+from types import TracebackType
+from typing import Self
+
+__all__ = ["SilentServer", "TcpProxy"]
+
+
+class _Service:
+    """A background helper used as a context manager: ``start()`` on entry, ``close()`` on exit."""
+
+    def start(self) -> Self:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+class _Pair:
+    def __init__(self, client: socket.socket, upstream: socket.socket) -> None:
+        self.client = client
+        self.upstream = upstream
+        self.silent = False
+
+    def close(self) -> None:
+        for sock in (self.client, self.upstream):
+            try:
+                sock.close()
+            except OSError:
+                pass
+
+
+class TcpProxy(_Service):
+    """Forwards ``127.0.0.1:<port>`` to ``target``; one thread moves all the bytes."""
+
+    def __init__(self, target_host: str, target_port: int) -> None:
+        self._target = (target_host, target_port)
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self._listener.setblocking(False)
+        self.port: int = self._listener.getsockname()[1]
+        self._selector = selectors.DefaultSelector()
+        self._selector.register(self._listener, selectors.EVENT_READ, None)
+        self._pairs: list[_Pair] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="tcp-proxy", daemon=True)
+        #: Connections accepted so far.
+        self.accepted = 0
+
+    def start(self) -> Self:
+        self._thread.start()
+        return self
+
+    def silence(self) -> int:
+        """Make every connection open now go silent; returns how many were silenced."""
+        with self._lock:
+            pairs = [pair for pair in self._pairs if not pair.silent]
+            for pair in pairs:
+                pair.silent = True
+        return len(pairs)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        with self._lock:
+            for pair in self._pairs:
+                pair.close()
+            self._pairs.clear()
+        self._listener.close()
+        self._selector.close()
+
+    def _accept(self) -> None:
+        try:
+            client, _ = self._listener.accept()
+        except BlockingIOError:
+            return
+        try:
+            upstream = socket.create_connection(self._target, timeout=5)
+        except OSError:
+            client.close()
+            return
+        client.setblocking(False)
+        upstream.setblocking(False)
+        pair = _Pair(client, upstream)
+        with self._lock:
+            self._pairs.append(pair)
+            self.accepted += 1
+        self._selector.register(client, selectors.EVENT_READ, (pair, upstream))
+        self._selector.register(upstream, selectors.EVENT_READ, (pair, client))
+
+    def _forget(self, pair: _Pair) -> None:
+        for sock in (pair.client, pair.upstream):
+            try:
+                self._selector.unregister(sock)
+            except (KeyError, ValueError):
+                pass
+        pair.close()
+        with self._lock:
+            if pair in self._pairs:
+                self._pairs.remove(pair)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            for key, _ in self._selector.select(timeout=0.05):
+                if key.data is None:
+                    self._accept()
+                    continue
+                pair, peer = key.data
+                if pair.silent:
+                    # Stop reading this socket: its bytes pile up unforwarded.
+                    try:
+                        self._selector.unregister(key.fileobj)
+                    except (KeyError, ValueError):
+                        pass
+                    continue
+                sock = key.fileobj
+                assert isinstance(sock, socket.socket)
+                try:
+                    data = sock.recv(65536)
+                except BlockingIOError:
+                    continue
+                except OSError:
+                    data = b""
+                if not data:
+                    self._forget(pair)
+                    continue
+                try:
+                    peer.setblocking(True)
+                    peer.sendall(data)
+                    peer.setblocking(False)
+                except OSError:
+                    self._forget(pair)
+
+
+class SilentServer(_Service):
+    """Accepts TCP connections on 127.0.0.1 and never sends a byte."""
+
+    def __init__(self) -> None:
+        self._listener = socket.create_server(("127.0.0.1", 0), backlog=64)
+        self.port: int = self._listener.getsockname()[1]
+        self._held: list[socket.socket] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="silent-server", daemon=True)
+
+    def start(self) -> Self:
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        self._listener.settimeout(0.05)
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            self._held.append(conn)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        for conn in self._held:
+            conn.close()
+        self._listener.close()

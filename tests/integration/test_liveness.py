@@ -1,0 +1,114 @@
+"""A pool's liveness record: written before claiming, beating on database time, gone at a stop."""
+
+from __future__ import annotations
+
+import os
+import socket
+from datetime import UTC, datetime
+from typing import Any
+
+import psycopg
+
+from kongtask.runner import Runner
+from kongtask.testing import ManualClock
+from tests.faults.ledger import scalar, wait_until
+
+POOLS = "select pool_id, hostname, pid, concurrency, started_at, last_seen, version " + (
+    "from graphile_worker._kongtask_pools"
+)
+
+
+def _runner(db_url: str, **options: Any) -> Runner:
+    options.setdefault("install_signal_handlers", False)
+    return Runner(tasks={"t": lambda payload, helpers: None}, connection_string=db_url, **options)
+
+
+def test_record_lives_from_start_to_clean_stop(db_url: str, db: psycopg.Connection[Any]) -> None:
+    # A manual clock never moves here: the heartbeat runs on real time all the same.
+    runner = _runner(
+        db_url,
+        concurrency=3,
+        heartbeat_interval_s=0.2,
+        pool_dead_after_s=5,
+        clock=ManualClock(datetime(2030, 1, 1, tzinfo=UTC)),
+    ).start()
+    try:
+        rows = db.execute(POOLS).fetchall()
+        assert len(rows) == 1
+        pool_id, hostname, pid, concurrency, started_at, first_seen, version = rows[0]
+        assert (pool_id, hostname, pid, concurrency) == (
+            runner.pool_id,
+            socket.gethostname(),
+            os.getpid(),
+            3,
+        )
+        assert version and started_at <= first_seen
+        wait_until(
+            lambda: (
+                scalar(db, "select last_seen from graphile_worker._kongtask_pools") > first_seen
+            ),
+            timeout_s=10,
+            what="a heartbeat",
+        )
+        # Declared dead by someone else (the record deleted): it registers again.
+        db.execute("delete from graphile_worker._kongtask_pools")
+        wait_until(
+            lambda: scalar(db, "select count(*) from graphile_worker._kongtask_pools") == 1,
+            timeout_s=10,
+            what="the pool to register again",
+        )
+        runner.add_job("t")
+        runner.join(10)
+    finally:
+        assert runner.stop(30)
+    assert db.execute(POOLS).fetchall() == []
+
+
+def test_ordinary_jobs_write_no_crash_bookkeeping(db_url: str, db: psycopg.Connection[Any]) -> None:
+    with _runner(db_url, concurrency=4) as runner:
+        runner.add_jobs([{"identifier": "t", "payload": {"n": n}} for n in range(50)])
+        runner.join(30)
+    assert scalar(db, "select count(*) from graphile_worker._kongtask_job_crashes") == 0
+    assert scalar(db, "select count(*) from graphile_worker._private_jobs") == 0
+
+
+def test_a_stale_record_is_released_and_a_fresh_one_is_not(
+    db_url: str, db: psycopg.Connection[Any]
+) -> None:
+    # Two pools that "died" holding a job each: one beat 10 minutes ago, one just now.
+    stale, fresh = "pool-0000000000000000aa", "pool-0000000000000000bb"
+    for pool_id, age in ((stale, "10 minutes"), (fresh, "0")):
+        db.execute(
+            "insert into graphile_worker._kongtask_pools "
+            "(pool_id, hostname, pid, concurrency, version, last_seen) "
+            "values (%s, 'h', 1, 1, 'x', now() - %s::interval)",
+            (pool_id, age),
+        )
+        job_id = scalar(
+            db, "select id from graphile_worker.add_job('t', run_at => now() + interval '1 day')"
+        )
+        db.execute(
+            "update graphile_worker._private_jobs set locked_by = %s, locked_at = now() "
+            "where id = %s",
+            (pool_id, job_id),
+        )
+    with _runner(db_url, heartbeat_interval_s=0.2, pool_dead_after_s=60):
+        wait_until(
+            lambda: (
+                scalar(
+                    db,
+                    "select count(*) from graphile_worker._private_jobs where locked_by is null",
+                )
+                == 1
+            ),
+            timeout_s=10,
+            what="the stale pool's job to be released",
+        )
+        released = db.execute(
+            "select last_error from graphile_worker._private_jobs where locked_by is null"
+        ).fetchone()
+        assert released is not None
+        assert released[0].startswith("kongtask: the worker pool holding this job died")
+        assert stale in released[0]
+        still = "select locked_by from graphile_worker._private_jobs where locked_by is not null"
+        assert scalar(db, still) == fresh
