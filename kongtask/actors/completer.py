@@ -5,7 +5,9 @@ completer actor is woken by one message when the outbox goes from empty to
 busy, and then flushes whatever has piled up, statement after statement,
 until it is empty. Outcomes collect while a statement is in flight, so the
 batch size adapts to load with no fixed delay. Successes become one
-``complete_jobs`` statement, failures one ``fail_jobs`` statement.
+``complete_jobs`` statement, failures one ``fail_jobs`` statement. After
+each batch the completer tells the claimer ``Finished(n, released)``; it
+decides nothing about claiming.
 """
 
 from __future__ import annotations
@@ -14,22 +16,30 @@ import functools
 import json
 import logging
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import psycopg
+import pykka
 
 from kongtask.job import Job
 
-from .claimer import NUDGE
 from .context import WorkerContext
 from .db_actor import DbActor
-from .local_queue import FetchMode
+from .fetch_policy import Finished
 
-__all__ = ["Completer", "Outbox"]
+if TYPE_CHECKING:
+    from .claimer import Claimer
+
+__all__ = ["FLUSH", "Completer", "Flush", "Outbox"]
 
 logger = logging.getLogger(__name__)
 
-FLUSH = "flush"
+
+class Flush(NamedTuple):
+    """Write every outcome in the outbox (an ``ask`` returns once it is empty)."""
+
+
+FLUSH = Flush()
 
 
 class Outbox:
@@ -40,7 +50,7 @@ class Outbox:
         self.successes: list[Job] = []
         self.failures: list[tuple[Job, str, Any]] = []
         self._scheduled = False
-        self.actor: Any = None
+        self.actor: pykka.ActorRef[Completer] | None = None
 
     def success(self, job: Job) -> None:
         """Record that ``job`` succeeded."""
@@ -49,7 +59,7 @@ class Outbox:
             if self._scheduled:
                 return
             self._scheduled = True
-        self.actor.tell(FLUSH)
+        self._wake()
 
     def failure(self, job: Job, message: str, replacement_payload: Any = None) -> None:
         """Record that ``job`` failed with ``message`` (and, for batches, its retry payload)."""
@@ -58,7 +68,12 @@ class Outbox:
             if self._scheduled:
                 return
             self._scheduled = True
-        self.actor.tell(FLUSH)
+        self._wake()
+
+    def _wake(self) -> None:
+        actor = self.actor
+        if actor is not None:
+            actor.tell(FLUSH)
 
     def take(self) -> tuple[list[Job], list[tuple[Job, str, Any]]]:
         """Everything recorded so far; clears the scheduled flag when empty."""
@@ -77,20 +92,20 @@ class Completer(DbActor):
     action = "completeJob"
     max_attempts = 20
 
-    def __init__(self, ctx: WorkerContext, outbox: Outbox, claimer: Any) -> None:
+    def __init__(
+        self, ctx: WorkerContext, outbox: Outbox, claimer: pykka.ActorRef[Claimer]
+    ) -> None:
         super().__init__(ctx)
         self._outbox = outbox
         self._claimer = claimer
 
     def handle(self, message: Any) -> Any:
-        if message == FLUSH:
+        if isinstance(message, Flush):
             self._flush()
             return True
         return None
 
     def _flush(self) -> None:
-        ctx = self.ctx
-        queue = ctx.queue
         while True:
             successes, failures = self._outbox.take()
             if not successes and not failures:
@@ -113,16 +128,9 @@ class Completer(DbActor):
                 # A try that committed before its connection broke makes the
                 # retry find nothing, so it would not release the queues.
                 self.run(functools.partial(self._release, queue_ids=queue_ids), "Releasing queues")
-            remaining = queue.finished(len(successes) + len(failures))
             # A released named queue may hold the next runnable job, which a
-            # claim that came back short (or empty) had to skip: claim again
-            # now rather than wait for a poll.
-            if (released and queue.mode != FetchMode.FULL) or (
-                queue.mode == FetchMode.EMPTY
-                and remaining <= 0
-                and (ctx.settings.once or queue.wants_idle_claim)
-            ):
-                self._claimer.tell(NUDGE)
+            # short claim had to skip: the claimer's policy decides what to do.
+            self._claimer.tell(Finished(len(successes) + len(failures), released))
 
     def _complete(self, conn: psycopg.Connection[Any], ids: list[int]) -> None:
         conn.execute(self.ctx.queries.complete_jobs, {"ids": ids, "pool_id": self.ctx.pool_id})

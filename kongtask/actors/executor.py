@@ -69,11 +69,6 @@ class ExecutorPool:
             self._ctx.bus.emit(events.worker_release, worker_id=worker_id)
         self._ctx.queue.close()
 
-    def wait(self, timeout_s: float | None) -> bool:
-        """Wait until every worker has stopped; False if some still run at the timeout."""
-        with self._stopped:
-            return self._stopped.wait_for(lambda: self._alive == 0, timeout_s)
-
     def all_stopped(self) -> bool:
         """True once every worker thread has finished."""
         with self._stopped:

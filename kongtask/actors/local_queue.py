@@ -1,58 +1,37 @@
-"""The local queue: claimed jobs waiting for a free executor, shared by threads.
+"""The local queue: a buffer of claimed jobs waiting for a free executor, shared by threads.
 
 The claimer fills it with whole batches; executor threads pop one job at a
 time without a lock on the fast path (``deque.popleft`` is atomic) and only
-wait on the condition when it is empty. It also counts the jobs this pool
-holds (``in_flight``: claimed, not yet recorded as done or returned), which
-tells "run once" and ``Runner.join`` when everything runnable has been done.
+wait on the condition when it is empty. It decides nothing: the claimer sets
+the level it wants to hear about (:meth:`LocalQueue.wake_at`), and the first
+executor that sees the buffer at or below it sends one ``BufferLow`` (the
+callback) and clears the level, so a burst of pops costs one message.
 """
 
 from __future__ import annotations
 
 import threading
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 
 from kongtask.job import Job
 
-__all__ = ["FetchMode", "LocalQueue"]
-
-
-class FetchMode:
-    """What the last claim said about the database, deciding when to claim next."""
-
-    #: The claim got all it asked for: claim again when the buffer runs low.
-    FULL = "full"
-    #: The claim got fewer: claim again once the buffer is empty.
-    PARTIAL = "partial"
-    #: Nothing was runnable: wait for a notification, a poll tick or a release.
-    EMPTY = "empty"
+__all__ = ["LocalQueue"]
 
 
 class LocalQueue:
-    """A buffer of claimed jobs with a low-water mark that asks for more."""
+    """A buffer of claimed jobs that tells the claimer when it falls to a chosen level."""
 
-    def __init__(self, size: int, request_fetch: Callable[[], None]) -> None:
+    def __init__(self, size: int, on_low: Callable[[], None]) -> None:
         self.size = size
         self.low_water = size // 2
-        self._request_fetch = request_fetch
+        self._on_low = on_low
         self._jobs: deque[Job] = deque()
         self._cond = threading.Condition()
         self._closed = False
-        self._count_lock = threading.Lock()
-        self._idle = threading.Condition(self._count_lock)
-        self.in_flight = 0
-        #: How many held jobs were ever finished (lets a claim see completions it raced).
-        self.finished_total = 0
-        self.mode = FetchMode.FULL
-        self.fetch_requested = False
-        #: Bumped whenever the buffer is filled (the TTL timer compares it).
-        self.fill_generation = 0
-        #: Raised by ``join`` callers; the claimer copies it into ``idle_mark``.
-        self.join_requests = 0
-        self.idle_mark = 0
-        #: Bumped by the listener for every ``jobs:insert`` (and on reconnecting).
-        self.inserts_notified = 0
+        # -1: nobody wants to know. Written by the claimer and (to clear it) by
+        # whichever executor reports; a duplicate report is harmless.
+        self._wake_level = -1
 
     def __len__(self) -> int:
         return len(self._jobs)
@@ -64,15 +43,14 @@ class LocalQueue:
         jobs = self._jobs
         while True:
             try:
-                job = jobs.popleft()
+                job: Job | None = jobs.popleft()
             except IndexError:
-                pass
-            else:
-                if len(jobs) <= self.low_water and self.mode == FetchMode.FULL:
-                    self._want_more()
+                job = None
+            if len(jobs) <= self._wake_level:
+                self._wake_level = -1
+                self._on_low()
+            if job is not None:
                 return job
-            if self.mode != FetchMode.EMPTY:
-                self._want_more()
             with self._cond:
                 if self._closed:
                     return None
@@ -80,20 +58,24 @@ class LocalQueue:
                     continue
                 self._cond.wait()
 
-    def _want_more(self) -> None:
-        if not self.fetch_requested:
-            self.fetch_requested = True
-            self._request_fetch()
-
     # --- the claimer ------------------------------------------------------------
+
+    def wake_at(self, level: int) -> bool:
+        """Ask for a ``BufferLow`` once the buffer holds ``level`` jobs or fewer (-1: never).
+
+        Returns True if it already does: the caller acts on that itself, since
+        an executor that popped just before the level was set will not report.
+        """
+        self._wake_level = level
+        if level >= 0 and len(self._jobs) <= level:
+            self._wake_level = -1
+            return True
+        return False
 
     def put_many(self, jobs: list[Job]) -> None:
         """Buffer freshly claimed jobs and wake that many executors."""
         if not jobs:
             return
-        with self._count_lock:
-            self.in_flight += len(jobs)
-        self.fill_generation += 1
         self._jobs.extend(jobs)
         with self._cond:
             self._cond.notify(len(jobs))
@@ -117,41 +99,3 @@ class LocalQueue:
     def closed(self) -> bool:
         """True once :meth:`close` was called."""
         return self._closed
-
-    # --- bookkeeping ------------------------------------------------------------
-
-    def finished(self, count: int) -> int:
-        """Record that ``count`` held jobs were completed, failed or returned."""
-        with self._count_lock:
-            self.in_flight -= count
-            self.finished_total += count
-            if self.in_flight <= 0:
-                self._idle.notify_all()
-            return self.in_flight
-
-    def mark_idle(self, mark: int) -> None:
-        """The claimer saw nothing runnable and nothing held, for join requests up to ``mark``."""
-        with self._count_lock:
-            if mark > self.idle_mark:
-                self.idle_mark = mark
-            self._idle.notify_all()
-
-    def request_join(self) -> int:
-        """Register a join; returns the mark an empty claim must reach."""
-        with self._count_lock:
-            self.join_requests += 1
-            return self.join_requests
-
-    def wait_idle(self, mark: int, timeout_s: float) -> bool:
-        """Wait until an empty claim covering ``mark`` happened; False on timeout."""
-        with self._count_lock:
-            return self._idle.wait_for(lambda: self.idle_mark >= mark, timeout_s)
-
-    @property
-    def wants_idle_claim(self) -> bool:
-        """True when someone waits for an empty claim (a join, or run-once mode)."""
-        return self.join_requests > self.idle_mark
-
-    def snapshot(self) -> Iterable[Job]:
-        """The buffered jobs (a copy), for diagnostics."""
-        return list(self._jobs)

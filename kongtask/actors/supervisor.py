@@ -34,7 +34,7 @@ from kongtask.protocols import Clock
 from kongtask.settings import WorkerSettings
 from kongtask.sql import Queries
 
-from .claimer import NUDGE, SHUTDOWN, Claimer
+from .claimer import BufferLow, Claimer, HeldCount, InsertNotified, JoinRequest, Shutdown, Wake
 from .clock import SystemClock
 from .completer import FLUSH, Completer, Outbox
 from .context import WorkerContext, new_pool_id
@@ -134,11 +134,11 @@ class Supervisor:
         self.bus.start()
         self._stack.callback(self.bus.stop)
 
-        def request_fetch() -> None:
+        def buffer_low() -> None:
             if self._claimer is not None:
-                self._claimer.tell("fetch")
+                self._claimer.tell(BufferLow())
 
-        local_queue = LocalQueue(settings.batch_size, request_fetch)
+        local_queue = LocalQueue(settings.batch_size, buffer_low)
         ctx = self.ctx = WorkerContext(
             settings=settings,
             queries=Queries(settings.schema),
@@ -164,13 +164,13 @@ class Supervisor:
                 settings.concurrency,
             )
         self.bus.emit(events.pool_create, pool_id=self.pool_id)
-        self._claimer = Claimer.start(ctx)
         outbox = Outbox()
+        self._claimer = Claimer.start(ctx, outbox)
         self._completer = Completer.start(ctx, outbox, self._claimer)
         outbox.actor = self._completer
         self._outbox = outbox
         if not settings.once:
-            self._listener = Listener(ctx, lambda: self._nudge())
+            self._listener = Listener(ctx, self._insert_notified)
             self._listener.start()
         self._executors = ExecutorPool(ctx, outbox, on_all_stopped=self._workers_stopped)
         self._executors.start()
@@ -202,7 +202,11 @@ class Supervisor:
 
     def _nudge(self) -> None:
         if self._claimer is not None:
-            self._claimer.tell(NUDGE)
+            self._claimer.tell(Wake())
+
+    def _insert_notified(self) -> None:
+        if self._claimer is not None:
+            self._claimer.tell(InsertNotified())
 
     # --- control --------------------------------------------------------------------
 
@@ -216,15 +220,14 @@ class Supervisor:
 
     def join(self, timeout_s: float) -> None:
         """Wait until nothing runnable is claimed, running or unrecorded."""
-        ctx = self.ctx
-        if ctx is None or self.done.is_set():
+        claimer = self._claimer
+        if claimer is None or self.done.is_set():
             return
-        mark = ctx.queue.request_join()
-        self._nudge()
-        if not ctx.queue.wait_idle(mark, timeout_s):
-            raise TimeoutError(
-                f"the worker still had {ctx.queue.in_flight} job(s) in hand after {timeout_s}s"
-            )
+        idle = threading.Event()
+        claimer.tell(JoinRequest(idle))
+        if not idle.wait(timeout_s):
+            held = self._ask(claimer, HeldCount())
+            raise TimeoutError(f"the worker still had {held} job(s) in hand after {timeout_s}s")
 
     def restore_signals(self) -> None:
         """Put the host's signal handlers back (only possible from the main thread)."""
@@ -305,7 +308,7 @@ class Supervisor:
                 self._listener.stop()
             if self._sweeper is not None:
                 self._sweeper.tell(STOP_TIMERS)
-            self._ask(self._claimer, SHUTDOWN)
+            self._ask(self._claimer, Shutdown())
             self._executors.release()
             forceful = self._wait_for_workers(forceful)
             if not forceful:
@@ -377,7 +380,7 @@ class Supervisor:
 
         return time.monotonic()
 
-    def _ask(self, ref: pykka.ActorRef[Any] | None, message: str) -> Any:
+    def _ask(self, ref: pykka.ActorRef[Any] | None, message: object) -> Any:
         if ref is None:
             return None
         try:
