@@ -187,8 +187,10 @@ class FetchPolicy:
             else:
                 self.answer = Answer.NONE
         elif isinstance(event, ClaimFailed):
+            # Retrying at once would hammer a failing database: the poll retries.
             self.in_flight = False
             self.answer = Answer.NONE
+            self.news = False
         elif isinstance(event, _NEWS):
             self.news = True
         elif isinstance(event, Finished):

@@ -1,0 +1,151 @@
+"""The claimer's wake-ups against a real database: none is lost, none after shutdown.
+
+The fetch policy's rules are table-tested in ``tests/unit/test_fetch_policy.py``;
+these tests check the wiring around it: a ``jobs:insert`` notice that
+arrives while a claim is running (after its snapshot was taken, so the claim
+cannot see the new job) is acted on right after the claim answers, not at
+the next poll; and once a pool is shutting down no wake-up of any kind makes
+it claim again (it would take back jobs it has just failed back).
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import psycopg
+import pytest
+
+from kongtask import Runner, WorkerUtils
+from kongtask.actors.claimer import Claimer, HeldCount, InsertNotified, Wake
+from kongtask.actors.fetch_policy import PollDue
+from kongtask.actors.listener import Listener
+
+POLL_S = 60.0  # nothing here may wait for a poll
+
+
+class _ToldCounter:
+    """Counts the listener's messages to the claimer (each notice or reconnect)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.count = 0
+        self._cond = threading.Condition()
+        original_init = Listener.__init__
+        counter = self
+
+        def init(self: Listener, ctx: Any, nudge: Any) -> None:
+            def told() -> None:
+                nudge()
+                with counter._cond:
+                    counter.count += 1
+                    counter._cond.notify_all()
+
+            original_init(self, ctx, told)
+
+        monkeypatch.setattr(Listener, "__init__", init)
+
+    def wait_for(self, count: int, timeout_s: float = 20.0) -> None:
+        with self._cond:
+            assert self._cond.wait_for(lambda: self.count >= count, timeout_s), self.count
+
+
+def _claimer(runner: Runner) -> Any:
+    claimer = runner._supervisor._claimer  # type: ignore[union-attr]
+    assert claimer is not None
+    return claimer
+
+
+def test_an_insert_notified_during_a_claim_is_claimed_right_after(
+    db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    told = _ToldCounter(monkeypatch)
+    original_claim = Claimer._claim
+    hold = threading.Event()
+    held = threading.Event()
+    release = threading.Event()
+
+    def claim(self: Claimer, conn: psycopg.Connection[Any], want: int) -> Any:
+        answer = original_claim(self, conn, want)
+        if hold.is_set() and not held.is_set():
+            held.set()  # the claim has answered; its snapshot predates what comes next
+            assert release.wait(20), "the test never released the claim"
+        return answer
+
+    monkeypatch.setattr(Claimer, "_claim", claim)
+    ran: list[str] = []
+    done = threading.Event()
+
+    def work(payload: dict[str, Any], helpers: Any) -> None:
+        ran.append(payload["name"])
+        if payload["name"] == "second":
+            done.set()
+
+    runner = Runner(
+        tasks={"work": work},
+        connection_string=db_url,
+        concurrency=2,
+        poll_interval_s=POLL_S,
+        install_signal_handlers=False,
+    )
+    with runner, WorkerUtils(db_url) as utils:
+        told.wait_for(1)  # the listener is connected and has said so
+        _claimer(runner).ask(HeldCount(), timeout=20)  # start-up wake-ups are processed
+        hold.set()
+        utils.add_job("work", {"name": "first"})
+        assert held.wait(20), "no claim ran after the first insert"
+        utils.add_job("work", {"name": "second"})
+        told.wait_for(3)  # the second notice reached the claimer's mailbox mid-claim
+        release.set()
+        assert done.wait(20), f"the job inserted during a claim waited for the poll: {ran}"
+        runner.join(20)
+    assert ran == ["first", "second"]
+
+
+def test_a_stopping_pool_never_claims_again(
+    db_url: str, db: psycopg.Connection[Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    claims_after_stop: list[int] = []
+    stopping = threading.Event()
+    original_claim = Claimer._claim
+
+    def claim(self: Claimer, conn: psycopg.Connection[Any], want: int) -> Any:
+        if stopping.is_set():
+            claims_after_stop.append(want)
+        return original_claim(self, conn, want)
+
+    monkeypatch.setattr(Claimer, "_claim", claim)
+    started = threading.Event()
+
+    def slow(payload: dict[str, Any], helpers: Any) -> None:
+        started.set()
+        if helpers.abort_event.wait(20):
+            raise RuntimeError("aborted")
+
+    runner = Runner(
+        tasks={"slow": slow},
+        connection_string=db_url,
+        concurrency=1,
+        poll_interval_s=POLL_S,
+        graceful_shutdown_abort_timeout_s=0.2,
+        install_signal_handlers=False,
+    )
+    with WorkerUtils(db_url) as utils:
+        utils.add_jobs([{"identifier": "slow"} for _ in range(3)])
+    runner.start()
+    try:
+        assert started.wait(20)
+        claimer = _claimer(runner)
+        runner._supervisor.ctx.stopping = True  # type: ignore[union-attr]
+        stopping.set()
+        # Every kind of wake-up, as a shutdown can meet them.
+        for message in (InsertNotified(), Wake(), PollDue(), InsertNotified()):
+            claimer.tell(message)
+        claimer.ask(HeldCount(), timeout=20)
+    finally:
+        assert runner.stop(30)
+    assert claims_after_stop == []
+    rows = db.execute(
+        "select attempts, locked_by from graphile_worker._private_jobs order by id"
+    ).fetchall()
+    # One job failed back (attempt 1, unlocked), two returned or never claimed.
+    assert sorted(rows) == [(0, None), (0, None), (1, None)]
