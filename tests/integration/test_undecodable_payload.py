@@ -21,7 +21,9 @@ from tests.integration.worker_support import add_jobs_sql, locked_queues
 INNOCENT = 10
 
 BAD_PAYLOADS = {
-    "digits": "select graphile_worker.add_job('work', ('{\"i\": ' || repeat('9', 5000) || '}')::json)",
+    "digits": (
+        "select graphile_worker.add_job('work', ('{\"i\": ' || repeat('9', 5000) || '}')::json)"
+    ),
     "nesting": (
         "select graphile_worker.add_job('work', "
         "(repeat('{\"a\": ', 3000) || '1' || repeat('}', 3000))::json, queue_name => 'q')"
@@ -29,9 +31,7 @@ BAD_PAYLOADS = {
 }
 
 
-def test_undecodable_payloads_fail_only_their_job(
-    db_url: str, db: psycopg.Connection[Any]
-) -> None:
+def test_undecodable_payloads_fail_only_their_job(db_url: str, db: psycopg.Connection[Any]) -> None:
     for statement in BAD_PAYLOADS.values():
         db.execute(statement)
     add_jobs_sql(db, [{"identifier": "work", "payload": {"n": n}} for n in range(INNOCENT)])

@@ -1,7 +1,6 @@
 """The fetch policy: every rule of "when to claim" as a row of a table."""
 
 # One case per line reads best.
-# ruff: noqa: E501
 
 from __future__ import annotations
 
