@@ -172,13 +172,17 @@ CLAIM_COLUMNS = """
 # available) once the statement ends. Each row also carries how many
 # candidates the claim saw: when that reached `batch`, more may be waiting
 # even if the one-per-queue rule kept fewer. Rows come back in run order.
+# `now` is the worker's own clock when a test gave it one (ManualClock, as
+# graphile-worker's useNodeTime), else null: a job is ready once either the
+# database's time or that clock has reached its run_at, so advancing the test
+# clock makes retries and delayed jobs due while ordinary jobs still run.
 GET_JOBS = (
     """
 with candidates as (
     select jobs.id, jobs.job_queue_id, jobs.priority, jobs.run_at
     from {s}._private_jobs as jobs
     where jobs.is_available = true
-    and jobs.run_at <= now()
+    and jobs.run_at <= greatest(now(), %(now)s::timestamptz)
     and jobs.task_id = any(%(task_ids)s::int[])
     and (
         jobs.job_queue_id is null

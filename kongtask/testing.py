@@ -2,7 +2,10 @@
 
 ``ManualClock`` stands in for the system clock: time moves only when the test
 calls :meth:`ManualClock.advance`, and timers due by then fire in order, in
-the calling thread. ``join`` waits until a Runner has nothing left to do.
+the calling thread. A Runner given one also uses it for job readiness (as
+graphile-worker's ``useNodeTime``): a job is ready once the database's time
+or the clock has reached its ``run_at``, so ``advance()`` makes retries and
+delayed jobs due. ``join`` waits until a Runner has nothing left to do.
 """
 
 from __future__ import annotations
@@ -109,7 +112,12 @@ class ManualClock:
             self._now += delta
 
     def close(self) -> None:
-        """Forget every pending timer (the Runner calls this when it owns the clock)."""
+        """Forget every pending timer (they will never fire)."""
+        with self._lock:
+            for _, _, timer in self._heap:
+                timer.cancel()
+            self._heap.clear()
+            self._changed.notify_all()
 
 
 def join(runner: Runner, timeout_s: float = 30.0) -> None:

@@ -45,7 +45,7 @@ def serial(url: str, batch: int, queries: Queries) -> int:
     """Claim and complete on one connection, one after the other; returns jobs done."""
     done = 0
     with psycopg.connect(url, autocommit=True) as conn:
-        params = {"task_ids": _task_ids(conn), "forbidden_flags": None, "batch": batch}
+        params = {"task_ids": _task_ids(conn), "forbidden_flags": None, "batch": batch, "now": None}
         params["pool_id"] = POOL_ID
         while True:
             rows = conn.execute(queries.get_jobs, params).fetchall()
@@ -71,7 +71,12 @@ def overlapped(url: str, batch: int, queries: Queries) -> int:
     thread.start()
     try:
         with psycopg.connect(url, autocommit=True) as conn:
-            params = {"task_ids": _task_ids(conn), "forbidden_flags": None, "batch": batch}
+            params = {
+                "task_ids": _task_ids(conn),
+                "forbidden_flags": None,
+                "batch": batch,
+                "now": None,
+            }
             params["pool_id"] = POOL_ID
             while rows := conn.execute(queries.get_jobs, params).fetchall():
                 pending.put([row[0] for row in rows])

@@ -33,6 +33,7 @@ from kongtask import events
 from kongtask.job import Job
 from kongtask.protocols import TimerHandle
 
+from .clock import SystemClock
 from .context import WorkerContext
 from .db_actor import DbActor
 from .fetch_policy import (
@@ -111,6 +112,8 @@ class Claimer(DbActor):
         self._flags = (
             list(settings.forbidden_flags) if settings.forbidden_flags is not None else None
         )
+        # A clock of the caller's (a test's ManualClock) also decides readiness.
+        self._clock_now = None if isinstance(ctx.clock, SystemClock) else ctx.clock.now
 
     def handle(self, message: Any) -> Any:
         if isinstance(message, TtlDue):
@@ -230,6 +233,7 @@ class Claimer(DbActor):
             "forbidden_flags": self._flags,
             "batch": want,
             "pool_id": ctx.pool_id,
+            "now": self._clock_now() if self._clock_now is not None else None,
         }
         rows = conn.execute(ctx.queries.get_jobs, params).fetchall()
         seen = rows[0][-1] if rows else 0

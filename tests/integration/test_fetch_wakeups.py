@@ -149,3 +149,33 @@ def test_a_stopping_pool_never_claims_again(
     ).fetchall()
     # One job failed back (attempt 1, unlocked), two returned or never claimed.
     assert sorted(rows) == [(0, None), (0, None), (1, None)]
+
+
+def test_a_manual_clock_decides_readiness(db_url: str, db: psycopg.Connection[Any]) -> None:
+    """``advance()`` makes a retry due, as graphile-worker's useNodeTime would."""
+    from datetime import UTC, datetime
+
+    from kongtask.testing import ManualClock
+
+    clock = ManualClock(datetime.now(UTC))
+    attempts: list[int] = []
+
+    def flaky(payload: dict[str, Any], helpers: Any) -> None:
+        attempts.append(helpers.job.attempts)
+        if helpers.job.attempts == 1:
+            raise RuntimeError("first try fails")
+
+    runner = Runner(
+        tasks={"flaky": flaky},
+        connection_string=db_url,
+        clock=clock,
+        install_signal_handlers=False,
+    )
+    with runner, WorkerUtils(db_url) as utils:
+        utils.add_job("flaky")
+        runner.join(20)
+        assert attempts == [1]  # the retry waits e^1 s of the clock's time
+        clock.advance(3600)
+        runner.join(20)
+        assert attempts == [1, 2]
+    assert db.execute("select count(*) from graphile_worker._private_jobs").fetchone() == (0,)
