@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -51,6 +51,19 @@ class Job:
             values["task_identifier"] = task_identifier
         return cls(**values)
 
+    @classmethod
+    def from_values(cls, values: Sequence[Any]) -> Job:
+        """Build a job from its field values in declaration order, without checks.
+
+        The claim path builds hundreds of jobs per statement; the frozen
+        dataclass ``__init__`` costs about three times as much as setting
+        the slots directly, which this does.
+        """
+        job = _new(cls)
+        for setter, value in zip(_SETTERS, values, strict=True):
+            setter(job, value)
+        return job
+
     @property
     def is_permanently_failed(self) -> bool:
         """True when the job has used up its attempts and will not run again."""
@@ -58,3 +71,5 @@ class Job:
 
 
 _FIELD_NAMES = tuple(field.name for field in dataclasses.fields(Job))
+_SETTERS = tuple(getattr(Job, name).__set__ for name in _FIELD_NAMES)
+_new = object.__new__

@@ -261,8 +261,9 @@ class Claimer(DbActor):
             return []
         task_ids = self.ctx.task_ids
         payloads = decode_payloads([row[3] for row in rows])
+        make = Job.from_values
         return [
-            Job(row[0], row[1], row[2], task_ids[row[2]], payload, *row[4:17])
+            make((row[0], row[1], row[2], task_ids[row[2]], payload, *row[4:17]))
             for row, payload in zip(rows, payloads, strict=True)
         ]
 
