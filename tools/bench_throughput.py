@@ -316,8 +316,10 @@ def sustained(
             elapsed = time.monotonic() - started
             backlog = remaining(url)
     finally:
+        signalled = time.monotonic()
         worker.send_signal(signal.SIGTERM)
         worker.wait(60)
+        print(f"    (worker exited {time.monotonic() - signalled:.1f} s after SIGTERM)")
     completed = produced - backlog
     values = json.loads(pickups_file.read_text()) if pickups_file.exists() else []
     return completed / elapsed, values[1:]  # the warm-up job is not counted

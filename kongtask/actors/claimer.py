@@ -46,6 +46,7 @@ from .fetch_policy import (
     Finished,
     InsertNotified,
     PollDue,
+    Recheck,
     Returned,
     Shutdown,
     Wake,
@@ -135,14 +136,17 @@ class Claimer(DbActor):
     # --- the policy loop --------------------------------------------------------
 
     def _step(self, event: FetchEvent) -> None:
-        """Feed ``event`` to the policy and claim for as long as it says so."""
+        """Feed ``event`` to the policy and claim if it says so (once per message)."""
         policy = self.policy
         queue = self.ctx.queue
         if self.ctx.stopping and not policy.stopping:
             policy.step(Shutdown(), len(queue))
-        action = policy.step(event, len(queue))
-        while action is Action.CLAIM:
-            action = self._claim_now()
+        if policy.step(event, len(queue)) is Action.CLAIM and self._claim_now() is Action.CLAIM:
+            # Claim again only after the messages that came meanwhile (a
+            # shutdown above all): looping here would keep claiming a backlog
+            # while a Shutdown waits in the mailbox.
+            self.actor_ref.tell(Recheck())
+            return
         if not policy.stopping:
             if queue.wake_at(policy.wake_level()):
                 # The buffer already fell to that level before anyone could report it.

@@ -40,6 +40,7 @@ __all__ = [
     "Finished",
     "InsertNotified",
     "PollDue",
+    "Recheck",
     "Returned",
     "Shutdown",
     "Wake",
@@ -117,6 +118,10 @@ class Returned(NamedTuple):
     jobs: int
 
 
+class Recheck(NamedTuple):
+    """Decide again with nothing new (the claimer's note to itself between two claims)."""
+
+
 class Shutdown(NamedTuple):
     """The pool is stopping: never claim again."""
 
@@ -130,6 +135,7 @@ FetchEvent = (
     | Wake
     | Finished
     | Returned
+    | Recheck
     | Shutdown
 )
 

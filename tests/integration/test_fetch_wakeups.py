@@ -179,3 +179,52 @@ def test_a_manual_clock_decides_readiness(db_url: str, db: psycopg.Connection[An
         runner.join(20)
         assert attempts == [1, 2]
     assert db.execute("select count(*) from graphile_worker._private_jobs").fetchone() == (0,)
+
+
+def test_a_stop_under_a_backlog_ends_claiming(
+    db_url: str, db: psycopg.Connection[Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Executors that drain faster than claims must not keep the claimer claiming after stop."""
+    claims_while_stopping: list[int] = []
+    original_claim = Claimer._claim
+
+    def claim(self: Claimer, conn: psycopg.Connection[Any], want: int) -> Any:
+        if self.ctx.stopping:
+            claims_while_stopping.append(want)
+        return original_claim(self, conn, want)
+
+    monkeypatch.setattr(Claimer, "_claim", claim)
+    total = 20000
+    with WorkerUtils(db_url) as utils:
+        utils.add_jobs([{"identifier": "noop"} for _ in range(total)])
+    ran = [0]
+    some_ran = threading.Event()
+
+    pause = threading.Event()
+
+    def noop(payload: Any, helpers: Any) -> None:
+        pause.wait(0.001)  # a 1 ms job, as in the sustained benchmark
+        ran[0] += 1
+        if ran[0] >= 200:
+            some_ran.set()
+
+    runner = Runner(
+        tasks={"noop": noop},
+        connection_string=db_url,
+        concurrency=8,
+        local_queue_size=64,
+        poll_interval_s=POLL_S,
+        install_signal_handlers=False,
+    )
+    runner.start()
+    assert some_ran.wait(30)
+    assert runner.stop(30)
+    left = db.execute("select count(*) from graphile_worker._private_jobs").fetchone()
+    assert left is not None
+    # At most the claim already running when the stop began.
+    assert len(claims_while_stopping) <= 1, claims_while_stopping
+    assert left[0] > 0, "the whole backlog ran after the stop"
+    locked = db.execute(
+        "select count(*) from graphile_worker._private_jobs where locked_at is not null"
+    ).fetchone()
+    assert locked == (0,)
