@@ -100,14 +100,14 @@ class ExecutorPool:
         jobs = []
         for helpers in self.running():
             helpers.abandoned = True
-            helpers.abort_event.set()
+            helpers.request_abort()
             jobs.append(helpers.job)
         return jobs
 
     def signal_abort(self) -> None:
         """Set the abort event of every running job (the graceful timeout passed)."""
         for helpers in self.running():
-            helpers.abort_event.set()
+            helpers.request_abort()
 
     # --- a worker thread ----------------------------------------------------------
 
