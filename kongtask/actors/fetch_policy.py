@@ -20,6 +20,11 @@ The rules:
   claim also claims, and the last held job finishing confirms with a claim.
 * News that arrives while a claim is in flight is remembered and acted on
   right after its answer, never dropped.
+* While the pool holds ``max_held`` jobs or more (claimed, not yet recorded:
+  buffered, running, or waiting for the completer) it does not claim; the
+  completer's ``Finished`` reports release it. Without this bound a worker
+  whose handlers outrun the database claims without limit, and the outcomes
+  waiting to be written grow until a shutdown cannot flush them in time.
 * After shutdown nothing claims again.
 """
 
@@ -152,6 +157,8 @@ class FetchPolicy:
     low_water: int
     #: Run-once mode: always look until a claim comes back empty with nothing held.
     once: bool = False
+    #: Claim nothing while this many jobs are held (0: four times the capacity).
+    max_held: int = 0
     answer: Answer = Answer.NONE
     #: Something may have become runnable since the last claim started.
     news: bool = False
@@ -216,10 +223,16 @@ class FetchPolicy:
             self.stopping = True
         return self.decide(buffered)
 
+    def __post_init__(self) -> None:
+        if self.max_held <= 0:
+            self.max_held = 4 * self.capacity
+
     def decide(self, buffered: int) -> Action:
         """Whether to claim now, given the state and the buffer's length."""
         if self.stopping or self.in_flight or buffered >= self.capacity:
             return Action.WAIT
+        if self.held >= self.max_held:
+            return Action.WAIT  # a Finished report will decide again
         if self.answer is Answer.MORE:
             return Action.CLAIM if buffered <= self.low_water else Action.WAIT
         if self.news:
@@ -234,7 +247,7 @@ class FetchPolicy:
         ``-1`` means "don't tell me": nothing an executor does can change
         the decision (the next claim waits for news, or one is in flight).
         """
-        if self.stopping or self.in_flight:
+        if self.stopping or self.in_flight or self.held >= self.max_held:
             return -1
         if self.answer is Answer.MORE:
             return self.low_water

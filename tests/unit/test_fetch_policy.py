@@ -162,6 +162,22 @@ CASES: list[tuple[str, FetchPolicy, FetchEvent, int, Action]] = [
     ),
     # jobs given back unstarted are not claimed straight back
     ("jobs returned after the TTL", policy(Answer.MORE, held=16), Returned(16), 0, WAIT),
+    # back-pressure: outcomes not yet recorded hold the claimer back
+    (
+        "low buffer, but four times the capacity held",
+        policy(Answer.MORE, held=64),
+        BufferLow(),
+        0,
+        WAIT,
+    ),
+    (
+        "a finished batch brings held under the bound",
+        policy(Answer.MORE, held=70),
+        Finished(7),
+        0,
+        CLAIM,
+    ),
+    ("an insert while at the bound", policy(Answer.NONE, held=64), InsertNotified(), 0, WAIT),
     # shutdown
     ("shutdown", policy(Answer.MORE), Shutdown(), 0, WAIT),
 ]
