@@ -345,12 +345,13 @@ def main() -> None:
     args = parser.parse_args()
     n, c, lq = args.jobs, args.concurrency, args.local_queue_size
     gw = graphile_worker_dir() if args.compare_graphile_worker else None
-    print(
-        f"settings (parity, both sides): {n} no-op jobs, concurrency {c}, local queue {lq}, "
-        f"pool {c + 1}; graphile-worker also completeJobBatchDelay 0, failJobBatchDelay 0, "
-        f"refetchDelay 10 ms (its perfTest tuning); {args.rounds} rounds, order alternated, "
-        f"jobs table truncated and analyzed before every drain"
-    )
+    if not (args.no_drain and args.no_enqueue):
+        print(
+            f"settings (parity, both sides): {n} no-op jobs, concurrency {c}, local queue {lq}, "
+            f"pool {c + 1}; graphile-worker also completeJobBatchDelay 0, failJobBatchDelay 0, "
+            f"refetchDelay 10 ms (its perfTest tuning); {args.rounds} rounds, order alternated, "
+            f"jobs table truncated and analyzed before every drain"
+        )
     with scratch_database(server_url()) as url, tempfile.TemporaryDirectory() as tmp:
         tasks_file = Path(tmp, "noop_tasks.py")
         tasks_file.write_text(NOOP_TASKS)
