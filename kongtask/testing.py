@@ -14,16 +14,17 @@ import heapq
 import itertools
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .actors.clock import Timer
 
 if TYPE_CHECKING:
     from .runner import Runner
 
-__all__ = ["ManualClock", "join"]
+__all__ = ["ManualClock", "join", "running"]
 
 
 class ManualClock:
@@ -127,3 +128,37 @@ def join(runner: Runner, timeout_s: float = 30.0) -> None:
     are not waited for. Raises ``TimeoutError`` after ``timeout_s``.
     """
     runner.join(timeout_s)
+
+
+@contextmanager
+def running(**options: Any) -> Iterator[Runner]:
+    """A started Runner for the ``with`` block (a pytest fixture's body); stopped after.
+
+    Takes the options of :func:`kongtask.run`; signal handlers are left alone
+    unless ``install_signal_handlers`` says otherwise. The Runner is stopped
+    gracefully on the way out and any fatal error it met is raised then, so a
+    test cannot pass over a worker that died. The pattern::
+
+        @pytest.fixture
+        def clock():
+            return ManualClock(datetime.now(UTC))
+
+        @pytest.fixture
+        def worker(clock):
+            with running(tasks=TASKS, connection_string=URL, clock=clock) as runner:
+                yield runner
+
+        def test_retry(worker, clock):
+            ...                   # add a job that fails once
+            worker.join()         # its first attempt ran and was recorded
+            clock.advance(3600)   # its retry is due by the worker's clock
+            worker.join()         # and has run
+    """
+    from .runner import Runner
+
+    options.setdefault("install_signal_handlers", False)
+    runner = Runner(**options).start()
+    try:
+        yield runner
+    finally:
+        runner.stop(30)
