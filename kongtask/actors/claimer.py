@@ -23,6 +23,7 @@ import dataclasses
 import json
 import logging
 import threading
+import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -64,6 +65,7 @@ __all__ = [
     "InsertNotified",
     "JoinRequest",
     "Shutdown",
+    "SlowStatement",
     "Wake",
 ]
 
@@ -84,9 +86,31 @@ class HeldCount(NamedTuple):
     """Ask how many jobs this pool holds (claimed, not yet recorded)."""
 
 
-ClaimerMessage = FetchEvent | TtlDue | JoinRequest | HeldCount
+class SlowStatement(NamedTuple):
+    """The completer's statement took ``seconds``: the jobs table's statistics may be stale."""
+
+    seconds: float
+
+
+ClaimerMessage = FetchEvent | TtlDue | JoinRequest | HeldCount | SlowStatement
 
 _EPOCH = datetime.min.replace(tzinfo=UTC)
+
+#: A claim or complete this slow suggests a plan made from stale statistics (ANALYZE_JOBS).
+SLOW_STATEMENT_S = 0.1
+#: At most one analyze of our own per this many seconds.
+ANALYZE_EVERY_S = 10.0
+
+
+def wants_analyze(claim_s: float, since_last_s: float | None) -> bool:
+    """Whether a statement that took ``claim_s`` should make the claimer analyze the jobs table.
+
+    ``since_last_s`` is the time since the claimer's last analyze (None: never).
+    A false alarm costs one cheap analyze per ten seconds; a missed one, a claim that
+    sorts the whole backlog every time until autovacuum comes by.
+    """
+    slow = claim_s >= SLOW_STATEMENT_S
+    return slow and (since_last_s is None or since_last_s >= ANALYZE_EVERY_S)
 
 
 class Claimer(DbActor):
@@ -121,6 +145,8 @@ class Claimer(DbActor):
         self._flags = (
             list(settings.forbidden_flags) if settings.forbidden_flags is not None else None
         )
+        self._analyzed_at: float | None = None
+        self._may_analyze = True
         # A clock of the caller's (a test's ManualClock) also decides readiness.
         self._clock_now = None if isinstance(ctx.clock, SystemClock) else ctx.clock.now
 
@@ -133,6 +159,8 @@ class Claimer(DbActor):
             self._step(Wake())
         elif isinstance(message, HeldCount):
             return self.policy.held
+        elif isinstance(message, SlowStatement):
+            self._maybe_analyze(message.seconds)
         elif isinstance(message, Shutdown):
             return self._shutdown()
         else:
@@ -173,9 +201,13 @@ class Claimer(DbActor):
         ctx.bus.emit(events.worker_get_job_start, pool_id=ctx.pool_id)
         adopted: list[Job] = []
         try:
+            started = time.perf_counter()
             jobs, seen = self.run(lambda conn: self._claim(conn, want), "Claiming jobs")
+            claim_s = time.perf_counter() - started
             if self.retried:
                 adopted = self.run(lambda conn: self._orphans(conn, jobs), "Adopting claimed jobs")
+            else:  # (a retried claim's time includes its back-off)
+                self._maybe_analyze(claim_s)
         except psycopg.Error as exc:
             logger.error("Failed to get jobs: %s", exc)
             ctx.bus.emit(events.worker_get_job_error, pool_id=ctx.pool_id, error=exc)
@@ -250,6 +282,26 @@ class Claimer(DbActor):
         rows = conn.execute(ctx.queries.get_jobs, params).fetchall()
         seen = rows[0][-1] if rows else 0
         return self._jobs_of(rows), seen
+
+    def _maybe_analyze(self, claim_s: float) -> None:
+        """Refresh the jobs table's statistics after a suspiciously slow claim."""
+        if not self._may_analyze:
+            return
+        now = time.perf_counter()
+        since = None if self._analyzed_at is None else now - self._analyzed_at
+        if not wants_analyze(claim_s, since):
+            return
+        self._analyzed_at = now
+        logger.info(
+            "A statement on the jobs table took %.0f ms; refreshing its statistics",
+            claim_s * 1000,
+        )
+        try:
+            self.run(lambda conn: conn.execute(self.ctx.queries.analyze_jobs), "Analyzing jobs")
+        except psycopg.Error as exc:
+            # Not the table's owner, say: the claim still works, only slower.
+            self._may_analyze = False
+            logger.warning("Could not analyze the jobs table (%s); leaving it to autovacuum", exc)
 
     def _orphans(self, conn: psycopg.Connection[Any], claimed: list[Job]) -> list[Job]:
         """Jobs locked by a claim whose answer was lost with its connection."""

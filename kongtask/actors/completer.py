@@ -16,6 +16,7 @@ import functools
 import json
 import logging
 import threading
+import time
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import psycopg
@@ -23,6 +24,7 @@ import pykka
 
 from kongtask.job import Job
 
+from .claimer import SLOW_STATEMENT_S, SlowStatement
 from .context import WorkerContext
 from .db_actor import DbActor
 from .fetch_policy import Finished
@@ -113,8 +115,12 @@ class Completer(DbActor):
             retried = False
             if successes:
                 ids = [job.id for job in successes]
+                started = time.perf_counter()
                 self.run(functools.partial(self._complete, ids=ids), "Completing jobs")
                 retried = self.retried
+                seconds = time.perf_counter() - started
+                if seconds >= SLOW_STATEMENT_S and not retried:
+                    self._claimer.tell(SlowStatement(seconds))
             if failures:
                 specs = json.dumps([_fail_spec(*failure) for failure in failures])
                 self.run(functools.partial(self._fail, specs=specs), "Failing jobs")

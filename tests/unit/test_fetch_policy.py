@@ -283,3 +283,19 @@ def test_a_claim_while_one_is_held_is_not_idle() -> None:
     state.claim_started()
     state.step(ClaimAnswered(0, 16), 0)
     assert state.idle is False
+
+
+@pytest.mark.parametrize(
+    ("claim_s", "since_last_s", "expected"),
+    [
+        (0.015, None, False),  # an ordinary claim
+        (0.25, None, True),  # a claim sorting the whole backlog, never analyzed
+        (0.25, 5.0, False),  # analyzed five seconds ago
+        (0.25, 11.0, True),  # analyzed over ten seconds ago
+        (0.1, None, True),  # the threshold itself
+    ],
+)
+def test_wants_analyze(claim_s: float, since_last_s: float | None, expected: bool) -> None:
+    from kongtask.actors.claimer import wants_analyze
+
+    assert wants_analyze(claim_s, since_last_s) is expected
