@@ -50,14 +50,10 @@ def jobs_from_query(
     if not rows:
         return []
     payloads = json.loads("[" + ",".join(row[4] for row in rows) + "]")
+    make = Job.from_values
     return [
-        Job(
-            row[0],
-            row[1],
-            row[2],
-            names[row[2]] if row[3] is None else row[3],
-            payload,
-            *row[5:],
+        make(
+            (row[0], row[1], row[2], names[row[2]] if row[3] is None else row[3], payload, *row[5:])
         )
         for row, payload in zip(rows, payloads, strict=True)
     ]

@@ -29,22 +29,56 @@ if TYPE_CHECKING:
 __all__ = ["Helpers"]
 
 _job_logger = logging.getLogger("kongtask.job")
+# Guards the lazy creation of abort events against a concurrent abort request.
+_ABORT_LOCK = threading.Lock()
 
 
 class Helpers:
     """What a handler may use besides its payload; one per job run."""
 
-    __slots__ = ("_ctx", "_logger", "abandoned", "abort_event", "job", "worker_id")
+    __slots__ = (
+        "_abort_event",
+        "_abort_requested",
+        "_ctx",
+        "_logger",
+        "abandoned",
+        "job",
+        "worker_id",
+    )
 
     def __init__(self, ctx: WorkerContext, job: Job, worker_id: str) -> None:
         self._ctx = ctx
         self.job = job
         self.worker_id = worker_id
-        #: Set when a graceful shutdown's abort timeout passes while the job runs.
-        self.abort_event = threading.Event()
+        # The abort event is made on first use: a threading.Event costs more
+        # than the rest of a quick job's bookkeeping, and most handlers never
+        # look at it.
+        self._abort_event: threading.Event | None = None
+        self._abort_requested = False
         #: True once the job was failed back by a shutdown; its outcome is ignored.
         self.abandoned = False
         self._logger: logging.LoggerAdapter[logging.Logger] | None = None
+
+    @property
+    def abort_event(self) -> threading.Event:
+        """Set when a graceful shutdown's abort timeout passes while the job runs."""
+        event = self._abort_event
+        if event is None:
+            with _ABORT_LOCK:
+                event = self._abort_event
+                if event is None:
+                    event = self._abort_event = threading.Event()
+                    if self._abort_requested:
+                        event.set()
+        return event
+
+    def request_abort(self) -> None:
+        """Set the abort event (now, or when the handler first asks for it)."""
+        with _ABORT_LOCK:
+            self._abort_requested = True
+            event = self._abort_event
+        if event is not None:
+            event.set()
 
     @property
     def logger(self) -> logging.LoggerAdapter[logging.Logger]:

@@ -2,7 +2,10 @@
 
 ``ManualClock`` stands in for the system clock: time moves only when the test
 calls :meth:`ManualClock.advance`, and timers due by then fire in order, in
-the calling thread. ``join`` waits until a Runner has nothing left to do.
+the calling thread. A Runner given one also uses it for job readiness (as
+graphile-worker's ``useNodeTime``): a job is ready once the database's time
+or the clock has reached its ``run_at``, so ``advance()`` makes retries and
+delayed jobs due. ``join`` waits until a Runner has nothing left to do.
 """
 
 from __future__ import annotations
@@ -11,16 +14,17 @@ import heapq
 import itertools
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .actors.clock import Timer
 
 if TYPE_CHECKING:
     from .runner import Runner
 
-__all__ = ["ManualClock", "join"]
+__all__ = ["ManualClock", "join", "running"]
 
 
 class ManualClock:
@@ -109,7 +113,12 @@ class ManualClock:
             self._now += delta
 
     def close(self) -> None:
-        """Forget every pending timer (the Runner calls this when it owns the clock)."""
+        """Forget every pending timer (they will never fire)."""
+        with self._lock:
+            for _, _, timer in self._heap:
+                timer.cancel()
+            self._heap.clear()
+            self._changed.notify_all()
 
 
 def join(runner: Runner, timeout_s: float = 30.0) -> None:
@@ -119,3 +128,37 @@ def join(runner: Runner, timeout_s: float = 30.0) -> None:
     are not waited for. Raises ``TimeoutError`` after ``timeout_s``.
     """
     runner.join(timeout_s)
+
+
+@contextmanager
+def running(**options: Any) -> Iterator[Runner]:
+    """A started Runner for the ``with`` block (a pytest fixture's body); stopped after.
+
+    Takes the options of :func:`kongtask.run`; signal handlers are left alone
+    unless ``install_signal_handlers`` says otherwise. The Runner is stopped
+    gracefully on the way out and any fatal error it met is raised then, so a
+    test cannot pass over a worker that died. The pattern::
+
+        @pytest.fixture
+        def clock():
+            return ManualClock(datetime.now(UTC))
+
+        @pytest.fixture
+        def worker(clock):
+            with running(tasks=TASKS, connection_string=URL, clock=clock) as runner:
+                yield runner
+
+        def test_retry(worker, clock):
+            ...                   # add a job that fails once
+            worker.join()         # its first attempt ran and was recorded
+            clock.advance(3600)   # its retry is due by the worker's clock
+            worker.join()         # and has run
+    """
+    from .runner import Runner
+
+    options.setdefault("install_signal_handlers", False)
+    runner = Runner(**options).start()
+    try:
+        yield runner
+    finally:
+        runner.stop(30)

@@ -60,6 +60,10 @@ def to_uri(conninfo: str) -> str:
 def graphile_worker_dir() -> Path:
     """A folder with graphile-worker 0.17.3 installed from npm (installed on first use)."""
     target = CACHE_DIR / f"graphile-worker-{GRAPHILE_WORKER_VERSION}"
+    # The test suite's copy, when it has one, is the same package.
+    tests_copy = Path.home() / ".cache" / "kongtask-tests" / target.name
+    if not target.exists() and (tests_copy / "node_modules").is_dir():
+        target = tests_copy
     cli = target / "node_modules" / "graphile-worker" / "dist" / "cli.js"
     if not cli.exists():
         if shutil.which("npm") is None:
@@ -83,3 +87,37 @@ def percentile(sorted_values: list[float], fraction: float) -> float:
     """The value below which ``fraction`` of the (sorted) values fall (nearest rank)."""
     index = max(0, min(len(sorted_values) - 1, round(fraction * len(sorted_values)) - 1))
     return sorted_values[index]
+
+
+def fresh_jobs_table(url: str) -> None:
+    """Empty the jobs table without dead rows and refresh the planner's statistics.
+
+    ``truncate`` gives the table a new, empty file (no dead rows from an
+    earlier drain), and ``vacuum analyze`` leaves both sides with the same
+    statistics, so neither drain pays for the other's bloat.
+    """
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("truncate graphile_worker._private_jobs")
+        conn.execute("vacuum analyze graphile_worker._private_jobs")
+
+
+def enqueue_noop_jobs(url: str, count: int, task: str = "noop") -> None:
+    """Add ``count`` jobs through the schema's ``add_jobs`` (untimed), then analyze."""
+    import json
+
+    specs = json.dumps([{"identifier": task, "payload": {"id": i}} for i in range(count)])
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(
+            "select count(*) from graphile_worker.add_jobs(array("
+            "select json_populate_recordset(null::graphile_worker.job_spec, %s::json)))",
+            (specs,),
+        )
+        conn.execute("vacuum analyze graphile_worker._private_jobs")
+
+
+def summary(values: list[float]) -> tuple[float, float]:
+    """(min, median) of a list of figures."""
+    ordered = sorted(values)
+    middle = len(ordered) // 2
+    median = ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
+    return ordered[0], median

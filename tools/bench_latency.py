@@ -1,11 +1,14 @@
 """Latency benchmark: add_job -> handler start, 1000 times in a row, on a live worker.
 
-Usage: ``python tools/bench_latency.py [-n 1000] [--compare-graphile-worker]``.
-A worker (concurrency 1, defaults otherwise) runs in this process; one separate
-connection calls the schema's ``add_job`` and the clock stops when the handler
-starts. 100 warm-up jobs are not counted. With ``--compare-graphile-worker``
-graphile-worker 0.17.3 is measured the same way (a Node script with its own
-``run()`` and one ``pg`` client) on the same database.
+Usage: ``python tools/bench_latency.py [-n 1000] [--rounds 3] [--compare-graphile-worker]``.
+A worker (concurrency 1, poll interval 2 s, defaults otherwise, on both sides)
+runs in the measuring process; one separate connection calls the schema's
+``add_job`` and the clock stops when the handler starts. 100 warm-up jobs are
+not counted. With ``--compare-graphile-worker`` graphile-worker 0.17.3 is
+measured the same way (a Node script with its own ``run()`` and one ``pg``
+client) on the same database. Every round starts on a truncated, analyzed
+jobs table; rounds alternate which side goes first, and the min and median
+of each percentile over the rounds are printed.
 """
 
 from __future__ import annotations
@@ -26,10 +29,12 @@ import psycopg
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tools._bench_common import (
+    fresh_jobs_table,
     graphile_worker_dir,
     percentile,
     scratch_database,
     server_url,
+    summary,
     to_uri,
 )
 
@@ -115,31 +120,51 @@ def graphile_worker_latencies(url: str, count: int) -> list[float]:
     return [float(value) for value in json.loads(out.strip().splitlines()[-1])]
 
 
-def report(label: str, values: list[float]) -> float:
+def percentiles(values: list[float]) -> dict[str, float]:
     ordered = sorted(values)
-    p50 = percentile(ordered, 0.50)
-    print(
-        f"{label}: min {ordered[0]:.2f} / p50 {p50:.2f} / p95 {percentile(ordered, 0.95):.2f} / "
-        f"p99 {percentile(ordered, 0.99):.2f} / max {ordered[-1]:.2f} ms "
-        f"(avg {sum(ordered) / len(ordered):.2f}, n={len(ordered)})"
-    )
-    return p50
+    return {
+        "p50": percentile(ordered, 0.50),
+        "p95": percentile(ordered, 0.95),
+        "p99": percentile(ordered, 0.99),
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("-n", "--count", type=int, default=1000)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--compare-graphile-worker", action="store_true")
     args = parser.parse_args()
     os.environ["NO_LOG_SUCCESS"] = "1"
+    print(
+        f"settings (both sides): concurrency 1, poll interval 2 s, {args.count} sequential "
+        f"add_job calls after {WARMUP} warm-up, {args.rounds} rounds, order alternated"
+    )
     with scratch_database(server_url()) as url:
-        ours = report("kongtask add_job -> start", kongtask_latencies(url, args.count))
+        sides = {"kongtask": kongtask_latencies}
         if args.compare_graphile_worker:
-            theirs = report(
-                "graphile-worker 0.17.3 add_job -> start",
-                graphile_worker_latencies(url, args.count),
+            sides["graphile-worker"] = graphile_worker_latencies
+        names = list(sides)
+        results: dict[str, list[dict[str, float]]] = {name: [] for name in names}
+        for index in range(args.rounds):
+            for name in names if index % 2 == 0 else names[::-1]:
+                fresh_jobs_table(url)
+                results[name].append(percentiles(sides[name](url, args.count)))
+        medians: dict[str, dict[str, float]] = {}
+        for name, rounds in results.items():
+            parts = []
+            medians[name] = {}
+            for key in ("p50", "p95", "p99"):
+                low, median = summary([r[key] for r in rounds])
+                medians[name][key] = median
+                parts.append(f"{key} min {low:.2f} median {median:.2f}")
+            print(f"  {name} add_job -> start (ms): " + "; ".join(parts))
+        if len(medians) == 2:
+            ours, theirs = medians["kongtask"], medians["graphile-worker"]
+            print(
+                "  ratio kongtask / graphile-worker (median of rounds, lower is better): "
+                + ", ".join(f"{key} {ours[key] / theirs[key]:.2f}x" for key in ours)
             )
-            print(f"p50 ratio kongtask / graphile-worker: {ours / theirs:.2f}x (lower is better)")
 
 
 if __name__ == "__main__":

@@ -1,16 +1,26 @@
-"""Throughput benchmark: enqueue N no-op jobs in one call, then drain them with the CLI.
+"""Throughput benchmark: kongtask against graphile-worker 0.17.3 under the same conditions.
 
 Usage: ``python tools/bench_throughput.py [-n 100000] [-j 24] [--local-queue-size 500]
-[--compare-graphile-worker]``. Creates a scratch database on ``KONGTASK_BENCH_URL``
-(or ``DATABASE_URL``, else postgresql://postgres@127.0.0.1:5432/postgres), drops it
-afterwards. Enqueueing is timed twice: through ``WorkerUtils.add_jobs`` (what a
-user calls) and through the schema's ``add_jobs`` SQL function. The drain runs
-the real ``kongtask -c URL --tasks noop.py --once -j 24`` in a subprocess (timed
-from spawn to exit, so start-up counts) and reports jobs/s and the worker's peak
-RSS; with ``--compare-graphile-worker`` graphile-worker 0.17.3 enqueues the same
-N through ``addJobs`` and (with its perfTest settings: concurrency 24,
-localQueue 500, batch delays 0) drains them on the same database, and the
-ratios are printed.
+[--rounds 3] [--compare-graphile-worker] [--sustained 2000,10000 --seconds 60]``.
+
+Creates a scratch database on ``KONGTASK_BENCH_URL`` (or ``DATABASE_URL``, else
+postgresql://postgres@127.0.0.1:5432/postgres) and drops it afterwards.
+
+Drain: before every drain the jobs table is truncated (no dead rows from the
+previous drain), N no-op jobs are added through the schema's ``add_jobs`` and
+the table is analyzed; then the real CLI (``kongtask --once`` or graphile-worker's
+``cli.js --once``) drains them in a subprocess, timed from spawn to exit, so
+start-up counts. Rounds alternate which side goes first, and min / median are
+printed. The parity line gives both sides the same settings (printed); the
+defaults line runs each side with its own out-of-the-box settings.
+
+Enqueue: ``WorkerUtils.add_jobs`` against graphile-worker's ``addJobs`` (and the
+``add_jobs`` SQL function), alternated the same way.
+
+Sustained (``--sustained RATES``): a producer adds jobs at each fixed rate for
+``--seconds`` while a worker with 1 ms handlers runs (same settings both
+sides); prints completions/s and pickup latency (job created -> handler
+start) p50 / p95 / p99.
 """
 
 from __future__ import annotations
@@ -18,18 +28,29 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import psycopg
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tools._bench_common import graphile_worker_dir, scratch_database, server_url, to_uri
+from tools._bench_common import (
+    enqueue_noop_jobs,
+    fresh_jobs_table,
+    graphile_worker_dir,
+    percentile,
+    scratch_database,
+    server_url,
+    summary,
+    to_uri,
+)
 
 ENQUEUE = """
 select count(*) from graphile_worker.add_jobs(array(
@@ -112,11 +133,6 @@ def enqueue_graphile_worker(url: str, count: int, gw: Path) -> float:
     return float(out.strip().splitlines()[-1])
 
 
-def clear_jobs(url: str) -> None:
-    with psycopg.connect(url, autocommit=True) as conn:
-        conn.execute("truncate graphile_worker._private_jobs")
-
-
 def kongtask_cli() -> list[str]:
     """The installed ``kongtask`` console script, else ``python -m kongtask``."""
     script = Path(sys.executable).with_name("kongtask")
@@ -178,69 +194,285 @@ def timed_child(
     return wall, peak[0] / 1024, out
 
 
+GW_TASK = "module.exports = async () => {};\n"
+
+GW_SUSTAINED_TASK = r"""
+const fs = require("fs");
+const out = process.env.KONGTASK_BENCH_PICKUPS;
+const pickups = [];
+let flushed = false;
+function flush() {
+  if (flushed) return;
+  flushed = true;
+  fs.writeFileSync(out, JSON.stringify(pickups));
+}
+process.on("exit", flush);
+process.on("SIGTERM", () => {});
+module.exports = async (payload, helpers) => {
+  const now = performance.timeOrigin + performance.now();
+  pickups.push(now - new Date(helpers.job.created_at).getTime());
+  await new Promise((resolve) => setTimeout(resolve, 1));
+};
+"""
+
+KT_SUSTAINED_TASKS = """
+import atexit, json, os, threading, time
+_pickups = []
+_pause = threading.Event()
+
+def sleep1(payload, helpers):
+    _pickups.append((time.time() - helpers.job.created_at.timestamp()) * 1000)
+    _pause.wait(0.001)
+
+@atexit.register
+def _flush():
+    with open(os.environ["KONGTASK_BENCH_PICKUPS"], "w") as out:
+        json.dump(_pickups, out)
+
+tasks = {"sleep1": sleep1}
+"""
+
+
+def gw_config(concurrency: int, pool: int, local_queue: int | None) -> str:
+    """graphile-worker settings: perfTest's tuning when ``local_queue`` is given, else defaults."""
+    if local_queue is None:
+        return "module.exports = {};\n"
+    return GW_CONFIG % {"concurrency": concurrency, "pool": pool, "local_queue": local_queue}
+
+
+def drain_kongtask(url: str, tasks_file: Path, options: list[str]) -> tuple[float, float]:
+    argv = [*kongtask_cli(), "-c", url, "--tasks", str(tasks_file), "--once", *options]
+    wall, rss, _ = timed_child(argv, env=dict(os.environ, NO_LOG_SUCCESS="1"))
+    return wall, rss
+
+
+def drain_graphile_worker(url: str, gw: Path, config: str) -> tuple[float, float]:
+    with tempfile.TemporaryDirectory(prefix="kongtask-bench-gw-") as cwd:
+        Path(cwd, "tasks").mkdir()
+        Path(cwd, "tasks", "noop.js").write_text(GW_TASK)
+        Path(cwd, "graphile.config.js").write_text(config)
+        os.symlink(gw / "node_modules", Path(cwd, "node_modules"))
+        cli = str(gw / "node_modules" / "graphile-worker" / "dist" / "cli.js")
+        env = dict(os.environ, NO_LOG_SUCCESS="1", DATABASE_URL=to_uri(url))
+        wall, rss, _ = timed_child(["node", cli, "--once"], cwd=cwd, env=env)
+    return wall, rss
+
+
+def alternate(rounds: int, sides: dict[str, Any]) -> dict[str, list[Any]]:
+    """Run each side once per round, the order flipping every round."""
+    names = list(sides)
+    results: dict[str, list[Any]] = {name: [] for name in names}
+    for index in range(rounds):
+        order = names if index % 2 == 0 else names[::-1]
+        for name in order:
+            results[name].append(sides[name]())
+    return results
+
+
+def print_drains(label: str, n: int, results: dict[str, list[tuple[float, float]]]) -> None:
+    rates = {}
+    for name, runs in results.items():
+        walls = [wall for wall, _ in runs]
+        best, median = summary(walls)
+        rates[name] = (n / best, n / median)
+        rss = max(r for _, r in runs)
+        print(
+            f"  {label} {name}: best {n / best:,.0f} jobs/s, median {n / median:,.0f} jobs/s "
+            f"(walls {', '.join(f'{w:.2f}' for w in walls)} s), peak RSS {rss:.0f} MB"
+        )
+    if len(rates) == 2:
+        (a, ra), (b, rb) = rates.items()
+        print(f"  {label} ratio {a} / {b}: best {ra[0] / rb[0]:.2f}x, median {ra[1] / rb[1]:.2f}x")
+
+
+def sustained(
+    url: str, rate: int, seconds: float, start_worker: Any, pickups_file: Path
+) -> tuple[float, list[float]]:
+    """Produce ``rate`` jobs/s for ``seconds`` beside a running worker; (completions/s, pickups).
+
+    Pickups are counted for every job the worker started before it exited,
+    so a worker that fell behind also reports the pickups of its backlog.
+    """
+    fresh_jobs_table(url)
+    if pickups_file.exists():
+        pickups_file.unlink()
+    worker = start_worker()
+    try:
+        tick_s = 0.01
+        per_tick = max(1, round(rate * tick_s))
+        produced = 0
+        with psycopg.connect(url, autocommit=True) as conn:
+            # Warm up: the worker is connected once a first job is gone.
+            conn.execute(ENQUEUE, (json.dumps([{"identifier": "sleep1", "payload": {}}]),))
+            deadline = time.monotonic() + 30
+            while remaining(url) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            started = time.monotonic()
+            spec = {"identifier": "sleep1", "payload": {}}
+            while (now := time.monotonic()) - started < seconds:
+                # Catch up in one statement when a tick ran late, so the rate holds
+                # as long as the database can take it.
+                due = min(int(rate * (now - started)) - produced, 5 * per_tick)
+                if due > 0:
+                    conn.execute(ENQUEUE, (json.dumps([spec] * due),))
+                    produced += due
+                time.sleep(tick_s)
+            elapsed = time.monotonic() - started
+            backlog = remaining(url)
+    finally:
+        signalled = time.monotonic()
+        worker.send_signal(signal.SIGTERM)
+        worker.wait(60)
+        print(f"    (worker exited {time.monotonic() - signalled:.1f} s after SIGTERM)")
+    completed = produced - backlog
+    values = json.loads(pickups_file.read_text()) if pickups_file.exists() else []
+    print(f"    (produced {produced / elapsed:,.0f} jobs/s; backlog at the end {backlog:,})")
+    return completed / elapsed, values[1:]  # the warm-up job is not counted
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("-n", "--jobs", type=int, default=100_000)
     parser.add_argument("-j", "--concurrency", type=int, default=24)
     parser.add_argument("--local-queue-size", type=int, default=500)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--compare-graphile-worker", action="store_true")
+    parser.add_argument("--no-defaults", action="store_true", help="skip the defaults line")
+    parser.add_argument("--no-enqueue", action="store_true", help="skip the enqueue figures")
+    parser.add_argument("--no-drain", action="store_true", help="skip the drains")
+    parser.add_argument("--sustained", default="", help="producer rates, e.g. 2000,10000")
+    parser.add_argument("--seconds", type=float, default=60.0)
     args = parser.parse_args()
-    n = args.jobs
-    env = dict(os.environ, NO_LOG_SUCCESS="1")
+    n, c, lq = args.jobs, args.concurrency, args.local_queue_size
     gw = graphile_worker_dir() if args.compare_graphile_worker else None
-    with scratch_database(server_url()) as url, tempfile.TemporaryDirectory() as tmp:
-        sql_s = enqueue_sql(url, n)
-        print(f"enqueue, add_jobs SQL function: {n} jobs in {sql_s:.3f}s = {n / sql_s:,.0f} jobs/s")
-        clear_jobs(url)
-        utils_s = enqueue_worker_utils(url, n)
+    if not (args.no_drain and args.no_enqueue):
         print(
-            f"enqueue, WorkerUtils.add_jobs: {n} jobs in {utils_s:.3f}s = {n / utils_s:,.0f} jobs/s"
+            f"settings (parity, both sides): {n} no-op jobs, concurrency {c}, local queue {lq}, "
+            f"pool {c + 1}; graphile-worker also completeJobBatchDelay 0, failJobBatchDelay 0, "
+            f"refetchDelay 10 ms (its perfTest tuning); {args.rounds} rounds, order alternated, "
+            f"jobs table truncated and analyzed before every drain"
         )
+    with scratch_database(server_url()) as url, tempfile.TemporaryDirectory() as tmp:
         tasks_file = Path(tmp, "noop_tasks.py")
         tasks_file.write_text(NOOP_TASKS)
-        argv = [*kongtask_cli(), "-c", url, "--tasks", str(tasks_file), "--once"]
-        argv += ["-j", str(args.concurrency), "--local-queue-size", str(args.local_queue_size)]
-        argv += ["-m", str(args.concurrency + 1)]
-        wall, rss, _ = timed_child(argv, env=env)
-        left = remaining(url)
-        ours = n / wall
-        print(
-            f"kongtask --once -j {args.concurrency} (local queue {args.local_queue_size}): "
-            f"{wall:.2f}s wall = {ours:,.0f} jobs/s, peak RSS {rss:.0f} MB, {left} left"
+        parity = ["-j", str(c), "--local-queue-size", str(lq), "-m", str(c + 1)]
+
+        def kt(options: list[str]) -> Any:
+            def run() -> tuple[float, float]:
+                fresh_jobs_table(url)
+                enqueue_noop_jobs(url, n)
+                result = drain_kongtask(url, tasks_file, options)
+                assert remaining(url) == 0, "kongtask left jobs behind"
+                return result
+
+            return run
+
+        def gwd(config: str) -> Any:
+            def run() -> tuple[float, float]:
+                assert gw is not None
+                fresh_jobs_table(url)
+                enqueue_noop_jobs(url, n)
+                result = drain_graphile_worker(url, gw, config)
+                assert remaining(url) == 0, "graphile-worker left jobs behind"
+                return result
+
+            return run
+
+        if not args.no_drain:
+            sides: dict[str, Any] = {"kongtask": kt(parity)}
+            if gw is not None:
+                sides["graphile-worker"] = gwd(gw_config(c, c + 1, lq))
+            print_drains("drain, parity settings:", n, alternate(args.rounds, sides))
+            if not args.no_defaults:
+                sides = {"kongtask": kt([])}
+                if gw is not None:
+                    sides["graphile-worker"] = gwd(gw_config(c, c + 1, None))
+                print_drains(
+                    "drain, each side's defaults (kongtask -j 1, local queue 16; "
+                    "graphile-worker concurrency 1, no local queue):",
+                    n,
+                    alternate(args.rounds, sides),
+                )
+        if not args.no_enqueue:
+            enqueue_sides: dict[str, Any] = {
+                "kongtask WorkerUtils.add_jobs": lambda: (
+                    fresh_jobs_table(url),
+                    enqueue_worker_utils(url, n),
+                )[1],
+                "add_jobs SQL function": lambda: (fresh_jobs_table(url), enqueue_sql(url, n))[1],
+            }
+            if gw is not None:
+                enqueue_sides["graphile-worker addJobs"] = lambda: (
+                    fresh_jobs_table(url),
+                    enqueue_graphile_worker(url, n, gw),
+                )[1]
+            results = alternate(args.rounds, enqueue_sides)
+            for name, seconds in results.items():
+                best, median = summary(seconds)
+                print(
+                    f"  enqueue {n}, {name}: best {n / best:,.0f} jobs/s, "
+                    f"median {n / median:,.0f} jobs/s"
+                )
+            if gw is not None:
+                ours = summary(results["kongtask WorkerUtils.add_jobs"])
+                theirs = summary(results["graphile-worker addJobs"])
+                print(
+                    "  enqueue ratio WorkerUtils.add_jobs / addJobs: "
+                    f"best {theirs[0] / ours[0]:.2f}x, median {theirs[1] / ours[1]:.2f}x"
+                )
+            fresh_jobs_table(url)
+        for rate in [int(r) for r in args.sustained.split(",") if r.strip()]:
+            run_sustained(url, rate, args, Path(tmp), gw)
+
+
+def run_sustained(url: str, rate: int, args: Any, tmp: Path, gw: Path | None) -> None:
+    c, lq = args.concurrency, args.local_queue_size
+    pickups_file = tmp / "pickups.json"
+    tasks_file = tmp / "sustained_tasks.py"
+    tasks_file.write_text(KT_SUSTAINED_TASKS)
+    env = dict(os.environ, NO_LOG_SUCCESS="1", KONGTASK_BENCH_PICKUPS=str(pickups_file))
+
+    def start_kongtask() -> subprocess.Popen[bytes]:
+        argv = [*kongtask_cli(), "-c", url, "--tasks", str(tasks_file)]
+        argv += ["-j", str(c), "--local-queue-size", str(lq), "-m", str(c + 1)]
+        return subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL)
+
+    gw_dir = tempfile.mkdtemp(prefix="kongtask-bench-gw-", dir=tmp)
+
+    def start_gw() -> subprocess.Popen[bytes]:
+        assert gw is not None
+        Path(gw_dir, "tasks").mkdir(exist_ok=True)
+        Path(gw_dir, "tasks", "sleep1.js").write_text(GW_SUSTAINED_TASK)
+        Path(gw_dir, "graphile.config.js").write_text(gw_config(c, c + 1, lq))
+        if not Path(gw_dir, "node_modules").exists():
+            os.symlink(gw / "node_modules", Path(gw_dir, "node_modules"))
+        cli = str(gw / "node_modules" / "graphile-worker" / "dist" / "cli.js")
+        return subprocess.Popen(
+            ["node", cli],
+            cwd=gw_dir,
+            env=dict(env, DATABASE_URL=to_uri(url)),
+            stdout=subprocess.DEVNULL,
         )
-        if gw is None:
-            return
-        gw_add_s = enqueue_graphile_worker(url, n, gw)
-        print(
-            f"enqueue, graphile-worker addJobs: {n} jobs in {gw_add_s:.3f}s "
-            f"= {n / gw_add_s:,.0f} jobs/s"
+
+    sides: dict[str, Any] = {
+        "kongtask": lambda: sustained(url, rate, args.seconds, start_kongtask, pickups_file)
+    }
+    if gw is not None:
+        sides["graphile-worker"] = lambda: sustained(
+            url, rate, args.seconds, start_gw, pickups_file
         )
-        with tempfile.TemporaryDirectory(prefix="kongtask-bench-gw-") as cwd:
-            Path(cwd, "tasks").mkdir()
-            Path(cwd, "tasks", "noop.js").write_text("module.exports = async () => {};\n")
-            Path(cwd, "graphile.config.js").write_text(
-                GW_CONFIG
-                % {
-                    "concurrency": args.concurrency,
-                    "pool": args.concurrency + 1,
-                    "local_queue": args.local_queue_size,
-                }
+    print(
+        f"sustained {rate:,} jobs/s for {args.seconds:.0f} s, 1 ms handlers, concurrency {c}, "
+        f"local queue {lq}:"
+    )
+    for name, runs in alternate(1, sides).items():
+        for done_per_s, values in runs:
+            ordered = sorted(values) or [float("nan")]
+            print(
+                f"  {name}: {done_per_s:,.0f} completions/s; pickup p50 "
+                f"{percentile(ordered, 0.5):.1f} / p95 {percentile(ordered, 0.95):.1f} / "
+                f"p99 {percentile(ordered, 0.99):.1f} ms (n={len(values)})"
             )
-            os.symlink(gw / "node_modules", Path(cwd, "node_modules"))
-            cli = str(gw / "node_modules" / "graphile-worker" / "dist" / "cli.js")
-            gw_env = dict(env, DATABASE_URL=to_uri(url))
-            gw_wall, gw_rss, _ = timed_child(["node", cli, "--once"], cwd=cwd, env=gw_env)
-        left = remaining(url)
-        theirs = n / gw_wall
-        print(
-            f"graphile-worker {gw.name} --once: {gw_wall:.2f}s wall = {theirs:,.0f} jobs/s, "
-            f"peak RSS {gw_rss:.0f} MB, {left} left"
-        )
-        print(
-            f"ratios kongtask / graphile-worker: drain {ours / theirs:.2f}x, "
-            f"enqueue WorkerUtils.add_jobs {gw_add_s / utils_s:.2f}x, "
-            f"enqueue SQL add_jobs {gw_add_s / sql_s:.2f}x (higher is better)"
-        )
 
 
 if __name__ == "__main__":

@@ -1,85 +1,259 @@
-"""The claimer: claims batches of runnable jobs into the local queue.
+"""The claimer: the one actor that claims batches of runnable jobs into the local queue.
 
 One claim statement (``Queries.get_jobs``) locks up to the free room in the
 local queue for this pool, in priority then run_at order, at most one job per
-named queue. When to claim again follows what the last claim said
-(:class:`~kongtask.actors.local_queue.FetchMode`): a full batch means more is
-waiting (claim again at the low-water mark), a short one means claim again
-when the buffer is empty, none means wait for ``jobs:insert``, the poll
-fallback, or a queue being released. Buffered jobs left unstarted for
+named queue. *When* to claim is decided by :class:`FetchPolicy` alone, fed by
+typed messages: the claim's own answer, ``BufferLow`` from the executors,
+``InsertNotified`` from the listener, ``Finished`` from the completer, the
+poll timer, wake-ups and shutdown. Messages that arrive while a claim runs
+wait in the mailbox and are folded in right after its answer, so none is
+lost.
+
+Rows arrive as tuples with the payload as text; the payloads of a batch are
+decoded by one ``json.loads`` call, and only if that fails one by one, so a
+payload Python cannot decode (a 5,000-digit number, nesting deeper than the
+recursion limit) fails that job's attempt with a clear ``last_error`` and
+never the batch or the worker. Buffered jobs left unstarted for
 ``local_queue_ttl_s`` are given back, as graphile-worker's local queue does.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
+import threading
+import time
+from collections.abc import Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import psycopg
-from psycopg.rows import dict_row
 
 from kongtask import events
 from kongtask.job import Job
 from kongtask.protocols import TimerHandle
 
+from .clock import SystemClock
 from .context import WorkerContext
 from .db_actor import DbActor
-from .local_queue import FetchMode
+from .fetch_policy import (
+    Action,
+    BufferLow,
+    ClaimAnswered,
+    ClaimFailed,
+    FetchEvent,
+    FetchPolicy,
+    Finished,
+    InsertNotified,
+    PollDue,
+    Recheck,
+    Returned,
+    Shutdown,
+    Wake,
+)
 
-__all__ = ["Claimer"]
+if TYPE_CHECKING:
+    from .completer import Outbox
+
+__all__ = [
+    "BufferLow",
+    "Claimer",
+    "ClaimerMessage",
+    "Finished",
+    "HeldCount",
+    "InsertNotified",
+    "JoinRequest",
+    "Shutdown",
+    "SlowStatement",
+    "Wake",
+]
 
 logger = logging.getLogger(__name__)
 
-FETCH = "fetch"
-NUDGE = "nudge"
-POLL = "poll"
-TTL = "ttl"
-SHUTDOWN = "shutdown"
+
+class TtlDue(NamedTuple):
+    """The local queue's TTL timer fired: give back jobs left unstarted too long."""
+
+
+class JoinRequest(NamedTuple):
+    """Set ``done`` once a claim finds nothing runnable while this pool holds nothing."""
+
+    done: threading.Event
+
+
+class HeldCount(NamedTuple):
+    """Ask how many jobs this pool holds (claimed, not yet recorded)."""
+
+
+class SlowStatement(NamedTuple):
+    """The completer's statement took ``seconds``: the jobs table's statistics may be stale."""
+
+    seconds: float
+
+
+ClaimerMessage = FetchEvent | TtlDue | JoinRequest | HeldCount | SlowStatement
+
+_EPOCH = datetime.min.replace(tzinfo=UTC)
+
+#: A claim or complete this slow suggests a plan made from stale statistics (ANALYZE_JOBS).
+SLOW_STATEMENT_S = 0.1
+#: At most one analyze of our own per this many seconds.
+ANALYZE_EVERY_S = 10.0
+
+
+def wants_analyze(claim_s: float, since_last_s: float | None) -> bool:
+    """Whether a statement that took ``claim_s`` should make the claimer analyze the jobs table.
+
+    ``since_last_s`` is the time since the claimer's last analyze (None: never).
+    A false alarm costs one cheap analyze per ten seconds; a missed one, a claim that
+    sorts the whole backlog every time until autovacuum comes by.
+    """
+    slow = claim_s >= SLOW_STATEMENT_S
+    return slow and (since_last_s is None or since_last_s >= ANALYZE_EVERY_S)
 
 
 class Claimer(DbActor):
-    """Owns the claim connection; messages: fetch, nudge, poll, ttl, shutdown."""
+    """Owns the claim connection and the fetch policy; see :data:`ClaimerMessage`."""
 
     action = "getJob"
 
-    def __init__(self, ctx: WorkerContext) -> None:
+    def __init__(self, ctx: WorkerContext, outbox: Outbox) -> None:
         super().__init__(ctx)
-        self._stopping = False
+        self._outbox = outbox
+        queue = ctx.queue
+        self.policy = FetchPolicy(
+            capacity=queue.size,
+            low_water=queue.low_water,
+            once=ctx.settings.once,
+            # The buffer, the running jobs, and three more buffers' worth of
+            # outcomes on their way to the database: room for claims, runs and
+            # completions to overlap (at twice the buffer they took turns, and
+            # a sustained 10,000 jobs/s fell to 1,900), yet a bound on what a
+            # shutdown must flush.
+            max_held=4 * queue.size + ctx.settings.concurrency,
+        )
+        self._joins: list[threading.Event] = []
         self._poll_timer: TimerHandle | None = None
         self._ttl_timer: TimerHandle | None = None
         self._last_fill_at = 0.0
         self._task_id_list: list[int] = []
-        # What the last claim saw, for telling whether a refetch can find anything new.
-        self._inserts_at_claim = -1
-        self._finished_at_claim = 0
-        self._last_batch_queued = False
         # The newest locked_at among the jobs claims have answered with: any
         # job locked by this pool later than that comes from a lost answer.
-        self._last_locked_at = datetime.min.replace(tzinfo=UTC)
+        self._last_locked_at = _EPOCH
         settings = ctx.settings
         self._flags = (
             list(settings.forbidden_flags) if settings.forbidden_flags is not None else None
         )
+        self._analyzed_at: float | None = None
+        self._may_analyze = True
+        # A clock of the caller's (a test's ManualClock) also decides readiness.
+        self._clock_now = None if isinstance(ctx.clock, SystemClock) else ctx.clock.now
 
     def handle(self, message: Any) -> Any:
-        if message == FETCH:
-            self.ctx.queue.fetch_requested = False
-            if not self._nothing_new():
-                self._maybe_claim(force=False)
-        elif message == NUDGE:
-            self._maybe_claim(force=True)
-        elif message == POLL:
-            self._poll_timer = None
-            if self.ctx.queue.mode == FetchMode.EMPTY:
-                self._maybe_claim(force=True)
-        elif message == TTL:
+        if isinstance(message, TtlDue):
             self._expire()
-        elif message == SHUTDOWN:
+        elif isinstance(message, JoinRequest):
+            self._joins.append(message.done)
+            self.policy.joins = len(self._joins)
+            self._step(Wake())
+        elif isinstance(message, HeldCount):
+            return self.policy.held
+        elif isinstance(message, SlowStatement):
+            self._maybe_analyze(message.seconds)
+        elif isinstance(message, Shutdown):
             return self._shutdown()
+        else:
+            if isinstance(message, PollDue):
+                self._poll_timer = None
+            self._step(message)
         return None
 
-    # --- claiming ---------------------------------------------------------------
+    # --- the policy loop --------------------------------------------------------
+
+    def _step(self, event: FetchEvent) -> None:
+        """Feed ``event`` to the policy and claim if it says so (once per message)."""
+        policy = self.policy
+        queue = self.ctx.queue
+        if self.ctx.stopping and not policy.stopping:
+            policy.step(Shutdown(), len(queue))
+        if policy.step(event, len(queue)) is Action.CLAIM and self._claim_now() is Action.CLAIM:
+            # Claim again only after the messages that came meanwhile (a
+            # shutdown above all): looping here would keep claiming a backlog
+            # while a Shutdown waits in the mailbox.
+            self.actor_ref.tell(Recheck())
+            return
+        if not policy.stopping:
+            if queue.wake_at(policy.wake_level()):
+                # The buffer already fell to that level before anyone could report it.
+                self.actor_ref.tell(BufferLow())
+            self._arm_poll()
+
+    def _claim_now(self) -> Action:
+        """Run one claim and return what the policy says after its answer."""
+        ctx = self.ctx
+        queue = ctx.queue
+        policy = self.policy
+        want = queue.size - len(queue)
+        if not self._task_id_list:
+            self._register_tasks()
+        policy.claim_started()
+        ctx.bus.emit(events.worker_get_job_start, pool_id=ctx.pool_id)
+        adopted: list[Job] = []
+        try:
+            started = time.perf_counter()
+            jobs, seen = self.run(lambda conn: self._claim(conn, want), "Claiming jobs")
+            claim_s = time.perf_counter() - started
+            if self.retried:
+                adopted = self.run(lambda conn: self._orphans(conn, jobs), "Adopting claimed jobs")
+            else:  # (a retried claim's time includes its back-off)
+                self._maybe_analyze(claim_s)
+        except psycopg.Error as exc:
+            logger.error("Failed to get jobs: %s", exc)
+            ctx.bus.emit(events.worker_get_job_error, pool_id=ctx.pool_id, error=exc)
+            return policy.step(ClaimFailed(), len(queue))
+        answer = ClaimAnswered(claimed=len(jobs), asked=want, seen=seen, adopted=len(adopted))
+        if adopted:
+            jobs += adopted
+        self._note_answered(jobs)
+        runnable = self._hand_over(jobs)
+        action = policy.step(answer, len(queue))
+        if runnable:
+            ctx.bus.emit(events.local_queue_get_jobs_complete, pool_id=ctx.pool_id, jobs=runnable)
+            self._arm_ttl()
+        elif not jobs:
+            ctx.bus.emit(events.worker_get_job_empty, pool_id=ctx.pool_id)
+            if policy.idle:
+                self._idle()
+        return action
+
+    def _hand_over(self, jobs: list[Job]) -> list[Job]:
+        """Buffer the jobs whose payload decoded; fail the others' attempt. Returns the buffered."""
+        if not jobs:
+            return jobs
+        runnable = [job for job in jobs if type(job.payload) is not _Undecodable]
+        if len(runnable) != len(jobs):
+            for job in jobs:
+                if type(job.payload) is _Undecodable:
+                    message = f"Payload could not be decoded: {job.payload.reason}"
+                    logger.error("Failed task %s (%s): %s", job.id, job.task_identifier, message)
+                    self._outbox.failure(dataclasses.replace(job, payload=None), message)
+        self.ctx.queue.put_many(runnable)
+        return runnable
+
+    def _idle(self) -> None:
+        """Nothing runnable and nothing held: release joins, end a run-once worker."""
+        joins, self._joins = self._joins, []
+        self.policy.joins = 0
+        for done in joins:
+            done.set()
+        if self.ctx.settings.once:
+            self.policy.step(Shutdown(), len(self.ctx.queue))
+            self.ctx.request_shutdown(
+                "'Run once' mode processed all available jobs and is now exiting"
+            )
+
+    # --- the statements -----------------------------------------------------------
 
     def _register_tasks(self) -> None:
         identifiers = sorted(self.ctx.tasks)
@@ -95,114 +269,39 @@ class Claimer(DbActor):
         if not self._task_id_list:
             logger.warning("No tasks found; nothing to do!")
 
-    def _nothing_new(self) -> bool:
-        """True when a refetch after a short batch cannot find anything new.
-
-        A claim that got fewer jobs than it asked for took everything runnable
-        then. Until ``jobs:insert`` says otherwise, or a finished job releases a
-        named queue the claim had to skip, another claim would come back empty;
-        skipping it spares a round trip that would compete with the next real
-        claim. The buffer then waits as after an empty claim (notification,
-        poll, or the completer's nudge on a queue release).
-        """
-        ctx = self.ctx
-        queue = ctx.queue
-        if (
-            ctx.settings.once
-            or queue.mode != FetchMode.PARTIAL
-            or len(queue)
-            or queue.wants_idle_claim
-            or queue.inserts_notified != self._inserts_at_claim
-        ):
-            return False
-        if self._last_batch_queued and queue.finished_total != self._finished_at_claim:
-            return False
-        queue.mode = FetchMode.EMPTY
-        self._schedule_poll()
-        return True
-
-    def _maybe_claim(self, *, force: bool) -> None:
-        ctx = self.ctx
-        queue = ctx.queue
-        if self._stopping or ctx.stopping:
-            return
-        buffered = len(queue)
-        want = queue.size - buffered
-        if want <= 0:
-            return
-        if not force:
-            if queue.mode == FetchMode.FULL and buffered > queue.low_water:
-                return
-            if queue.mode != FetchMode.FULL and buffered > 0:
-                return
-        if not self._task_id_list:
-            self._register_tasks()
-        mark = queue.join_requests
-        held_at_start = queue.in_flight
-        finished_at_start = queue.finished_total
-        self._inserts_at_claim = queue.inserts_notified
-        self._finished_at_claim = finished_at_start
-        ctx.bus.emit(events.worker_get_job_start, pool_id=ctx.pool_id)
-        try:
-            jobs = self.run(lambda conn: self._claim(conn, want), "Claiming jobs")
-            if self.retried:
-                jobs += self.run(lambda conn: self._orphans(conn, jobs), "Adopting claimed jobs")
-            self._note_answered(jobs)
-        except Exception as exc:
-            if not isinstance(exc, psycopg.Error):
-                raise
-            logger.error("Failed to get jobs: %s", exc)
-            ctx.bus.emit(events.worker_get_job_error, pool_id=ctx.pool_id, error=exc)
-            queue.mode = FetchMode.EMPTY
-            self._schedule_poll()
-            return
-        self._last_batch_queued = any(job.job_queue_id is not None for job in jobs)
-        if jobs:
-            queue.put_many(jobs)
-            ctx.bus.emit(events.local_queue_get_jobs_complete, pool_id=ctx.pool_id, jobs=jobs)
-            self._arm_ttl()
-        if len(jobs) == want:
-            queue.mode = FetchMode.FULL
-            if len(queue) <= queue.low_water:
-                self.actor_ref.tell(FETCH)
-        elif jobs:
-            queue.mode = FetchMode.PARTIAL
-            if not len(queue):
-                self.actor_ref.tell(FETCH)
-        else:
-            queue.mode = FetchMode.EMPTY
-            ctx.bus.emit(events.worker_get_job_empty, pool_id=ctx.pool_id)
-            if queue.finished_total != finished_at_start:
-                # Jobs finished while we claimed (their queue locks may have been
-                # skipped as locked): look again rather than wait for a poll.
-                self.actor_ref.tell(NUDGE)
-                return
-            if held_at_start <= 0 and queue.in_flight <= 0:
-                logger.debug(
-                    "Nothing runnable and nothing held (in_flight %d, buffered %d)",
-                    queue.in_flight,
-                    len(queue),
-                )
-                queue.mark_idle(mark)
-                if ctx.settings.once:
-                    ctx.request_shutdown(
-                        "'Run once' mode processed all available jobs and is now exiting"
-                    )
-                    return
-            if not ctx.settings.once:
-                self._schedule_poll()
-
-    def _claim(self, conn: psycopg.Connection[Any], want: int) -> list[Job]:
+    def _claim(self, conn: psycopg.Connection[Any], want: int) -> tuple[list[Job], int]:
+        """Claim up to ``want`` jobs; returns them and how many candidates the claim saw."""
         ctx = self.ctx
         params = {
             "task_ids": self._task_id_list,
             "forbidden_flags": self._flags,
             "batch": want,
             "pool_id": ctx.pool_id,
+            "now": self._clock_now() if self._clock_now is not None else None,
         }
-        with conn.cursor(row_factory=dict_row) as cur:
-            rows = cur.execute(ctx.queries.get_jobs, params).fetchall()
-        return self._jobs_of(rows)
+        rows = conn.execute(ctx.queries.get_jobs, params).fetchall()
+        seen = rows[0][-1] if rows else 0
+        return self._jobs_of(rows), seen
+
+    def _maybe_analyze(self, claim_s: float) -> None:
+        """Refresh the jobs table's statistics after a suspiciously slow claim."""
+        if not self._may_analyze:
+            return
+        now = time.perf_counter()
+        since = None if self._analyzed_at is None else now - self._analyzed_at
+        if not wants_analyze(claim_s, since):
+            return
+        self._analyzed_at = now
+        logger.info(
+            "A statement on the jobs table took %.0f ms; refreshing its statistics",
+            claim_s * 1000,
+        )
+        try:
+            self.run(lambda conn: conn.execute(self.ctx.queries.analyze_jobs), "Analyzing jobs")
+        except psycopg.Error as exc:
+            # Not the table's owner, say: the claim still works, only slower.
+            self._may_analyze = False
+            logger.warning("Could not analyze the jobs table (%s); leaving it to autovacuum", exc)
 
     def _orphans(self, conn: psycopg.Connection[Any], claimed: list[Job]) -> list[Job]:
         """Jobs locked by a claim whose answer was lost with its connection."""
@@ -211,19 +310,26 @@ class Claimer(DbActor):
             "since": self._last_locked_at,
             "claimed": [job.id for job in claimed],
         }
-        with conn.cursor(row_factory=dict_row) as cur:
-            rows = cur.execute(self.ctx.queries.orphaned_claims, params).fetchall()
+        rows = conn.execute(self.ctx.queries.orphaned_claims, params).fetchall()
         if rows:
             logger.warning(
                 "Adopted %d job(s) locked by a claim whose answer was lost: %s",
                 len(rows),
-                ", ".join(str(row["id"]) for row in rows),
+                ", ".join(str(row[0]) for row in rows),
             )
         return self._jobs_of(rows)
 
-    def _jobs_of(self, rows: list[dict[str, Any]]) -> list[Job]:
+    def _jobs_of(self, rows: Sequence[Sequence[Any]]) -> list[Job]:
+        """Jobs from claim rows (``CLAIM_COLUMNS``: the payload as text at index 3)."""
+        if not rows:
+            return []
         task_ids = self.ctx.task_ids
-        return [Job.from_row(row, task_ids[row["task_id"]]) for row in rows]
+        payloads = decode_payloads([row[3] for row in rows])
+        make = Job.from_values
+        return [
+            make((row[0], row[1], row[2], task_ids[row[2]], payload, *row[4:17]))
+            for row, payload in zip(rows, payloads, strict=True)
+        ]
 
     def _note_answered(self, jobs: list[Job]) -> None:
         """Remember the newest lock among jobs whose claim answered (see _orphans)."""
@@ -231,11 +337,11 @@ class Claimer(DbActor):
             if job.locked_at is not None and job.locked_at > self._last_locked_at:
                 self._last_locked_at = job.locked_at
 
-    def _schedule_poll(self) -> None:
-        if self._poll_timer is None and not self._stopping:
+    def _arm_poll(self) -> None:
+        if self._poll_timer is None:
             ref = self.actor_ref
             self._poll_timer = self.ctx.clock.call_later(
-                self.ctx.settings.poll_interval_s, lambda: ref.tell(POLL)
+                self.ctx.settings.poll_interval_s, lambda: ref.tell(PollDue())
             )
 
     # --- the local queue's TTL ------------------------------------------------------
@@ -247,11 +353,11 @@ class Claimer(DbActor):
 
     def _start_ttl_timer(self, delay_s: float) -> None:
         ref = self.actor_ref
-        self._ttl_timer = self.ctx.clock.call_later(delay_s, lambda: ref.tell(TTL))
+        self._ttl_timer = self.ctx.clock.call_later(delay_s, lambda: ref.tell(TtlDue()))
 
     def _expire(self) -> None:
         self._ttl_timer = None
-        if self._stopping:
+        if self.policy.stopping:
             return
         ttl = self.ctx.settings.local_queue_ttl_s
         age = self.ctx.clock.monotonic() - self._last_fill_at
@@ -261,7 +367,6 @@ class Claimer(DbActor):
         jobs = self.ctx.queue.drain()
         if jobs:
             logger.debug("Returning %d unstarted jobs after the local queue TTL", len(jobs))
-            self.ctx.queue.mode = FetchMode.PARTIAL
             self._return(jobs)
 
     # --- giving jobs back -----------------------------------------------------------
@@ -274,12 +379,13 @@ class Claimer(DbActor):
             conn.execute(ctx.queries.return_jobs, {"ids": ids, "pool_id": ctx.pool_id})
 
         self.run(give_back, "Returning jobs")
-        ctx.queue.finished(len(jobs))
+        self._step(Returned(len(jobs)))
         ctx.bus.emit(events.local_queue_return_jobs, pool_id=ctx.pool_id, jobs=jobs)
 
     def _shutdown(self) -> list[Job]:
         """Stop claiming for good and give back every buffered job; returns them."""
-        self._stopping = True
+        self.policy.step(Shutdown(), len(self.ctx.queue))
+        self.ctx.queue.wake_at(-1)
         for timer in (self._poll_timer, self._ttl_timer):
             if timer is not None:
                 timer.cancel()
@@ -288,3 +394,29 @@ class Claimer(DbActor):
         if jobs:
             self._return(jobs)
         return jobs
+
+
+class _Undecodable(NamedTuple):
+    """Stands in for a payload ``json.loads`` refused; the claimer fails that job's attempt."""
+
+    reason: str
+
+
+def decode_payloads(texts: list[str]) -> list[Any]:
+    """Decode JSON payload texts, in one call when possible.
+
+    A text Python's json refuses (digits beyond the integer limit, nesting
+    beyond the recursion limit) becomes an :class:`_Undecodable` naming why,
+    so that only its own job fails.
+    """
+    try:
+        return list(json.loads("[" + ",".join(texts) + "]"))
+    except (ValueError, RecursionError):
+        pass
+    payloads: list[Any] = []
+    for text in texts:
+        try:
+            payloads.append(json.loads(text))
+        except (ValueError, RecursionError) as exc:
+            payloads.append(_Undecodable(f"{type(exc).__name__}: {exc}"))
+    return payloads

@@ -7,7 +7,9 @@ until it is empty. Outcomes collect while a statement is in flight, so the
 batch size adapts to load with no fixed delay. Successes become one
 ``complete_jobs`` statement, failures one ``fail_jobs`` statement; a
 statement refused for its data is written again job by job, so one job's
-outcome never costs the others theirs (see ``_complete_all``).
+outcome never costs the others theirs (see ``_complete_all``). After each
+batch the completer tells the claimer ``Finished(n, released)``; it decides
+nothing about claiming.
 """
 
 from __future__ import annotations
@@ -16,24 +18,34 @@ import functools
 import json
 import logging
 import threading
+import time
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
 import psycopg
+import pykka
 
 from kongtask.job import Job
 from kongtask.last_error import sanitize_last_error
 
-from .claimer import NUDGE
+from .claimer import SLOW_STATEMENT_S, SlowStatement
 from .context import WorkerContext
 from .db_actor import DbActor
-from .local_queue import FetchMode
+from .fetch_policy import Finished
 
-__all__ = ["Completer", "Outbox"]
+if TYPE_CHECKING:
+    from .claimer import Claimer
+
+__all__ = ["FLUSH", "Completer", "Flush", "Outbox"]
 
 logger = logging.getLogger(__name__)
 
-FLUSH = "flush"
+
+class Flush(NamedTuple):
+    """Write every outcome in the outbox (an ``ask`` returns once it is empty)."""
+
+
+FLUSH = Flush()
 
 _T = TypeVar("_T")
 #: An outcome waiting in the outbox: the job, its message, its retry payload.
@@ -48,7 +60,7 @@ class Outbox:
         self.successes: list[Job] = []
         self.failures: list[tuple[Job, str, Any]] = []
         self._scheduled = False
-        self.actor: Any = None
+        self.actor: pykka.ActorRef[Completer] | None = None
 
     def success(self, job: Job) -> None:
         """Record that ``job`` succeeded."""
@@ -57,7 +69,7 @@ class Outbox:
             if self._scheduled:
                 return
             self._scheduled = True
-        self.actor.tell(FLUSH)
+        self._wake()
 
     def failure(self, job: Job, message: str, replacement_payload: Any = None) -> None:
         """Record that ``job`` failed with ``message`` (and, for batches, its retry payload)."""
@@ -66,7 +78,12 @@ class Outbox:
             if self._scheduled:
                 return
             self._scheduled = True
-        self.actor.tell(FLUSH)
+        self._wake()
+
+    def _wake(self) -> None:
+        actor = self.actor
+        if actor is not None:
+            actor.tell(FLUSH)
 
     def take(self) -> tuple[list[Job], list[tuple[Job, str, Any]]]:
         """Everything recorded so far; clears the scheduled flag when empty."""
@@ -85,27 +102,31 @@ class Completer(DbActor):
     action = "completeJob"
     max_attempts = 20
 
-    def __init__(self, ctx: WorkerContext, outbox: Outbox, claimer: Any) -> None:
+    def __init__(
+        self, ctx: WorkerContext, outbox: Outbox, claimer: pykka.ActorRef[Claimer]
+    ) -> None:
         super().__init__(ctx)
         self._outbox = outbox
         self._claimer = claimer
 
     def handle(self, message: Any) -> Any:
-        if message == FLUSH:
+        if isinstance(message, Flush):
             self._flush()
             return True
         return None
 
     def _flush(self) -> None:
-        ctx = self.ctx
-        queue = ctx.queue
         while True:
             successes, failures = self._outbox.take()
             if not successes and not failures:
                 return
             retried = False
             if successes:
+                started = time.perf_counter()
                 retried = self._complete_all(successes)
+                seconds = time.perf_counter() - started
+                if seconds >= SLOW_STATEMENT_S and not retried:
+                    self._claimer.tell(SlowStatement(seconds))
             if failures:
                 retried = self._fail_all(failures) or retried
             queue_ids = [job.job_queue_id for job in successes if job.job_queue_id is not None]
@@ -117,16 +138,9 @@ class Completer(DbActor):
                 # A try that committed before its connection broke makes the
                 # retry find nothing, so it would not release the queues.
                 self.run(functools.partial(self._release, queue_ids=queue_ids), "Releasing queues")
-            remaining = queue.finished(len(successes) + len(failures))
             # A released named queue may hold the next runnable job, which a
-            # claim that came back short (or empty) had to skip: claim again
-            # now rather than wait for a poll.
-            if (released and queue.mode != FetchMode.FULL) or (
-                queue.mode == FetchMode.EMPTY
-                and remaining <= 0
-                and (ctx.settings.once or queue.wants_idle_claim)
-            ):
-                self._claimer.tell(NUDGE)
+            # short claim had to skip: the claimer's policy decides what to do.
+            self._claimer.tell(Finished(len(successes) + len(failures), released))
 
     # --- statements the database refuses for their data -------------------------
     #

@@ -70,11 +70,6 @@ class ExecutorPool:
             self._ctx.bus.emit(events.worker_release, worker_id=worker_id)
         self._ctx.queue.close()
 
-    def wait(self, timeout_s: float | None) -> bool:
-        """Wait until every worker has stopped; False if some still run at the timeout."""
-        with self._stopped:
-            return self._stopped.wait_for(lambda: self._alive == 0, timeout_s)
-
     def all_stopped(self) -> bool:
         """True once every worker thread has finished."""
         with self._stopped:
@@ -106,14 +101,14 @@ class ExecutorPool:
         jobs = []
         for helpers in self.running():
             helpers.abandoned = True
-            helpers.abort_event.set()
+            helpers.request_abort()
             jobs.append(helpers.job)
         return jobs
 
     def signal_abort(self) -> None:
         """Set the abort event of every running job (the graceful timeout passed)."""
         for helpers in self.running():
-            helpers.abort_event.set()
+            helpers.request_abort()
 
     # --- a worker thread ----------------------------------------------------------
 

@@ -1,11 +1,13 @@
 """The listener: a dedicated connection waiting on ``LISTEN`` for new work.
 
-``jobs:insert`` nudges the claimer (new jobs to claim now, not at the next
-poll); a breaking ``worker:migrate`` means a newer worker changed the schema
+``jobs:insert`` tells the claimer ``InsertNotified`` (new jobs to claim now,
+not at the next poll: the notice goes straight from this thread to the
+claimer's mailbox, and one that arrives while a claim runs is acted on right
+after it); a breaking ``worker:migrate`` means a newer worker changed the schema
 under us, so the Runner shuts down gracefully with a warning. A lost
 connection is re-established after a jittered back-off
 (``min(60 s, 50 ms·e^attempts)``, as graphile-worker), and the claimer is
-nudged once it is back, since notifications sent meanwhile were missed.
+told once it is back, since notifications sent meanwhile were missed.
 """
 
 from __future__ import annotations
@@ -88,8 +90,7 @@ class Listener:
                 attempts = 0
                 self.connected.set()
                 ctx.bus.emit(events.pool_listen_success, pool_id=ctx.pool_id)
-                ctx.queue.inserts_notified += 1  # notifications may have been missed
-                self._nudge()
+                self._nudge()  # notifications may have been missed
                 while not self._stopped.is_set():
                     for notify in conn.notifies(timeout=ctx.settings.heartbeat_interval_s):
                         self._handle(notify.channel, notify.payload)
@@ -131,7 +132,6 @@ class Listener:
         if channel == "jobs:insert":
             count = data.get("count", 1)
             if not isinstance(count, int | float) or count > 0:
-                ctx.queue.inserts_notified += 1
                 self._nudge()
         elif channel == "worker:migrate" and data.get("breaking") is True:
             self._breaking_migration(data.get("migrationNumber"))

@@ -40,7 +40,7 @@ from kongtask.protocols import Clock
 from kongtask.settings import WorkerSettings
 from kongtask.sql import Queries
 
-from .claimer import NUDGE, SHUTDOWN, Claimer
+from .claimer import BufferLow, Claimer, HeldCount, InsertNotified, JoinRequest, Shutdown, Wake
 from .clock import SystemClock
 from .completer import FLUSH, Completer, Outbox
 from .context import WorkerContext, new_pool_id
@@ -146,11 +146,11 @@ class Supervisor:
         self.bus.start()
         self._stack.callback(self.bus.stop)
 
-        def request_fetch() -> None:
+        def buffer_low() -> None:
             if self._claimer is not None:
-                self._claimer.tell("fetch")
+                self._claimer.tell(BufferLow())
 
-        local_queue = LocalQueue(settings.batch_size, request_fetch)
+        local_queue = LocalQueue(settings.batch_size, buffer_low)
         ctx = self.ctx = WorkerContext(
             settings=settings,
             queries=Queries(settings.schema),
@@ -182,8 +182,8 @@ class Supervisor:
         self._liveness = Liveness.start(ctx, self._nudge)
         if self._liveness.ask(REGISTER, timeout=_POOL_OPEN_TIMEOUT_S) is not True:
             raise KongtaskError(f"pool {self.pool_id} could not register its liveness record")
-        self._claimer = Claimer.start(ctx)
         outbox = Outbox()
+        self._claimer = Claimer.start(ctx, outbox)
         self._completer = Completer.start(ctx, outbox, self._claimer)
         outbox.actor = self._completer
         self._outbox = outbox
@@ -260,12 +260,16 @@ class Supervisor:
                 settings.poll_interval_s * 1000,
             )
             return
-        self._listener = Listener(ctx, lambda: self._nudge(), conninfo=conninfo)
+        self._listener = Listener(ctx, self._insert_notified, conninfo=conninfo)
         self._listener.start()
 
     def _nudge(self) -> None:
         if self._claimer is not None:
-            self._claimer.tell(NUDGE)
+            self._claimer.tell(Wake())
+
+    def _insert_notified(self) -> None:
+        if self._claimer is not None:
+            self._claimer.tell(InsertNotified())
 
     # --- control --------------------------------------------------------------------
 
@@ -279,15 +283,14 @@ class Supervisor:
 
     def join(self, timeout_s: float) -> None:
         """Wait until nothing runnable is claimed, running or unrecorded."""
-        ctx = self.ctx
-        if ctx is None or self.done.is_set():
+        claimer = self._claimer
+        if claimer is None or self.done.is_set():
             return
-        mark = ctx.queue.request_join()
-        self._nudge()
-        if not ctx.queue.wait_idle(mark, timeout_s):
-            raise TimeoutError(
-                f"the worker still had {ctx.queue.in_flight} job(s) in hand after {timeout_s}s"
-            )
+        idle = threading.Event()
+        claimer.tell(JoinRequest(idle))
+        if not idle.wait(timeout_s):
+            held = self._ask(claimer, HeldCount())
+            raise TimeoutError(f"the worker still had {held} job(s) in hand after {timeout_s}s")
 
     def restore_signals(self) -> None:
         """Put the host's signal handlers back (only possible from the main thread)."""
@@ -374,7 +377,7 @@ class Supervisor:
                 self._listener.stop(_STEP_TIMEOUT_S)
             if self._sweeper is not None:
                 self._sweeper.tell(STOP_TIMERS)
-            self._ask(self._claimer, SHUTDOWN)
+            self._ask(self._claimer, Shutdown())
             self._executors.release()
             forceful = self._wait_for_workers(forceful)
             if not forceful:
@@ -455,7 +458,7 @@ class Supervisor:
             return _STEP_TIMEOUT_S
         return max(0.1, min(_STEP_TIMEOUT_S, deadline - self._clock_monotonic()))
 
-    def _ask(self, ref: pykka.ActorRef[Any] | None, message: str) -> Any:
+    def _ask(self, ref: pykka.ActorRef[Any] | None, message: object) -> Any:
         if ref is None:
             return None
         timeout = self._step_timeout()
