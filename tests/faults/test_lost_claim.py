@@ -64,12 +64,12 @@ def test_jobs_of_a_claim_whose_answer_was_lost_are_adopted(
     listener_told = threading.Event()
     original_init = Listener.__init__
 
-    def init(self: Listener, ctx: Any, nudge: Any) -> None:
+    def init(self: Listener, ctx: Any, nudge: Any, **kwargs: Any) -> None:
         def told() -> None:
             nudge()
             listener_told.set()
 
-        original_init(self, ctx, told)
+        original_init(self, ctx, told, **kwargs)
 
     monkeypatch.setattr(Listener, "__init__", init)
 

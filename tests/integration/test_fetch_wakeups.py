@@ -33,14 +33,14 @@ class _ToldCounter:
         original_init = Listener.__init__
         counter = self
 
-        def init(self: Listener, ctx: Any, nudge: Any) -> None:
+        def init(self: Listener, ctx: Any, nudge: Any, **kwargs: Any) -> None:
             def told() -> None:
                 nudge()
                 with counter._cond:
                     counter.count += 1
                     counter._cond.notify_all()
 
-            original_init(self, ctx, told)
+            original_init(self, ctx, told, **kwargs)
 
         monkeypatch.setattr(Listener, "__init__", init)
 
