@@ -125,7 +125,7 @@ def add_jobs_on(
     if not checked:
         return []
     params = {
-        "specs": json.dumps([spec.to_json_spec() for spec in checked], separators=(",", ":")),
+        "specs": "[" + ",".join([spec.json_spec_text() for spec in checked]) + "]",
         "preserve_run_at": job_key_preserve_run_at,
     }
     return jobs_from_query(conn, queries, queries.add_jobs, params)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime
 from typing import Any
 
@@ -16,17 +17,29 @@ from kongtask.job_spec import encode_payload
 def test_defaults_and_json_shape() -> None:
     spec = JobSpec("task", {"a": 1}, flags=["x", "y"], run_at=datetime(2030, 1, 1, tzinfo=UTC))
     assert spec.flags == ("x", "y")
-    assert spec.to_json_spec() == {
+    assert json.loads(spec.json_spec_text()) == {
         "identifier": "task",
         "payload": {"a": 1},
-        "queue_name": None,
         "run_at": "2030-01-01T00:00:00+00:00",
-        "max_attempts": None,
-        "job_key": None,
-        "priority": None,
         "flags": ["x", "y"],
     }
-    assert JobSpec("task").to_json_spec()["payload"] == {}
+    assert json.loads(JobSpec("task").json_spec_text()) == {"identifier": "task", "payload": {}}
+    full = JobSpec(
+        't"\\é',
+        [1, "two"],
+        queue_name="q\n",
+        max_attempts=3,
+        job_key="k\u2028",
+        priority=-5,
+    )
+    assert json.loads(full.json_spec_text()) == {
+        "identifier": 't"\\é',
+        "payload": [1, "two"],
+        "queue_name": "q\n",
+        "max_attempts": 3,
+        "job_key": "k\u2028",
+        "priority": -5,
+    }
 
 
 @pytest.mark.parametrize(
