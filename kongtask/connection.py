@@ -22,6 +22,7 @@ from psycopg.conninfo import conninfo_to_dict
 
 from kongtask.embedded import EmbeddedPostgres, default_data_dir
 from kongtask.errors import ConfigurationError
+from kongtask.settings import DEFAULT_SCHEMA
 
 __all__ = [
     "DEFAULT_SCHEMA",
@@ -40,7 +41,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 #: The schema graphile-worker and kongtask use unless told otherwise.
-DEFAULT_SCHEMA = "graphile_worker"
 #: PostgreSQL truncates identifiers longer than this (NAMEDATALEN - 1).
 MAX_SCHEMA_BYTES = 63
 

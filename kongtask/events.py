@@ -105,7 +105,8 @@ worker_get_job_empty = _signal(
 )
 worker_fatal_error = _signal(
     "worker:fatalError",
-    "Recording a job's outcome failed beyond retrying. Payload: worker_id, error, job_error.",
+    "A worker thread met an error outside any job's handler and stopped (the pool then "
+    "shuts down). Payload: worker_id, error.",
 )
 
 # --- jobs ----------------------------------------------------------------------------

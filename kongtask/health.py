@@ -30,6 +30,7 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import psycopg
 
+from .settings import DEFAULT_SCHEMA
 from .sql import Queries
 
 __all__ = [
@@ -153,7 +154,7 @@ class Probes:
                 return manager
 
         if schema is None:
-            schema = runner.settings.schema if runner is not None else "graphile_worker"
+            schema = runner.settings.schema if runner is not None else DEFAULT_SCHEMA
         self.runner = runner
         self.metrics = metrics
         self.db_timeout_s = db_timeout_s

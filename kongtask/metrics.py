@@ -50,6 +50,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
 
 from . import events
 from .ops import JOB_STATES, LIVE_POOL_BOUND_S
+from .settings import DEFAULT_SCHEMA
 from .sql import Queries
 
 __all__ = ["DEPTH_MAX_AGE_S", "Metrics", "register"]
@@ -192,7 +193,7 @@ class Metrics:
         registry: CollectorRegistry | None = None,
         *,
         connect: ConnectionFactory | None = None,
-        schema: str = "graphile_worker",
+        schema: str = DEFAULT_SCHEMA,
         depth_max_age_s: float = DEPTH_MAX_AGE_S,
     ) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
@@ -372,7 +373,7 @@ def register(
             return manager
 
     if schema is None:
-        schema = runner.settings.schema if runner is not None else "graphile_worker"
+        schema = runner.settings.schema if runner is not None else DEFAULT_SCHEMA
     metrics = Metrics(registry, connect=connect, schema=schema)
     if runner is not None:
         metrics.attach(runner)

@@ -40,6 +40,7 @@ from psycopg import pq, sql
 
 from kongtask.connection import check_schema_name
 from kongtask.errors import ConfigurationError, MigrationError
+from kongtask.settings import DEFAULT_SCHEMA
 
 __all__ = [
     "BREAKING_MIGRATIONS",
@@ -424,7 +425,7 @@ def _retry_delays() -> Iterator[float]:
         yield random.uniform(0.4, 0.6)
 
 
-def migrate(conn: psycopg.Connection[Any], schema: str = "graphile_worker") -> MigrationResult:
+def migrate(conn: psycopg.Connection[Any], schema: str = DEFAULT_SCHEMA) -> MigrationResult:
     """Migrate ``schema`` to revision 19 (graphile-worker 0.17), or check that it already is.
 
     ``conn`` may be in autocommit mode or not, but must have no transaction in

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 if TYPE_CHECKING:
     from .helpers import Helpers
 
-__all__ = ["Clock", "ReloadHook", "TaskHandler", "TimerHandle"]
+__all__ = ["Clock", "TaskHandler", "TimerHandle"]
 
 
 @runtime_checkable
@@ -54,7 +54,3 @@ class TaskHandler(Protocol):
     """
 
     def __call__(self, payload: Any, helpers: Helpers, /) -> Any: ...
-
-
-#: Called (on a worker-owned thread) when SIGHUP asks for a crontab reload.
-ReloadHook = Callable[[], None]

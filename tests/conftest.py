@@ -157,3 +157,26 @@ def db(db_url: str) -> Iterator[psycopg.Connection[tuple[object, ...]]]:
     """An autocommit connection to this test's fresh database."""
     with psycopg.connect(db_url, autocommit=True) as conn:
         yield conn
+
+
+#: Environment variables that change what kongtask does (connection, schema,
+#: logging): a developer's shell must not change a test's outcome.
+_AMBIENT_VARIABLES = (
+    "DATABASE_URL",
+    "GRAPHILE_WORKER_SCHEMA",
+    "NO_LOG_SUCCESS",
+    "GRAPHILE_LOGGER_DEBUG",
+    "KONGTASK_DEBUG",
+    "KONGTASK_LOG_FORMAT",
+    "KONGTASK_DATA_DIR",
+)
+
+
+@pytest.fixture(autouse=True)
+def _clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Clear kongtask's and libpq's variables for every test (tests set what they need)."""
+    for name in _AMBIENT_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    for name in list(os.environ):
+        if name.startswith("PG"):
+            monkeypatch.delenv(name, raising=False)

@@ -124,6 +124,7 @@ class ExecutorPool:
         except BaseException as exc:
             error = exc
             logger.exception("Worker %s crashed", worker_id)
+            self._ctx.bus.emit(events.worker_fatal_error, worker_id=worker_id, error=exc)
             self._ctx.fatal("worker", exc)
         finally:
             with self._stopped:
