@@ -11,6 +11,7 @@ from ._version import __version__
 from .cron import (
     CronItem,
     CronItemOptions,
+    Firing,
     ParsedCronItem,
     digest,
     fire_times,
@@ -19,6 +20,7 @@ from .cron import (
     parse_cron_item,
     parse_cron_items,
     parse_crontab,
+    parse_options,
     validate_pattern,
 )
 from .errors import (
@@ -48,6 +50,7 @@ __all__ = [
     "CronItemOptions",
     "CrontabError",
     "EmbeddedServerError",
+    "Firing",
     "Helpers",
     "InvalidJobError",
     "Job",
@@ -72,6 +75,7 @@ __all__ = [
     "parse_cron_item",
     "parse_cron_items",
     "parse_crontab",
+    "parse_options",
     "run",
     "run_once",
     "validate_pattern",
