@@ -38,6 +38,7 @@ from .job_spec import JobSpec
 from .migrate import LATEST_MIGRATION, MigrationResult, migrate
 from .protocols import Clock, TaskHandler
 from .runner import Runner, run, run_once
+from .scheduler import Scheduler
 from .settings import WorkerSettings
 from .worker_utils import CLEANUP_TASKS, WorkerUtils, add_job
 
@@ -60,6 +61,7 @@ __all__ = [
     "MigrationResult",
     "ParsedCronItem",
     "Runner",
+    "Scheduler",
     "TaskHandler",
     "TaskLoadError",
     "WorkerSettings",

@@ -21,7 +21,14 @@ from kongtask.sql import Queries
 
 from .cron_matcher import CronMatcher
 from .cron_writer import ConnectionFactory, CronWriter
-from .crontab_loader import GET_ITEMS, RELOAD, CrontabLoader, SetCodeItems, SetStoredItems
+from .crontab_loader import (
+    GET_ITEMS,
+    RELOAD,
+    CrontabLoader,
+    SetCodeItems,
+    SetStoredItems,
+    merge,
+)
 
 __all__ = ["CronService"]
 
@@ -42,7 +49,9 @@ class CronService:
         code_items: Sequence[ParsedCronItem] = (),
         backfill_on_start: bool = True,
         node: str = "",
+        overdue_tolerance_s: float = 0.0,
     ) -> None:
+        self._overdue_tolerance_s = overdue_tolerance_s
         self._source = source
         self._clock = clock
         self._connect = connect
@@ -54,11 +63,17 @@ class CronService:
         self._actors: list[pykka.ActorRef[Any]] = []
         self._loader: pykka.ActorRef[Any] | None = None
 
-    def start(self, items: list[ParsedCronItem] | None = None) -> None:
+    def start(
+        self,
+        items: list[ParsedCronItem] | None = None,
+        *,
+        stored: Sequence[ParsedCronItem] = (),
+    ) -> None:
         """Start the actors with the crontab's ``items`` (parsed from the source if not
-        given; raises ``CrontabError``) and the code items."""
+        given; raises ``CrontabError``), the code items and the ``stored`` items."""
         if items is None:
             items = self._source.load() if self._source is not None else []
+        live, _ = merge(items, self._code_items, stored)
         description = self._source.description if self._source is not None else "code"
         logger.info(
             "Cron: %d item(s) from %s, %d from code", len(items), description, len(self._code_items)
@@ -66,17 +81,19 @@ class CronService:
         writer = CronWriter.start(self._connect, self._queries, self._node)
         self._actors.append(writer)
         matcher = CronMatcher.start(
-            items=[*items, *self._code_items],
+            items=live,
             clock=self._clock,
             writer=writer,
             emit=self._emit,
             backfill_on_start=self._backfill_on_start,
+            overdue_tolerance_s=self._overdue_tolerance_s,
         )
         self._actors.append(matcher)
         self._loader = CrontabLoader.start(
             source=self._source,
             crontab_items=items,
             code_items=self._code_items,
+            stored_items=stored,
             matcher=matcher,
             emit=self._emit,
         )

@@ -20,7 +20,7 @@ import logging
 import random
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pykka
@@ -124,9 +124,11 @@ class CronMatcher(pykka.ThreadingActor):
         emit: Emit,
         rng: random.Random | None = None,
         backfill_on_start: bool = True,
+        overdue_tolerance_s: float = 0.0,
     ) -> None:
         super().__init__()
         self._backfill_on_start = backfill_on_start
+        self._tolerance = timedelta(seconds=overdue_tolerance_s)
         self._items = tuple(items)
         self._index = CronIndex(self._items)
         self._clock = clock
@@ -220,7 +222,7 @@ class CronMatcher(pykka.ThreadingActor):
     def _backfill_next(self) -> None:
         """Send the next batch of backfill minutes, or start the minute loop when done."""
         assert self._plan is not None and self._start is not None
-        firings: list[tuple[datetime, tuple[dict[str, Any], ...]]] = []
+        firings: list[Planned] = []
         size = 0
         while size < _BACKFILL_BATCH:
             batch = next(self._plan, None)
@@ -262,10 +264,12 @@ class CronMatcher(pykka.ThreadingActor):
         now = self._clock.now()
         rounded = floor_minute(now)
         if rounded < self._next:
-            self._emit(events.cron_premature_timer, **_timer_fields(now, self._next))
+            # The clock went back (or the timer fired early): wait for the same minute.
+            if self._next - now > self._tolerance:
+                self._emit(events.cron_premature_timer, **_timer_fields(now, self._next))
             self._arm()
             return
-        if rounded > self._next:
+        if rounded > self._next and now - self._next - MINUTE >= self._tolerance:
             self._emit(events.cron_overdue_timer, **_timer_fields(now, self._next))
         due = self._index.due(self._next)
         if not due:

@@ -341,9 +341,7 @@ class CronWriter(pykka.ThreadingActor):
         )
         if not guarded:
             return chosen
-        rows = cursor.execute(
-            self._cron["CRON_STILL_RUNNING"], {"identifiers": guarded}
-        ).fetchall()
+        rows = cursor.execute(self._cron["CRON_STILL_RUNNING"], {"identifiers": guarded}).fetchall()
         busy = {row[0] for row in rows}
         result: list[tuple[Planned, str | None]] = []
         for firing, rule in chosen:

@@ -84,12 +84,13 @@ class CrontabLoader(pykka.ThreadingActor):
         code_items: Sequence[ParsedCronItem],
         matcher: pykka.ActorRef[Any],
         emit: Callable[..., None],
+        stored_items: Sequence[ParsedCronItem] = (),
     ) -> None:
         super().__init__()
         self._source = source
         self._crontab = list(crontab_items)
         self._code = list(code_items)
-        self._stored: list[ParsedCronItem] = []
+        self._stored: list[ParsedCronItem] = list(stored_items)
         self._live, _ = merge(self._crontab, self._code, self._stored)
         self._matcher = matcher
         self._emit = emit
@@ -157,7 +158,12 @@ class CrontabLoader(pykka.ThreadingActor):
         self._reported_clashes = frozenset(clashes)
         old = {item.identifier for item in self._live}
         new = {item.identifier for item in live}
-        self._crontab, self._code, self._stored, self._live = new_crontab, new_code, new_stored, live
+        self._crontab, self._code, self._stored, self._live = (
+            new_crontab,
+            new_code,
+            new_stored,
+            live,
+        )
         self._matcher.tell(SetItems(tuple(live)))
         logger.info(
             "Crontab reloaded from %s: %d item(s), %d added, %d removed",

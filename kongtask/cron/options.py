@@ -201,8 +201,10 @@ _PROGRAMMATIC_CHECKS: dict[str, Callable[[Any], bool]] = {
     "job_key_mode": lambda v: v in JOB_KEY_MODES,
     "tz": lambda v: isinstance(v, str) and is_known_zone(v),
     "no_overlap": lambda v: isinstance(v, bool),
-    "skip_dates": lambda v: isinstance(v, tuple | list)
-    and all(isinstance(d, date) and not isinstance(d, datetime) for d in v),
+    "skip_dates": lambda v: (
+        isinstance(v, tuple | list)
+        and all(isinstance(d, date) and not isinstance(d, datetime) for d in v)
+    ),
 }
 _ALIASES = {
     "backfillPeriod": "backfill_period",

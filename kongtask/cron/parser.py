@@ -132,7 +132,9 @@ def _parse_field(
                 )
             numbers.add(int(wrapped))
 
-        def add_range(start: float, end: float, step: float, part: str = part) -> None:
+        def add_range(
+            start: float, end: float, step: float, part: str = part, part_offset: int = part_offset
+        ) -> None:
             if end <= start:
                 raise _PartError(
                     f"Invalid range '{part}' in {loc}: destination is not larger than source",

@@ -22,13 +22,13 @@ logger = logging.getLogger("kongtask.cron")
 __all__ = [
     "MINUTE",
     "KnownCrontab",
-    "skip_rule",
     "backfill_plan",
     "ceil_minute",
     "cron_timestamp",
     "floor_minute",
     "iso_minute",
     "job_spec",
+    "skip_rule",
     "to_ms",
 ]
 

@@ -14,8 +14,8 @@ from typing import Any, NamedTuple
 
 __all__ = [
     "FIELDS",
-    "CronField",
     "Condition",
+    "CronField",
     "CronItem",
     "CronItemOptions",
     "Firing",
