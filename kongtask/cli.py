@@ -1,9 +1,10 @@
 """The ``kongtask`` command: run a worker, migrate, check crontabs, administer.
 
-``kongtask [flags]`` runs a worker with graphile-worker's flags. Two command
-groups sit beside it: ``kongtask crontab check|next FILE`` and
-``kongtask admin ...``. Every failure ends with a one-line message on stderr
-and a non-zero exit code, never a traceback, for errors we anticipate.
+``kongtask [flags]`` runs a worker with graphile-worker's flags. Command
+groups sit beside it: ``kongtask crontab check|next FILE``,
+``kongtask cron add|update|remove|list|history|run`` and ``kongtask admin ...``.
+Every failure ends with a one-line message on stderr and a non-zero exit code,
+never a traceback, for errors we anticipate.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ def _worker_parser() -> argparse.ArgumentParser:
         description=(
             "Run a kongtask worker: a PostgreSQL job queue and cron scheduler that shares "
             "its database with graphile-worker. Other commands: 'kongtask crontab --help', "
-            "'kongtask admin --help'."
+            "'kongtask cron --help', 'kongtask admin --help'."
         ),
         allow_abbrev=False,
     )
@@ -195,6 +196,10 @@ def _dispatch_group(name: str, argv: Sequence[str]) -> int:
         from .cli_crontab import main as crontab_main
 
         return crontab_main(argv)
+    if name == "cron":
+        from .cli_cron import main as cron_main
+
+        return cron_main(argv)
     from .cli_admin import main as admin_main
 
     return admin_main(argv)
@@ -205,7 +210,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
     _configure_logging()
     try:
-        if args_list and args_list[0] in ("crontab", "admin"):
+        if args_list and args_list[0] in ("crontab", "admin", "cron"):
             return _dispatch_group(args_list[0], args_list[1:])
         parser = _worker_parser()
         args = parser.parse_args(args_list)

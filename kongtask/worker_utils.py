@@ -19,6 +19,8 @@ import psycopg
 from psycopg.rows import dict_row
 
 from .connection import open_database, resolve_schema
+from .cron import store as cron_store
+from .cron.store import CronRun, StoredCronItem
 from .enqueue import add_job_on, add_jobs_on, jobs_from_query
 from .errors import ConfigurationError, InvalidJobError, KongtaskError
 from .job import Job
@@ -282,6 +284,45 @@ class WorkerUtils:
                 cursor = conn.execute(self._queries.cleanup[name], {"keep": keep})
                 removed[name] = cursor.rowcount
         return removed
+
+    # --- stored cron items and the cron history (kongtask's own tables) -----------
+
+    def add_cron_item(self, item: Any) -> StoredCronItem:
+        """Store a cron item (a crontab line, a ``CronItem`` or a mapping) that every
+        kongtask cron node on this schema schedules within seconds, surviving restarts.
+
+        Raises ``ConfigurationError`` if a stored item has that identifier already.
+        """
+        with self.connection() as conn:
+            return cron_store.add_stored_item(conn, self._queries, item)
+
+    def update_cron_item(self, item: Any) -> StoredCronItem:
+        """Replace the stored cron item with the same identifier."""
+        with self.connection() as conn:
+            return cron_store.update_stored_item(conn, self._queries, item)
+
+    def remove_cron_item(self, identifier: str) -> bool:
+        """Remove a stored cron item; False if there was none with that identifier."""
+        with self.connection() as conn:
+            return cron_store.remove_stored_item(conn, self._queries, identifier)
+
+    def list_cron_items(self) -> list[StoredCronItem]:
+        """The stored cron items, by identifier (each with its line and parsed item)."""
+        with self.connection() as conn:
+            return cron_store.list_stored_items(conn, self._queries)
+
+    def cron_history(
+        self,
+        identifier: str | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        limit: int = 100,
+    ) -> list[CronRun]:
+        """Cron firings recorded by kongtask nodes, newest first, with their outcomes."""
+        with self.connection() as conn:
+            return cron_store.cron_history(
+                conn, self._queries, identifier=identifier, since=since, until=until, limit=limit
+            )
 
 
 def add_job(

@@ -9,114 +9,21 @@ from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import psycopg
 import pytest
 from psycopg_pool import ConnectionPool
 
-from kongtask import CronItem, CronItemOptions, Firing, Scheduler, events
+from kongtask import CronItem, CronItemOptions, Firing, Scheduler
 from kongtask.cron.types import ParsedCronItem
 from kongtask.testing import ManualClock
 
-T0 = datetime(2024, 1, 1, tzinfo=UTC)  # a Monday
-
-
-class Heard:
-    """Every cron event one Scheduler sends, with a wait that has a deadline."""
-
-    NAMES = (
-        "cron:scheduled",
-        "cron:backfill",
-        "cron:started",
-        "cron:reload",
-        "cron:reloadFailed",
-        "cron:itemFailed",
-        "cron:skipped",
-        "cron:clockSkew",
-    )
-
-    def __init__(self, sender: Any) -> None:
-        self.events: list[tuple[str, dict[str, Any]]] = []
-        self._cond = threading.Condition()
-        self._receivers = []
-        for name in self.NAMES:
-            receiver = self._make(name)
-            events.signal_for(name).connect(receiver, sender=sender, weak=False)
-            self._receivers.append((name, receiver))
-        self._sender = sender
-
-    def _make(self, name: str) -> Any:
-        def receive(_sender: Any, **payload: Any) -> None:
-            with self._cond:
-                self.events.append((name, payload))
-                self._cond.notify_all()
-
-        return receive
-
-    def of(self, name: str) -> list[dict[str, Any]]:
-        with self._cond:
-            return [payload for n, payload in self.events if n == name]
-
-    def wait_for(self, name: str, count: int = 1, timeout_s: float = 15.0) -> dict[str, Any]:
-        with self._cond:
-            if not self._cond.wait_for(lambda: len(self.of(name)) >= count, timeout_s):
-                raise AssertionError(f"no {count}x {name}: {[n for n, _ in self.events]}")
-            return self.of(name)[count - 1]
-
-    def close(self) -> None:
-        for name, receiver in self._receivers:
-            events.signal_for(name).disconnect(receiver, sender=self._sender)
-
-
-class Node:
-    """A started Scheduler with its ManualClock and what it heard."""
-
-    def __init__(self, scheduler: Scheduler, clock: ManualClock) -> None:
-        self.scheduler = scheduler
-        self.clock = clock
-        self.heard = Heard(scheduler)
-
-    def start(self) -> Node:
-        self.scheduler.start()
-        self.heard.wait_for("cron:started")
-        self.clock.wait_for_timers(1)
-        return self
-
-    def advance(self, seconds: float, scheduled: int | None = None) -> None:
-        self.clock.advance(seconds)
-        if scheduled is not None:
-            self.heard.wait_for("cron:scheduled", scheduled)
+from .cron_support import T0, Node, NodeFactory, job_minutes, remember
 
 
 @pytest.fixture
-def nodes(db_url: str) -> Iterator[Any]:
-    made: list[Node] = []
-
-    def make(start: datetime, **options: Any) -> Node:
-        clock = ManualClock(start)
-        options.setdefault("connection_string", db_url)
-        node = Node(Scheduler(clock=clock, install_signal_handlers=False, **options), clock)
-        made.append(node)
-        return node
-
-    yield make
-    for node in made:
-        node.scheduler.stop(30)
-        node.heard.close()
-
-
-def job_minutes(db: psycopg.Connection[Any], task: str = "tick") -> list[str]:
-    rows = db.execute(
-        "select run_at from graphile_worker.jobs where task_identifier = %s order by run_at",
-        (task,),
-    ).fetchall()
-    return [row[0].astimezone(UTC).strftime("%H:%M") for row in rows]
-
-
-def remember(db: psycopg.Connection[Any], identifier: str, last: datetime) -> None:
-    db.execute(
-        "insert into graphile_worker._private_known_crontabs values (%s, %s, %s)",
-        (identifier, last - timedelta(days=1), last),
-    )
+def nodes(db_url: str) -> Iterator[NodeFactory]:
+    factory = NodeFactory(db_url)
+    yield factory
+    factory.close()
 
 
 def test_runs_alone_on_a_pool_the_host_owns(db_url: str, db: Any) -> None:
@@ -216,7 +123,9 @@ def test_a_refused_item_does_not_stop_the_others(
         options=CronItemOptions(job_key="a\x00b"),
     )  # fmt: skip
     caplog.set_level(logging.ERROR, logger="kongtask.cron")
-    node = nodes(T0 + timedelta(seconds=30), cron_items=[bad, CronItem(task="tick", match="* * * * *")])
+    node = nodes(
+        T0 + timedelta(seconds=30), cron_items=[bad, CronItem(task="tick", match="* * * * *")]
+    )
     node.start()
     node.advance(31, scheduled=1)
     node.advance(60, scheduled=2)
@@ -229,9 +138,7 @@ def test_a_refused_item_does_not_stop_the_others(
     assert any("'bad' could not be scheduled" in r.getMessage() for r in caplog.records)
 
 
-def test_a_node_without_backfill_leaves_the_gap_to_one_that_backfills(
-    nodes: Any, db: Any
-) -> None:
+def test_a_node_without_backfill_leaves_the_gap_to_one_that_backfills(nodes: Any, db: Any) -> None:
     remember(db, "tick", T0 + timedelta(hours=9, minutes=59))
     line = "* * * * * tick ?fill=30m"
     plain = nodes(T0 + timedelta(hours=10, minutes=20, seconds=30), crontab=line,
@@ -304,7 +211,10 @@ def test_conditional_rules_skip_and_record(nodes: Any, db: Any) -> None:
     assert job_minutes(db, "holiday") == []
     assert job_minutes(db, "slow") == ["00:01"]  # its first job is still queued
     assert seen[0].identifier == "tick" and seen[0].scheduled_at == T0 + timedelta(minutes=1)
-    skipped = {(s["identifier"], s["scheduled_at"][14:16], s["rule"]) for s in node.heard.of("cron:skipped")}
+    skipped = {
+        (s["identifier"], s["scheduled_at"][14:16], s["rule"])
+        for s in node.heard.of("cron:skipped")
+    }
     assert ("tick", "02", "condition") in skipped
     assert ("holiday", "01", "skipDates") in skipped
     assert ("slow", "02", "noOverlap") in skipped
