@@ -23,6 +23,7 @@ from .cron import (
     parse_options,
     validate_pattern,
 )
+from .cron.store import CronRun, StoredCronItem
 from .errors import (
     ConfigurationError,
     CrontabError,
@@ -49,6 +50,7 @@ __all__ = [
     "ConfigurationError",
     "CronItem",
     "CronItemOptions",
+    "CronRun",
     "CrontabError",
     "EmbeddedServerError",
     "Firing",
@@ -62,6 +64,7 @@ __all__ = [
     "ParsedCronItem",
     "Runner",
     "Scheduler",
+    "StoredCronItem",
     "TaskHandler",
     "TaskLoadError",
     "WorkerSettings",

@@ -39,7 +39,7 @@ from .actors.publisher import EventBus
 from .actors.signals import SignalHandlers, can_install
 from .connection import open_database, resolve_schema
 from .cron.parser import parse_cron_item
-from .cron.source import CrontabSource
+from .cron.source import CrontabSource, check_unique_identifiers
 from .cron.store import (
     CronRun,
     ItemLike,
@@ -556,11 +556,5 @@ def _parse_code_items(items: Sequence[ItemLike] | None) -> list[ParsedCronItem]:
                 name="cron_items",
                 value=item,
             )
-    identifiers = [item.identifier for item in parsed]
-    duplicates = sorted({i for i in identifiers if identifiers.count(i) > 1})
-    if duplicates:
-        raise ConfigurationError(
-            "cron_items has duplicate identifiers: " + ", ".join(repr(i) for i in duplicates),
-            name="cron_items",
-        )
+    check_unique_identifiers(parsed)
     return parsed

@@ -19,7 +19,7 @@ from kongtask.errors import ConfigurationError, CrontabError
 from .parser import parse_crontab
 from .types import ParsedCronItem
 
-__all__ = ["CrontabSource", "read_stable"]
+__all__ = ["CrontabSource", "check_unique_identifiers", "read_stable"]
 
 # A file is re-read after this pause until two reads agree (at most _STABLE_TRIES times).
 _STABLE_PAUSE_S = 0.05
@@ -41,6 +41,17 @@ def read_stable(path: Path) -> str:
             return text
         text = again
     return text
+
+
+def check_unique_identifiers(items: Sequence[ParsedCronItem]) -> None:
+    """Raise ``ConfigurationError`` (``name="cron_items"``) if two items share an identifier."""
+    identifiers = [item.identifier for item in items]
+    duplicates = sorted({i for i in identifiers if identifiers.count(i) > 1})
+    if duplicates:
+        raise ConfigurationError(
+            "cron_items has duplicate identifiers: " + ", ".join(repr(i) for i in duplicates),
+            name="cron_items",
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,14 +109,7 @@ class CrontabSource:
                         name="cron_items",
                         value=item,
                     )
-            identifiers = [item.identifier for item in items]
-            duplicates = sorted({i for i in identifiers if identifiers.count(i) > 1})
-            if duplicates:
-                raise ConfigurationError(
-                    "cron_items has duplicate identifiers: "
-                    + ", ".join(repr(i) for i in duplicates),
-                    name="cron_items",
-                )
+            check_unique_identifiers(items)
             return cls(items=items)
         return None
 
