@@ -489,8 +489,8 @@ inner join {s}._private_jobs as job on job.id = latest.job_id
 where job.locked_at is not null or job.attempts < job.max_attempts
 """
 
-# Add jobs one add_job call each, in order, returning their ids in that order (so
-# each history row gets its job, and keyed jobs replace each other minute by minute).
+# Jobs with a job key: one add_job call each, in order, returning their ids in that
+# order (so keyed jobs replace each other minute by minute, as they would live).
 CRON_ADD_JOBS_IN_ORDER = """
 select job.id
 from rows from (
@@ -506,6 +506,23 @@ cross join lateral {s}.add_job(
     spec.job_key, spec.priority, null, coalesce(spec.job_key_mode, 'replace')
 ) as job
 order by spec.ord
+"""
+
+# Jobs without a job key, all at once (one NOTIFY, set-based): each row comes back
+# with its task id, minute and payload so the writer can tell which firing it is.
+# (Task names come from CRON_TASK_NAMES: a task row add_jobs just created is not
+# visible to a join in this same statement.)
+CRON_ADD_PLAIN_JOBS = """
+select job.id, job.task_id, job.run_at, job.payload::text
+from {s}.add_jobs(
+    array(select json_populate_recordset(null::{s}.job_spec, %(specs)s::json)),
+    false
+) as job
+"""
+
+# Task identifiers by id.
+CRON_TASK_NAMES = """
+select id, identifier from {s}._private_tasks where id = any(%(ids)s::int[])
 """
 
 # Put the job ids into the history rows just recorded.
@@ -711,6 +728,8 @@ class Queries:
             "CRON_RECORD_GAPS",
             "CRON_STILL_RUNNING",
             "CRON_ADD_JOBS_IN_ORDER",
+            "CRON_ADD_PLAIN_JOBS",
+            "CRON_TASK_NAMES",
             "CRON_SET_JOB_IDS",
             "CRON_RECORD_OUTCOMES",
             "CRON_HISTORY",

@@ -304,24 +304,55 @@ class CronWriter(pykka.ThreadingActor):
         outcome.skipped.extend((f.item.identifier, f.ts, rule) for f, rule in chosen if rule)
         if not to_add:
             return
-        job_rows = [_job_row(f.ts, f.spec) for f in to_add]
-        ids = [
-            row[0]
-            for row in cursor.execute(
-                cron["CRON_ADD_JOBS_IN_ORDER"], {"specs": json.dumps(job_rows)}
-            ).fetchall()
-        ]
+        job_ids = self._add_jobs(cursor, to_add)
         cursor.execute(
             cron["CRON_SET_JOB_IDS"],
             {
                 "identifiers": [f.item.identifier for f in to_add],
                 "timestamps": [f.ts for f in to_add],
-                "job_ids": ids,
+                "job_ids": job_ids,
             },
         )
-        for firing, job_id in zip(to_add, ids, strict=True):
+        for firing, job_id in zip(to_add, job_ids, strict=True):
             outcome.scheduled.append((firing.item.identifier, firing.ts))
             outcome.job_ids[(firing.item.identifier, firing.ts)] = job_id
+
+    def _add_jobs(self, cursor: psycopg.Cursor[Any], firings: Sequence[Planned]) -> list[int]:
+        """Add the firings' jobs; return their ids in the order of ``firings``.
+
+        Jobs without a key go in one ``add_jobs`` call (one NOTIFY for all) and are
+        matched back to their firings by task, minute and payload (firings that agree
+        on all three made identical jobs, so any pairing is right); keyed jobs go one
+        ``add_job`` each, in order.
+        """
+        ids: list[int | None] = [None] * len(firings)
+        plain = [i for i, f in enumerate(firings) if f.spec["job_key"] is None]
+        keyed = [i for i, f in enumerate(firings) if f.spec["job_key"] is not None]
+        if plain:
+            rows = cursor.execute(
+                self._cron["CRON_ADD_PLAIN_JOBS"],
+                {"specs": json.dumps([_spec_row(firings[i].ts, firings[i].spec) for i in plain])},
+            ).fetchall()
+            task_ids = sorted({row[1] for row in rows})
+            names = dict(
+                cursor.execute(self._cron["CRON_TASK_NAMES"], {"ids": task_ids}).fetchall()
+            )
+            by_key: dict[tuple[str, datetime, str], list[int]] = {}
+            for job_id, task_id, run_at, payload in rows:
+                key = (names[task_id], run_at, _canonical(json.loads(payload)))
+                by_key.setdefault(key, []).append(job_id)
+            for i in plain:
+                firing = firings[i]
+                key = (firing.spec["task"], firing.ts, _canonical(firing.spec["payload"]))
+                ids[i] = by_key[key].pop()
+        if keyed:
+            rows = cursor.execute(
+                self._cron["CRON_ADD_JOBS_IN_ORDER"],
+                {"specs": json.dumps([_job_row(firings[i].ts, firings[i].spec) for i in keyed])},
+            ).fetchall()
+            for i, (job_id,) in zip(keyed, rows, strict=True):
+                ids[i] = job_id
+        return [job_id for job_id in ids if job_id is not None]
 
     @staticmethod
     def _first_due(
@@ -353,6 +384,15 @@ class CronWriter(pykka.ThreadingActor):
                     busy.add(identifier)  # this firing's job is the one the next would overlap
             result.append((firing, rule))
         return result
+
+
+def _canonical(payload: Any) -> str:
+    return json.dumps(payload, sort_keys=True, separators=(",", ":"))
+
+
+def _spec_row(ts: datetime, spec: dict[str, Any]) -> dict[str, Any]:
+    """One job in the shape of the schema's ``job_spec`` (``identifier`` is the task)."""
+    return {**_job_row(ts, spec), "identifier": spec["task"], "flags": None}
 
 
 def _job_row(ts: datetime, spec: dict[str, Any]) -> dict[str, Any]:
