@@ -21,14 +21,14 @@ import logging
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 import psycopg
 import pykka
 from psycopg.rows import dict_row
 
-from kongtask.cron.matcher import next_fire_times
+from kongtask.cron.matcher import matches, next_fire_times
 from kongtask.cron.schedule import MINUTE, KnownCrontab, ceil_minute
 from kongtask.cron.types import ParsedCronItem
 from kongtask.sql import Queries
@@ -48,6 +48,8 @@ logger = logging.getLogger(__name__)
 ConnectionFactory = Callable[[], AbstractContextManager[psycopg.Connection[Any]]]
 
 _ITEM_FAULT_CLASSES = ("22", "23")  # data exception, integrity constraint violation
+# Gaps up to this long are looked for minute by minute; longer ones by the matcher.
+_SCAN_LIMIT = timedelta(hours=2)
 
 
 @dataclass(frozen=True, slots=True)
@@ -257,8 +259,8 @@ class CronWriter(pykka.ThreadingActor):
             identifier = firing.item.identifier
             known_since, last = known[identifier]
             if last is None or firing.ts > last:
-                first_due = self._first_due(firing.item, last, known_since)
-                if first_due is not None and first_due < firing.ts:
+                first_due = self._first_due(firing.item, last, known_since, firing.ts)
+                if first_due is not None:
                     new_gaps.append((identifier, first_due, firing.ts))
                 known[identifier] = (known_since, firing.ts)
                 chosen.append((firing, firing.skip_rule))
@@ -356,12 +358,20 @@ class CronWriter(pykka.ThreadingActor):
 
     @staticmethod
     def _first_due(
-        item: ParsedCronItem, last: datetime | None, known_since: datetime
+        item: ParsedCronItem, last: datetime | None, known_since: datetime, before: datetime
     ) -> datetime | None:
-        """The first minute after ``last`` (or from ``known_since``) at which ``item`` fires."""
+        """The first minute in [after ``last`` (or from ``known_since``), ``before``) at which
+        ``item`` fires, or None: the start of a gap that scheduling ``before`` leaves."""
         start = last + MINUTE if last is not None else ceil_minute(known_since)
+        if before - start <= _SCAN_LIMIT:  # the usual case: minute by minute is cheapest
+            ts = start
+            while ts < before:
+                if matches(item, ts):
+                    return ts
+                ts += MINUTE
+            return None
         found = next_fire_times(item, start - MINUTE, 1)
-        return found[0] if found else None
+        return found[0] if found and found[0] < before else None
 
     def _apply_no_overlap(
         self, cursor: psycopg.Cursor[Any], chosen: list[tuple[Planned, str | None]]
