@@ -119,3 +119,30 @@ def test_history_records_the_outcomes_a_kongtask_worker_saw(db_url: str) -> None
     assert broken.outcome == "permanent_failure"
     assert "report generator exploded" in (broken.error or "")
     assert broken.attempts == 1
+
+
+def test_two_schedulers_and_a_worker_schedule_each_minute_once(
+    nodes: Any, db_url: str, db: Any
+) -> None:
+    crontab = "* * * * * tick\n*/2 * * * * even"
+    start = T0 + timedelta(seconds=30)
+    first = nodes(start, crontab=crontab).start()
+    second = nodes(start, crontab=crontab, backfill_on_start=False).start()
+    clock = ManualClock(start)
+    with kongtask.run(
+        tasks={},
+        connection_string=db_url,
+        crontab=crontab,
+        clock=clock,
+        install_signal_handlers=False,
+    ) as runner:
+        clock.wait_for_timers(1)
+        for minute in range(1, 5):
+            first.advance(60 if minute > 1 else 31, scheduled=minute)
+            second.advance(60 if minute > 1 else 31, scheduled=minute)
+            clock.advance(60 if minute > 1 else 31)
+        assert [i.identifier for i in runner.get_cron_items()] == ["tick", "even"]
+    assert job_minutes(db) == ["00:01", "00:02", "00:03", "00:04"]
+    assert job_minutes(db, "even") == ["00:02", "00:04"]
+    nodes_seen = {run.node for run in first.scheduler.history()}
+    assert nodes_seen <= {first.scheduler.node_name, second.scheduler.node_name, runner.pool_id}
