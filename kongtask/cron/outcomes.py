@@ -1,7 +1,8 @@
 """Record the outcomes of cron jobs that this process's worker ran, from its job events.
 
 The executor is not involved: the recorder listens to ``job:start``,
-``job:success``, ``job:error`` and ``job:failed`` for one Runner, keeps only jobs
+``job:complete`` (success or a failed attempt) and ``job:failed`` (no attempts
+left) for one Runner, three events a job where four would do, keeps only jobs
 whose payload carries ``_cron``, and writes their outcomes into
 ``_kongtask_cron_history`` in batches (one statement per flush) from a thread of
 its own, so a slow database never holds up the event publisher. A job scheduled
@@ -60,6 +61,7 @@ class OutcomeRecorder:
         self._queries = queries
         self._started: dict[int, float] = {}
         self._pending: dict[int, dict[str, Any]] = {}
+        self._final: set[int] = set()  # permanently failed, awaiting their job:complete
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stopping = False
@@ -87,8 +89,7 @@ class OutcomeRecorder:
     def _receivers(self) -> list[tuple[Any, Callable[..., None]]]:
         return [
             (events.job_start, self._on_start),
-            (events.job_success, self._on_success),
-            (events.job_error, self._on_error),
+            (events.job_complete, self._on_complete),
             (events.job_failed, self._on_failed),
         ]
 
@@ -101,9 +102,12 @@ class OutcomeRecorder:
 
     def _finish(self, job: Any, outcome: str, error: Any) -> None:
         with self._lock:
-            started = self._started.get(job.id)
-            if outcome != "failure":  # a failed attempt may still be followed by job:failed
-                self._started.pop(job.id, None)
+            if outcome == "failure" and job.id in self._final:
+                self._final.discard(job.id)  # job:complete follows job:failed: that stands
+                return
+            if outcome == "permanent_failure":
+                self._final.add(job.id)
+            started = self._started.pop(job.id, None)
             self._pending[job.id] = {
                 "job_id": job.id,
                 "outcome": outcome,
@@ -113,13 +117,9 @@ class OutcomeRecorder:
                 "error": _clean(error),
             }
 
-    def _on_success(self, _sender: Any, *, job: Any, **_: Any) -> None:
+    def _on_complete(self, _sender: Any, *, job: Any, error: Any = None, **_: Any) -> None:
         if _is_cron_job(job):
-            self._finish(job, "success", None)
-
-    def _on_error(self, _sender: Any, *, job: Any, error: Any = None, **_: Any) -> None:
-        if _is_cron_job(job):
-            self._finish(job, "failure", error)
+            self._finish(job, "success" if error is None else "failure", error)
 
     def _on_failed(self, _sender: Any, *, job: Any, error: Any = None, **_: Any) -> None:
         if _is_cron_job(job):
