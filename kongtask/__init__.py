@@ -11,6 +11,7 @@ from ._version import __version__
 from .cron import (
     CronItem,
     CronItemOptions,
+    Firing,
     ParsedCronItem,
     digest,
     fire_times,
@@ -19,8 +20,10 @@ from .cron import (
     parse_cron_item,
     parse_cron_items,
     parse_crontab,
+    parse_options,
     validate_pattern,
 )
+from .cron.store import CronRun, StoredCronItem
 from .errors import (
     ConfigurationError,
     CrontabError,
@@ -36,6 +39,7 @@ from .job_spec import JobSpec
 from .migrate import LATEST_MIGRATION, MigrationResult, migrate
 from .protocols import Clock, TaskHandler
 from .runner import Runner, run, run_once
+from .scheduler import Scheduler
 from .settings import ConnectionSettings, WorkerSettings
 from .worker_utils import CLEANUP_TASKS, WorkerUtils, add_job
 
@@ -47,8 +51,10 @@ __all__ = [
     "ConnectionSettings",
     "CronItem",
     "CronItemOptions",
+    "CronRun",
     "CrontabError",
     "EmbeddedServerError",
+    "Firing",
     "Helpers",
     "InvalidJobError",
     "Job",
@@ -58,6 +64,8 @@ __all__ = [
     "MigrationResult",
     "ParsedCronItem",
     "Runner",
+    "Scheduler",
+    "StoredCronItem",
     "TaskHandler",
     "TaskLoadError",
     "WorkerSettings",
@@ -73,6 +81,7 @@ __all__ = [
     "parse_cron_item",
     "parse_cron_items",
     "parse_crontab",
+    "parse_options",
     "run",
     "run_once",
     "validate_pattern",

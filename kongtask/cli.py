@@ -2,9 +2,10 @@
 
 ``kongtask [flags]`` runs a worker with graphile-worker's flags. Command
 groups sit beside it: ``kongtask crontab check|next FILE``,
-``kongtask admin ...``, ``kongtask status``, ``kongtask jobs ...`` and
-``kongtask dashboard``. Every failure ends with a one-line message on stderr
-and a non-zero exit code, never a traceback, for errors we anticipate.
+``kongtask cron add|update|remove|list|history|run``, ``kongtask admin ...``,
+``kongtask status``, ``kongtask jobs ...`` and ``kongtask dashboard``. Every
+failure ends with a one-line message on stderr and a non-zero exit code, never
+a traceback, for errors we anticipate.
 """
 
 from __future__ import annotations
@@ -66,8 +67,8 @@ def _worker_parser() -> argparse.ArgumentParser:
         description=(
             "Run a kongtask worker: a PostgreSQL job queue and cron scheduler that shares "
             "its database with graphile-worker. Other commands: 'kongtask crontab --help', "
-            "'kongtask admin --help', 'kongtask status --help', 'kongtask jobs --help', "
-            "'kongtask dashboard --help'."
+            "'kongtask cron --help', 'kongtask admin --help', 'kongtask status --help', "
+            "'kongtask jobs --help', 'kongtask dashboard --help'."
         ),
         allow_abbrev=False,
     )
@@ -292,7 +293,7 @@ def _run_worker(args: argparse.Namespace) -> int:
 
 
 #: Command groups beside the worker: ``kongtask GROUP ...``.
-GROUPS = ("crontab", "admin", "status", "jobs", "dashboard")
+GROUPS = ("crontab", "cron", "admin", "status", "jobs", "dashboard")
 
 
 def _dispatch_group(name: str, argv: Sequence[str]) -> int:
@@ -308,6 +309,10 @@ def _dispatch_group(name: str, argv: Sequence[str]) -> int:
         from .cli_crontab import main as crontab_main
 
         return crontab_main(argv)
+    if name == "cron":
+        from .cli_cron import main as cron_main
+
+        return cron_main(argv)
     from .cli_admin import main as admin_main
 
     return admin_main(argv)

@@ -1,4 +1,8 @@
-"""``kongtask crontab check|next FILE``: validate a crontab and preview its firings."""
+"""``kongtask crontab check|next FILE``: validate a crontab and preview its firings.
+
+``check`` also names the lines that use kongtask's extensions (nicknames, names,
+stepped ranges, ``tz``, the rules), which a Node graphile-worker would refuse.
+"""
 
 from __future__ import annotations
 
@@ -44,11 +48,21 @@ def main(argv: Sequence[str], *, now: datetime | None = None) -> int:
         print(f"kongtask: invalid crontab{where if exc.line else ''}: {exc}", file=sys.stderr)
         return 1
     if args.command == "check":
+        node_refuses: list[str] = []
         for item in items:
             zone = f" tz={item.options.tz}" if item.options.tz else ""
             line = f"line {item.source_line}: " if item.source_line else ""
-            print(f"{line}{item.identifier} -> task {item.task}{zone}")
+            note = ""
+            if item.extensions:
+                note = f"  [kongtask only: {', '.join(item.extensions)}]"
+                node_refuses.append(str(item.source_line))
+            print(f"{line}{item.identifier} -> task {item.task}{zone}{note}")
         print(f"OK: {len(items)} item(s)")
+        if node_refuses:
+            print(
+                "A Node graphile-worker would refuse line(s) "
+                f"{', '.join(node_refuses)} (kongtask extensions)"
+            )
         return 0
     start = now or datetime.now(UTC)
     for item in items:

@@ -140,24 +140,49 @@ reset_locked_failure = _signal(
 cron_starting = _signal("cron:starting", "The cron scheduler is starting. Payload: start.")
 cron_started = _signal("cron:started", "The cron scheduler started. Payload: start.")
 cron_backfill = _signal(
-    "cron:backfill", "Backfilling missed firings. Payload: items_to_backfill, timestamp."
+    "cron:backfill",
+    "Backfilling missed firings. Payload: items_to_backfill, timestamp (ISO, as "
+    "graphile-worker), and kongtask's scheduled_at, digest, firings (see cron:schedule).",
 )
 cron_premature_timer = _signal(
     "cron:prematureTimer",
-    "The minute timer fired early. Payload: current_timestamp, expected_timestamp.",
+    "The minute timer fired early. Payload: current_timestamp, expected_timestamp "
+    "(epoch ms), current_at, expected_at (ISO-8601 UTC).",
 )
 cron_overdue_timer = _signal(
     "cron:overdueTimer",
-    "The minute timer fired late. Payload: current_timestamp, expected_timestamp.",
+    "The minute timer fired late. Payload: current_timestamp, expected_timestamp "
+    "(epoch ms), current_at, expected_at (ISO-8601 UTC).",
 )
 cron_schedule = _signal(
-    "cron:schedule", "Scheduling firings. Payload: timestamp, jobs_and_identifiers."
+    "cron:schedule",
+    "Scheduling firings. Payload: timestamp (epoch ms), jobs_and_identifiers, and "
+    "kongtask's scheduled_at (ISO-8601 UTC, e.g. '2024-01-01T04:00:00Z'), digest "
+    "('00:04:01:01:01': minute, hour, day, month, weekday), task_identifiers, and "
+    "firings: one dict per firing with identifier, task_identifier, scheduled_at, "
+    "digest, backfilled.",
 )
 cron_scheduled = _signal(
     "cron:scheduled",
-    "Firings were written. Payload: timestamp, jobs_and_identifiers, "
-    "scheduled_identifiers (those this instance added jobs for; another instance "
-    "already scheduled the rest for that minute).",
+    "Firings were written. Payload: as cron:schedule, plus scheduled_identifiers "
+    "(those this instance added jobs for; another instance already scheduled the "
+    "rest for that minute), skipped (identifier, rule) pairs and job_ids "
+    "(identifier -> job id).",
+)
+cron_skipped = _signal(
+    "cron:skipped",
+    "A rule skipped a firing (recorded in the history as skipped). Payload: identifier, "
+    "task_identifier, scheduled_at, rule ('condition', 'skipDates' or 'noOverlap').",
+)
+cron_item_failed = _signal(
+    "cron:itemFailed",
+    "The database refused one item's firing; the other items of the minute were "
+    "scheduled. Payload: identifier, task_identifier, scheduled_at, error.",
+)
+cron_clock_skew = _signal(
+    "cron:clockSkew",
+    "This node's clock differs from the database's now() by more than "
+    "clock_skew_tolerance_s. Payload: skew_s (positive: this clock is ahead), tolerance_s.",
 )
 cron_stopped = _signal("cron:stopped", "The cron scheduler stopped. No payload.")
 cron_reload = _signal(

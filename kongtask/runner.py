@@ -37,6 +37,7 @@ from .errors import ConfigurationError, KongtaskError
 from .job import Job
 from .job_spec import JobSpec
 from .protocols import Clock
+from .scheduler import Scheduler
 from .settings import ConnectionSettings, WorkerSettings
 
 __all__ = ["Runner", "RunnerLoad", "run", "run_once"]
@@ -241,10 +242,24 @@ class Runner:
         running, the error is logged with its line and ``cron:reloadFailed``
         is emitted. Minutes are neither skipped nor doubled across a reload.
         """
+        return self.scheduler.reload(timeout)
+
+    @property
+    def scheduler(self) -> Scheduler:
+        """The :class:`kongtask.Scheduler` running this Runner's crontab."""
         supervisor = self._supervisor
         if supervisor is None or supervisor.cron is None:
             raise KongtaskError("this Runner has no crontab (or is not running)")
-        return supervisor.cron.reload(timeout)
+        return supervisor.cron
+
+    def get_cron_items(self) -> list[ParsedCronItem]:
+        """The cron items being scheduled now (see :meth:`Scheduler.get_cron_items`)."""
+        return self.scheduler.get_cron_items()
+
+    def reload_cron_items(self, items: Sequence[Any] | None = None) -> bool:
+        """Re-read the crontab (``None``) or replace the code items (a list); see
+        :meth:`Scheduler.reload_cron_items`."""
+        return self.scheduler.reload_cron_items(items)
 
     def stop(self, timeout: float | None = None) -> bool:
         """Drain gracefully and wait up to ``timeout`` seconds; True once stopped.

@@ -762,6 +762,192 @@ where schemaname = %(schema)s::text and relname = '_private_jobs'
 
 # The database answers (the readiness probe), with its clock.
 PING = "select now()"
+# --- cron: kongtask's own tables (migrations/kongtask_0002_cron.sql) -------------
+# The scheduling transaction of kongtask nodes (CronWriter): lock the identifiers'
+# rows, decide in Python which firings are new, record them in the history (whose
+# unique key settles races over gap minutes), move last_execution forward, add the
+# jobs and put their ids in the history. Node workers use the same row lock and
+# last_execution rule, so both kinds still schedule each (identifier, minute) once.
+
+# Lock the known_crontabs rows of these identifiers, in a fixed order (no deadlocks).
+CRON_LOCK_KNOWN = """
+select identifier, known_since, last_execution
+from {s}._private_known_crontabs
+where identifier = any(%(identifiers)s::text[])
+order by identifier
+for update
+"""
+
+# Recorded gaps of these identifiers (minutes nobody scheduled), for backfill.
+CRON_GAPS = """
+select identifier, first_missed, ended_by
+from {s}._kongtask_cron_gaps
+where identifier = any(%(identifiers)s::text[])
+  and ended_by > coalesce(%(since)s::timestamptz, '-infinity')
+"""
+
+# Record firings; returns the ones this transaction was first to record.
+CRON_RECORD_FIRINGS = """
+insert into {s}._kongtask_cron_history
+    (identifier, task, scheduled_at, backfilled, outcome, rule, node)
+select f.identifier, f.task, f.ts, f.backfilled, f.outcome, f.rule, %(node)s
+from unnest(
+    %(identifiers)s::text[], %(tasks)s::text[], %(timestamps)s::timestamptz[],
+    %(backfilled)s::boolean[], %(outcomes)s::text[], %(rules)s::text[]
+) as f(identifier, task, ts, backfilled, outcome, rule)
+on conflict (identifier, scheduled_at) do nothing
+returning identifier, scheduled_at
+"""
+
+# Move last_execution forward (never back: a filled gap lies behind it).
+CRON_ADVANCE = """
+update {s}._private_known_crontabs as known
+set last_execution = greatest(known.last_execution, latest.ts)
+from (
+    select f.identifier, max(f.ts) as ts
+    from unnest(%(identifiers)s::text[], %(timestamps)s::timestamptz[]) as f(identifier, ts)
+    group by f.identifier
+) as latest
+where known.identifier = latest.identifier
+"""
+
+# Remember due minutes that last_execution is moving past unscheduled.
+CRON_RECORD_GAPS = """
+insert into {s}._kongtask_cron_gaps (identifier, first_missed, ended_by)
+select * from unnest(
+    %(identifiers)s::text[], %(first_missed)s::timestamptz[], %(ended_by)s::timestamptz[]
+)
+on conflict do nothing
+"""
+
+# Identifiers whose latest recorded job is still queued or running (noOverlap).
+CRON_STILL_RUNNING = """
+select latest.identifier
+from (
+    select distinct on (identifier) identifier, job_id
+    from {s}._kongtask_cron_history
+    where identifier = any(%(identifiers)s::text[]) and job_id is not null
+    order by identifier, scheduled_at desc
+) as latest
+inner join {s}._private_jobs as job on job.id = latest.job_id
+where job.locked_at is not null or job.attempts < job.max_attempts
+"""
+
+# Jobs with a job key: one add_job call each, in order, returning their ids in that
+# order (so keyed jobs replace each other minute by minute, as they would live).
+CRON_ADD_JOBS_IN_ORDER = """
+select job.id
+from rows from (
+    json_to_recordset(%(specs)s::json) as (
+        task text, payload json, queue_name text, run_at timestamptz, max_attempts int,
+        job_key text, priority int, job_key_mode text
+    )
+) with ordinality as spec(
+    task, payload, queue_name, run_at, max_attempts, job_key, priority, job_key_mode, ord
+)
+cross join lateral {s}.add_job(
+    spec.task, spec.payload, spec.queue_name, spec.run_at, spec.max_attempts,
+    spec.job_key, spec.priority, null, coalesce(spec.job_key_mode, 'replace')
+) as job
+order by spec.ord
+"""
+
+# Jobs without a job key, all at once (one NOTIFY, set-based): each row comes back
+# with its task id, minute and payload so the writer can tell which firing it is.
+# (Task names come from CRON_TASK_NAMES: a task row add_jobs just created is not
+# visible to a join in this same statement.)
+CRON_ADD_PLAIN_JOBS = """
+select job.id, job.task_id, job.run_at, job.payload::text
+from {s}.add_jobs(
+    array(select json_populate_recordset(null::{s}.job_spec, %(specs)s::json)),
+    false
+) as job
+"""
+
+# Task identifiers by id.
+CRON_TASK_NAMES = """
+select id, identifier from {s}._private_tasks where id = any(%(ids)s::int[])
+"""
+
+# Put the job ids into the history rows just recorded.
+CRON_SET_JOB_IDS = """
+update {s}._kongtask_cron_history as history
+set job_id = f.job_id
+from unnest(
+    %(identifiers)s::text[], %(timestamps)s::timestamptz[], %(job_ids)s::bigint[]
+) as f(identifier, ts, job_id)
+where history.identifier = f.identifier and history.scheduled_at = f.ts
+"""
+
+# Outcomes of cron jobs run by a kongtask worker (from its job events).
+CRON_RECORD_OUTCOMES = """
+update {s}._kongtask_cron_history as history
+set outcome = f.outcome, finished_at = f.finished_at, duration_s = f.duration_s,
+    attempts = f.attempts, error = f.error
+from json_to_recordset(%(outcomes)s::json) as f(
+    job_id bigint, outcome text, finished_at timestamptz, duration_s double precision,
+    attempts int, error text
+)
+where history.job_id = f.job_id
+"""
+
+# The history, newest first, optionally for one identifier and a time window.
+CRON_HISTORY = """
+select id, identifier, task, scheduled_at, backfilled, outcome, rule, job_id, node,
+       written_at, finished_at, duration_s, attempts, error
+from {s}._kongtask_cron_history
+where (%(identifier)s::text is null or identifier = %(identifier)s::text)
+  and scheduled_at >= coalesce(%(since)s::timestamptz, '-infinity')
+  and scheduled_at < coalesce(%(until)s::timestamptz, 'infinity')
+order by scheduled_at desc, id desc
+limit %(limit)s
+"""
+
+# Retention: forget history rows and gaps older than the cut-off.
+CRON_PRUNE_HISTORY = """
+with pruned as (
+    delete from {s}._kongtask_cron_history where scheduled_at < %(before)s returning 1
+), gaps as (
+    delete from {s}._kongtask_cron_gaps where ended_by < %(before)s
+)
+select count(*) from pruned
+"""
+
+# Stored cron items (kongtask's fleet-wide items); changes notify every node.
+CRON_ITEMS = """
+select identifier, line, created_at, updated_at
+from {s}._kongtask_cron_items
+order by identifier
+"""
+
+CRON_ITEM_ADD = """
+with added as (
+    insert into {s}._kongtask_cron_items (identifier, line) values (%(identifier)s, %(line)s)
+    on conflict (identifier) do nothing
+    returning identifier
+)
+select identifier, pg_notify('kongtask:cron_items', %(schema)s) from added
+"""
+
+CRON_ITEM_UPDATE = """
+with updated as (
+    update {s}._kongtask_cron_items set line = %(line)s, updated_at = now()
+    where identifier = %(identifier)s
+    returning identifier
+)
+select identifier, pg_notify('kongtask:cron_items', %(schema)s) from updated
+"""
+
+CRON_ITEM_REMOVE = """
+with removed as (
+    delete from {s}._kongtask_cron_items where identifier = %(identifier)s
+    returning identifier
+)
+select identifier, pg_notify('kongtask:cron_items', %(schema)s) from removed
+"""
+
+#: The channel on which stored cron item changes are announced (payload: schema).
+CRON_ITEMS_CHANNEL = "kongtask:cron_items"
 
 
 class Queries:
@@ -954,3 +1140,27 @@ class Queries:
     @cached_property
     def ping(self) -> sql.Composed:
         return self._compose(PING)
+
+    @cached_property
+    def cron(self) -> dict[str, sql.Composed]:
+        """kongtask's own cron statements by name (the ``CRON_*`` templates above)."""
+        names = (
+            "CRON_LOCK_KNOWN",
+            "CRON_GAPS",
+            "CRON_RECORD_FIRINGS",
+            "CRON_ADVANCE",
+            "CRON_RECORD_GAPS",
+            "CRON_STILL_RUNNING",
+            "CRON_ADD_JOBS_IN_ORDER",
+            "CRON_ADD_PLAIN_JOBS",
+            "CRON_TASK_NAMES",
+            "CRON_SET_JOB_IDS",
+            "CRON_RECORD_OUTCOMES",
+            "CRON_HISTORY",
+            "CRON_PRUNE_HISTORY",
+            "CRON_ITEMS",
+            "CRON_ITEM_ADD",
+            "CRON_ITEM_UPDATE",
+            "CRON_ITEM_REMOVE",
+        )
+        return {name: self._compose(globals()[name]) for name in names}

@@ -21,6 +21,8 @@ from psycopg.rows import dict_row
 from . import ops
 from .connecting import DEFAULT_CONNECTION_SETTINGS, connect
 from .connection import open_database, resolve_schema
+from .cron import store as cron_store
+from .cron.store import CronRun, StoredCronItem
 from .cron.types import ParsedCronItem
 from .enqueue import add_job_on, add_jobs_on, jobs_from_query
 from .errors import ConfigurationError, InvalidJobError, KongtaskError
@@ -339,6 +341,45 @@ class WorkerUtils:
         """kongtask pools from their heartbeat rows (``live`` within 60 s)."""
         with self.connection() as conn:
             return ops.list_pools(conn, self._queries, live_only=live_only)
+
+    # --- stored cron items and the cron history (kongtask's own tables) -----------
+
+    def add_cron_item(self, item: Any) -> StoredCronItem:
+        """Store a cron item (a crontab line, a ``CronItem`` or a mapping) that every
+        kongtask cron node on this schema schedules within seconds, surviving restarts.
+
+        Raises ``ConfigurationError`` if a stored item has that identifier already.
+        """
+        with self.connection() as conn:
+            return cron_store.add_stored_item(conn, self._queries, item)
+
+    def update_cron_item(self, item: Any) -> StoredCronItem:
+        """Replace the stored cron item with the same identifier."""
+        with self.connection() as conn:
+            return cron_store.update_stored_item(conn, self._queries, item)
+
+    def remove_cron_item(self, identifier: str) -> bool:
+        """Remove a stored cron item; False if there was none with that identifier."""
+        with self.connection() as conn:
+            return cron_store.remove_stored_item(conn, self._queries, identifier)
+
+    def list_cron_items(self) -> list[StoredCronItem]:
+        """The stored cron items, by identifier (each with its line and parsed item)."""
+        with self.connection() as conn:
+            return cron_store.list_stored_items(conn, self._queries)
+
+    def cron_history(
+        self,
+        identifier: str | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        limit: int = 100,
+    ) -> list[CronRun]:
+        """Cron firings recorded by kongtask nodes, newest first, with their outcomes."""
+        with self.connection() as conn:
+            return cron_store.cron_history(
+                conn, self._queries, identifier=identifier, since=since, until=until, limit=limit
+            )
 
 
 def add_job(

@@ -1,14 +1,15 @@
-"""The cron scheduler of one Runner: the Matcher, the CrontabLoader and the CronWriter.
+"""The cron actors of one Scheduler: the Matcher, the CrontabLoader and the CronWriter.
 
-``CronService`` parses the crontab before anything starts (so a bad file
-fails the Runner's start with its line number), starts the three actors, and
-stops exactly those actors again.
+``CronService`` starts the three actors with items already parsed (so a bad
+file fails the start with its line number before anything connects), passes
+reloads and item changes to the loader, and stops exactly those actors again.
+:class:`kongtask.Scheduler` owns it; a Runner's cron part is a Scheduler.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import pykka
@@ -20,7 +21,14 @@ from kongtask.sql import Queries
 
 from .cron_matcher import CronMatcher
 from .cron_writer import ConnectionFactory, CronWriter
-from .crontab_loader import RELOAD, CrontabLoader
+from .crontab_loader import (
+    GET_ITEMS,
+    RELOAD,
+    CrontabLoader,
+    SetCodeItems,
+    SetStoredItems,
+    merge,
+)
 
 __all__ = ["CronService"]
 
@@ -33,44 +41,88 @@ class CronService:
     def __init__(
         self,
         *,
-        source: CrontabSource,
+        source: CrontabSource | None,
         clock: Clock,
         connect: ConnectionFactory,
         queries: Queries,
         emit: Callable[..., None],
+        code_items: Sequence[ParsedCronItem] = (),
+        backfill_on_start: bool = True,
+        node: str = "",
+        overdue_tolerance_s: float = 0.0,
     ) -> None:
+        self._overdue_tolerance_s = overdue_tolerance_s
         self._source = source
         self._clock = clock
         self._connect = connect
         self._queries = queries
         self._emit = emit
+        self._code_items = tuple(code_items)
+        self._backfill_on_start = backfill_on_start
+        self._node = node
         self._actors: list[pykka.ActorRef[Any]] = []
         self._loader: pykka.ActorRef[Any] | None = None
 
-    def start(self, items: list[ParsedCronItem] | None = None) -> None:
-        """Start the actors with ``items`` (parsed from the source if not given;
-        raises ``CrontabError``)."""
+    def start(
+        self,
+        items: list[ParsedCronItem] | None = None,
+        *,
+        stored: Sequence[ParsedCronItem] = (),
+    ) -> None:
+        """Start the actors with the crontab's ``items`` (parsed from the source if not
+        given; raises ``CrontabError``), the code items and the ``stored`` items."""
         if items is None:
-            items = self._source.load()
-        logger.info("Cron: %d item(s) from %s", len(items), self._source.description)
-        writer = CronWriter.start(self._connect, self._queries)
+            items = self._source.load() if self._source is not None else []
+        live, _ = merge(items, self._code_items, stored)
+        description = self._source.description if self._source is not None else "code"
+        logger.info(
+            "Cron: %d item(s) from %s, %d from code", len(items), description, len(self._code_items)
+        )
+        writer = CronWriter.start(self._connect, self._queries, self._node)
         self._actors.append(writer)
-        matcher = CronMatcher.start(items=items, clock=self._clock, writer=writer, emit=self._emit)
+        matcher = CronMatcher.start(
+            items=live,
+            clock=self._clock,
+            writer=writer,
+            emit=self._emit,
+            backfill_on_start=self._backfill_on_start,
+            overdue_tolerance_s=self._overdue_tolerance_s,
+        )
         self._actors.append(matcher)
         self._loader = CrontabLoader.start(
-            source=self._source, items=items, matcher=matcher, emit=self._emit
+            source=self._source,
+            crontab_items=items,
+            code_items=self._code_items,
+            stored_items=stored,
+            matcher=matcher,
+            emit=self._emit,
         )
         self._actors.append(self._loader)
 
-    def reload(self, timeout_s: float | None = 30.0) -> bool:
-        """Re-read the crontab; ``False`` (and the old schedule kept) if it fails to load."""
+    def _ask(self, message: Any, timeout_s: float | None, default: Any) -> Any:
         loader = self._loader
         if loader is None:
-            return False
+            return default
         try:
-            return bool(loader.ask(RELOAD, timeout=timeout_s))
+            return loader.ask(message, timeout=timeout_s)
         except (pykka.ActorDeadError, pykka.Timeout):
-            return False
+            return default
+
+    def reload(self, timeout_s: float | None = 30.0) -> bool:
+        """Re-read the crontab; ``False`` (and the old schedule kept) if it fails to load."""
+        return bool(self._ask(RELOAD, timeout_s, False))
+
+    def set_code_items(self, items: Sequence[ParsedCronItem], timeout_s: float = 30.0) -> bool:
+        """Replace the programmatic items; ``False`` (nothing changed) on a clash."""
+        return bool(self._ask(SetCodeItems(tuple(items)), timeout_s, False))
+
+    def set_stored_items(self, items: Sequence[ParsedCronItem], timeout_s: float = 30.0) -> bool:
+        """Apply the database's stored items as just read (a no-op if unchanged)."""
+        return bool(self._ask(SetStoredItems(tuple(items)), timeout_s, False))
+
+    def items(self, timeout_s: float = 30.0) -> list[ParsedCronItem]:
+        """The live items."""
+        return list(self._ask(GET_ITEMS, timeout_s, []))
 
     def request_reload(self) -> None:
         """Ask for a reload without waiting (safe from a signal-handling thread)."""

@@ -20,13 +20,14 @@ import logging
 import random
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pykka
 
 from kongtask import events
 from kongtask.cron.index import CronIndex
+from kongtask.cron.matcher import digest
 from kongtask.cron.schedule import (
     MINUTE,
     KnownCrontab,
@@ -34,13 +35,15 @@ from kongtask.cron.schedule import (
     ceil_minute,
     cron_timestamp,
     floor_minute,
+    iso_minute,
     job_spec,
+    skip_rule,
     to_ms,
 )
 from kongtask.cron.types import ParsedCronItem
 from kongtask.protocols import Clock, TimerHandle
 
-from .cron_writer import Register, Registered, Schedule, Scheduled, WriteFailed
+from .cron_writer import Planned, Register, Registered, Schedule, Scheduled, WriteFailed
 
 __all__ = ["CronMatcher", "SetItems"]
 
@@ -78,6 +81,35 @@ class _Retry:
     generation: int
 
 
+def _seed_fields(ts: datetime, planned: Sequence[Planned]) -> dict[str, Any]:
+    """kongtask's additions to the schedule events: one time form, the seed's digest."""
+    minute_digest = str(digest(ts))
+    return {
+        "scheduled_at": iso_minute(ts),
+        "digest": minute_digest,
+        "task_identifiers": sorted({p.item.task for p in planned}),
+        "firings": [
+            {
+                "identifier": p.item.identifier,
+                "task_identifier": p.item.task,
+                "scheduled_at": iso_minute(p.ts),
+                "digest": str(digest(p.ts)),
+                "backfilled": p.backfilled,
+            }
+            for p in planned
+        ],
+    }
+
+
+def _timer_fields(now: datetime, expected: datetime) -> dict[str, Any]:
+    return {
+        "current_timestamp": to_ms(now),
+        "expected_timestamp": to_ms(expected),
+        "current_at": now.astimezone(UTC).isoformat().replace("+00:00", "Z"),
+        "expected_at": iso_minute(expected),
+    }
+
+
 class CronMatcher(pykka.ThreadingActor):
     """Decides which cron firings happen, and when; see the module docstring."""
 
@@ -91,8 +123,12 @@ class CronMatcher(pykka.ThreadingActor):
         writer: pykka.ActorRef[Any],
         emit: Emit,
         rng: random.Random | None = None,
+        backfill_on_start: bool = True,
+        overdue_tolerance_s: float = 0.0,
     ) -> None:
         super().__init__()
+        self._backfill_on_start = backfill_on_start
+        self._tolerance = timedelta(seconds=overdue_tolerance_s)
         self._items = tuple(items)
         self._index = CronIndex(self._items)
         self._clock = clock
@@ -176,36 +212,40 @@ class CronMatcher(pykka.ThreadingActor):
     def _begin_backfill(self, known: dict[str, KnownCrontab]) -> None:
         assert self._start is not None
         self._state = "backfilling"
-        self._plan = backfill_plan(self._items, known, self._start)
+        # A node that does not backfill plans nothing; the minutes it moves
+        # last_execution past are recorded as gaps, which backfilling nodes fill.
+        plan_items = self._items if self._backfill_on_start else ()
+        self._plan = backfill_plan(plan_items, known, self._start)
         self._known = known
         self._backfill_next()
 
     def _backfill_next(self) -> None:
         """Send the next batch of backfill minutes, or start the minute loop when done."""
         assert self._plan is not None and self._start is not None
-        firings: list[tuple[datetime, tuple[dict[str, Any], ...]]] = []
+        firings: list[Planned] = []
         size = 0
         while size < _BACKFILL_BATCH:
             batch = next(self._plan, None)
             if batch is None:
                 break
             ts, due = batch
-            specs = tuple(job_spec(item, ts, backfilled=True) for item in due)
+            planned = self._plan_firings(due, ts, backfilled=True)
             self._emit(
                 events.cron_backfill,
                 items_to_backfill=[
                     {
-                        "identifier": spec["identifier"],
-                        "job": spec,
-                        "known_since": self._known[spec["identifier"]].known_since,
-                        "last_execution": self._known[spec["identifier"]].last_execution,
+                        "identifier": p.item.identifier,
+                        "job": p.spec,
+                        "known_since": self._known[p.item.identifier].known_since,
+                        "last_execution": self._known[p.item.identifier].last_execution,
                     }
-                    for spec in specs
+                    for p in planned
                 ],
                 timestamp=cron_timestamp(ts),
+                **_seed_fields(ts, planned),
             )
-            firings.append((ts, specs))
-            size += len(specs)
+            firings.extend(planned)
+            size += len(planned)
         if firings:
             self._send(Schedule(tuple(firings), True, self._generation, self.actor_ref))
             return
@@ -224,46 +264,49 @@ class CronMatcher(pykka.ThreadingActor):
         now = self._clock.now()
         rounded = floor_minute(now)
         if rounded < self._next:
-            self._emit(
-                events.cron_premature_timer,
-                current_timestamp=to_ms(now),
-                expected_timestamp=to_ms(self._next),
-            )
+            # The clock went back (or the timer fired early): wait for the same minute.
+            if self._next - now > self._tolerance:
+                self._emit(events.cron_premature_timer, **_timer_fields(now, self._next))
             self._arm()
             return
-        if rounded > self._next:
-            self._emit(
-                events.cron_overdue_timer,
-                current_timestamp=to_ms(now),
-                expected_timestamp=to_ms(self._next),
-            )
+        if rounded > self._next and now - self._next - MINUTE >= self._tolerance:
+            self._emit(events.cron_overdue_timer, **_timer_fields(now, self._next))
         due = self._index.due(self._next)
         if not due:
             self._next += MINUTE
             self._arm()
             return
-        specs = tuple(job_spec(item, self._next, backfilled=False) for item in due)
+        planned = self._plan_firings(due, self._next, backfilled=False)
         self._emit(
             events.cron_schedule,
             timestamp=to_ms(self._next),
-            jobs_and_identifiers=[{"identifier": s["identifier"], "job": s} for s in specs],
+            jobs_and_identifiers=[
+                {"identifier": p.item.identifier, "job": p.spec} for p in planned
+            ],
+            **_seed_fields(self._next, planned),
         )
-        self._send(Schedule(((self._next, specs),), False, self._generation, self.actor_ref))
+        self._send(Schedule(tuple(planned), False, self._generation, self.actor_ref))
 
     def _on_scheduled(self, message: Scheduled) -> None:
         in_flight = self._in_flight
         assert isinstance(in_flight, Schedule)
         self._in_flight = None
         self._failures = 0
+        self._report(in_flight, message)
         if in_flight.backfilled:
             self._backfill_next()
             return
-        ((ts, specs),) = in_flight.firings
+        ts = in_flight.planned[0].ts
         self._emit(
             events.cron_scheduled,
             timestamp=to_ms(ts),
-            jobs_and_identifiers=[{"identifier": s["identifier"], "job": s} for s in specs],
+            jobs_and_identifiers=[
+                {"identifier": p.item.identifier, "job": p.spec} for p in in_flight.planned
+            ],
             scheduled_identifiers=[identifier for identifier, _ in message.scheduled],
+            skipped=[(identifier, rule) for identifier, _, rule in message.skipped],
+            job_ids={identifier: job_id for (identifier, _), job_id in message.job_ids.items()},
+            **_seed_fields(ts, in_flight.planned),
         )
         assert self._next is not None
         self._next += MINUTE
@@ -306,6 +349,47 @@ class CronMatcher(pykka.ThreadingActor):
         if added:
             self._writer.tell(
                 Register(added, self._clock.now(), _RELOAD_GENERATION, self.actor_ref)
+            )
+
+    def _plan_firings(
+        self, due: Sequence[ParsedCronItem], ts: datetime, *, backfilled: bool
+    ) -> list[Planned]:
+        return [
+            Planned(
+                item,
+                ts,
+                job_spec(item, ts, backfilled=backfilled),
+                backfilled,
+                skip_rule(item, ts, backfilled=backfilled),
+            )
+            for item in due
+        ]
+
+    def _report(self, sent: Schedule, message: Scheduled) -> None:
+        """Events and log lines for skipped firings and items the database refused."""
+        tasks = {p.item.identifier: p.item.task for p in sent.planned}
+        for identifier, ts, rule in message.skipped:
+            logger.info("Cron item %r at %s skipped by rule %s", identifier, iso_minute(ts), rule)
+            self._emit(
+                events.cron_skipped,
+                identifier=identifier,
+                task_identifier=tasks.get(identifier),
+                scheduled_at=iso_minute(ts),
+                rule=rule,
+            )
+        for identifier, ts, error in message.failed:
+            logger.error(
+                "Cron item %r could not be scheduled at %s (the other items were): %s",
+                identifier,
+                iso_minute(ts),
+                error,
+            )
+            self._emit(
+                events.cron_item_failed,
+                identifier=identifier,
+                task_identifier=tasks.get(identifier),
+                scheduled_at=iso_minute(ts),
+                error=error,
             )
 
     # --- helpers --------------------------------------------------------------

@@ -32,11 +32,13 @@ from kongtask.connecting import (
     prepare_threshold,
 )
 from kongtask.connection import open_database
+from kongtask.cron.outcomes import OutcomeRecorder
 from kongtask.cron.source import CrontabSource
 from kongtask.cron.types import ParsedCronItem
 from kongtask.errors import KongtaskError
 from kongtask.migrate import migrate
 from kongtask.protocols import Clock
+from kongtask.scheduler import Scheduler
 from kongtask.settings import WorkerSettings
 from kongtask.sql import Queries
 
@@ -44,7 +46,6 @@ from .claimer import BufferLow, Claimer, HeldCount, InsertNotified, JoinRequest,
 from .clock import SystemClock
 from .completer import FLUSH, Completer, Outbox
 from .context import WorkerContext, new_pool_id
-from .cron import CronService
 from .executor import ExecutorPool
 from .listener import Listener
 from .liveness import DEREGISTER, REGISTER, Liveness
@@ -106,7 +107,7 @@ class Supervisor:
         )
         self._crontab = crontab
         self._cron_items = cron_items
-        self.cron: CronService | None = None
+        self.cron: Scheduler | None = None
         self._no_log_success = no_log_success
         self._control: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self._stack = ExitStack()
@@ -200,15 +201,24 @@ class Supervisor:
         if install_signals and can_install():
             self._signals = SignalHandlers(self._control)
             self._signals.install()
+        # Outcomes of cron jobs this pool runs go into kongtask's cron history.
+        outcomes = OutcomeRecorder(
+            sender=self._sender, connect=pool.connection, queries=ctx.queries
+        )
+        outcomes.start()
+        self._stack.callback(outcomes.stop)
         if self._crontab is not None:
-            self.cron = CronService(
+            # The Runner's cron part is a kongtask.Scheduler on this pool and bus.
+            self.cron = Scheduler._embed(
+                pool=pool,
+                schema=settings.schema,
                 source=self._crontab,
+                items=self._cron_items,
                 clock=self._clock,
-                connect=pool.connection,
-                queries=ctx.queries,
                 emit=self.bus.emit,
+                node_name=self.pool_id,
             )
-            self.cron.start(self._cron_items)
+            self.cron.start()
         self._nudge()
         logger.info(
             "Worker connected and looking for jobs... (pool %s, task names: %s)",

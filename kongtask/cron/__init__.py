@@ -6,7 +6,7 @@ items back (see :class:`CronIndex` for the bulk path).
 
 from kongtask.cron.index import CronIndex
 from kongtask.cron.matcher import digest, fire_times, matches, next_fire_times
-from kongtask.cron.options import time_phrase_to_timedelta
+from kongtask.cron.options import parse_options, time_phrase_to_timedelta
 from kongtask.cron.parser import (
     NICKNAMES,
     parse_cron_item,
@@ -15,13 +15,20 @@ from kongtask.cron.parser import (
     validate_pattern,
 )
 from kongtask.cron.render import render_cron_item
-from kongtask.cron.types import CronItem, CronItemOptions, ParsedCronItem, TimestampDigest
+from kongtask.cron.types import (
+    CronItem,
+    CronItemOptions,
+    Firing,
+    ParsedCronItem,
+    TimestampDigest,
+)
 
 __all__ = [
     "NICKNAMES",
     "CronIndex",
     "CronItem",
     "CronItemOptions",
+    "Firing",
     "ParsedCronItem",
     "TimestampDigest",
     "digest",
@@ -31,6 +38,7 @@ __all__ = [
     "parse_cron_item",
     "parse_cron_items",
     "parse_crontab",
+    "parse_options",
     "render_cron_item",
     "time_phrase_to_timedelta",
     "validate_pattern",

@@ -11,14 +11,21 @@ from __future__ import annotations
 import re
 import zoneinfo
 from collections.abc import Callable, Mapping
-from datetime import timedelta
+from datetime import date, datetime, timedelta
 from typing import Any
 
 from kongtask.cron._jscompat import JS_DOT, node_querystring_parse
 from kongtask.cron.types import CronItemOptions
 from kongtask.errors import CrontabError
 
-__all__ = ["options_from_mapping", "parse_crontab_options", "time_phrase_to_timedelta"]
+__all__ = [
+    "KONGTASK_OPTION_KEYS",
+    "kongtask_option_keys",
+    "options_from_mapping",
+    "parse_crontab_options",
+    "parse_options",
+    "time_phrase_to_timedelta",
+]
 
 ID_RE = re.compile(r"[_a-zA-Z][-_a-zA-Z0-9]*")
 _FILL_RE = re.compile(r"(?:[0-9]+[smhdw])+")
@@ -38,8 +45,12 @@ _VALUE_RES = {
     "jobKey": JOB_KEY_RE,
     "jobKeyMode": _JOB_KEY_MODE_RE,
     "priority": _PRIORITY_RE,
-    "tz": _TZ_RE,  # kongtask-only
+    "tz": _TZ_RE,  # kongtask-only, like the two rules below
+    "noOverlap": re.compile(r"true|false"),
+    "skipDates": re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}(?:,[0-9]{4}-[0-9]{2}-[0-9]{2})*"),
 }
+#: Option keys only kongtask reads (a Node worker refuses a line that uses one).
+KONGTASK_OPTION_KEYS = ("tz", "noOverlap", "skipDates")
 _UNIT_MS = {"s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000, "w": 604_800_000}
 _BASELINE_KEYS = ("id", "fill", "max", "queue", "jobKey", "jobKeyMode", "priority")
 _SUPPORTED_TEXT = "'" + "', '".join(_BASELINE_KEYS) + "'"
@@ -95,7 +106,7 @@ def parse_crontab_options(
                 f"Options on line {line_number} of crontab contains invalid value for"
                 f" '{key}', did you specify it more than once?"
             )
-        if key not in _BASELINE_KEYS and key != "tz":
+        if key not in _BASELINE_KEYS and key not in KONGTASK_OPTION_KEYS:
             raise fail(
                 f"Options on line {line_number} of crontab contains unsupported key '{key}';"
                 f" supported keys are: {_SUPPORTED_TEXT}."
@@ -111,7 +122,17 @@ def parse_crontab_options(
                 f"Options on line {line_number} of crontab contains invalid value for"
                 f" '{key}', value '{value}' is not compatible with this option."
             )
-        if key == "id":
+        if key == "skipDates":
+            dates = _dates(value)
+            if dates is None:
+                raise fail(
+                    f"Options on line {line_number} of crontab contains invalid value for"
+                    f" 'skipDates', value '{value}' is not a list of YYYY-MM-DD dates."
+                )
+            values["skip_dates"] = dates
+        elif key == "noOverlap":
+            values["no_overlap"] = value == "true"
+        elif key == "id":
             identifier = value
         elif key == "fill":
             values["backfill_period"] = time_phrase_to_timedelta(value)
@@ -121,6 +142,37 @@ def parse_crontab_options(
             name = {"queue": "queue_name", "jobKey": "job_key", "jobKeyMode": "job_key_mode"}
             values[name.get(key, key)] = value
     return CronItemOptions(**values), identifier
+
+
+def _dates(text: str) -> tuple[date, ...] | None:
+    try:
+        return tuple(sorted({date.fromisoformat(part) for part in text.split(",")}))
+    except ValueError:
+        return None
+
+
+def kongtask_option_keys(text: str | None) -> list[str]:
+    """The kongtask-only keys used in a crontab line's options text (already validated)."""
+    keys = {key for key, _ in node_querystring_parse(text or "")}
+    return [key for key in KONGTASK_OPTION_KEYS if key in keys]
+
+
+def parse_options(options: str | Mapping[str, Any] | CronItemOptions | None) -> CronItemOptions:
+    """Parse cron item options from crontab text (``"?fill=1h&max=3"``, the ``?`` optional)
+    or from a mapping of option names; raises ``CrontabError`` naming the bad option.
+
+    An ``id`` in the text is refused here: it names the item, not its jobs.
+    """
+    if options is None or isinstance(options, CronItemOptions | Mapping):
+        return options_from_mapping(options, "parse_options call")
+    if not isinstance(options, str):
+        raise CrontabError(
+            f"parse_options takes crontab option text or a mapping, not {type(options).__name__}"
+        )
+    parsed, identifier = parse_crontab_options(options.removeprefix("?"), 1, 1)
+    if identifier is not None:
+        raise CrontabError("parse_options cannot take 'id': it names the item, not its jobs")
+    return parsed
 
 
 def _check_backfill(value: Any) -> timedelta | None:
@@ -148,6 +200,11 @@ _PROGRAMMATIC_CHECKS: dict[str, Callable[[Any], bool]] = {
     "job_key": _is_str_like(JOB_KEY_RE),
     "job_key_mode": lambda v: v in JOB_KEY_MODES,
     "tz": lambda v: isinstance(v, str) and is_known_zone(v),
+    "no_overlap": lambda v: isinstance(v, bool),
+    "skip_dates": lambda v: (
+        isinstance(v, tuple | list)
+        and all(isinstance(d, date) and not isinstance(d, datetime) for d in v)
+    ),
 }
 _ALIASES = {
     "backfillPeriod": "backfill_period",
@@ -155,6 +212,8 @@ _ALIASES = {
     "queueName": "queue_name",
     "jobKey": "job_key",
     "jobKeyMode": "job_key_mode",
+    "noOverlap": "no_overlap",
+    "skipDates": "skip_dates",
 }
 
 
@@ -194,8 +253,13 @@ def options_from_mapping(
             if ok_value is None:
                 raise _bad_option(name, value, source)
             checked[name] = ok_value
+        elif name == "skip_dates" and isinstance(value, str):
+            dates = _dates(value)
+            if dates is None:
+                raise _bad_option(name, value, source)
+            checked[name] = dates
         elif _PROGRAMMATIC_CHECKS[name](value):
-            checked[name] = value
+            checked[name] = tuple(sorted(set(value))) if name == "skip_dates" else value
         else:
             raise _bad_option(name, value, source)
     return CronItemOptions(**checked)

@@ -20,8 +20,20 @@ from typing import Any
 import json5
 
 from kongtask.cron._jscompat import JS_DOT, JS_WS, js_number_text, js_parse_int, js_trim
-from kongtask.cron.options import options_from_mapping, parse_crontab_options
-from kongtask.cron.types import FIELDS, CronField, CronItem, CronItemOptions, ParsedCronItem
+from kongtask.cron.options import (
+    kongtask_option_keys,
+    options_from_mapping,
+    parse_crontab_options,
+)
+from kongtask.cron.storable import unstorable_reason
+from kongtask.cron.types import (
+    FIELDS,
+    Condition,
+    CronField,
+    CronItem,
+    CronItemOptions,
+    ParsedCronItem,
+)
 from kongtask.errors import CrontabError
 
 __all__ = [
@@ -46,7 +58,12 @@ NICKNAMES: dict[str, str] = {
 }
 
 _S = f"[{JS_WS}]"
-_F = "([0-9*/,-]+)"
+_MONTH_NAMES = ("jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec")
+_DAY_NAMES = ("sun", "mon", "tue", "wed", "thu", "fri", "sat")
+_NAME_ALTERNATIVES = "|".join(_MONTH_NAMES + _DAY_NAMES)
+# graphile-worker's field is [0-9*/,-]+; kongtask also reads month and weekday names
+# there (any case), and nothing else, so other lines keep graphile-worker's message.
+_F = f"((?:[0-9*/,-]|(?i:{_NAME_ALTERNATIVES}))+)"
 _TIME_PARTS = re.compile(f"{_F}{_S}+{_F}{_S}+{_F}{_S}+{_F}{_S}+{_F}")
 _LINE_PARTS = re.compile(f"{_F}{_S}+{_F}{_S}+{_F}{_S}+{_F}{_S}+{_F}{_S}+({JS_DOT}*)")
 _NICKNAME_LINE = re.compile(f"(@[a-z]+){_S}+({JS_DOT}*)")
@@ -56,6 +73,8 @@ _COMMAND = re.compile(
 _NUMBER = re.compile(r"[0-9]+")
 _RANGE = re.compile(r"([0-9]+)-([0-9]+)")
 _WILDCARD = re.compile(r"\*(?:/([0-9]+))?")
+# kongtask extensions: a value or name, an optional "-end", an optional "/step".
+_EXTENDED = re.compile(r"([0-9]+|[A-Za-z]{3})(?:-([0-9]+|[A-Za-z]{3}))?(?:/([0-9]+))?")
 _LEADING_WS = re.compile(f"[{JS_WS}]*")
 
 Fields = tuple[tuple[int, ...], ...]
@@ -70,8 +89,27 @@ class _PartError(Exception):
         self.offset = offset
 
 
-def _parse_field(text: str, spec: CronField, location: str) -> tuple[int, ...]:
-    """Parse one comma list of numbers, ranges and wildcards into sorted unique values."""
+def _name_value(token: str, spec: CronField, *, range_end: bool) -> float | None:
+    """A number token's value, a month or weekday name's number, or None if not valid here."""
+    if token.isdigit():
+        return js_parse_int(token)
+    lowered = token.lower()
+    if spec.label == "months" and lowered in _MONTH_NAMES:
+        return float(_MONTH_NAMES.index(lowered) + 1)
+    if spec.label == "days of week" and lowered in _DAY_NAMES:
+        value = _DAY_NAMES.index(lowered)
+        return 7.0 if range_end and value == 0 else float(value)  # FRI-SUN
+    return None
+
+
+def _parse_field(
+    text: str, spec: CronField, location: str, notes: list[str] | None = None
+) -> tuple[int, ...]:
+    """Parse one comma list of numbers, ranges and wildcards into sorted unique values.
+
+    graphile-worker's forms first, with its messages; then kongtask's extensions
+    (``1-10/2``, ``5/10``, ``JAN``, ``mon-fri``), each noted in ``notes``.
+    """
     low, high = spec.low, spec.high
     wrap = spec.label == "days of week"  # 7 is Sunday too
     loc = f"{spec.label} range in {location}"
@@ -94,19 +132,25 @@ def _parse_field(text: str, spec: CronField, location: str) -> tuple[int, ...]:
                 )
             numbers.add(int(wrapped))
 
-        if _NUMBER.fullmatch(part):
-            add(js_parse_int(part))
-        elif match := _RANGE.fullmatch(part):
-            start, end = js_parse_int(match.group(1)), js_parse_int(match.group(2))
+        def add_range(
+            start: float, end: float, step: float, part: str = part, part_offset: int = part_offset
+        ) -> None:
             if end <= start:
                 raise _PartError(
                     f"Invalid range '{part}' in {loc}: destination is not larger than source",
                     part_offset,
                 )
+            if step > 1 and (end > high + 1 or (end == high + 1 and not wrap)):
+                add(end)  # raises: a stepped range names its bad end, not a step past it
             value = start
             while value <= end:  # add() raises within a few steps past ``high``
                 add(value)
-                value += 1
+                value += step
+
+        if _NUMBER.fullmatch(part):
+            add(js_parse_int(part))
+        elif match := _RANGE.fullmatch(part):
+            add_range(js_parse_int(match.group(1)), js_parse_int(match.group(2)), 1.0)
         elif match := _WILDCARD.fullmatch(part):
             divisor = js_parse_int(match.group(1)) if match.group(1) else 1.0
             if divisor < 1:
@@ -116,37 +160,69 @@ def _parse_field(text: str, spec: CronField, location: str) -> tuple[int, ...]:
                     part_offset,
                 )
             numbers.update(range(low, high + 1, int(min(divisor, high + 1))))
+        elif (match := _EXTENDED.fullmatch(part)) and (
+            start := _name_value(match.group(1), spec, range_end=False)
+        ) is not None:
+            end_text, step_text = match.group(2), match.group(3)
+            end = None if end_text is None else _name_value(end_text, spec, range_end=True)
+            if end_text is not None and end is None:
+                raise _PartError(_unsupported(part, loc), part_offset)
+            step = js_parse_int(step_text) if step_text is not None else 1.0
+            if step < 1:
+                raise _PartError(
+                    f"Invalid step '{part}' in {loc}: step '{step_text}' expected to be"
+                    " greater than zero",
+                    part_offset,
+                )
+            if step_text is None and end is None:
+                add(start)  # a name
+            elif end is None:
+                add(start)  # 5/10: from 5 to the field's maximum
+                numbers.update(range(int(start), high + 1, int(min(step, high + 1))))
+            else:
+                add_range(start, end, min(step, high + 2))
+            if notes is not None:
+                notes.append(f"'{part}' in {spec.label}")
         else:
-            raise _PartError(
-                f"Unsupported syntax '{part}' in {loc}: this doesn't appear to be a number,"
-                " range or wildcard",
-                part_offset,
-            )
+            raise _PartError(_unsupported(part, loc), part_offset)
     return tuple(sorted(numbers))
 
 
+def _unsupported(part: str, loc: str) -> str:
+    return (
+        f"Unsupported syntax '{part}' in {loc}: this doesn't appear to be a number,"
+        " range or wildcard"
+    )
+
+
 def _parse_fields(
-    match: re.Match[str], location: str, line: int | None, column_base: int
+    match: re.Match[str],
+    location: str,
+    line: int | None,
+    column_base: int,
+    notes: list[str] | None = None,
 ) -> Fields:
     """Parse the five captured fields; ``column_base`` is the 1-based column of the match."""
     parsed = []
     for index, spec in enumerate(FIELDS, start=1):
         try:
-            parsed.append(_parse_field(match.group(index), spec, location))
+            parsed.append(_parse_field(match.group(index), spec, location, notes))
         except _PartError as error:
             column = column_base + match.start(index) + error.offset
             raise CrontabError(error.message, line=line, column=column, source=location) from None
     return tuple(parsed)
 
 
-def _fields_of_pattern(pattern: str, source: str) -> Fields:
+def _fields_of_pattern(pattern: str, source: str, notes: list[str] | None = None) -> Fields:
     """Parse a programmatic pattern (five fields or a kongtask nickname)."""
     text = NICKNAMES.get(pattern, pattern)
     match = _TIME_PARTS.fullmatch(text)
     if match is None:
         raise CrontabError(f"Invalid cron pattern '{pattern}' in {source}", source=source)
+    if notes is not None and text is not pattern:
+        notes.append(f"nickname '{pattern}'")
     try:
-        return _parse_fields(match, source, None, 1)
+        return _parse_fields(match, source, None, 1, notes)
     except CrontabError as error:
         if text is not pattern:  # a nickname's fields cannot be wrong, but be safe
             error.column = None
@@ -209,11 +285,13 @@ def _parse_line(raw: str, line: str, line_number: int) -> ParsedCronItem:
     """Parse one trimmed, non-comment line; columns count from the raw line."""
     base = len(_LEADING_WS.match(raw).group(0)) + 1  # type: ignore[union-attr]
     location = f"line {line_number} of crontab"
+    notes: list[str] = []
     nickname = _NICKNAME_LINE.fullmatch(line)
     if nickname is not None and nickname.group(1) in NICKNAMES:
         fields_match = _TIME_PARTS.fullmatch(NICKNAMES[nickname.group(1)])
         assert fields_match is not None
         fields = _parse_fields(fields_match, location, line_number, base)
+        notes.append(f"nickname '{nickname.group(1)}'")
         command, command_column = nickname.group(2), base + nickname.start(2)
     else:
         match = _LINE_PARTS.fullmatch(line)
@@ -223,7 +301,7 @@ def _parse_line(raw: str, line: str, line_number: int) -> ParsedCronItem:
                 line=line_number,
                 column=base,
             )
-        fields = _parse_fields(match, location, line_number, base)
+        fields = _parse_fields(match, location, line_number, base, notes)
         command, command_column = match.group(6), base + match.start(6)
     parts = _COMMAND.fullmatch(command)
     if parts is None:
@@ -235,8 +313,19 @@ def _parse_line(raw: str, line: str, line_number: int) -> ParsedCronItem:
     task, options_text, payload_text = parts.groups()
     options_column = command_column + parts.start(2) - 1 if options_text else None
     options, identifier = parse_crontab_options(options_text, line_number, options_column)
-    payload = _parse_payload(payload_text, line_number, command_column + parts.start(3))
-    return _build(task, identifier or task, fields, options, payload, line_number)
+    notes.extend(f"option '{key}'" for key in kongtask_option_keys(options_text))
+    payload_column = command_column + parts.start(3)
+    payload = _parse_payload(payload_text, line_number, payload_column)
+    item = _build(task, identifier or task, fields, options, payload, line_number, tuple(notes))
+    problem = unstorable_reason(item)
+    if problem is not None:
+        column = payload_column if problem.startswith(("payload", "a key in")) else options_column
+        raise CrontabError(
+            f"Cron item on line {line_number} of crontab cannot be scheduled: {problem}.",
+            line=line_number,
+            column=column,
+        )
+    return item
 
 
 def _build(
@@ -246,6 +335,8 @@ def _build(
     options: CronItemOptions,
     payload: dict[str, Any] | None,
     line_number: int | None,
+    extensions: tuple[str, ...] = (),
+    condition: Condition | None = None,
 ) -> ParsedCronItem:
     minutes, hours, dates, months, dows = fields
     return ParsedCronItem(
@@ -259,6 +350,9 @@ def _build(
         options=options,
         payload=payload,
         source_line=line_number,
+        extensions=extensions,
+        condition=condition,
+        origin="crontab" if line_number is not None else "code",
     )
 
 
@@ -316,12 +410,14 @@ def parse_cron_item(
         task, match, options = item.task, item.match, item.options
         payload: Any = {} if item.payload is None else item.payload
         identifier: Any = item.identifier
+        condition: Any = item.condition
     elif isinstance(item, Mapping):
         if _js_truthy(item.get("pattern")):
             raise CrontabError("Please rename the 'pattern' property to 'match'", source=source)
         task, match, options = item.get("task"), item.get("match"), item.get("options")
         payload = item.get("payload", {})
         identifier = item.get("identifier")
+        condition = item.get("condition")
     else:
         raise CrontabError(
             f"Invalid cron item in {source}: expected a CronItem or a mapping, got"
@@ -330,7 +426,8 @@ def parse_cron_item(
         )
     if not isinstance(match, str):
         raise CrontabError("Invalid 'match' configuration", source=source)
-    fields = _fields_of_pattern(match, source)
+    notes: list[str] = []
+    fields = _fields_of_pattern(match, source, notes)
     if not isinstance(task, str) or not task:
         raise CrontabError(
             f"Invalid 'task' in {source}: expected a non-empty string", source=source
@@ -342,10 +439,26 @@ def parse_cron_item(
         )
     if payload is not None and not isinstance(payload, Mapping):
         raise CrontabError(f"Invalid 'payload' in {source}: expected a mapping", source=source)
+    if condition is not None and not callable(condition):
+        raise CrontabError(
+            f"Invalid 'condition' in {source}: expected a callable taking a Firing",
+            source=source,
+        )
     parsed_options = options_from_mapping(options, source)
-    return _build(
-        task, identifier, fields, parsed_options, None if payload is None else dict(payload), None
+    parsed = _build(
+        task,
+        identifier,
+        fields,
+        parsed_options,
+        None if payload is None else dict(payload),
+        None,
+        tuple(notes),
+        condition,
     )
+    problem = unstorable_reason(parsed)
+    if problem is not None:
+        raise CrontabError(f"Cron item in {source} cannot be scheduled: {problem}.", source=source)
+    return parsed
 
 
 def parse_cron_items(items: Sequence[CronItem | Mapping[str, Any]]) -> list[ParsedCronItem]:

@@ -64,7 +64,11 @@ def _options_text(item: ParsedCronItem) -> str:
         pairs.append(("priority", str(options.priority)))
     if options.tz is not None:
         pairs.append(("tz", options.tz))
-    return "&".join(f"{key}={quote(value, safe='')}" for key, value in pairs)
+    if options.no_overlap:
+        pairs.append(("noOverlap", "true"))
+    if options.skip_dates:
+        pairs.append(("skipDates", ",".join(day.isoformat() for day in options.skip_dates)))
+    return "&".join(f"{key}={quote(value, safe=',')}" for key, value in pairs)
 
 
 def render_cron_item(item: ParsedCronItem) -> str:

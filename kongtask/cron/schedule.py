@@ -7,13 +7,17 @@ plain functions of their inputs, so they are easy to test and to reason about.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from .index import CronIndex
-from .types import ParsedCronItem
+from .matcher import zone
+from .types import Firing, ParsedCronItem
+
+logger = logging.getLogger("kongtask.cron")
 
 __all__ = [
     "MINUTE",
@@ -22,7 +26,9 @@ __all__ = [
     "ceil_minute",
     "cron_timestamp",
     "floor_minute",
+    "iso_minute",
     "job_spec",
+    "skip_rule",
     "to_ms",
 ]
 
@@ -31,17 +37,26 @@ MINUTE = timedelta(minutes=1)
 
 @dataclass(frozen=True, slots=True)
 class KnownCrontab:
-    """A row of ``_private_known_crontabs``: when an identifier was first seen and last run."""
+    """A row of ``_private_known_crontabs``: when an identifier was first seen and last run.
+
+    ``gaps`` are kongtask's record of due minutes that ``last_execution`` moved past
+    without anyone scheduling them, as ``(first_missed, ended_by)`` half-open ranges.
+    """
 
     identifier: str
     known_since: datetime
     last_execution: datetime | None
+    gaps: tuple[tuple[datetime, datetime], ...] = ()
+
+    def in_gap(self, ts: datetime) -> bool:
+        """Whether minute ``ts`` lies in a recorded gap (nobody scheduled it)."""
+        return any(first <= ts < end for first, end in self.gaps)
 
     def may_backfill(self, ts: datetime) -> bool:
         """Whether minute ``ts`` is after this identifier's last run (or, never run,
-        not before it became known): a minute already executed is never redone."""
+        not before it became known), or in a gap: a minute already run is never redone."""
         if self.last_execution is not None:
-            return ts > self.last_execution
+            return ts > self.last_execution or self.in_gap(ts)
         return ts >= self.known_since
 
 
@@ -67,6 +82,11 @@ def cron_timestamp(when: datetime) -> str:
     return utc.strftime("%Y-%m-%dT%H:%M:%S.") + f"{utc.microsecond // 1000:03d}Z"
 
 
+def iso_minute(when: datetime) -> str:
+    """ISO-8601 in UTC without fractions, the seed's form: ``"2024-01-01T04:00:00Z"``."""
+    return when.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
 def job_spec(item: ParsedCronItem, ts: datetime, *, backfilled: bool) -> dict[str, Any]:
     """The job a firing of ``item`` at ``ts`` adds, in the scheduling statement's shape.
 
@@ -86,6 +106,29 @@ def job_spec(item: ParsedCronItem, ts: datetime, *, backfilled: bool) -> dict[st
         "priority": options.priority,
         "job_key_mode": options.job_key_mode,
     }
+
+
+def skip_rule(item: ParsedCronItem, ts: datetime, *, backfilled: bool) -> str | None:
+    """The name of the rule that skips this firing (``skipDates``, ``condition``), or None.
+
+    ``noOverlap`` needs the database and is decided by the writer. A condition that
+    raises skips the firing too (``condition`` failed: better late than twice).
+    """
+    if item.options.skip_dates:
+        local = ts.astimezone(zone(item.options.tz)) if item.options.tz else ts.astimezone(UTC)
+        if local.date() in item.options.skip_dates:
+            return "skipDates"
+    if item.condition is not None:
+        firing = Firing(item.identifier, item.task, ts, backfilled, item.payload)
+        try:
+            if not item.condition(firing):
+                return "condition"
+        except Exception:
+            logger.exception(
+                "The condition of cron item %r raised; skipping %s", item.identifier, ts
+            )
+            return "condition"
+    return None
 
 
 def backfill_plan(

@@ -1,7 +1,15 @@
-"""Where a Runner's crontab comes from: text, a file, or items built in code."""
+"""Where a Runner's crontab comes from: text, a file, or items built in code.
+
+Editors and ``cp`` rewrite a file in place (truncate, then write), so a reload can
+catch it empty or half written. A file is therefore read until two reads a moment
+apart agree, and :attr:`CrontabSource.last_was_empty` tells the loader that what it
+read had no content at all (not even a comment), which it treats as "mid-rewrite"
+rather than "remove every item" while a schedule is live.
+"""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,7 +19,39 @@ from kongtask.errors import ConfigurationError, CrontabError
 from .parser import parse_crontab
 from .types import ParsedCronItem
 
-__all__ = ["CrontabSource"]
+__all__ = ["CrontabSource", "check_unique_identifiers", "read_stable"]
+
+# A file is re-read after this pause until two reads agree (at most _STABLE_TRIES times).
+_STABLE_PAUSE_S = 0.05
+_STABLE_TRIES = 40
+
+
+def read_stable(path: Path) -> str:
+    """Read ``path`` until two reads ``_STABLE_PAUSE_S`` apart give the same text.
+
+    An empty read is retried like a changing one, so a file caught between truncate
+    and write is read again once the writer is done (up to about two seconds).
+    """
+    pause = threading.Event()
+    text = path.read_text(encoding="utf-8")
+    for _ in range(_STABLE_TRIES):
+        pause.wait(_STABLE_PAUSE_S)
+        again = path.read_text(encoding="utf-8")
+        if again == text and text.strip():
+            return text
+        text = again
+    return text
+
+
+def check_unique_identifiers(items: Sequence[ParsedCronItem]) -> None:
+    """Raise ``ConfigurationError`` (``name="cron_items"``) if two items share an identifier."""
+    identifiers = [item.identifier for item in items]
+    duplicates = sorted({i for i in identifiers if identifiers.count(i) > 1})
+    if duplicates:
+        raise ConfigurationError(
+            "cron_items has duplicate identifiers: " + ", ".join(repr(i) for i in duplicates),
+            name="cron_items",
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,14 +109,7 @@ class CrontabSource:
                         name="cron_items",
                         value=item,
                     )
-            identifiers = [item.identifier for item in items]
-            duplicates = sorted({i for i in identifiers if identifiers.count(i) > 1})
-            if duplicates:
-                raise ConfigurationError(
-                    "cron_items has duplicate identifiers: "
-                    + ", ".join(repr(i) for i in duplicates),
-                    name="cron_items",
-                )
+            check_unique_identifiers(items)
             return cls(items=items)
         return None
 
@@ -87,13 +120,23 @@ class CrontabSource:
             return f"crontab file '{self.file}'"
         return "crontab text" if self.text is not None else "cron items"
 
+    def is_empty_file(self) -> bool:
+        """Whether the source is a file that holds nothing at all right now (not even a
+        comment): what a reload sees in the middle of an in-place rewrite."""
+        if self.file is None:
+            return False
+        try:
+            return not self.file.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError):
+            return False
+
     def load(self) -> list[ParsedCronItem]:
         """Parse the source now; a file is read afresh. Raises ``CrontabError``."""
         if self.items is not None:
             return list(self.items)
         if self.file is not None:
             try:
-                text = self.file.read_text(encoding="utf-8")
+                text = read_stable(self.file)
             except (OSError, UnicodeDecodeError) as exc:
                 raise CrontabError(f"Failed to read crontab file '{self.file}': {exc}") from exc
             try:

@@ -7,16 +7,18 @@ minute costs a few integer operations.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import date, datetime, timedelta
 from typing import Any, NamedTuple
 
 __all__ = [
     "FIELDS",
+    "Condition",
     "CronField",
     "CronItem",
     "CronItemOptions",
+    "Firing",
     "ParsedCronItem",
     "TimestampDigest",
 ]
@@ -41,13 +43,35 @@ FIELDS: tuple[CronField, ...] = (
 
 
 class TimestampDigest(NamedTuple):
-    """The parts of a minute that a cron pattern looks at (``dow``: Sunday is 0)."""
+    """The parts of a minute that a cron pattern looks at (``dow``: Sunday is 0).
+
+    ``str()`` gives the seed's form, two digits each for minute, hour, date, month and
+    weekday: ``"00:04:01:01:01"`` for Monday 2024-01-01 04:00 UTC.
+    """
 
     min: int
     hour: int
     date: int
     month: int
     dow: int
+
+    def __str__(self) -> str:
+        return ":".join(f"{value:02d}" for value in self)
+
+
+@dataclass(frozen=True, slots=True)
+class Firing:
+    """One (item, minute) about to be scheduled, as a ``condition`` callable sees it."""
+
+    identifier: str
+    task: str
+    scheduled_at: datetime
+    backfilled: bool
+    payload: Mapping[str, Any] | None
+
+
+#: A programmatic item's condition: called when a minute is scheduled; False skips it.
+Condition = Callable[[Firing], bool]
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,7 +81,9 @@ class CronItemOptions:
     ``backfill_period`` is how far back missed minutes are scheduled at startup;
     ``job_key_mode`` becomes ``"replace"`` when a truthy ``job_key`` comes without a
     mode, as in graphile-worker. ``tz`` (an IANA zone name) is kongtask-only: the
-    item's fields are then read as wall-clock time in that zone.
+    item's fields are then read as wall-clock time in that zone. ``no_overlap`` and
+    ``skip_dates`` are kongtask's declarative rules: skip a firing while the previous
+    firing's job is still queued or running, or on those dates (in the item's zone).
     """
 
     backfill_period: timedelta = timedelta(0)
@@ -67,6 +93,8 @@ class CronItemOptions:
     job_key: str | None = None
     job_key_mode: str | None = None
     tz: str | None = None
+    no_overlap: bool = False
+    skip_dates: tuple[date, ...] = ()
 
     def __post_init__(self) -> None:
         if self.job_key and not self.job_key_mode:
@@ -88,6 +116,7 @@ class CronItem:
     options: CronItemOptions | Mapping[str, Any] | None = None
     payload: Mapping[str, Any] | None = None
     identifier: str | None = None
+    condition: Condition | None = None
 
 
 def _mask(values: tuple[int, ...]) -> int:
@@ -117,6 +146,12 @@ class ParsedCronItem:
     options: CronItemOptions = field(default_factory=CronItemOptions)
     payload: dict[str, Any] | None = field(default=None, hash=False)
     source_line: int | None = field(default=None, compare=False)
+    #: kongtask-only syntax the item uses (a Node worker would refuse its line).
+    extensions: tuple[str, ...] = field(default=(), compare=False)
+    #: A programmatic item's condition (see :class:`Firing`).
+    condition: Condition | None = field(default=None, compare=False, repr=False)
+    #: Where the item came from: ``"crontab"``, ``"code"`` or ``"stored"``.
+    origin: str = field(default="crontab", compare=False)
     minute_mask: int = field(init=False, repr=False, compare=False)
     hour_mask: int = field(init=False, repr=False, compare=False)
     date_mask: int = field(init=False, repr=False, compare=False)

@@ -27,9 +27,35 @@ def test_check_lists_items(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines() == [
         "line 2: nightly -> task backup",
-        "line 3: ping -> task ping",
+        "line 3: ping -> task ping  [kongtask only: nickname '@hourly']",
         "OK: 2 item(s)",
+        "A Node graphile-worker would refuse line(s) 3 (kongtask extensions)",
     ]
+
+
+def test_check_refuses_items_the_database_cannot_store(tmp_path: Path) -> None:
+    crontab = tmp_path / "crontab"
+    crontab.write_text("* * * * * fine\n* * * * * bad ?jobKey=a%00b\n")
+    result = run("check", str(crontab))
+    assert result.returncode == 1
+    assert "(line 2, column 15)" in result.stderr
+    assert "the job key contains a NUL character" in result.stderr
+    crontab.write_text("* * * * * fine\n* * * * * worse {s: 'x\\u0000y'}\n")
+    result = run("check", str(crontab))
+    assert result.returncode == 1
+    assert "(line 2, column 17)" in result.stderr
+    assert "payload.s contains a NUL character" in result.stderr
+
+
+def test_next_without_now_reads_the_wall_clock(tmp_path: Path, capsys: object) -> None:
+    from freezegun import freeze_time
+
+    crontab = tmp_path / "crontab"
+    crontab.write_text("30 6 * * mon-fri standup\n")
+    with freeze_time("2024-01-05 12:00:00"):  # a Friday; pure code, no threads
+        assert main(["next", str(crontab), "-n", "2"]) == 0
+    out = capsys.readouterr().out.splitlines()  # type: ignore[attr-defined]
+    assert out == ["standup (standup):", "  2024-01-08 06:30 UTC", "  2024-01-09 06:30 UTC"]
 
 
 def test_check_reports_line_and_column(tmp_path: Path) -> None:
