@@ -5,9 +5,9 @@
 mailbox not drained) turns it red, except an actor retrying a statement
 while the database itself does not answer (restarting would not help; that
 is what ``/readyz`` reports). ``/readyz`` (ready for work): the
-database answers ``select now()`` within ``db_timeout_s``, and cron was not
-more than ``CRON_BEHIND_BOUND_S`` behind its minute in the last
-``CRON_LAG_FRESH_S``. The LISTEN connection is
+database answers ``select now()`` within ``db_timeout_s``, and cron (when
+the Runner has a crontab) is not more than ``CRON_BEHIND_BOUND_S`` behind
+the minute it must handle next. The LISTEN connection is
 reported too; while it reconnects the worker finds jobs by polling
 (``poll_interval_s``), so it informs but does not fail the probe. Both answer
 JSON (``{"status": "ok" | "failing", "checks": {name: {"ok": bool, ...}}}``)
@@ -42,10 +42,8 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: Cron counts as behind when its latest firing was written this late (seconds).
+#: Cron counts as behind when the minute it must handle next is this old (seconds).
 CRON_BEHIND_BOUND_S = 120.0
-#: How long a cron lag observation counts for the readiness probe (seconds).
-CRON_LAG_FRESH_S = 60.0
 #: Default deadline for the database to answer the readiness query (seconds).
 DB_TIMEOUT_S = 2.0
 #: Default deadline for every actor to answer the liveness probe (seconds).
@@ -159,7 +157,6 @@ class Probes:
         self.metrics = metrics
         self.db_timeout_s = db_timeout_s
         self.probe_timeout_s = probe_timeout_s
-        self.cron_lag_fresh_s = CRON_LAG_FRESH_S
         self._database = _DatabaseCheck(connect, Queries(schema))
 
     def health(self) -> tuple[bool, dict[str, Any]]:
@@ -203,26 +200,28 @@ class Probes:
                         }
                     ),
                 }
-            if self.metrics is not None:
-                checks.update(self._cron_check(runner))
+            checks.update(self._cron_check(runner))
         return all(check["ok"] for check in checks.values()), checks
 
     def _cron_check(self, runner: Any) -> dict[str, Any]:
-        """Cron is behind when a firing was written (or a timer fired) too late, lately.
+        """Cron is behind when the minute it must handle next is over ``CRON_BEHIND_BOUND_S`` old.
 
-        The matcher catches up minute by minute as fast as the database takes
-        it, and emits nothing for minutes without firings, so a lag counts
-        only while it is fresh (``cron_lag_fresh_s``).
+        Measured live from the Runner's Scheduler (so it turns green as soon
+        as cron has caught up, whether or not the minutes it caught up on had
+        firings); the latest firing lag from the metrics is reported beside it.
         """
-        seen = self.metrics.cron_lag_s.get(id(runner))
-        if seen is None:
+        supervisor = getattr(runner, "_supervisor", None)
+        scheduler = getattr(supervisor, "cron", None)
+        lag = scheduler.lag_s() if scheduler is not None else None
+        if lag is None:
             return {}
-        lag, at = seen
-        age = time.monotonic() - at
-        behind = lag > CRON_BEHIND_BOUND_S and age <= self.cron_lag_fresh_s
-        check: dict[str, Any] = {"ok": not behind, "lag_s": round(lag, 3), "seen_s_ago": round(age)}
+        behind = lag > CRON_BEHIND_BOUND_S
+        check: dict[str, Any] = {"ok": not behind, "lag_s": round(lag, 3)}
+        seen = self.metrics.cron_lag_s.get(id(runner)) if self.metrics is not None else None
+        if seen is not None:
+            check["last_firing_lag_s"] = round(seen[0], 3)
         if behind:
-            check["error"] = f"cron was {lag:.0f}s behind its minute {age:.0f}s ago"
+            check["error"] = f"cron is {lag:.0f}s behind its minute"
         return {"cron": check}
 
 

@@ -432,6 +432,18 @@ class Scheduler:
         with self._connection() as conn:
             return list_stored_items(conn, self._queries)
 
+    def lag_s(self) -> float | None:
+        """How far this node's cron is behind: seconds since the minute it must handle next.
+
+        0 while it keeps up (the next minute is still ahead); ``None`` before
+        the minute loop runs (while registering and backfilling) or when stopped.
+        Read by the ``/readyz`` probe.
+        """
+        service, clock = self._service, self._clock
+        if service is None or clock is None:
+            return None
+        return service.progress.lag_s(clock.now())
+
     # --- history --------------------------------------------------------------------
 
     def history(

@@ -19,7 +19,7 @@ from kongtask.cron.types import ParsedCronItem
 from kongtask.protocols import Clock
 from kongtask.sql import Queries
 
-from .cron_matcher import CronMatcher
+from .cron_matcher import CronMatcher, CronProgress
 from .cron_writer import ConnectionFactory, CronWriter
 from .crontab_loader import (
     GET_ITEMS,
@@ -62,6 +62,8 @@ class CronService:
         self._node = node
         self._actors: list[pykka.ActorRef[Any]] = []
         self._loader: pykka.ActorRef[Any] | None = None
+        #: The matcher's live minute, for :meth:`kongtask.Scheduler.lag_s`.
+        self.progress = CronProgress()
 
     def start(
         self,
@@ -87,6 +89,7 @@ class CronService:
             emit=self._emit,
             backfill_on_start=self._backfill_on_start,
             overdue_tolerance_s=self._overdue_tolerance_s,
+            progress=self.progress,
         )
         self._actors.append(matcher)
         self._loader = CrontabLoader.start(

@@ -110,6 +110,27 @@ def _timer_fields(now: datetime, expected: datetime) -> dict[str, Any]:
     }
 
 
+class CronProgress:
+    """The minute the matcher handles next, shared read-only with the readiness probe.
+
+    The matcher alone writes it (one reference assignment, safe to read from
+    any thread); ``None`` until the live minute loop runs (registering and
+    backfilling come first).
+    """
+
+    __slots__ = ("next_minute",)
+
+    def __init__(self) -> None:
+        self.next_minute: datetime | None = None
+
+    def lag_s(self, now: datetime) -> float | None:
+        """How far ``now`` is past the minute still to be handled (0 when caught up)."""
+        minute = self.next_minute
+        if minute is None:
+            return None
+        return max(0.0, (now - minute).total_seconds())
+
+
 class CronMatcher(pykka.ThreadingActor):
     """Decides which cron firings happen, and when; see the module docstring."""
 
@@ -125,8 +146,10 @@ class CronMatcher(pykka.ThreadingActor):
         rng: random.Random | None = None,
         backfill_on_start: bool = True,
         overdue_tolerance_s: float = 0.0,
+        progress: CronProgress | None = None,
     ) -> None:
         super().__init__()
+        self._progress = progress if progress is not None else CronProgress()
         self._backfill_on_start = backfill_on_start
         self._tolerance = timedelta(seconds=overdue_tolerance_s)
         self._items = tuple(items)
@@ -253,6 +276,7 @@ class CronMatcher(pykka.ThreadingActor):
         self._state = "running"
         self._emit(events.cron_started, start=self._start)
         self._next = ceil_minute(self._start)
+        self._progress.next_minute = self._next
         self._arm()
 
     # --- the minute loop ------------------------------------------------------
@@ -274,6 +298,7 @@ class CronMatcher(pykka.ThreadingActor):
         due = self._index.due(self._next)
         if not due:
             self._next += MINUTE
+            self._progress.next_minute = self._next
             self._arm()
             return
         planned = self._plan_firings(due, self._next, backfilled=False)
@@ -310,6 +335,7 @@ class CronMatcher(pykka.ThreadingActor):
         )
         assert self._next is not None
         self._next += MINUTE
+        self._progress.next_minute = self._next
         self._arm()
 
     def _arm(self) -> None:
