@@ -308,10 +308,18 @@ class WorkerUtils:
     def status(self, *, cron_items: Sequence[ParsedCronItem] = ()) -> StatusReport:
         """Job counts per task, named queue and pool; locked queues, live pools, cron.
 
-        ``cron_items`` (a parsed crontab) adds each item's spec and next firing.
+        ``cron_items`` (a parsed crontab) adds each item's spec and next firing;
+        stored cron items are always included.
         """
         with self.connection() as conn:
-            return ops.status(conn, self._queries, cron_items=cron_items)
+            # Stored items (``kongtask cron add``) are part of every cron node's schedule.
+            given = {item.identifier for item in cron_items}
+            stored = [
+                stored.item
+                for stored in cron_store.list_stored_items(conn, self._queries)
+                if stored.item.identifier not in given
+            ]
+            return ops.status(conn, self._queries, cron_items=[*cron_items, *stored])
 
     def list_jobs(
         self,

@@ -154,3 +154,16 @@ def test_retry_of_nothing_sends_no_notification(
             conn.execute("select pg_notify('jobs:insert', 'marker')")
     (first,) = db.notifies(timeout=10, stop_after=1)
     assert first.payload == "marker"
+
+
+def test_status_includes_stored_cron_items(db_url: str) -> None:
+    with WorkerUtils(db_url) as utils:
+        utils.add_cron_item("*/10 * * * * cleanup ?id=tidy")
+        report = utils.status()
+        with_file = utils.status(cron_items=parse_crontab("0 4 * * * report ?id=tidy\n"))
+    (tidy,) = report.cron
+    assert (tidy.identifier, tidy.task) == ("tidy", "cleanup")
+    assert tidy.next_firing is not None and tidy.next_firing.minute % 10 == 0
+    # A node's own crontab item of the same identifier is the one it schedules.
+    (mine,) = with_file.cron
+    assert (mine.identifier, mine.task) == ("tidy", "report")
