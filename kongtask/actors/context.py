@@ -16,6 +16,7 @@ from typing import Any
 
 from psycopg_pool import ConnectionPool
 
+from kongtask.cron.outcomes import OutcomeRecorder
 from kongtask.protocols import Clock
 from kongtask.settings import WorkerSettings
 from kongtask.sql import Queries
@@ -61,3 +62,5 @@ class WorkerContext:
     stopping: bool = False
     #: Set by a forced shutdown: database retries stop waiting and give up.
     give_up: threading.Event = field(default_factory=threading.Event)
+    #: Told when a cron job starts and finishes (kongtask's cron history), if set.
+    cron_outcomes: OutcomeRecorder | None = None

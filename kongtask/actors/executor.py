@@ -18,6 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 from kongtask import events
+from kongtask.cron.outcomes import is_cron_job
 from kongtask.helpers import Helpers
 from kongtask.job import Job
 from kongtask.last_error import last_error_text
@@ -145,6 +146,11 @@ class ExecutorPool:
         helpers = Helpers(ctx, job, worker_id)
         self._running[index] = helpers
         bus.emit(events.job_start, worker_id=worker_id, job=job)
+        outcomes = ctx.cron_outcomes
+        if outcomes is not None and not is_cron_job(job):
+            outcomes = None
+        if outcomes is not None:
+            outcomes.started(job)
         handler = ctx.tasks.get(job.task_identifier)
         error: BaseException | None = None
         batch_errors: list[BaseException] | None = None
@@ -226,6 +232,10 @@ class ExecutorPool:
                 stack.replace("\n", "\n  "),
             )
         bus.emit(events.job_complete, worker_id=worker_id, job=job, error=error)
+        if outcomes is not None:
+            outcomes.finished(
+                job, error, permanent=error is not None and job.attempts >= job.max_attempts
+            )
 
 
 class _BatchError(Exception):

@@ -190,6 +190,12 @@ class Supervisor:
         self._outbox = outbox
         if not settings.once:
             self._start_listener(ctx, conninfo)
+        # Outcomes of cron jobs this pool runs go into kongtask's cron history
+        # (the executors report them directly, for cron jobs only).
+        outcomes = OutcomeRecorder(connect=pool.connection, queries=ctx.queries)
+        outcomes.start()
+        self._stack.callback(outcomes.stop)
+        ctx.cron_outcomes = outcomes
         self._executors = ExecutorPool(ctx, outbox, on_all_stopped=self._workers_stopped)
         self._executors.start()
         if not settings.once:
@@ -201,12 +207,6 @@ class Supervisor:
         if install_signals and can_install():
             self._signals = SignalHandlers(self._control)
             self._signals.install()
-        # Outcomes of cron jobs this pool runs go into kongtask's cron history.
-        outcomes = OutcomeRecorder(
-            sender=self._sender, connect=pool.connection, queries=ctx.queries
-        )
-        outcomes.start()
-        self._stack.callback(outcomes.stop)
         if self._crontab is not None:
             # The Runner's cron part is a kongtask.Scheduler on this pool and bus.
             self.cron = Scheduler._embed(

@@ -1,12 +1,13 @@
-"""Record the outcomes of cron jobs that this process's worker ran, from its job events.
+"""Record the outcomes of cron jobs that this process's worker ran.
 
-The executor is not involved: the recorder listens to ``job:start``,
-``job:complete`` (success or a failed attempt) and ``job:failed`` (no attempts
-left) for one Runner, three events a job where four would do, keeps only jobs
-whose payload carries ``_cron``, and writes their outcomes into
-``_kongtask_cron_history`` in batches (one statement per flush) from a thread of
-its own, so a slow database never holds up the event publisher. A job scheduled
-by a Node worker has no history row; its update simply matches nothing.
+The executor tells the recorder when a job whose payload carries ``_cron``
+starts and finishes (:meth:`OutcomeRecorder.started` / :meth:`finished`: two
+dictionary updates under a lock, and nothing at all for other jobs, so a
+worker pays no event traffic for the history). The recorder writes the
+outcomes into ``_kongtask_cron_history`` in batches (one statement per flush)
+from a thread of its own, so a slow database never holds up an executor. A
+job scheduled by a Node worker has no history row; its update simply matches
+nothing.
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ from typing import Any
 
 import psycopg
 
-from kongtask import events
 from kongtask.sql import Queries
 
 __all__ = ["OutcomeRecorder"]
@@ -33,9 +33,10 @@ _FLUSH_INTERVAL_S = 1.0
 _MAX_ERROR_LENGTH = 2000
 
 
-def _is_cron_job(job: Any) -> bool:
+def is_cron_job(job: Any) -> bool:
+    """Whether ``job`` was scheduled by a cron node (its payload carries ``_cron``)."""
     payload = getattr(job, "payload", None)
-    return isinstance(payload, dict) and isinstance(payload.get("_cron"), dict)
+    return type(payload) is dict and isinstance(payload.get("_cron"), dict)
 
 
 def _clean(error: Any) -> str | None:
@@ -47,66 +48,50 @@ def _clean(error: Any) -> str | None:
 
 
 class OutcomeRecorder:
-    """Connects to one sender's job events and records cron job outcomes."""
+    """Collects the outcomes of the cron jobs one pool runs and writes them in batches."""
 
     def __init__(
         self,
         *,
-        sender: Any,
         connect: Callable[[], AbstractContextManager[psycopg.Connection[Any]]],
         queries: Queries,
     ) -> None:
-        self._sender = sender
         self._connect = connect
         self._queries = queries
         self._started: dict[int, float] = {}
         self._pending: dict[int, dict[str, Any]] = {}
-        self._final: set[int] = set()  # permanently failed, awaiting their job:complete
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stopping = False
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
-        """Connect the receivers and start the flushing thread."""
-        for signal, receiver in self._receivers():
-            signal.connect(receiver, sender=self._sender, weak=False)
+        """Start the flushing thread."""
         self._thread = threading.Thread(
             target=self._run, name="kongtask-cron-outcomes", daemon=True
         )
         self._thread.start()
 
     def stop(self) -> None:
-        """Disconnect, write what is pending, and stop the thread."""
-        for signal, receiver in self._receivers():
-            signal.disconnect(receiver, sender=self._sender)
+        """Write what is pending and stop the thread."""
         self._stopping = True
         self._wake.set()
         if self._thread is not None:
             self._thread.join(10.0)
         self.flush()
 
-    def _receivers(self) -> list[tuple[Any, Callable[..., None]]]:
-        return [
-            (events.job_start, self._on_start),
-            (events.job_complete, self._on_complete),
-            (events.job_failed, self._on_failed),
-        ]
+    # --- called by the executors, for cron jobs only (cheap) -------------------------
 
-    # --- receivers (on the event publisher's thread: cheap) ----------------------
-
-    def _on_start(self, _sender: Any, *, job: Any, **_: Any) -> None:
-        if _is_cron_job(job):
-            with self._lock:
-                self._started[job.id] = time.monotonic()
-
-    def _finish(self, job: Any, outcome: str, error: Any) -> None:
+    def started(self, job: Any) -> None:
+        """A cron job's handler is about to run."""
         with self._lock:
-            if outcome == "failure" and job.id in self._final:
-                self._final.discard(job.id)  # job:complete follows job:failed: that stands
-                return
-            if outcome == "permanent_failure":
-                self._final.add(job.id)
+            self._started[job.id] = time.monotonic()
+
+    def finished(self, job: Any, error: Any, *, permanent: bool) -> None:
+        """A cron job's attempt ended: ``error`` None for success; ``permanent`` when no
+        attempt is left."""
+        outcome = "success" if error is None else "permanent_failure" if permanent else "failure"
+        with self._lock:
             started = self._started.pop(job.id, None)
             self._pending[job.id] = {
                 "job_id": job.id,
@@ -116,14 +101,6 @@ class OutcomeRecorder:
                 "attempts": job.attempts,
                 "error": _clean(error),
             }
-
-    def _on_complete(self, _sender: Any, *, job: Any, error: Any = None, **_: Any) -> None:
-        if _is_cron_job(job):
-            self._finish(job, "success" if error is None else "failure", error)
-
-    def _on_failed(self, _sender: Any, *, job: Any, error: Any = None, **_: Any) -> None:
-        if _is_cron_job(job):
-            self._finish(job, "permanent_failure", error)
 
     # --- writing ---------------------------------------------------------------
 
