@@ -26,6 +26,7 @@ from typing import Any
 import pykka
 
 from kongtask import events
+from kongtask.backoff import backoff_s
 from kongtask.cron.index import CronIndex
 from kongtask.cron.matcher import digest
 from kongtask.cron.schedule import (
@@ -352,8 +353,13 @@ class CronMatcher(pykka.ThreadingActor):
 
     def _after_failure(self, stage: str, error: BaseException) -> None:
         self._failures += 1
-        base = min(_RETRY_MIN_S * _RETRY_MULTIPLIER ** (self._failures - 1), _RETRY_MAX_S)
-        delay = base * (0.5 + self._rng.random())
+        delay = backoff_s(
+            self._failures - 1,
+            base_s=_RETRY_MIN_S,
+            factor=_RETRY_MULTIPLIER,
+            cap_s=_RETRY_MAX_S,
+            rng=self._rng,
+        )
         logger.error(
             "Cron hit an error (%s); retrying in %dms (attempt %d): %s",
             stage,

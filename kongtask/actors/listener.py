@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import random
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -23,6 +22,7 @@ from typing import Any
 import psycopg
 
 from kongtask import events
+from kongtask.backoff import backoff_s
 from kongtask.connecting import connect
 from kongtask.migrate import LATEST_MIGRATION
 
@@ -103,7 +103,7 @@ class Listener:
                 self.connected.clear()
                 ctx.bus.emit(events.pool_listen_error, pool_id=ctx.pool_id, error=exc)
                 delay = math.ceil(
-                    (0.5 + math.sqrt(random.random()) / 2) * min(60_000, 50 * math.exp(attempts))
+                    1000 * backoff_s(attempts, base_s=0.05, factor=math.e, cap_s=60.0)
                 )
                 logger.error("Error with notify listener (trying again in %dms): %s", delay, exc)
                 attempts += 1

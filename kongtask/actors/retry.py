@@ -8,10 +8,10 @@ worker (graphile-worker's ``withRetries`` has the same classes).
 
 from __future__ import annotations
 
-import random
-
 import psycopg
 from psycopg import errors
+
+from kongtask.backoff import backoff_s
 
 __all__ = ["is_connection_error", "is_transient", "retry_delay_s"]
 
@@ -38,4 +38,4 @@ def retry_delay_s(exc: BaseException, attempt: int) -> float:
         low, high = 0.05, 5.0
     else:
         low, high = 0.2, 30.0
-    return min(low * 1.5**attempt, high) * (0.5 + random.random())
+    return backoff_s(attempt, base_s=low, factor=1.5, cap_s=high)
