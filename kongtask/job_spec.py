@@ -15,6 +15,7 @@ from datetime import datetime
 from typing import Any
 
 from .errors import InvalidJobError
+from .validate import check_int, check_text, job_error
 
 __all__ = ["JOB_KEY_MODES", "JobSpec", "encode_payload"]
 
@@ -48,9 +49,17 @@ class JobSpec:
     payload_json: str = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        _check_text("identifier", self.identifier, _MAX_IDENTIFIER_LENGTH, required=True)
+        check_text(
+            "identifier", self.identifier, max_length=_MAX_IDENTIFIER_LENGTH, error=job_error
+        )
         object.__setattr__(self, "payload_json", encode_payload(self.payload))
-        _check_text("queue_name", self.queue_name, _MAX_IDENTIFIER_LENGTH)
+        check_text(
+            "queue_name",
+            self.queue_name,
+            max_length=_MAX_IDENTIFIER_LENGTH,
+            required=False,
+            error=job_error,
+        )
         if self.run_at is not None:
             if not isinstance(self.run_at, datetime):
                 raise InvalidJobError(
@@ -66,8 +75,10 @@ class JobSpec:
                     value=self.run_at,
                 )
         if self.max_attempts is not None:
-            _check_int("max_attempts", self.max_attempts, 1, _SMALLINT_MAX)
-        _check_text("job_key", self.job_key, _MAX_KEY_LENGTH)
+            check_int("max_attempts", self.max_attempts, 1, _SMALLINT_MAX, error=job_error)
+        check_text(
+            "job_key", self.job_key, max_length=_MAX_KEY_LENGTH, required=False, error=job_error
+        )
         if self.job_key_mode is not None and self.job_key_mode not in JOB_KEY_MODES:
             raise InvalidJobError(
                 f"job_key_mode must be one of {', '.join(map(repr, JOB_KEY_MODES))}, "
@@ -76,7 +87,7 @@ class JobSpec:
                 value=self.job_key_mode,
             )
         if self.priority is not None:
-            _check_int("priority", self.priority, _SMALLINT_MIN, _SMALLINT_MAX)
+            check_int("priority", self.priority, _SMALLINT_MIN, _SMALLINT_MAX, error=job_error)
         if self.flags is not None:
             if isinstance(self.flags, str | bytes) or not isinstance(self.flags, Iterable):
                 raise InvalidJobError(
@@ -86,7 +97,7 @@ class JobSpec:
                 )
             flags = tuple(self.flags)
             for flag in flags:
-                _check_text("flags", flag, None, required=True)
+                check_text("flags", flag, error=job_error)
             object.__setattr__(self, "flags", flags)
 
     @classmethod
@@ -207,43 +218,3 @@ def _check_payload_text(text: str, path: str, payload: Any) -> None:
         field="payload",
         value=payload,
     )
-
-
-def _check_text(name: str, value: Any, max_length: int | None, *, required: bool = False) -> None:
-    if value is None:
-        if required:
-            raise InvalidJobError(f"{name} is required", field=name, value=value)
-        return
-    if not isinstance(value, str):
-        raise InvalidJobError(
-            f"{name} must be a string, got {type(value).__name__}", field=name, value=value
-        )
-    if not value:
-        raise InvalidJobError(f"{name} must not be empty", field=name, value=value)
-    if "\x00" in value:
-        raise InvalidJobError(f"{name} must not contain NUL characters", field=name, value=value)
-    if not value.isascii():
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError as exc:
-            # A lone surrogate cannot be sent to PostgreSQL at all.
-            raise InvalidJobError(
-                f"{name} is not valid Unicode text (lone surrogate at position {exc.start})",
-                field=name,
-                value=value,
-            ) from None
-    if max_length is not None and len(value) > max_length:
-        raise InvalidJobError(
-            f"{name} is {len(value)} characters long; at most {max_length} are allowed",
-            field=name,
-            value=value,
-        )
-
-
-def _check_int(name: str, value: Any, low: int, high: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise InvalidJobError(f"{name} must be an integer, got {value!r}", field=name, value=value)
-    if not low <= value <= high:
-        raise InvalidJobError(
-            f"{name} must be between {low} and {high}, got {value}", field=name, value=value
-        )

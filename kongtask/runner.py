@@ -172,8 +172,9 @@ class Runner:
     # --- identity ---------------------------------------------------------------------
 
     @property
-    def signals(self) -> ModuleType:
-        """The :mod:`kongtask.events` module; connect with ``sender=runner`` for this Runner."""
+    def events(self) -> ModuleType:
+        """The :mod:`kongtask.events` module (the blinker signals); connect with
+        ``sender=runner`` for this Runner's events."""
         return events
 
     @property

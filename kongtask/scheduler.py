@@ -35,8 +35,8 @@ from psycopg_pool import ConnectionPool
 from . import events
 from .actors.clock import SystemClock
 from .actors.cron import CronService
+from .actors.os_signals import SignalHandlers, can_install
 from .actors.publisher import EventBus
-from .actors.signals import SignalHandlers, can_install
 from .connection import open_database, resolve_schema
 from .cron.parser import parse_cron_item
 from .cron.source import CrontabSource, check_unique_identifiers
@@ -57,6 +57,7 @@ from .errors import ConfigurationError, KongtaskError
 from .migrate import migrate
 from .protocols import Clock
 from .sql import CRON_ITEMS_CHANNEL, Queries
+from .validate import check_seconds
 
 __all__ = ["Scheduler"]
 
@@ -120,8 +121,8 @@ class Scheduler:
         ):
             if not isinstance(value, bool):
                 raise ConfigurationError(f"{name} must be True or False", name=name, value=value)
-        _check_seconds("clock_skew_tolerance_s", clock_skew_tolerance_s, minimum=0.0)
-        _check_seconds("stored_items_check_interval_s", stored_items_check_interval_s, minimum=0.1)
+        check_seconds("clock_skew_tolerance_s", clock_skew_tolerance_s, minimum=0.0)
+        check_seconds("stored_items_check_interval_s", stored_items_check_interval_s, minimum=0.1)
         if not isinstance(history_retention, timedelta) or history_retention <= timedelta(0):
             raise ConfigurationError(
                 "history_retention must be a positive timedelta",
@@ -541,11 +542,6 @@ class Scheduler:
             self._log.info(
                 "Pruned %d cron history row(s) older than %s", removed, self.history_retention
             )
-
-
-def _check_seconds(name: str, value: Any, *, minimum: float) -> None:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not value >= minimum:
-        raise ConfigurationError(f"{name} must be a number >= {minimum}", name=name, value=value)
 
 
 def _parse_code_items(items: Sequence[ItemLike] | None) -> list[ParsedCronItem]:

@@ -6,13 +6,13 @@ Runner can trust its settings and a bad value fails before anything starts.
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import ConfigurationError
+from .validate import check_bool, check_int, check_seconds, check_text
 
 __all__ = ["DEFAULT_SCHEMA", "ConnectionSettings", "WorkerSettings", "default_local_queue_size"]
 
@@ -65,14 +65,14 @@ class ConnectionSettings:
     pgbouncer: bool = False
 
     def __post_init__(self) -> None:
-        _check_seconds("connect_timeout_s", self.connect_timeout_s, allow_zero=False)
+        check_seconds("connect_timeout_s", self.connect_timeout_s, allow_minimum=False)
         if self.statement_timeout_s is not None:
-            _check_seconds("statement_timeout_s", self.statement_timeout_s, allow_zero=False)
-        _check_int("keepalives_idle_s", self.keepalives_idle_s, 1, 86_400)
-        _check_int("keepalives_interval_s", self.keepalives_interval_s, 1, 86_400)
-        _check_int("keepalives_count", self.keepalives_count, 1, 1_000)
-        _check_seconds("tcp_user_timeout_s", self.tcp_user_timeout_s, allow_zero=True)
-        _check_bool("pgbouncer", self.pgbouncer)
+            check_seconds("statement_timeout_s", self.statement_timeout_s, allow_minimum=False)
+        check_int("keepalives_idle_s", self.keepalives_idle_s, 1, 86_400)
+        check_int("keepalives_interval_s", self.keepalives_interval_s, 1, 86_400)
+        check_int("keepalives_count", self.keepalives_count, 1, 1_000)
+        check_seconds("tcp_user_timeout_s", self.tcp_user_timeout_s, allow_minimum=True)
+        check_bool("pgbouncer", self.pgbouncer)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -108,31 +108,31 @@ class WorkerSettings:
     connection: ConnectionSettings = field(default_factory=lambda: ConnectionSettings())
 
     def __post_init__(self) -> None:
-        _check_text("schema", self.schema, max_length=63)
-        _check_int("concurrency", self.concurrency, 1, 10_000)
-        _check_seconds("poll_interval_s", self.poll_interval_s, allow_zero=False)
+        check_text("schema", self.schema, max_length=63)
+        check_int("concurrency", self.concurrency, 1, 10_000)
+        check_seconds("poll_interval_s", self.poll_interval_s, allow_minimum=False)
         if self.forbidden_flags is not None:
             flags = _as_flags(self.forbidden_flags)
             object.__setattr__(self, "forbidden_flags", flags)
-        _check_int("max_pool_size", self.max_pool_size, 3, 10_000)
-        _check_bool("prepared_statements", self.prepared_statements)
-        _check_seconds(
+        check_int("max_pool_size", self.max_pool_size, 3, 10_000)
+        check_bool("prepared_statements", self.prepared_statements)
+        check_seconds(
             "graceful_shutdown_abort_timeout_s",
             self.graceful_shutdown_abort_timeout_s,
-            allow_zero=True,
+            allow_minimum=True,
         )
         if self.install_signal_handlers is not None:
-            _check_bool("install_signal_handlers", self.install_signal_handlers)
+            check_bool("install_signal_handlers", self.install_signal_handlers)
         if self.local_queue_size is None:
             object.__setattr__(self, "local_queue_size", default_local_queue_size(self.concurrency))
         else:
-            _check_int("local_queue_size", self.local_queue_size, 1, 100_000)
-        _check_seconds("local_queue_ttl_s", self.local_queue_ttl_s, allow_zero=False)
-        _check_seconds(
-            "min_reset_locked_interval_s", self.min_reset_locked_interval_s, allow_zero=False
+            check_int("local_queue_size", self.local_queue_size, 1, 100_000)
+        check_seconds("local_queue_ttl_s", self.local_queue_ttl_s, allow_minimum=False)
+        check_seconds(
+            "min_reset_locked_interval_s", self.min_reset_locked_interval_s, allow_minimum=False
         )
-        _check_seconds(
-            "max_reset_locked_interval_s", self.max_reset_locked_interval_s, allow_zero=False
+        check_seconds(
+            "max_reset_locked_interval_s", self.max_reset_locked_interval_s, allow_minimum=False
         )
         if self.max_reset_locked_interval_s < self.min_reset_locked_interval_s:
             raise ConfigurationError(
@@ -148,9 +148,9 @@ class WorkerSettings:
                 name="lock_expiry",
                 value=self.lock_expiry,
             )
-        _check_bool("once", self.once)
-        _check_seconds("heartbeat_interval_s", self.heartbeat_interval_s, allow_zero=False)
-        _check_seconds("pool_dead_after_s", self.pool_dead_after_s, allow_zero=False)
+        check_bool("once", self.once)
+        check_seconds("heartbeat_interval_s", self.heartbeat_interval_s, allow_minimum=False)
+        check_seconds("pool_dead_after_s", self.pool_dead_after_s, allow_minimum=False)
         if self.pool_dead_after_s < 2 * self.heartbeat_interval_s:
             raise ConfigurationError(
                 f"pool_dead_after_s ({self.pool_dead_after_s}) must be at least twice "
@@ -159,7 +159,7 @@ class WorkerSettings:
                 name="pool_dead_after_s",
                 value=self.pool_dead_after_s,
             )
-        _check_int("crash_quarantine_after", self.crash_quarantine_after, 1, 1_000)
+        check_int("crash_quarantine_after", self.crash_quarantine_after, 1, 1_000)
         if not isinstance(self.connection, ConnectionSettings):
             raise ConfigurationError(
                 f"connection must be a ConnectionSettings, got {self.connection!r}",
@@ -182,51 +182,6 @@ class WorkerSettings:
         """How many jobs one claim statement asks for at most."""
         assert self.local_queue_size is not None  # set in __post_init__
         return self.local_queue_size
-
-
-def _check_int(name: str, value: Any, low: int, high: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigurationError(
-            f"{name} must be an integer, got {value!r}", name=name, value=value
-        )
-    if not low <= value <= high:
-        raise ConfigurationError(
-            f"{name} must be between {low} and {high}, got {value}", name=name, value=value
-        )
-
-
-def _check_seconds(name: str, value: Any, *, allow_zero: bool) -> None:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ConfigurationError(
-            f"{name} must be a number of seconds, got {value!r}", name=name, value=value
-        )
-    if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
-        bound = "zero or more" if allow_zero else "more than zero"
-        raise ConfigurationError(
-            f"{name} must be a finite number of seconds, {bound}; got {value!r}",
-            name=name,
-            value=value,
-        )
-
-
-def _check_bool(name: str, value: Any) -> None:
-    if not isinstance(value, bool):
-        raise ConfigurationError(
-            f"{name} must be True or False, got {value!r}", name=name, value=value
-        )
-
-
-def _check_text(name: str, value: Any, *, max_length: int) -> None:
-    if not isinstance(value, str) or not value:
-        raise ConfigurationError(
-            f"{name} must be a non-empty string, got {value!r}", name=name, value=value
-        )
-    if len(value) > max_length:
-        raise ConfigurationError(
-            f"{name} is {len(value)} characters long; at most {max_length} are allowed",
-            name=name,
-            value=value,
-        )
 
 
 def _as_flags(value: Any) -> tuple[str, ...]:

@@ -50,9 +50,9 @@ from .executor import ExecutorPool
 from .listener import Listener
 from .liveness import DEREGISTER, REGISTER, Liveness
 from .local_queue import LocalQueue
+from .os_signals import SignalHandlers, can_install
 from .publisher import EventBus
 from .quarantine import CrashGuard
-from .signals import SignalHandlers, can_install
 from .sweeper import STOP_TIMERS, Sweeper
 
 __all__ = ["Supervisor"]

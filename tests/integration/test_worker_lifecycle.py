@@ -63,7 +63,7 @@ def test_a_raising_receiver_does_not_break_the_worker_or_other_receivers(
         with runner:
             job = runner.add_job("t", {})
             runner.join(10)
-            assert runner.signals is events
+            assert runner.events is events
         assert got == [job.id]
         assert jobs(db) == []
     finally:
