@@ -39,6 +39,7 @@ from .job_spec import JobSpec
 from .protocols import Clock
 from .scheduler import Scheduler
 from .settings import ConnectionSettings, WorkerSettings
+from .validate import check_clock
 
 __all__ = ["Runner", "RunnerLoad", "run", "run_once"]
 
@@ -117,14 +118,7 @@ class Runner:
                 name="connection_string",
                 value=connection_string,
             )
-        if clock is not None and not all(
-            callable(getattr(clock, name, None)) for name in ("now", "monotonic", "call_later")
-        ):
-            raise ConfigurationError(
-                "clock must have now(), monotonic() and call_later() (kongtask.protocols.Clock)",
-                name="clock",
-                value=clock,
-            )
+        check_clock(clock)
         self._crontab = CrontabSource.of(
             crontab=crontab, crontab_file=crontab_file, cron_items=cron_items
         )

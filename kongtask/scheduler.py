@@ -57,7 +57,7 @@ from .errors import ConfigurationError, KongtaskError
 from .migrate import migrate
 from .protocols import Clock
 from .sql import CRON_ITEMS_CHANNEL, Queries
-from .validate import check_seconds
+from .validate import check_clock, check_seconds
 
 __all__ = ["Scheduler"]
 
@@ -129,14 +129,7 @@ class Scheduler:
                 name="history_retention",
                 value=history_retention,
             )
-        if clock is not None and not all(
-            callable(getattr(clock, name, None)) for name in ("now", "monotonic", "call_later")
-        ):
-            raise ConfigurationError(
-                "clock must have now(), monotonic() and call_later() (kongtask.protocols.Clock)",
-                name="clock",
-                value=clock,
-            )
+        check_clock(clock)
         self._source = CrontabSource.of(crontab=crontab, crontab_file=crontab_file)
         self._code_items = _parse_code_items(cron_items)
         self._connection_string = connection_string

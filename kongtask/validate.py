@@ -18,6 +18,7 @@ from .errors import ConfigurationError, InvalidJobError, KongtaskError
 __all__ = [
     "ErrorFactory",
     "check_bool",
+    "check_clock",
     "check_int",
     "check_seconds",
     "check_text",
@@ -110,4 +111,16 @@ def check_text(
             f"{name} is {len(value)} characters long; at most {max_length} are allowed",
             name,
             value,
+        )
+
+
+def check_clock(clock: Any) -> None:
+    """``None`` or an object with the :class:`kongtask.protocols.Clock` methods."""
+    if clock is not None and not all(
+        callable(getattr(clock, name, None)) for name in ("now", "monotonic", "call_later")
+    ):
+        raise ConfigurationError(
+            "clock must have now(), monotonic() and call_later() (kongtask.protocols.Clock)",
+            name="clock",
+            value=clock,
         )
