@@ -24,7 +24,7 @@ from .job import Job
 from .job_spec import JobSpec
 
 if TYPE_CHECKING:
-    from .actors.context import WorkerContext
+    from .protocols import HelpersContext
 
 __all__ = ["Helpers"]
 
@@ -46,7 +46,7 @@ class Helpers:
         "worker_id",
     )
 
-    def __init__(self, ctx: WorkerContext, job: Job, worker_id: str) -> None:
+    def __init__(self, ctx: HelpersContext, job: Job, worker_id: str) -> None:
         self._ctx = ctx
         self.job = job
         self.worker_id = worker_id

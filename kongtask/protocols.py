@@ -12,9 +12,12 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
-    from .helpers import Helpers
+    from psycopg_pool import ConnectionPool
 
-__all__ = ["Clock", "TaskHandler", "TimerHandle"]
+    from .helpers import Helpers
+    from .sql import Queries
+
+__all__ = ["Clock", "HelpersContext", "TaskHandler", "TimerHandle"]
 
 
 @runtime_checkable
@@ -54,3 +57,23 @@ class TaskHandler(Protocol):
     """
 
     def __call__(self, payload: Any, helpers: Helpers, /) -> Any: ...
+
+
+class HelpersContext(Protocol):
+    """What a job's :class:`~kongtask.helpers.Helpers` needs from the pool running it.
+
+    The worker's internal context satisfies it; so can a test's stand-in,
+    which keeps the public ``Helpers`` independent of the actors package.
+    """
+
+    @property
+    def pool(self) -> ConnectionPool[Any]:
+        """The pool the handler's own queries and follow-up jobs use."""
+
+    @property
+    def queries(self) -> Queries:
+        """The statements, composed for the worker's schema."""
+
+    @property
+    def queue_names(self) -> dict[int, str]:
+        """Named queues by id, filled as they are first asked for."""
