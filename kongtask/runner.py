@@ -290,7 +290,8 @@ class Runner:
         return True
 
     def join(self, timeout: float = 30.0) -> None:
-        """Wait until every job runnable now has been run and recorded (raises TimeoutError)."""
+        """Wait until every job runnable by the Runner's clock has been run and recorded,
+        cron jobs of minutes already passed included (raises TimeoutError)."""
         if self._supervisor is None:
             raise KongtaskError("the Runner has not been started")
         self._supervisor.join(timeout)

@@ -438,6 +438,14 @@ class Scheduler:
             return None
         return service.progress.lag_s(clock.now())
 
+    def wait_caught_up(self, timeout_s: float = 30.0) -> bool:
+        """Wait until every minute up to this node's clock has been scheduled (the jobs
+        of passed minutes exist); False on timeout or when not running."""
+        service, clock = self._service, self._clock
+        if service is None or clock is None:
+            return False
+        return service.progress.wait_caught_up(clock.now, timeout_s)
+
     # --- history --------------------------------------------------------------------
 
     def history(

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import logging
 import random
+import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -112,17 +114,22 @@ def _timer_fields(now: datetime, expected: datetime) -> dict[str, Any]:
 
 
 class CronProgress:
-    """The minute the matcher handles next, shared read-only with the readiness probe.
+    """The minute the matcher handles next, shared with the readiness probe and ``join()``.
 
-    The matcher alone writes it (one reference assignment, safe to read from
-    any thread); ``None`` until the live minute loop runs (registering and
-    backfilling come first).
+    Only the matcher writes it (:meth:`advance`); anyone may read it or wait
+    for it to pass a time. ``None`` until the live minute loop runs
+    (registering and backfilling come first).
     """
-
-    __slots__ = ("next_minute",)
 
     def __init__(self) -> None:
         self.next_minute: datetime | None = None
+        self._changed = threading.Condition()
+
+    def advance(self, minute: datetime) -> None:
+        """The matcher is done with every minute before ``minute``."""
+        with self._changed:
+            self.next_minute = minute
+            self._changed.notify_all()
 
     def lag_s(self, now: datetime) -> float | None:
         """How far ``now`` is past the minute still to be handled (0 when caught up)."""
@@ -130,6 +137,19 @@ class CronProgress:
         if minute is None:
             return None
         return max(0.0, (now - minute).total_seconds())
+
+    def wait_caught_up(self, now: Callable[[], datetime], timeout_s: float) -> bool:
+        """Wait until every minute up to ``now()`` has been handled; False on timeout."""
+        deadline = time.monotonic() + timeout_s
+        with self._changed:
+            while self.next_minute is None or self.next_minute <= now():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                # advance() wakes us; a real clock passing the next minute
+                # meanwhile makes the matcher handle it, and advance again.
+                self._changed.wait(left)
+        return True
 
 
 class CronMatcher(pykka.ThreadingActor):
@@ -277,7 +297,7 @@ class CronMatcher(pykka.ThreadingActor):
         self._state = "running"
         self._emit(events.cron_started, start=self._start)
         self._next = ceil_minute(self._start)
-        self._progress.next_minute = self._next
+        self._progress.advance(self._next)
         self._arm()
 
     # --- the minute loop ------------------------------------------------------
@@ -299,7 +319,7 @@ class CronMatcher(pykka.ThreadingActor):
         due = self._index.due(self._next)
         if not due:
             self._next += MINUTE
-            self._progress.next_minute = self._next
+            self._progress.advance(self._next)
             self._arm()
             return
         planned = self._plan_firings(due, self._next, backfilled=False)
@@ -336,7 +356,7 @@ class CronMatcher(pykka.ThreadingActor):
         )
         assert self._next is not None
         self._next += MINUTE
-        self._progress.next_minute = self._next
+        self._progress.advance(self._next)
         self._arm()
 
     def _arm(self) -> None:

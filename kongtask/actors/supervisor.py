@@ -292,10 +292,16 @@ class Supervisor:
         self._control.put(("kill", FORCEFUL_MESSAGE))
 
     def join(self, timeout_s: float) -> None:
-        """Wait until nothing runnable is claimed, running or unrecorded."""
+        """Wait until cron has scheduled every minute up to the clock's time, then until
+        nothing runnable is claimed, running or unrecorded."""
         claimer = self._claimer
         if claimer is None or self.done.is_set():
             return
+        deadline = self._clock_monotonic() + timeout_s
+        cron = self.cron
+        if cron is not None and not cron.wait_caught_up(timeout_s):
+            raise TimeoutError(f"cron had not caught up with its clock after {timeout_s}s")
+        timeout_s = max(0.0, deadline - self._clock_monotonic())
         idle = threading.Event()
         claimer.tell(JoinRequest(idle))
         if not idle.wait(timeout_s):
