@@ -264,6 +264,14 @@ class Claimer(DbActor):
             ).fetchall()
 
         rows = self.run(upsert, "Registering task identifiers")
+        for _ in range(3):
+            if {identifier for _, identifier in rows} >= set(identifiers):
+                break
+            # An identifier inserted by a transaction that committed while this
+            # statement waited on it is in neither branch's snapshot: the next
+            # statement (a new snapshot) sees it. Without this, jobs of that
+            # task were never claimed by this pool.
+            rows = self.run(upsert, "Registering task identifiers")
         self.ctx.task_ids.update(dict(rows))
         self._task_id_list = sorted(self.ctx.task_ids)
         if not self._task_id_list:
