@@ -41,7 +41,14 @@ from .protocols import Clock, TaskHandler
 from .runner import Runner, run, run_once
 from .scheduler import Scheduler
 from .settings import ConnectionSettings, WorkerSettings
-from .worker_utils import CLEANUP_TASKS, WorkerUtils, add_job
+from .worker_utils import (
+    CLEANUP_TASKS,
+    WorkerUtils,
+    add_job,
+    add_job_async,
+    add_jobs,
+    add_jobs_async,
+)
 
 __all__ = [
     "CLEANUP_TASKS",
@@ -72,6 +79,9 @@ __all__ = [
     "WorkerUtils",
     "__version__",
     "add_job",
+    "add_job_async",
+    "add_jobs",
+    "add_jobs_async",
     "digest",
     "events",
     "fire_times",

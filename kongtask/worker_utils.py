@@ -16,7 +16,7 @@ from types import TracebackType
 from typing import Any, Self
 
 import psycopg
-from psycopg.rows import dict_row
+from psycopg.rows import dict_row, tuple_row
 
 from . import ops
 from .connecting import DEFAULT_CONNECTION_SETTINGS, connect
@@ -24,7 +24,13 @@ from .connection import open_database, resolve_schema
 from .cron import store as cron_store
 from .cron.store import CronRun, StoredCronItem
 from .cron.types import ParsedCronItem
-from .enqueue import add_job_on, add_jobs_on, jobs_from_query
+from .enqueue import (
+    add_job_on,
+    add_job_on_async,
+    add_jobs_on,
+    add_jobs_on_async,
+    jobs_from_query,
+)
 from .errors import ConfigurationError, InvalidJobError, KongtaskError
 from .job import Job
 from .job_spec import JobSpec
@@ -33,7 +39,14 @@ from .ops import JobInfo, PoolInfo, StatusReport
 from .settings import ConnectionSettings
 from .sql import Queries
 
-__all__ = ["CLEANUP_TASKS", "WorkerUtils", "add_job"]
+__all__ = [
+    "CLEANUP_TASKS",
+    "WorkerUtils",
+    "add_job",
+    "add_job_async",
+    "add_jobs",
+    "add_jobs_async",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +56,12 @@ CLEANUP_TASKS = ("GC_TASK_IDENTIFIERS", "GC_JOB_QUEUES", "DELETE_PERMAFAILED_JOB
 
 class WorkerUtils:
     """Enqueue and administer jobs; a context manager holding one connection.
+
+    Given a ``psycopg.Connection`` (positionally or as ``connection=``), every
+    call runs on it inside its caller's current transaction: a rollback undoes
+    the enqueue, a commit makes the job claimable at once (the insert's NOTIFY
+    is delivered at commit). kongtask never commits, migrates on or closes a
+    borrowed connection; its schema must already be installed.
 
     ``connection_string`` falls back to ``DATABASE_URL``, then the ``PG*``
     variables when ``PGDATABASE`` is set, then the embedded server. Opening
@@ -55,15 +74,24 @@ class WorkerUtils:
 
     def __init__(
         self,
-        connection_string: str | None = None,
+        connection_string: str | psycopg.Connection[Any] | None = None,
         *,
+        connection: psycopg.Connection[Any] | None = None,
         schema: str | None = None,
         migrate_on_open: bool = True,
         connection_settings: ConnectionSettings | None = None,
     ) -> None:
+        if isinstance(connection_string, psycopg.Connection):
+            if connection is not None:
+                raise ConfigurationError(
+                    "give either a connection or connection=, not both", name="connection"
+                )
+            connection, connection_string = connection_string, None
+        if connection is not None:
+            check_connection(connection, connection_string)
         if connection_string is not None and not isinstance(connection_string, str):
             raise ConfigurationError(
-                "connection_string must be a string or None",
+                "connection_string must be a string, a psycopg.Connection or None",
                 name="connection_string",
                 value=connection_string,
             )
@@ -81,6 +109,9 @@ class WorkerUtils:
         self.schema = resolve_schema(schema)
         self._migrate_on_open = migrate_on_open
         self._queries = Queries(self.schema)
+        # A borrowed connection is used as it is: in its caller's transaction,
+        # never migrated on, committed or closed here.
+        self._borrowed = connection
         self._conn: psycopg.Connection[Any] | None = None
         self._stack: ExitStack | None = None
         self._lock = threading.Lock()
@@ -88,8 +119,14 @@ class WorkerUtils:
     # --- lifecycle ----------------------------------------------------------
 
     def open(self) -> Self:
-        """Connect (starting the embedded server if that is the configuration)."""
+        """Connect (starting the embedded server if that is the configuration).
+
+        With a borrowed ``connection`` nothing is opened or migrated.
+        """
         if self._conn is not None:
+            return self
+        if self._borrowed is not None:
+            self._conn = self._borrowed
             return self
         with ExitStack() as stack:
             conninfo = stack.enter_context(open_database(self._connection_string))
@@ -124,7 +161,17 @@ class WorkerUtils:
         if self._conn is None:
             raise KongtaskError("WorkerUtils is not open; use it as a context manager")
         with self._lock:
-            yield self._conn
+            if self._borrowed is None:
+                yield self._conn
+                return
+            # kongtask's statements read tuples; a borrowed connection may have been
+            # given another row factory by its owner, restored after the block.
+            factory = self._conn.row_factory
+            self._conn.row_factory = tuple_row
+            try:
+                yield self._conn
+            finally:
+                self._conn.row_factory = factory
 
     def _rows(self, query: Any, params: Mapping[str, Any]) -> list[dict[str, Any]]:
         with self.connection() as conn, conn.cursor(row_factory=dict_row) as cursor:
@@ -394,17 +441,114 @@ def add_job(
     identifier: str,
     payload: Any = None,
     *,
+    connection: psycopg.Connection[Any] | None = None,
     connection_string: str | None = None,
     schema: str | None = None,
     **spec: Any,
 ) -> Job:
-    """Add one job using a connection opened and closed for this call alone.
+    """Add one job; on ``connection`` inside its current transaction, else on its own.
 
-    Convenient for scripts; a long-lived process should keep a
-    ``WorkerUtils`` (or use ``Runner.add_job``) instead.
+    With ``connection`` (a ``psycopg.Connection``) the job is inserted in the
+    caller's transaction: rolled back, it never existed; committed, it is
+    claimed at once. kongtask neither commits nor closes that connection.
+    Without it a connection is opened and closed for this call alone
+    (convenient for scripts; a long-lived process should keep a
+    ``WorkerUtils``).
     """
+    if connection is not None:
+        check_connection(connection, connection_string)
+        queries = Queries(resolve_schema(schema))
+        return add_job_on(connection, queries, JobSpec(identifier, payload, **spec))
     with WorkerUtils(connection_string, schema=schema) as utils:
         return utils.add_job(identifier, payload, **spec)
+
+
+def add_jobs(
+    specs: Iterable[JobSpec | Mapping[str, Any]],
+    *,
+    connection: psycopg.Connection[Any] | None = None,
+    connection_string: str | None = None,
+    schema: str | None = None,
+    job_key_preserve_run_at: bool = False,
+) -> list[Job]:
+    """Add many jobs in one statement; on ``connection`` inside its transaction, as ``add_job``."""
+    if connection is not None:
+        check_connection(connection, connection_string)
+        return add_jobs_on(
+            connection,
+            Queries(resolve_schema(schema)),
+            specs,
+            job_key_preserve_run_at=job_key_preserve_run_at,
+        )
+    with WorkerUtils(connection_string, schema=schema) as utils:
+        return utils.add_jobs(specs, job_key_preserve_run_at=job_key_preserve_run_at)
+
+
+async def add_job_async(
+    identifier: str,
+    payload: Any = None,
+    *,
+    connection: psycopg.AsyncConnection[Any],
+    schema: str | None = None,
+    **spec: Any,
+) -> Job:
+    """Add one job on an ``AsyncConnection``, inside its current transaction.
+
+    As :func:`add_job` with ``connection``: kongtask never commits or closes
+    it, so the job exists only if the caller's transaction commits.
+    """
+    check_async_connection(connection)
+    queries = Queries(resolve_schema(schema))
+    return await add_job_on_async(connection, queries, JobSpec(identifier, payload, **spec))
+
+
+async def add_jobs_async(
+    specs: Iterable[JobSpec | Mapping[str, Any]],
+    *,
+    connection: psycopg.AsyncConnection[Any],
+    schema: str | None = None,
+    job_key_preserve_run_at: bool = False,
+) -> list[Job]:
+    """Add many jobs on an ``AsyncConnection`` in one statement, inside its transaction."""
+    check_async_connection(connection)
+    return await add_jobs_on_async(
+        connection,
+        Queries(resolve_schema(schema)),
+        specs,
+        job_key_preserve_run_at=job_key_preserve_run_at,
+    )
+
+
+def check_connection(connection: object, connection_string: object = None) -> None:
+    """Refuse anything but a ``psycopg.Connection`` (and a second way to connect beside it)."""
+    if isinstance(connection, psycopg.AsyncConnection):
+        raise ConfigurationError(
+            "connection is a psycopg.AsyncConnection; use kongtask.add_job_async / "
+            "add_jobs_async with it",
+            name="connection",
+            value=connection,
+        )
+    if not isinstance(connection, psycopg.Connection):
+        raise ConfigurationError(
+            "connection must be a psycopg.Connection (for SQLAlchemy: "
+            "session.connection().connection.driver_connection)",
+            name="connection",
+            value=connection,
+        )
+    if connection_string is not None:
+        raise ConfigurationError(
+            "give either connection_string or connection=, not both", name="connection"
+        )
+
+
+def check_async_connection(connection: object) -> None:
+    """Refuse anything but a ``psycopg.AsyncConnection`` for the async enqueue calls."""
+    if not isinstance(connection, psycopg.AsyncConnection):
+        raise ConfigurationError(
+            "connection must be a psycopg.AsyncConnection",
+            name="connection",
+            value=connection,
+        )
 
 
 def _job_ids(ids: Iterable[int]) -> list[int]:
