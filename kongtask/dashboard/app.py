@@ -28,6 +28,7 @@ import hmac
 import logging
 import secrets
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
@@ -35,7 +36,7 @@ from datetime import UTC, datetime
 from http.cookies import SimpleCookie
 from importlib import resources
 from string import Template
-from typing import Any
+from typing import Any, Self
 from urllib.parse import parse_qs, quote, unquote, urlencode, urlsplit
 
 import psycopg
@@ -109,30 +110,25 @@ class _Refused(Exception):
         self.status = status
 
 
-class _PooledUtils(WorkerUtils):
-    """WorkerUtils whose every statement borrows a connection from the dashboard's pool.
+class _HeldConnection(WorkerUtils):
+    """WorkerUtils over one connection its caller holds (a request's pooled connection)."""
 
-    So a page waiting on a locked table holds one pooled connection, instead of
-    the single connection every other request would queue behind.
-    """
-
-    def __init__(self, pool: ConnectionPool[Any], schema: str, wait_s: float) -> None:
+    def __init__(self, conn: psycopg.Connection[Any], schema: str) -> None:
         super().__init__(schema=schema, migrate_on_open=False)
-        self._pool = pool
-        self._wait_s = wait_s
+        self._held = conn
 
     @contextmanager
     def connection(self) -> Iterator[psycopg.Connection[Any]]:
-        """A pooled connection for the ``with`` block (``PoolTimeout`` if none frees in time)."""
-        with self._pool.connection(timeout=self._wait_s) as conn:
-            yield conn
+        """The held connection, exclusively for the ``with`` block."""
+        with self._lock:
+            yield self._held
 
 
 class Dashboard:
     """The dashboard WSGI app over one database (``connection_string`` as everywhere else).
 
-    ``statement_timeout_s`` bounds each wait for the database (a pooled
-    connection, a statement); past it the page answers 503.
+    ``statement_timeout_s`` bounds a request's wait for a pooled connection
+    together with each of its statements; past it the page answers 503.
     """
 
     def __init__(
@@ -158,9 +154,10 @@ class Dashboard:
         )
         self.csrf_token = secrets.token_urlsafe(32)
         self.sampler = ThroughputSampler()
-        self._utils: WorkerUtils | None = None
-        self._utils_lock = threading.Lock()
+        self._pool: ConnectionPool[Any] | None = None
+        self._pool_lock = threading.Lock()
         self._stack: ExitStack | None = None
+        self._schema_name = ""  # resolved when the pool opens
         self._flashes: OrderedDict[str, tuple[bool, str]] = OrderedDict()
         self._flash_lock = threading.Lock()
         self._template = Template(
@@ -169,17 +166,18 @@ class Dashboard:
 
     # --- the database -------------------------------------------------------------
 
-    def utils(self) -> WorkerUtils:
-        """WorkerUtils over the connection pool, opened (and the schema migrated) on first use.
+    def open(self) -> Self:
+        """Migrate the schema and open the connection pool (else the first request does)."""
+        self._opened_pool()
+        return self
 
-        The pool replaces a lost connection by itself.
-        """
-        with self._utils_lock:
-            if self._utils is None:
-                self._utils = self._open()
-            return self._utils
+    def _opened_pool(self) -> ConnectionPool[Any]:
+        with self._pool_lock:
+            if self._pool is None:
+                self._pool = self._open_pool()
+            return self._pool
 
-    def _open(self) -> WorkerUtils:
+    def _open_pool(self) -> ConnectionPool[Any]:
         settings = DEFAULT_CONNECTION_SETTINGS
         schema = resolve_schema(self._schema)
         with ExitStack() as stack:
@@ -192,7 +190,6 @@ class Dashboard:
                 max_size=POOL_SIZE,
                 connection_class=DeadlineConnection,
                 kwargs={"autocommit": True, "prepare_threshold": prepare_threshold(settings)},
-                configure=self._configure,
                 check=check_connection,
                 name="kongtask-dashboard",
                 open=False,
@@ -200,30 +197,37 @@ class Dashboard:
             pool.open(wait=True, timeout=_POOL_OPEN_TIMEOUT_S)
             stack.callback(pool.close)
             self._stack = stack.pop_all()
-        return _PooledUtils(pool, schema, self._statement_timeout_s)
+        self._schema_name = schema
+        return pool
 
-    def _configure(self, conn: DeadlineConnection[Any]) -> None:
-        """Give a new pooled connection the dashboard's deadline.
+    @contextmanager
+    def database(self) -> Iterator[WorkerUtils]:
+        """WorkerUtils over one pooled connection, its waits within ``statement_timeout_s``.
 
-        The server's ``statement_timeout`` also ends a wait for a lock and
-        leaves the connection usable; the client-side deadline, a little later,
-        covers a server that stopped answering altogether.
+        Waiting for a free connection counts: what is left of the deadline
+        becomes the connection's ``statement_timeout``, which the server also
+        applies to a wait for a lock (and leaves the connection usable). The
+        client-side deadline, a little later, covers a server gone silent.
         """
-        milliseconds = round(self._statement_timeout_s * 1000)
-        conn.execute("select set_config('statement_timeout', %s, false)", [f"{milliseconds}ms"])
-        conn.deadline_s = self._statement_timeout_s + _SILENT_SERVER_MARGIN_S
+        pool = self._opened_pool()
+        started = time.monotonic()
+        with pool.connection(timeout=self._statement_timeout_s) as conn:
+            left_s = max(self._statement_timeout_s - (time.monotonic() - started), 0.001)
+            conn.deadline_s = left_s + _SILENT_SERVER_MARGIN_S
+            milliseconds = max(1, round(left_s * 1000))  # 0 would mean no timeout
+            conn.execute("select set_config('statement_timeout', %s, false)", [f"{milliseconds}ms"])
+            yield _HeldConnection(conn, self._schema_name)
 
     def close(self) -> None:
         """Close the connection pool (and the embedded server if it started one)."""
-        with self._utils_lock:
-            stack, self._stack, self._utils = self._stack, None, None
+        with self._pool_lock:
+            stack, self._stack, self._pool = self._stack, None, None
         if stack is not None:
             stack.close()
 
     def sample(self) -> None:
         """Record the jobs table's deletion counter now (feeds the throughput chart)."""
-        utils = self.utils()
-        with utils.connection() as conn:
+        with self.database() as utils, utils.connection() as conn:
             found = jobs_deleted_total(conn, Queries(utils.schema))
         if found is not None:
             total, now = found
@@ -343,6 +347,17 @@ class Dashboard:
         job_id = _job_id(path[len("/jobs/") :]) if path.startswith("/jobs/") else None
         if path not in ("/", "/jobs") and job_id is None:
             raise _Refused("404 Not Found", "no such page")
+        with self.database() as utils:
+            return self._render(environ, start_response, path, job_id, utils)
+
+    def _render(
+        self,
+        environ: dict[str, Any],
+        start_response: StartResponse,
+        path: str,
+        job_id: int | None,
+        utils: WorkerUtils,
+    ) -> list[bytes]:
         base = environ.get("SCRIPT_NAME", "").rstrip("/")
         query = {
             key: values[0] for key, values in parse_qs(environ.get("QUERY_STRING", "")).items()
@@ -351,7 +366,6 @@ class Dashboard:
             base + path + (("?" + environ["QUERY_STRING"]) if environ.get("QUERY_STRING") else "")
         )
         forms = views.Forms(base, self.csrf_token, _strip_flash(back))
-        utils = self.utils()
         now = datetime.now(UTC)
         if path == "/":
             title, body = "Overview", self._overview(utils, forms, base)
@@ -481,7 +495,8 @@ class Dashboard:
         base = environ.get("SCRIPT_NAME", "").rstrip("/")
         back = same_origin_path(form.get("next", ""), base + "/")
         try:
-            ok, message = self._do(name, form)
+            with self.database() as utils:
+                ok, message = self._do(utils, name, form)
         except KongtaskError as exc:
             ok, message = False, str(exc)
         flash = self._flash(ok, message)
@@ -496,8 +511,7 @@ class Dashboard:
                 self._flashes.popitem(last=False)
         return key
 
-    def _do(self, name: str, form: dict[str, str]) -> tuple[bool, str]:
-        utils = self.utils()
+    def _do(self, utils: WorkerUtils, name: str, form: dict[str, str]) -> tuple[bool, str]:
         if name == "unlock":
             return self._unlock(utils, form.get("pool_id", ""))
         if name == "remove":

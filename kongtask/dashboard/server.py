@@ -178,7 +178,7 @@ class DashboardServer:
             allowed_hosts=None if self._host in ("0.0.0.0", "::") else allowed,
             statement_timeout_s=self._statement_timeout_s,
         )
-        self.app.utils()  # connect (and migrate) now, so a bad URL fails the start
+        self.app.open()  # connect (and migrate) now, so a bad URL fails the start
         self.app.sample()
         for target, name in (
             (lambda: server.serve_forever(poll_interval=0.2), "kongtask-dashboard"),
