@@ -17,9 +17,9 @@ Security, since the pages can change jobs:
   (:func:`same_origin_path`), whatever a form's ``next`` says;
 - pages forbid framing and load nothing from elsewhere (CSP ``default-src 'none'``).
 
-Each statement borrows a connection from a small pool and has a deadline
-(``statement_timeout_s``), so a locked table makes the pages that read it
-answer 503 after the deadline while every other request is served at once.
+Each request borrows one connection from a small pool and waits for the
+database ``statement_timeout_s`` at most, so a locked table makes the pages
+that read it answer 503 after the deadline while other requests are served.
 """
 
 from __future__ import annotations

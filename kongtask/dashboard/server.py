@@ -22,6 +22,7 @@ from kongtask.connection import REDACTED
 from kongtask.cron.types import ParsedCronItem
 from kongtask.errors import ConfigurationError
 from kongtask.health import QuietHandler, ThreadingWSGIServer
+from kongtask.validate import check_seconds
 
 from .app import STATEMENT_TIMEOUT_S, Dashboard
 
@@ -137,6 +138,7 @@ class DashboardServer:
         self._port = port
         self._token = token
         self._cron_items = list(cron_items)
+        check_seconds("statement_timeout_s", statement_timeout_s, allow_minimum=False)
         self._statement_timeout_s = statement_timeout_s
         self.app: Dashboard | None = None
         self._server: _DashboardHTTPServer | None = None

@@ -18,7 +18,7 @@ from wsgiref.util import setup_testing_defaults
 import psycopg
 import pytest
 
-from kongtask import ConfigurationError
+from kongtask import ConfigurationError, WorkerUtils
 from kongtask.dashboard import Dashboard, DashboardServer
 from kongtask.dashboard.app import POOL_SIZE
 from tests.integration.ops_support import DEAD_POOL, LIVE_POOL, ids_by_sql, seed_every_state
@@ -354,7 +354,10 @@ def recorded_logs() -> Iterator[RecordedLogs]:
 
 
 def test_the_token_never_appears_in_a_log_line(
-    db_url: str, seeded: dict[str, list[int]], recorded_logs: RecordedLogs
+    db_url: str,
+    seeded: dict[str, list[int]],
+    recorded_logs: RecordedLogs,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     with DashboardServer(db_url, port=0, token=TOKEN) as server:
         client = Client(server.port)
@@ -368,8 +371,25 @@ def test_the_token_never_appears_in_a_log_line(
         answer = raw_request(server.port, f"GET /?token={TOKEN} HTTP/1.1 junk\r\n\r\n".encode())
         assert b" 400 " in answer.split(b"\r\n")[0]
         recorded_logs.wait_for("Bad request")
+        # An unforeseen error: logged with its traceback, the page says no more than that.
+        csrf = client.csrf()
+        with monkeypatch.context() as patch:
+            patch.setattr(WorkerUtils, "retry_jobs", fail_unexpectedly)
+            status, _, body = client.request(
+                "POST",
+                f"/actions/retry?token={TOKEN}",
+                {"csrf": csrf, "job_id": seeded["failed"][0]},
+                Origin=f"http://127.0.0.1:{server.port}",
+            )
+        assert (status, body) == (500, "Internal error; see the log.\n")
+        recorded_logs.wait_for("Dashboard: POST /actions/retry failed\nTraceback")
+        recorded_logs.wait_for('"POST /actions/retry?token=*** HTTP/1.1" 500')
     leaked = [line for line in recorded_logs.lines if TOKEN in line]
     assert leaked == []
+
+
+def fail_unexpectedly(*args: Any, **kwargs: Any) -> Any:
+    raise RuntimeError("a bug")
 
 
 def backend_waits_for_a_lock(db: psycopg.Connection[Any]) -> bool:
