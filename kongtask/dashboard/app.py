@@ -13,7 +13,13 @@ Security, since the pages can change jobs:
   listens on) other ``Host`` headers are refused, which defeats DNS rebinding;
 - with ``token`` every request must carry it (a ``kongtask_token`` cookie set
   by visiting ``/?token=T`` once, or ``Authorization: Bearer T``);
+- a redirect goes only to a path on the dashboard's own site
+  (:func:`same_origin_path`), whatever a form's ``next`` says;
 - pages forbid framing and load nothing from elsewhere (CSP ``default-src 'none'``).
+
+Each request borrows one connection from a small pool and waits for the
+database ``statement_timeout_s`` at most, so a locked table makes the pages
+that read it answer 503 after the deadline while other requests are served.
 """
 
 from __future__ import annotations
@@ -22,29 +28,45 @@ import hmac
 import logging
 import secrets
 import threading
+import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from datetime import UTC, datetime
 from http.cookies import SimpleCookie
 from importlib import resources
 from string import Template
-from typing import Any
-from urllib.parse import parse_qs, urlencode, urlsplit
+from typing import Any, Self
+from urllib.parse import parse_qs, quote, unquote, urlencode, urlsplit
 
 import psycopg
+from psycopg import errors as pg_errors
+from psycopg_pool import ConnectionPool, PoolTimeout
 
 from kongtask.cli_admin import find_dead_pools
 from kongtask.cli_jobs import parse_time
+from kongtask.connecting import (
+    DEFAULT_CONNECTION_SETTINGS,
+    DeadlineConnection,
+    DeadlineExceeded,
+    check_connection,
+    connect,
+    guarded_conninfo,
+    prepare_threshold,
+)
+from kongtask.connection import open_database, resolve_schema
 from kongtask.cron.types import ParsedCronItem
 from kongtask.errors import KongtaskError
+from kongtask.migrate import migrate
 from kongtask.ops import JOB_STATES, failures_by_minute, jobs_deleted_total
 from kongtask.sql import Queries
+from kongtask.validate import check_seconds
 from kongtask.worker_utils import WorkerUtils
 
 from . import views
 from .chart import ThroughputSampler, floor_minute, render_chart
 
-__all__ = ["Dashboard"]
+__all__ = ["POOL_SIZE", "STATEMENT_TIMEOUT_S", "Dashboard", "same_origin_path"]
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +75,7 @@ StartResponse = Callable[..., Any]
 _CSRF_COOKIE = "kongtask_csrf"
 _TOKEN_COOKIE = "kongtask_token"
 _MAX_FORM_BYTES = 64 * 1024
+_MAX_JOB_ID = 2**63 - 1  # job ids are bigints
 _MAX_FLASHES = 256
 _LIST_LIMIT = 200
 _FAILING_LIMIT = 50
@@ -68,6 +91,16 @@ _SECURITY_HEADERS = [
     ("Cache-Control", "no-store"),
 ]
 
+#: How long a page waits for the database: for a pooled connection, then for each statement.
+STATEMENT_TIMEOUT_S = 5.0
+#: Connections the dashboard keeps open at most.
+POOL_SIZE = 4
+#: The client-side deadline's lead over the server's statement_timeout: it only
+#: fires when the server went silent (the server cancels a slow statement itself).
+_SILENT_SERVER_MARGIN_S = 2.0
+#: How long opening the pool may wait for its first connection.
+_POOL_OPEN_TIMEOUT_S = 10.0
+
 
 class _Refused(Exception):
     """A request the dashboard will not serve: (status, message)."""
@@ -77,8 +110,26 @@ class _Refused(Exception):
         self.status = status
 
 
+class _HeldConnection(WorkerUtils):
+    """WorkerUtils over one connection its caller holds (a request's pooled connection)."""
+
+    def __init__(self, conn: psycopg.Connection[Any], schema: str) -> None:
+        super().__init__(schema=schema, migrate_on_open=False)
+        self._held = conn
+
+    @contextmanager
+    def connection(self) -> Iterator[psycopg.Connection[Any]]:
+        """The held connection, exclusively for the ``with`` block."""
+        with self._lock:
+            yield self._held
+
+
 class Dashboard:
-    """The dashboard WSGI app over one database (``connection_string`` as everywhere else)."""
+    """The dashboard WSGI app over one database (``connection_string`` as everywhere else).
+
+    ``statement_timeout_s`` bounds a request's wait for a pooled connection
+    together with each of its statements; past it the page answers 503.
+    """
 
     def __init__(
         self,
@@ -88,9 +139,12 @@ class Dashboard:
         cron_items: Sequence[ParsedCronItem] = (),
         token: str | None = None,
         allowed_hosts: Iterable[str] | None = None,
+        statement_timeout_s: float = STATEMENT_TIMEOUT_S,
     ) -> None:
         if token is not None and (not isinstance(token, str) or len(token) < 8):
             raise KongtaskError("the dashboard token must be a string of at least 8 characters")
+        check_seconds("statement_timeout_s", statement_timeout_s, allow_minimum=False)
+        self._statement_timeout_s = float(statement_timeout_s)
         self._connection_string = connection_string
         self._schema = schema
         self._cron_items = list(cron_items)
@@ -100,8 +154,10 @@ class Dashboard:
         )
         self.csrf_token = secrets.token_urlsafe(32)
         self.sampler = ThroughputSampler()
-        self._utils: WorkerUtils | None = None
-        self._utils_lock = threading.Lock()
+        self._pool: ConnectionPool[Any] | None = None
+        self._pool_lock = threading.Lock()
+        self._stack: ExitStack | None = None
+        self._schema_name = ""  # resolved when the pool opens
         self._flashes: OrderedDict[str, tuple[bool, str]] = OrderedDict()
         self._flash_lock = threading.Lock()
         self._template = Template(
@@ -110,33 +166,68 @@ class Dashboard:
 
     # --- the database -------------------------------------------------------------
 
-    def utils(self) -> WorkerUtils:
-        """The open WorkerUtils (reopened after a lost connection)."""
-        with self._utils_lock:
-            utils = self._utils
-            if utils is not None:
-                with utils.connection() as conn:
-                    broken = conn.closed
-                if not broken:
-                    return utils
-                utils.close()
-            self._utils = WorkerUtils(self._connection_string, schema=self._schema).open()
-            return self._utils
+    def open(self) -> Self:
+        """Migrate the schema and open the connection pool (else the first request does)."""
+        self._opened_pool()
+        return self
 
-    def _drop_utils(self) -> None:
-        with self._utils_lock:
-            utils, self._utils = self._utils, None
-        if utils is not None:
-            utils.close()
+    def _opened_pool(self) -> ConnectionPool[Any]:
+        with self._pool_lock:
+            if self._pool is None:
+                self._pool = self._open_pool()
+            return self._pool
+
+    def _open_pool(self) -> ConnectionPool[Any]:
+        settings = DEFAULT_CONNECTION_SETTINGS
+        schema = resolve_schema(self._schema)
+        with ExitStack() as stack:
+            conninfo = stack.enter_context(open_database(self._connection_string))
+            with connect(conninfo, settings) as conn:
+                migrate(conn, schema)
+            pool: ConnectionPool[Any] = ConnectionPool(
+                guarded_conninfo(conninfo, settings, application_name="kongtask-dashboard"),
+                min_size=1,
+                max_size=POOL_SIZE,
+                connection_class=DeadlineConnection,
+                kwargs={"autocommit": True, "prepare_threshold": prepare_threshold(settings)},
+                check=check_connection,
+                name="kongtask-dashboard",
+                open=False,
+            )
+            pool.open(wait=True, timeout=_POOL_OPEN_TIMEOUT_S)
+            stack.callback(pool.close)
+            self._stack = stack.pop_all()
+        self._schema_name = schema
+        return pool
+
+    @contextmanager
+    def database(self) -> Iterator[WorkerUtils]:
+        """WorkerUtils over one pooled connection, its waits within ``statement_timeout_s``.
+
+        Waiting for a free connection counts: what is left of the deadline
+        becomes the connection's ``statement_timeout``, which the server also
+        applies to a wait for a lock (and leaves the connection usable). The
+        client-side deadline, a little later, covers a server gone silent.
+        """
+        pool = self._opened_pool()
+        started = time.monotonic()
+        with pool.connection(timeout=self._statement_timeout_s) as conn:
+            left_s = max(self._statement_timeout_s - (time.monotonic() - started), 0.001)
+            conn.deadline_s = left_s + _SILENT_SERVER_MARGIN_S
+            milliseconds = max(1, round(left_s * 1000))  # 0 would mean no timeout
+            conn.execute("select set_config('statement_timeout', %s, false)", [f"{milliseconds}ms"])
+            yield _HeldConnection(conn, self._schema_name)
 
     def close(self) -> None:
-        """Close the database connection (and the embedded server if it started one)."""
-        self._drop_utils()
+        """Close the connection pool (and the embedded server if it started one)."""
+        with self._pool_lock:
+            stack, self._stack, self._pool = self._stack, None, None
+        if stack is not None:
+            stack.close()
 
     def sample(self) -> None:
         """Record the jobs table's deletion counter now (feeds the throughput chart)."""
-        utils = self.utils()
-        with utils.connection() as conn:
+        with self.database() as utils, utils.connection() as conn:
             found = jobs_deleted_total(conn, Queries(utils.schema))
         if found is not None:
             total, now = found
@@ -162,9 +253,23 @@ class Dashboard:
             return self._plain(start_response, refused.status, str(refused))
         except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
             logger.warning("Dashboard: database unavailable: %s", exc)
-            self._drop_utils()
+            text = "The database is unavailable; retry."
+            if isinstance(exc, pg_errors.QueryCanceled | DeadlineExceeded | PoolTimeout):
+                text = (
+                    f"The database did not answer within {self._statement_timeout_s:g} s "
+                    "(a locked table or a long query?); retry."
+                )
+            return self._plain(start_response, "503 Service Unavailable", text)
+        except Exception:
+            # The details go to the log (the path without its query, which may hold
+            # the token), never into the page.
+            logger.exception(
+                "Dashboard: %s %s failed",
+                environ.get("REQUEST_METHOD"),
+                quote(str(environ.get("SCRIPT_NAME", "")) + str(environ.get("PATH_INFO", ""))),
+            )
             return self._plain(
-                start_response, "503 Service Unavailable", "The database is unavailable; retry."
+                start_response, "500 Internal Server Error", "Internal error; see the log."
             )
 
     def _plain(self, start_response: StartResponse, status: str, text: str) -> list[bytes]:
@@ -191,7 +296,11 @@ class Dashboard:
         given = query.get("token", [None])[0]
         if given is not None and environ.get("REQUEST_METHOD") == "GET":
             if hmac.compare_digest(given.encode(), token.encode()):
-                return str(environ.get("SCRIPT_NAME", "")) + str(environ.get("PATH_INFO") or "/")
+                base = str(environ.get("SCRIPT_NAME", "")).rstrip("/")
+                # PATH_INFO arrives percent-decoded (as latin-1): encode it again,
+                # so a decoded CR/LF or "//" cannot reach the Location header.
+                path = quote(str(environ.get("PATH_INFO") or "/").encode("latin-1", "replace"))
+                return same_origin_path(base + path, quote(base) + "/")
             raise _Refused("403 Forbidden", "wrong token")
         header = environ.get("HTTP_AUTHORIZATION", "")
         if header.startswith("Bearer ") and hmac.compare_digest(
@@ -232,6 +341,23 @@ class Dashboard:
     def _page(
         self, environ: dict[str, Any], start_response: StartResponse, path: str
     ) -> list[bytes]:
+        # Routed before the database is touched: a 404 or /healthz never waits for it.
+        if path == "/healthz":
+            return self._plain(start_response, "200 OK", "ok")
+        job_id = _job_id(path[len("/jobs/") :]) if path.startswith("/jobs/") else None
+        if path not in ("/", "/jobs") and job_id is None:
+            raise _Refused("404 Not Found", "no such page")
+        with self.database() as utils:
+            return self._render(environ, start_response, path, job_id, utils)
+
+    def _render(
+        self,
+        environ: dict[str, Any],
+        start_response: StartResponse,
+        path: str,
+        job_id: int | None,
+        utils: WorkerUtils,
+    ) -> list[bytes]:
         base = environ.get("SCRIPT_NAME", "").rstrip("/")
         query = {
             key: values[0] for key, values in parse_qs(environ.get("QUERY_STRING", "")).items()
@@ -240,15 +366,13 @@ class Dashboard:
             base + path + (("?" + environ["QUERY_STRING"]) if environ.get("QUERY_STRING") else "")
         )
         forms = views.Forms(base, self.csrf_token, _strip_flash(back))
-        utils = self.utils()
         now = datetime.now(UTC)
         if path == "/":
             title, body = "Overview", self._overview(utils, forms, base)
         elif path == "/jobs":
             title, body = "Jobs", self._jobs(utils, forms, base, query, now)
-        elif path.startswith("/jobs/") and path[len("/jobs/") :].isdigit():
-            job_id = int(path[len("/jobs/") :])
-            info = utils.get_job(job_id) if job_id < 2**63 else None
+        elif job_id is not None:
+            info = utils.get_job(job_id)
             title = f"Job {job_id}"
             body = (
                 views.job_detail(info, forms)
@@ -341,10 +465,11 @@ class Dashboard:
             raise _Refused("403 Forbidden", "cross-site request refused")
 
     def _read_form(self, environ: dict[str, Any]) -> dict[str, str]:
-        try:
-            length = int(environ.get("CONTENT_LENGTH") or 0)
-        except ValueError:
-            length = 0
+        given = str(environ.get("CONTENT_LENGTH") or "0").strip()
+        # Only ASCII digits: int() also takes "-1" (read until the client hangs up) and "٣".
+        if not (given.isascii() and given.isdigit()):
+            raise _Refused("400 Bad Request", f"Content-Length is not a size: {given[:20]!r}")
+        length = int(given) if len(given) <= 12 else _MAX_FORM_BYTES + 1
         if length > _MAX_FORM_BYTES:
             raise _Refused("413 Content Too Large", "form too large")
         raw = environ["wsgi.input"].read(length).decode("utf-8", "replace") if length else ""
@@ -368,11 +493,10 @@ class Dashboard:
         ):
             raise _Refused("403 Forbidden", "missing or stale form token; reload the page")
         base = environ.get("SCRIPT_NAME", "").rstrip("/")
-        back = form.get("next") or base + "/"
-        if not back.startswith("/") or back.startswith("//"):
-            back = base + "/"
+        back = same_origin_path(form.get("next", ""), base + "/")
         try:
-            ok, message = self._do(name, form)
+            with self.database() as utils:
+                ok, message = self._do(utils, name, form)
         except KongtaskError as exc:
             ok, message = False, str(exc)
         flash = self._flash(ok, message)
@@ -387,8 +511,7 @@ class Dashboard:
                 self._flashes.popitem(last=False)
         return key
 
-    def _do(self, name: str, form: dict[str, str]) -> tuple[bool, str]:
-        utils = self.utils()
+    def _do(self, utils: WorkerUtils, name: str, form: dict[str, str]) -> tuple[bool, str]:
         if name == "unlock":
             return self._unlock(utils, form.get("pool_id", ""))
         if name == "remove":
@@ -399,7 +522,10 @@ class Dashboard:
             if removed.key is None and removed.locked_at is not None:
                 return True, f"Job {removed.id} is running; it lost its key and will not retry"
             return True, f"Removed job {removed.id} (key {key!r})"
-        job_id = _job_id(form.get("job_id", ""))
+        given = form.get("job_id", "")
+        job_id = _job_id(given)
+        if job_id is None:
+            raise _Refused("400 Bad Request", f"not a job id: {given[:40]!r}")
         if name == "retry":
             done = utils.retry_jobs([job_id])
             verb = "Retrying job {} now"
@@ -435,10 +561,48 @@ class Dashboard:
         return True, f"Unlocked the jobs and queues held by {pool_id}"
 
 
-def _job_id(text: str) -> int:
-    if not text.isdigit() or not 0 < int(text) < 2**63:
-        raise KongtaskError(f"not a job id: {text!r}")
-    return int(text)
+def _job_id(text: str) -> int | None:
+    """``text`` as a job id (ASCII digits, a bigint above zero), else None.
+
+    ``str.isdigit`` alone also accepts "²" (which ``int`` refuses) and other
+    scripts' digits (which it reads), and ``int`` refuses more than 4,300 digits.
+    """
+    if not (text.isascii() and text.isdigit()) or len(text.lstrip("0")) > 19:
+        return None
+    value = int(text)
+    return value if 0 < value <= _MAX_JOB_ID else None
+
+
+def same_origin_path(value: str, default: str) -> str:
+    """``value`` if it is a path on this site a browser cannot take elsewhere, else ``default``.
+
+    Accepted: one leading ``/`` followed by printable ASCII, without a
+    backslash. That refuses ``//host`` and a scheme, a CR/LF (header
+    injection), and what browsers rewrite into ``//host``: they read ``\\`` as
+    ``/`` and drop tabs and newlines anywhere in a URL. The path is also
+    checked percent-decoded (until nothing changes), for a server or proxy
+    in front that decodes ``/%5Chost`` or ``/%2F/host`` before redirecting.
+    """
+    if not _plain_path(value):
+        return default
+    path = urlsplit(value).path
+    for _ in range(8):
+        decoded = unquote(path, errors="replace")
+        if decoded == path:
+            return value
+        if decoded.startswith("//") or any(c == "\\" or not c.isprintable() for c in decoded):
+            return default
+        path = decoded
+    return default  # still decoding after 8 rounds: nobody sends that in good faith
+
+
+def _plain_path(value: str) -> bool:
+    return (
+        value.startswith("/")
+        and not value.startswith("//")
+        and "\\" not in value
+        and all("!" <= c <= "~" for c in value)
+    )
 
 
 def _strip_flash(url: str) -> str:

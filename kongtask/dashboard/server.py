@@ -2,30 +2,103 @@
 
 It listens on 127.0.0.1 unless told otherwise, and refuses any other address
 without a token: the dashboard can fail and remove jobs, so it must not be
-open to a network by accident.
+open to a network by accident. Requests are served on their own threads (at
+most :data:`MAX_REQUEST_THREADS` at once), and the request log never shows
+the token.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import logging
+import re
 import threading
 from collections.abc import Sequence
-from typing import Self
-from wsgiref.simple_server import WSGIServer, make_server
+from typing import Any, Self
+from urllib.parse import quote, unquote_plus
+from wsgiref.simple_server import make_server
 
+from kongtask.connection import REDACTED
 from kongtask.cron.types import ParsedCronItem
 from kongtask.errors import ConfigurationError
 from kongtask.health import QuietHandler, ThreadingWSGIServer
+from kongtask.validate import check_seconds
 
-from .app import Dashboard
+from .app import STATEMENT_TIMEOUT_S, Dashboard
 
-__all__ = ["SAMPLE_INTERVAL_S", "DashboardServer", "is_loopback", "serve"]
+__all__ = [
+    "MAX_REQUEST_THREADS",
+    "SAMPLE_INTERVAL_S",
+    "DashboardServer",
+    "hide_token",
+    "is_loopback",
+    "serve",
+]
 
 logger = logging.getLogger(__name__)
 
 #: How often the server samples the jobs table's deletion counter for the chart.
 SAMPLE_INTERVAL_S = 15.0
+#: Requests served at once; further connections wait in the listen backlog.
+MAX_REQUEST_THREADS = 16
+
+# One query parameter (name=value) in a URL, as it appears quoted in a log line.
+_QUERY_PARAMETER = re.compile(r"(?P<head>[?&](?P<name>[^=&\s'\"#]*)=)(?P<value>[^&\s'\"#]*)")
+
+
+def hide_token(text: str, token: str | None = None) -> str:
+    """``text`` with the value of every ``token`` query parameter (and ``token`` itself) hidden.
+
+    The name is compared decoded, as the dashboard reads it (``%74oken`` is
+    ``token`` too); a wrong token is hidden as well, since it may be a typo of
+    the right one.
+    """
+
+    def hide(match: re.Match[str]) -> str:
+        if unquote_plus(match["name"]).strip().lower() != "token":
+            return match[0]
+        return match["head"] + REDACTED
+
+    text = _QUERY_PARAMETER.sub(hide, text)
+    if token:
+        text = text.replace(token, REDACTED).replace(quote(token, safe=""), REDACTED)
+    return text
+
+
+class _RequestLog(QuietHandler):
+    """Request lines (and the server's errors about a request) to the debug log, token hidden."""
+
+    server: _DashboardHTTPServer
+
+    def log_message(self, format: str, *args: Any) -> None:
+        message = hide_token(format % args, self.server.token)
+        logger.debug("%s - %s", self.address_string(), message)
+
+
+class _DashboardHTTPServer(ThreadingWSGIServer):
+    """A thread per request, at most :data:`MAX_REQUEST_THREADS` at once."""
+
+    #: The dashboard's token, hidden wherever it appears in the request log.
+    token: str | None = None
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._slots = threading.BoundedSemaphore(MAX_REQUEST_THREADS)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        # Waiting here stops accepting: the kernel queues further connections.
+        self._slots.acquire()
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def _handle(self, request: Any, client_address: Any) -> None:
+        try:
+            super()._handle(request, client_address)
+        finally:
+            self._slots.release()
 
 
 def is_loopback(host: str) -> bool:
@@ -50,6 +123,7 @@ class DashboardServer:
         port: int = 8000,
         token: str | None = None,
         cron_items: Sequence[ParsedCronItem] = (),
+        statement_timeout_s: float = STATEMENT_TIMEOUT_S,
     ) -> None:
         if not is_loopback(host) and not token:
             raise ConfigurationError(
@@ -64,8 +138,10 @@ class DashboardServer:
         self._port = port
         self._token = token
         self._cron_items = list(cron_items)
+        check_seconds("statement_timeout_s", statement_timeout_s, allow_minimum=False)
+        self._statement_timeout_s = statement_timeout_s
         self.app: Dashboard | None = None
-        self._server: WSGIServer | None = None
+        self._server: _DashboardHTTPServer | None = None
         self._threads: list[threading.Thread] = []
         self._stop = threading.Event()
 
@@ -87,9 +163,10 @@ class DashboardServer:
             self._host,
             self._port,
             lambda environ, start: self._app()(environ, start),
-            server_class=ThreadingWSGIServer,
-            handler_class=QuietHandler,
+            server_class=_DashboardHTTPServer,
+            handler_class=_RequestLog,
         )
+        server.token = self._token
         self._server = server
         names = {self._host.lower(), "localhost" if is_loopback(self._host) else self._host}
         if is_loopback(self._host):
@@ -101,8 +178,9 @@ class DashboardServer:
             cron_items=self._cron_items,
             token=self._token,
             allowed_hosts=None if self._host in ("0.0.0.0", "::") else allowed,
+            statement_timeout_s=self._statement_timeout_s,
         )
-        self.app.utils()  # connect (and migrate) now, so a bad URL fails the start
+        self.app.open()  # connect (and migrate) now, so a bad URL fails the start
         self.app.sample()
         for target, name in (
             (lambda: server.serve_forever(poll_interval=0.2), "kongtask-dashboard"),

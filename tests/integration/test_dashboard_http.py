@@ -5,7 +5,11 @@ from __future__ import annotations
 import html
 import http.client
 import io
+import logging
 import re
+import socket
+import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 from urllib.parse import urlencode
@@ -14,11 +18,15 @@ from wsgiref.util import setup_testing_defaults
 import psycopg
 import pytest
 
-from kongtask import ConfigurationError
+from kongtask import ConfigurationError, WorkerUtils
 from kongtask.dashboard import Dashboard, DashboardServer
+from kongtask.dashboard.app import POOL_SIZE
 from tests.integration.ops_support import DEAD_POOL, LIVE_POOL, ids_by_sql, seed_every_state
+from tests.integration.worker_support import wait_until
 
 TOKEN = "s3cret-token-for-tests"
+#: The dashboard's statement deadline (README, "The dashboard").
+DASHBOARD_DEADLINE_S = 5.0
 
 
 class Client:
@@ -203,3 +211,229 @@ def test_mounted_under_a_prefix(db_url: str, seeded: dict[str, list[int]]) -> No
         assert b'action="/ops/actions/retry"' in body
     finally:
         app.close()
+
+
+# --- issue 14: the dashboard's edges ------------------------------------------------
+
+HOSTILE_NEXT = [
+    "/\r\nSet-Cookie: injected=1",
+    "/\nSet-Cookie: injected=1",
+    "/\\evil.example/",
+    "/\t/evil.example/",
+    "//evil.example/",
+    "/%5Cevil.example",
+    "/%09/evil.example",
+    "/%2F/evil.example",
+    "https://evil.example/",
+    "javascript:alert(1)",
+]
+
+
+def raw_request(port: int, data: bytes, timeout_s: float = 10.0) -> bytes:
+    """Send ``data`` as is (what http.client refuses to send) and read the whole answer."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout_s) as sock:
+        sock.sendall(data)
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def test_next_only_redirects_to_a_path_on_this_site(
+    client: Client, seeded: dict[str, list[int]]
+) -> None:
+    csrf = client.csrf()
+    origin = {"Origin": f"http://127.0.0.1:{client.port}"}
+    job = seeded["failed"][0]
+    for hostile in HOSTILE_NEXT:
+        fields = {"csrf": csrf, "job_id": job, "next": hostile}
+        status, headers, _ = client.request("POST", "/actions/retry", fields, **origin)
+        assert status == 303, hostile
+        assert re.fullmatch(r"/\?flash=[\w-]+", headers["location"]), (hostile, headers)
+        assert "injected" not in client.cookies, hostile
+    fields = {"csrf": csrf, "job_id": job, "next": "/jobs?state=failed"}
+    status, headers, _ = client.request("POST", "/actions/retry", fields, **origin)
+    assert status == 303
+    assert re.fullmatch(r"/jobs\?state=failed&flash=[\w-]+", headers["location"])
+
+
+def test_the_token_login_only_redirects_to_a_path_on_this_site(
+    db_url: str, seeded: dict[str, list[int]]
+) -> None:
+    with DashboardServer(db_url, port=0, token=TOKEN) as server:
+        host = f"Host: 127.0.0.1:{server.port}\r\n"
+        # PATH_INFO arrives decoded: these were "//evil.example", "/\\evil.example" and a CR/LF.
+        for path in ("/%2F/evil.example", "/%5Cevil.example", "/%0D%0ASet-Cookie:%20injected=1"):
+            answer = raw_request(
+                server.port, f"GET {path}?token={TOKEN} HTTP/1.0\r\n{host}\r\n".encode()
+            )
+            head = answer.split(b"\r\n\r\n")[0].decode("latin-1").split("\r\n")
+            assert head[0].split()[1] == "303", (path, head)
+            assert "Location: /" in head, (path, head)
+            assert not any(line.startswith("Set-Cookie: injected") for line in head), head
+        client = Client(server.port)
+        status, headers, _ = client.request("GET", f"/jobs/{seeded['failed'][0]}?token={TOKEN}")
+        assert status == 303 and headers["location"] == f"/jobs/{seeded['failed'][0]}"
+
+
+def test_malformed_job_ids_are_404_in_a_path_and_400_in_a_form(
+    client: Client, db: psycopg.Connection[Any], seeded: dict[str, list[int]]
+) -> None:
+    for path in (
+        "/jobs/%B2",
+        "/jobs/%D9%A3",  # ARABIC-INDIC DIGIT THREE in UTF-8
+        "/jobs/abc",
+        "/jobs/99999999999999999999",
+        "/jobs/9223372036854775808",
+        "/jobs/" + "9" * 5000,
+        "/jobs/-1",
+        "/jobs/0",
+        "/jobs/",
+    ):
+        status, _, body = client.request("GET", path)
+        assert status == 404, (path, status, body[:300])
+        assert "Traceback" not in body
+    csrf = client.csrf()
+    before = {state: ids_by_sql(db, state) for state in ("failed", "ready")}
+    for action in ("retry", "fail", "reschedule"):
+        for bad in ("²", "٣", "abc", "", "-1", "0", "99999999999999999999", "9" * 5000):
+            fields = {"csrf": csrf, "job_id": bad, "reason": "no", "at": "+1h"}
+            status, body = client.post(action, fields)
+            assert status == 400, (action, bad, status, body[:300])
+            assert "not a job id" in body and "Traceback" not in body
+    assert {state: ids_by_sql(db, state) for state in ("failed", "ready")} == before
+    # A Content-Length that is not a number of bytes is refused, not read until the client hangs up.
+    cookie = f"kongtask_csrf={client.cookies['kongtask_csrf']}"
+    answer = raw_request(
+        client.port,
+        (
+            f"POST /actions/retry HTTP/1.0\r\nHost: 127.0.0.1:{client.port}\r\n"
+            f"Origin: http://127.0.0.1:{client.port}\r\nCookie: {cookie}\r\n"
+            "Content-Type: application/x-www-form-urlencoded\r\nContent-Length: -1\r\n\r\n"
+        ).encode(),
+    )
+    assert answer.startswith(b"HTTP/1.0 400"), answer[:200]
+
+
+class RecordedLogs(logging.Handler):
+    """Every kongtask log record, with a way to wait for one (the request log comes late)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.lines: list[str] = []
+        self.changed = threading.Condition()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        text = record.getMessage() + (
+            "\n" + logging.Formatter().formatException(record.exc_info) if record.exc_info else ""
+        )
+        with self.changed:
+            self.lines.append(text)
+            self.changed.notify_all()
+
+    def wait_for(self, fragment: str, timeout_s: float = 10.0) -> None:
+        with self.changed:
+            found = self.changed.wait_for(
+                lambda: any(fragment in line for line in self.lines), timeout_s
+            )
+        assert found, f"no log line with {fragment!r}: {self.lines[-10:]}"
+
+
+@pytest.fixture
+def recorded_logs() -> Iterator[RecordedLogs]:
+    handler = RecordedLogs()
+    package = logging.getLogger("kongtask")
+    level = package.level
+    package.addHandler(handler)
+    package.setLevel(logging.DEBUG)  # what GRAPHILE_LOGGER_DEBUG=1 does
+    try:
+        yield handler
+    finally:
+        package.removeHandler(handler)
+        package.setLevel(level)
+
+
+def test_the_token_never_appears_in_a_log_line(
+    db_url: str,
+    seeded: dict[str, list[int]],
+    recorded_logs: RecordedLogs,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    with DashboardServer(db_url, port=0, token=TOKEN) as server:
+        client = Client(server.port)
+        assert client.request("GET", f"/jobs?state=failed&token={TOKEN}")[0] == 303
+        recorded_logs.wait_for('"GET /jobs?state=failed&token=')
+        assert client.request("GET", f"/jobs/%B2?%74oken={TOKEN}")[0] == 303  # parsed as token
+        recorded_logs.wait_for('"GET /jobs/%B2?%74oken=')
+        assert client.request("GET", f"/?token={TOKEN}x")[0] == 403  # a wrong guess, close to it
+        recorded_logs.wait_for(" 403 ")
+        # A request line the server cannot parse is logged as an error, quoting it.
+        answer = raw_request(server.port, f"GET /?token={TOKEN} HTTP/1.1 junk\r\n\r\n".encode())
+        assert b" 400 " in answer.split(b"\r\n")[0]
+        recorded_logs.wait_for("Bad request")
+        # An unforeseen error: logged with its traceback, the page says no more than that.
+        csrf = client.csrf()
+        with monkeypatch.context() as patch:
+            patch.setattr(WorkerUtils, "retry_jobs", fail_unexpectedly)
+            status, _, body = client.request(
+                "POST",
+                f"/actions/retry?token={TOKEN}",
+                {"csrf": csrf, "job_id": seeded["failed"][0]},
+                Origin=f"http://127.0.0.1:{server.port}",
+            )
+        assert (status, body) == (500, "Internal error; see the log.\n")
+        recorded_logs.wait_for("Dashboard: POST /actions/retry failed\nTraceback")
+        recorded_logs.wait_for('"POST /actions/retry?token=*** HTTP/1.1" 500')
+    leaked = [line for line in recorded_logs.lines if TOKEN in line]
+    assert leaked == []
+
+
+def fail_unexpectedly(*args: Any, **kwargs: Any) -> Any:
+    raise RuntimeError("a bug")
+
+
+def backend_waits_for_a_lock(db: psycopg.Connection[Any]) -> bool:
+    row = db.execute(
+        "select count(*) from pg_locks where not granted and database = "
+        "(select oid from pg_database where datname = current_database())"
+    ).fetchone()
+    assert row is not None
+    return bool(row[0])
+
+
+def test_a_locked_jobs_table_slows_only_the_pages_that_read_it(
+    client: Client, db_url: str, db: psycopg.Connection[Any], seeded: dict[str, list[int]]
+) -> None:
+    assert client.request("GET", "/jobs")[0] == 200  # connected and warmed up
+    with psycopg.connect(db_url) as locker:
+        locker.execute("lock table graphile_worker._private_jobs in access exclusive mode")
+        answers: list[tuple[str, int, str, float]] = []
+
+        def read(path: str) -> None:
+            started = time.monotonic()
+            status, _, body = client.request("GET", path)
+            answers.append((path, status, body, time.monotonic() - started))
+
+        # More readers than the pool has connections: waiting for one counts in the deadline.
+        readers = [
+            threading.Thread(target=read, args=(path,))
+            for path in ["/jobs"] * (POOL_SIZE + 1) + ["/", f"/jobs/{seeded['failed'][0]}"]
+        ]
+        for reader in readers:
+            reader.start()
+        try:
+            wait_until(lambda: backend_waits_for_a_lock(db), what="a page to wait for the lock")
+            for path, expected in (("/nowhere", 404), ("/jobs/abc", 404), ("/healthz", 200)):
+                started = time.monotonic()
+                status, _, body = client.request("GET", path)
+                took_s = time.monotonic() - started
+                assert (status, took_s < 1.0) == (expected, True), (path, status, took_s, body)
+        finally:
+            for reader in readers:
+                reader.join(DASHBOARD_DEADLINE_S + 10)
+        assert len(answers) == len(readers)
+        for path, status, body, took_s in answers:
+            assert status == 503 and "did not answer within 5 s" in body, (path, status, body)
+            assert took_s < DASHBOARD_DEADLINE_S + 1.0, (path, took_s)
+        locker.rollback()
+    assert client.request("GET", "/jobs")[0] == 200  # the pool recovered once the lock went
