@@ -23,6 +23,7 @@ from .cron.types import ParsedCronItem
 from .errors import ConfigurationError, CrontabError
 from .job import Job
 from .ops import JOB_STATES, JobInfo, StateCounts, StatusReport, dumps
+from .timestamps import format_utc
 from .worker_utils import WorkerUtils
 
 __all__ = ["jobs_main", "parse_time", "status_main"]
@@ -79,7 +80,7 @@ def load_cron_items(crontab: str | None) -> list[ParsedCronItem]:
 def _when(value: datetime | None) -> str:
     if value is None:
         return "-"
-    return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+    return format_utc(value, "%Y-%m-%d %H:%M:%S UTC")
 
 
 def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:

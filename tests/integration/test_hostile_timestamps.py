@@ -10,12 +10,20 @@ a time it cannot read back.
 
 from __future__ import annotations
 
+import html
+import json
+import re
 import threading
 from typing import Any
 
 import psycopg
+import pytest
 
 from kongtask import Runner
+from kongtask.cli_cron import main as cron_main
+from kongtask.cli_jobs import jobs_main, status_main
+from kongtask.dashboard import DashboardServer
+from tests.integration.test_dashboard_http import Client
 from tests.integration.worker_support import add_jobs_sql, locked_queues
 
 ORDINARY = 10
@@ -111,3 +119,115 @@ def test_a_claimed_row_that_cannot_be_loaded_fails_alone(
     assert last_error.startswith("Row could not be read: ValueError: "), last_error
     assert "digits" in last_error
     assert locked_queues(db) == 0
+
+
+def _seed_far_rows(db: psycopg.Connection[Any]) -> dict[str, int]:
+    """Rows another application wrote with times Python cannot hold, by raw SQL."""
+
+    def add(sql: str) -> int:
+        row = db.execute(sql).fetchone()
+        assert row is not None
+        return int(row[0])
+
+    never = add("select id from graphile_worker.add_job('far', '{}', run_at => 'infinity')")
+    y10k = add(
+        "select id from graphile_worker.add_job('far', '{}', queue_name => 'later', "
+        "run_at => '10000-01-01 04:00:00+00')"
+    )
+    db.execute(
+        "update graphile_worker._private_jobs set created_at = '-infinity', "
+        "updated_at = '0044-03-15 12:00:00+00 BC' where id = %s",
+        (y10k,),
+    )
+    held = add("select id from graphile_worker.add_job('far', '{}', queue_name => 'held')")
+    db.execute(
+        "update graphile_worker._private_jobs set attempts = 1, locked_by = 'node-worker-1', "
+        "locked_at = 'infinity' where id = %s",
+        (held,),
+    )
+    db.execute(
+        "update graphile_worker._private_job_queues set locked_by = 'node-worker-1', "
+        "locked_at = '-infinity' where queue_name = 'held'"
+    )
+    db.execute(
+        "insert into graphile_worker._private_known_crontabs values "
+        "('nightly', '-infinity', 'infinity')"
+    )
+    db.execute(
+        "insert into graphile_worker._kongtask_cron_history "
+        "(identifier, task, scheduled_at, node, written_at, finished_at) values "
+        "('nightly', 'far', '10000-01-01 04:00:00+00', 'node-x', '-infinity', 'infinity')"
+    )
+    return {"never": never, "y10k": y10k, "held": held}
+
+
+Y10K = "10000-01-01T04:00:00+00:00"
+IDES = "0044-03-15T12:00:00+00:00 BC"
+
+
+def test_far_times_render_in_every_listing(
+    db_url: str, db: psycopg.Connection[Any], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Case 2: 'infinity' and years 10000 / 44 BC show as such in the CLI's views."""
+    ids = _seed_far_rows(db)
+
+    def run(main: Any, *argv: str) -> str:
+        assert main(["-c", db_url, *argv]) == 0
+        return capsys.readouterr().out
+
+    listing = run(jobs_main, "list")
+    lines = {int(line.split()[0]): line for line in listing.splitlines()[1:]}
+    assert lines[ids["never"]].split()[5] == "infinity"
+    assert Y10K in lines[ids["y10k"]]
+    by_id = {job["id"]: job for job in json.loads(run(jobs_main, "list", "--json"))}
+    assert by_id[ids["never"]]["run_at"] == "infinity"
+    assert by_id[ids["y10k"]]["created_at"] == "-infinity"
+    assert by_id[ids["held"]]["locked_at"] == "infinity"
+
+    shown = run(jobs_main, "show", str(ids["y10k"]))
+    assert f"run at:        {Y10K}" in shown
+    assert "created at:    -infinity" in shown
+    assert f"updated at:    {IDES}" in shown
+    assert "since infinity" in run(jobs_main, "show", str(ids["held"]))
+    detail = json.loads(run(jobs_main, "show", str(ids["never"]), "--json"))
+    assert detail["run_at"] == "infinity" and detail["state"] == "scheduled"
+
+    status = run(status_main)
+    assert "held by node-worker-1 since -infinity" in status
+    assert re.search(r"nightly\s+-\s+infinity", status), status
+    cron = json.loads(run(status_main, "--json"))["cron"]
+    assert cron == [
+        {
+            "identifier": "nightly",
+            "task": None,
+            "spec": None,
+            "known_since": "-infinity",
+            "last_execution": "infinity",
+            "next_firing": None,
+        }
+    ]
+
+    history = run(cron_main, "history")
+    assert history.startswith(f"{Y10K}  nightly  scheduled"), history
+
+
+def test_far_times_render_on_the_dashboard(db_url: str, db: psycopg.Connection[Any]) -> None:
+    """Case 2: the dashboard's overview, job list and job pages render such rows."""
+    ids = _seed_far_rows(db)
+    with DashboardServer(db_url, port=0) as server:
+        client = Client(server.port)
+        status, _, overview = client.request("GET", "/")
+        assert status == 200, overview
+        assert "since -infinity" in overview
+        assert "infinity" in overview and html.escape(Y10K) in overview
+        status, _, listing = client.request("GET", "/jobs")
+        assert status == 200, listing
+        assert html.escape(Y10K) in listing
+        for job_id, shown in (
+            (ids["never"], "infinity"),
+            (ids["y10k"], html.escape(IDES)),
+            (ids["held"], "since infinity"),
+        ):
+            status, _, page = client.request("GET", f"/jobs/{job_id}")
+            assert status == 200, page
+            assert shown in page
