@@ -28,12 +28,16 @@ from psycopg.adapt import Loader
 from psycopg.pq import Format
 
 __all__ = [
+    "WRITABLE_YEARS",
     "OutOfRangeTimestamp",
     "TimestamptzLoader",
     "format_utc",
     "tolerate_timestamps",
     "unwritable",
 ]
+
+#: What kongtask writes, said in every refusal.
+WRITABLE_YEARS = "kongtask writes only times in the years 1 to 9999 (UTC)"
 
 _TIMESTAMPTZ_OID = postgres.types["timestamptz"].oid
 
@@ -212,13 +216,10 @@ def unwritable(value: datetime) -> str | None:
     psycopg, nor by kongtask's own readers before they tolerated it.
     """
     if isinstance(value, OutOfRangeTimestamp):
-        return f"{value.text} is outside the years 1 to 9999 (UTC) that kongtask writes"
+        return f"{value.text} is outside the years 1 to 9999; {WRITABLE_YEARS}"
     try:
         value.astimezone(UTC)
     except OverflowError:
         side = "after year 9999" if value.year > 1 else "before year 1"
-        return (
-            f"{value.isoformat()} is {side} in UTC; kongtask writes only times "
-            "in the years 1 to 9999 (UTC)"
-        )
+        return f"{value.isoformat()} is {side} in UTC; {WRITABLE_YEARS}"
     return None

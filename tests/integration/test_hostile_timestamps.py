@@ -14,15 +14,18 @@ import html
 import json
 import re
 import threading
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import psycopg
 import pytest
 
-from kongtask import Runner
+from kongtask import InvalidJobError, JobSpec, Runner, WorkerUtils
+from kongtask.cli import main as cli_main
 from kongtask.cli_cron import main as cron_main
 from kongtask.cli_jobs import jobs_main, status_main
 from kongtask.dashboard import DashboardServer
+from tests.integration.ops_support import add
 from tests.integration.test_dashboard_http import Client
 from tests.integration.worker_support import add_jobs_sql, locked_queues
 
@@ -231,3 +234,98 @@ def test_far_times_render_on_the_dashboard(db_url: str, db: psycopg.Connection[A
             status, _, page = client.request("GET", f"/jobs/{job_id}")
             assert status == 200, page
             assert shown in page
+
+
+# Times kongtask must refuse to write: each is beyond year 9999 in UTC.
+FAR_AT = ("9999-12-31T23:00-05:00", "9999-12-31T23:59-01:00", "+99999999w")
+# A log record on stderr (the CLI logs which database it uses).
+LOG_RECORD = re.compile(r"^\d{4}-\d\d-\d\dT\S+ \[kongtask")
+
+
+def _row(db: psycopg.Connection[Any], job_id: int) -> tuple[Any, ...]:
+    row = db.execute(
+        "select run_at::text, updated_at::text, revision, attempts "
+        "from graphile_worker._private_jobs where id = %s",
+        (job_id,),
+    ).fetchone()
+    assert row is not None
+    return tuple(row)
+
+
+def test_reschedule_refuses_times_it_could_not_read_back(
+    db_url: str, db: psycopg.Connection[Any], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Case 3: `jobs reschedule --at` beyond year 9999 (UTC) is one clear line; nothing changes."""
+    job_id = add(db, "work", run_at="2030-01-01T00:00:00Z")
+    before = _row(db, job_id)
+    for at in FAR_AT:
+        code = cli_main(["jobs", "-c", db_url, "reschedule", str(job_id), "--at", at])
+        out, err = capsys.readouterr()
+        assert code == 1 and out == "", (at, out, err)
+        lines = [line for line in err.splitlines() if not LOG_RECORD.match(line)]
+        assert len(lines) == 1, err
+        assert lines[0].startswith("kongtask: error: --at: "), err
+        assert "after year 9999 in UTC" in lines[0] and "unexpected" not in lines[0], err
+        assert _row(db, job_id) == before
+    # The last minute kongtask writes is still accepted, and read back as written.
+    assert (
+        cli_main(["jobs", "-c", db_url, "reschedule", str(job_id), "--at", "9999-12-31T23:59Z"])
+        == 0
+    )
+    assert _row(db, job_id)[0] == "9999-12-31 23:59:00+00"
+    capsys.readouterr()
+
+
+def test_api_refuses_times_it_could_not_read_back(db_url: str, db: psycopg.Connection[Any]) -> None:
+    """Case 3: add_job, add_jobs, reschedule_jobs and JobSpec refuse them; nothing is written."""
+    job_id = add(db, "work", run_at="2030-01-01T00:00:00Z")
+    before = _row(db, job_id)
+    year_10000 = datetime(9999, 12, 31, 23, tzinfo=timezone(timedelta(hours=-5)))
+    year_0 = datetime(1, 1, 1, 1, tzinfo=timezone(timedelta(hours=5)))
+    with WorkerUtils(db_url) as utils:
+        for run_at in (year_10000, year_0):
+            with pytest.raises(InvalidJobError, match="in UTC") as refused:
+                utils.add_job("work", run_at=run_at)
+            assert refused.value.field == "run_at"
+            with pytest.raises(InvalidJobError, match=r"index 1: run_at: .* in UTC"):
+                utils.add_jobs([{"identifier": "work"}, {"identifier": "work", "run_at": run_at}])
+            with pytest.raises(InvalidJobError, match="in UTC"):
+                utils.reschedule_jobs([job_id], run_at=run_at)
+            with pytest.raises(InvalidJobError, match="in UTC"):
+                JobSpec("work", run_at=run_at)
+        # A value read back from such a row cannot be written back either.
+        never = utils.add_job("work")
+        db.execute(
+            "update graphile_worker._private_jobs set run_at = 'infinity' where id = %s",
+            (never.id,),
+        )
+        infinity = utils.list_jobs()[-1].job.run_at
+        assert str(infinity) == "infinity"
+        with pytest.raises(InvalidJobError, match="infinity is outside the years 1 to 9999"):
+            utils.reschedule_jobs([job_id], run_at=infinity)
+    assert _row(db, job_id) == before
+    assert db.execute("select count(*) from graphile_worker._private_jobs").fetchone() == (2,)
+
+
+def test_dashboard_reschedule_refuses_times_it_could_not_read_back(
+    db_url: str, db: psycopg.Connection[Any]
+) -> None:
+    """Case 3: the reschedule form refuses them with a message; the pages keep working."""
+    job_id = add(db, "work", run_at="2030-01-01T00:00:00Z")
+    before = _row(db, job_id)
+    with DashboardServer(db_url, port=0) as server:
+        client = Client(server.port)
+        status, _, page = client.request("GET", f"/jobs/{job_id}")
+        found = re.search(r'name="csrf" value="([^"]+)"', page)
+        assert status == 200 and found, page
+        csrf = found.group(1)
+        for at in FAR_AT:
+            status, flash = client.post(
+                "reschedule", {"job_id": job_id, "at": at, "csrf": csrf, "next": "/jobs"}
+            )
+            assert status == 303
+            assert flash.startswith("the new run time: "), flash
+            assert "after year 9999 in UTC" in flash, flash
+            assert _row(db, job_id) == before
+        for page in ("/", "/jobs", f"/jobs/{job_id}"):
+            assert client.request("GET", page)[0] == 200, page
