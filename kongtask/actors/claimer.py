@@ -38,6 +38,7 @@ import psycopg
 from kongtask import events
 from kongtask.job import Job
 from kongtask.protocols import TimerHandle
+from kongtask.timestamps import load_row_tolerating, psycopg_timestamps
 
 from .clock import SystemClock
 from .context import WorkerContext
@@ -293,9 +294,12 @@ class Claimer(DbActor):
             "pool_id": ctx.pool_id,
             "now": self._clock_now() if self._clock_now is not None else None,
         }
-        cursor = conn.execute(ctx.queries.get_jobs, params)
-        jobs = self._load(cursor)
-        result = cursor.pgresult
+        with conn.cursor() as cursor:
+            # The hot path: psycopg's own timestamp loader, unless a row needs more (_load).
+            psycopg_timestamps(cursor)
+            cursor.execute(ctx.queries.get_jobs, params)
+            jobs = self._load(cursor)
+            result = cursor.pgresult
         assert result is not None
         # From the raw answer: every row carries it, even one that could not be loaded.
         seen = int(bytes(result.get_value(0, result.nfields - 1) or b"0")) if jobs else 0
@@ -340,10 +344,11 @@ class Claimer(DbActor):
     def _load(self, cursor: psycopg.Cursor[Any]) -> list[Job]:
         """The jobs of a claim's answer, each row it locked among them.
 
-        A row psycopg cannot load (a loader refused one of its values) must
-        not fail the others: the rows are loaded one by one, and such a row
-        becomes a job whose payload is an :class:`_Unusable`, so that
-        :meth:`_hand_over` fails its attempt.
+        When psycopg refuses the answer (a value no loader of the cursor
+        reads), the rows are loaded again one by one, tolerating timestamps
+        Python cannot hold (a ``-infinity`` job is simply due); a row that
+        still cannot be loaded must not fail the others: it becomes a job
+        whose payload is an :class:`_Unusable`, which :meth:`_hand_over` fails.
         """
         try:
             return self._jobs_of(cursor.fetchall())
@@ -354,14 +359,10 @@ class Claimer(DbActor):
         rows: list[Sequence[Any]] = []
         unreadable: list[Job] = []
         for index in range(result.ntuples):
-            cursor.scroll(index, mode="absolute")
             try:
-                row = cursor.fetchone()
+                rows.append(load_row_tolerating(cursor, index))
             except Exception as exc:
                 unreadable.append(self._unreadable(result, index, exc))
-            else:
-                assert row is not None
-                rows.append(row)
         return self._jobs_of(rows) + unreadable
 
     def _unreadable(self, result: Any, index: int, exc: Exception) -> Job:

@@ -14,11 +14,13 @@ import html
 import json
 import re
 import threading
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 import psycopg
 import pytest
+from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict
 
 from kongtask import InvalidJobError, JobSpec, Runner, WorkerUtils
 from kongtask.cli import main as cli_main
@@ -329,3 +331,40 @@ def test_dashboard_reschedule_refuses_times_it_could_not_read_back(
             assert _row(db, job_id) == before
         for page in ("/", "/jobs", f"/jobs/{job_id}"):
             assert client.request("GET", page)[0] == 200, page
+
+
+def test_times_python_can_hold_load_in_any_session_time_zone(
+    db_url: str, db: psycopg.Connection[Any]
+) -> None:
+    """Year 1 seen from New York is '1 BC' locally, 9999-12-31 from Tokyo is '10000': still data."""
+    dbname = conninfo_to_dict(db_url)["dbname"]
+
+    def session_time_zone(zone: str) -> None:
+        db.execute(
+            sql.SQL("alter database {} set timezone = {}").format(
+                sql.Identifier(dbname), sql.Literal(zone)
+            )
+        )
+
+    session_time_zone("America/New_York")
+    first = add(db, "work", run_at="0001-01-01T00:00:00Z")
+    last = add(db, "work", run_at="9999-12-31T23:59:59Z")
+    seen: list[datetime] = []
+    done = threading.Event()
+
+    def work(payload: dict[str, Any], helpers: Any) -> None:
+        seen.append(helpers.job.run_at)
+        done.set()
+
+    runner = Runner(tasks={"work": work}, connection_string=db_url, install_signal_handlers=False)
+    with runner:
+        assert done.wait(20), "the year-1 job did not run"
+        runner.join(20)
+    assert seen == [datetime(1, 1, 1, tzinfo=UTC)]
+    assert type(seen[0]) is datetime
+    session_time_zone("Asia/Tokyo")
+    with WorkerUtils(db_url) as utils:
+        info = utils.get_job(last)
+        assert info is not None and utils.get_job(first) is None
+        assert info.job.run_at == datetime(9999, 12, 31, 23, 59, 59, tzinfo=UTC)
+        assert type(info.job.run_at) is datetime
