@@ -21,7 +21,7 @@ import logging
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import psycopg
@@ -50,6 +50,7 @@ ConnectionFactory = Callable[[], AbstractContextManager[psycopg.Connection[Any]]
 _ITEM_FAULT_CLASSES = ("22", "23")  # data exception, integrity constraint violation
 # Gaps up to this long are looked for minute by minute; longer ones by the matcher.
 _SCAN_LIMIT = timedelta(hours=2)
+_FIRST_MINUTE = datetime.min.replace(tzinfo=UTC) + MINUTE
 
 
 @dataclass(frozen=True, slots=True)
@@ -363,6 +364,9 @@ class CronWriter(pykka.ThreadingActor):
         """The first minute in [after ``last`` (or from ``known_since``), ``before``) at which
         ``item`` fires, or None: the start of a gap that scheduling ``before`` leaves."""
         start = last + MINUTE if last is not None else ceil_minute(known_since)
+        # '-infinity' (written by another client) loads as the first instant Python
+        # holds, which has no minute before it.
+        start = max(start, _FIRST_MINUTE)
         if before - start <= _SCAN_LIMIT:  # the usual case: minute by minute is cheapest
             ts = start
             while ts < before:

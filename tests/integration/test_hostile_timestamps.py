@@ -27,6 +27,7 @@ from kongtask.cli import main as cli_main
 from kongtask.cli_cron import main as cron_main
 from kongtask.cli_jobs import jobs_main, status_main
 from kongtask.dashboard import DashboardServer
+from tests.integration.cron_support import T0, NodeFactory, job_minutes
 from tests.integration.ops_support import add
 from tests.integration.test_dashboard_http import Client
 from tests.integration.worker_support import add_jobs_sql, locked_queues
@@ -368,3 +369,33 @@ def test_times_python_can_hold_load_in_any_session_time_zone(
         assert info is not None and utils.get_job(first) is None
         assert info.job.run_at == datetime(9999, 12, 31, 23, 59, 59, tzinfo=UTC)
         assert type(info.job.run_at) is datetime
+
+
+def test_cron_reads_far_last_executions_as_data(db_url: str, db: psycopg.Connection[Any]) -> None:
+    """Cron state another client wrote: '-infinity' means never ran, 'infinity' never again."""
+    db.execute(
+        "insert into graphile_worker._private_known_crontabs values "
+        "('asap', '-infinity', '-infinity'), ('fresh', '-infinity', null), "
+        "('never', '-infinity', 'infinity')"
+    )
+    nodes = NodeFactory(db_url)
+    try:
+        node = nodes(
+            T0 + timedelta(seconds=30),
+            crontab="".join(f"* * * * * {task} ?fill=2m\n" for task in ("asap", "fresh", "never")),
+        )
+        node.start()
+        node.advance(31, scheduled=1)
+    finally:
+        nodes.close()
+    assert job_minutes(db, "asap") == job_minutes(db, "fresh") == ["23:59", "00:00", "00:01"]
+    assert job_minutes(db, "never") == []
+    rows = db.execute(
+        "select identifier, last_execution::text "
+        "from graphile_worker._private_known_crontabs order by 1"
+    ).fetchall()
+    assert rows == [
+        ("asap", "2024-01-01 00:01:00+00"),
+        ("fresh", "2024-01-01 00:01:00+00"),
+        ("never", "infinity"),
+    ]
