@@ -32,6 +32,7 @@ from kongtask.cron.matcher import matches, next_fire_times
 from kongtask.cron.schedule import MINUTE, KnownCrontab, ceil_minute
 from kongtask.cron.types import ParsedCronItem
 from kongtask.sql import Queries
+from kongtask.timestamps import tolerate_timestamps
 
 __all__ = [
     "CronWriter",
@@ -175,6 +176,8 @@ class CronWriter(pykka.ThreadingActor):
     def _register(self, identifiers: Sequence[str], now: datetime) -> dict[str, KnownCrontab]:
         params = {"identifiers": list(identifiers), "now": now}
         with self._connect() as conn, conn.cursor(row_factory=dict_row) as cursor:
+            # On the cursor: a Scheduler may run on an application's own pool.
+            tolerate_timestamps(cursor)
             rows = cursor.execute(self._queries.register_crontabs, params).fetchall()
             gaps = self._gaps(cursor, [row["identifier"] for row in rows], None)
         return {
@@ -211,6 +214,7 @@ class CronWriter(pykka.ThreadingActor):
         with self._connect() as conn:
             try:
                 with conn.transaction(), conn.cursor() as cursor:
+                    tolerate_timestamps(cursor)
                     self._write(cursor, planned, outcome)
                 return outcome
             except psycopg.Error as exc:
@@ -226,6 +230,7 @@ class CronWriter(pykka.ThreadingActor):
         for firing in planned:
             groups.setdefault(firing.item.identifier, []).append(firing)
         with conn.transaction(), conn.cursor() as cursor:
+            tolerate_timestamps(cursor)
             for identifier, group in sorted(groups.items()):
                 attempt = _Outcome()
                 try:

@@ -21,6 +21,7 @@ import psycopg
 import pytest
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
+from psycopg_pool import ConnectionPool
 
 from kongtask import InvalidJobError, JobSpec, Runner, WorkerUtils
 from kongtask.cli import main as cli_main
@@ -371,7 +372,10 @@ def test_times_python_can_hold_load_in_any_session_time_zone(
         assert type(info.job.run_at) is datetime
 
 
-def test_cron_reads_far_last_executions_as_data(db_url: str, db: psycopg.Connection[Any]) -> None:
+@pytest.mark.parametrize("own_pool", [False, True], ids=["kongtask-pool", "application-pool"])
+def test_cron_reads_far_last_executions_as_data(
+    db_url: str, db: psycopg.Connection[Any], own_pool: bool
+) -> None:
     """Cron state another client wrote: '-infinity' means never ran, 'infinity' never again."""
     db.execute(
         "insert into graphile_worker._private_known_crontabs values "
@@ -379,15 +383,21 @@ def test_cron_reads_far_last_executions_as_data(db_url: str, db: psycopg.Connect
         "('never', '-infinity', 'infinity')"
     )
     nodes = NodeFactory(db_url)
-    try:
-        node = nodes(
-            T0 + timedelta(seconds=30),
-            crontab="".join(f"* * * * * {task} ?fill=2m\n" for task in ("asap", "fresh", "never")),
-        )
-        node.start()
-        node.advance(31, scheduled=1)
-    finally:
-        nodes.close()
+    with ConnectionPool(db_url, min_size=1, max_size=2, kwargs={"autocommit": True}) as pool:
+        try:
+            # On an application's pool kongtask leaves the connections' loaders alone.
+            options: dict[str, Any] = {"pool": pool, "connection_string": None} if own_pool else {}
+            node = nodes(
+                T0 + timedelta(seconds=30),
+                crontab="".join(f"* * * * * {t} ?fill=2m\n" for t in ("asap", "fresh", "never")),
+                **options,
+            )
+            node.start()
+            node.advance(31, scheduled=1)
+        finally:
+            nodes.close()
+        with pool.connection() as conn, pytest.raises(psycopg.DataError):
+            conn.execute("select 'infinity'::timestamptz").fetchone()
     assert job_minutes(db, "asap") == job_minutes(db, "fresh") == ["23:59", "00:00", "00:01"]
     assert job_minutes(db, "never") == []
     rows = db.execute(
