@@ -32,7 +32,7 @@ __all__ = [
     "OutOfRangeTimestamp",
     "TimestamptzLoader",
     "format_utc",
-    "load_row_tolerating",
+    "load_rows_tolerating",
     "psycopg_timestamps",
     "tolerate_timestamps",
     "unwritable",
@@ -164,33 +164,47 @@ def psycopg_timestamps(context: AdaptContext) -> None:
 
     For a hot path on a tolerant connection: each value then costs one C call
     instead of two calls and a Python frame (the claim loads four per job);
-    the caller falls back to :func:`load_row_tolerating` if a row is refused.
+    the caller falls back to :func:`load_rows_tolerating` if a row is refused.
     """
     context.adapters.register_loader(_TIMESTAMPTZ_OID, _STANDARD_LOADER)
 
 
-def load_row_tolerating(cursor: psycopg.Cursor[Any], index: int) -> tuple[Any, ...]:
-    """Row ``index`` of ``cursor``'s result, loaded value by value, timestamps tolerated.
+def load_rows_tolerating(cursor: psycopg.Cursor[Any]) -> list[tuple[Any, ...] | Exception]:
+    """The rows of ``cursor``'s result, loaded value by value, timestamps tolerated.
 
-    The slow path for a result whose rows psycopg refused as a whole: it
-    raises only if a value of this row cannot be loaded by any loader.
+    The slow path for a result psycopg refused as a whole: a row that still
+    cannot be loaded (a value no loader reads) comes back as the exception
+    its loader raised, in its place, so the caller can deal with it alone.
     """
     result = cursor.pgresult
     assert result is not None, "the cursor has a result"
-    values: list[Any] = []
+    loaders: list[Any] = []
     for column in range(result.nfields):
-        raw = result.get_value(index, column)
-        if raw is None:
-            values.append(None)
-            continue
         oid = result.ftype(column)
         loader = (
             TimestamptzLoader
             if oid == _TIMESTAMPTZ_OID
             else cursor.adapters.get_loader(oid, Format(result.fformat(column)))
         )
-        values.append(raw.decode() if loader is None else loader(oid, cursor).load(raw))
-    return tuple(values)
+        loaders.append(None if loader is None else loader(oid, cursor).load)
+    rows: list[tuple[Any, ...] | Exception] = []
+    for index in range(result.ntuples):
+        try:
+            rows.append(
+                tuple(
+                    _load_value(result.get_value(index, column), load)
+                    for column, load in enumerate(loaders)
+                )
+            )
+        except Exception as exc:  # whatever a loader raised about this row's data
+            rows.append(exc)
+    return rows
+
+
+def _load_value(raw: Buffer | None, load: Any) -> Any:
+    if raw is None:
+        return None
+    return bytes(raw).decode() if load is None else load(raw)
 
 
 def parse_out_of_range(text: str) -> datetime | None:

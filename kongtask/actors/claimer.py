@@ -38,7 +38,7 @@ import psycopg
 from kongtask import events
 from kongtask.job import Job
 from kongtask.protocols import TimerHandle
-from kongtask.timestamps import load_row_tolerating, psycopg_timestamps
+from kongtask.timestamps import load_rows_tolerating, psycopg_timestamps
 
 from .clock import SystemClock
 from .context import WorkerContext
@@ -358,11 +358,11 @@ class Claimer(DbActor):
         assert result is not None
         rows: list[Sequence[Any]] = []
         unreadable: list[Job] = []
-        for index in range(result.ntuples):
-            try:
-                rows.append(load_row_tolerating(cursor, index))
-            except Exception as exc:
-                unreadable.append(self._unreadable(result, index, exc))
+        for index, row in enumerate(load_rows_tolerating(cursor)):
+            if isinstance(row, Exception):
+                unreadable.append(self._unreadable(result, index, row))
+            else:
+                rows.append(row)
         return self._jobs_of(rows) + unreadable
 
     def _unreadable(self, result: Any, index: int, exc: Exception) -> Job:
