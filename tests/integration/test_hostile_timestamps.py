@@ -14,11 +14,13 @@ import html
 import json
 import re
 import threading
+import urllib.request
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 import psycopg
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 from psycopg_pool import ConnectionPool
@@ -31,7 +33,7 @@ from kongtask.dashboard import DashboardServer
 from tests.integration.cron_support import T0, NodeFactory, job_minutes
 from tests.integration.ops_support import add
 from tests.integration.test_dashboard_http import Client
-from tests.integration.worker_support import add_jobs_sql, locked_queues
+from tests.integration.worker_support import add_jobs_sql, locked_queues, wait_until
 
 ORDINARY = 10
 
@@ -409,3 +411,33 @@ def test_cron_reads_far_last_executions_as_data(
         ("fresh", "2024-01-01 00:01:00+00"),
         ("never", "infinity"),
     ]
+
+
+def test_pickup_latency_leaves_out_minus_infinity(db_url: str, db: psycopg.Connection[Any]) -> None:
+    """'-infinity' is no start of a wait: it must not add millennia to the latency histogram."""
+    db.execute("select graphile_worker.add_job('work', '{}', run_at => '-infinity')")
+    add(db, "work")
+    with Runner(
+        tasks={"work": lambda payload, helpers: None},
+        connection_string=db_url,
+        metrics_port=0,
+        install_signal_handlers=False,
+    ) as runner:
+        runner.join(20)
+        assert runner.ops_server is not None
+        url = runner.ops_server.url + "/metrics"
+
+        def pickup() -> dict[str, float]:
+            with urllib.request.urlopen(url, timeout=10) as response:
+                text = response.read().decode()
+            return {
+                sample.name: sample.value
+                for family in text_string_to_metric_families(text)
+                for sample in family.samples
+                if sample.name.startswith("kongtask_job_pickup_latency_seconds_")
+                and sample.labels.get("task") == "work"
+            }
+
+        wait_until(lambda: pickup().get("kongtask_job_pickup_latency_seconds_count") == 1)
+        assert pickup()["kongtask_job_pickup_latency_seconds_sum"] < 60
+    assert db.execute("select count(*) from graphile_worker._private_jobs").fetchone() == (0,)
