@@ -33,7 +33,12 @@ from kongtask.dashboard import DashboardServer
 from tests.integration.cron_support import T0, NodeFactory, job_minutes
 from tests.integration.ops_support import add
 from tests.integration.test_dashboard_http import Client
-from tests.integration.worker_support import add_jobs_sql, locked_queues, wait_until
+from tests.integration.worker_support import (
+    add_jobs_sql,
+    locked_queues,
+    run_until_ran,
+    wait_until,
+)
 
 ORDINARY = 10
 
@@ -55,29 +60,9 @@ def test_minus_infinity_job_runs_beside_ordinary_ones(
     db.execute("select graphile_worker.add_job('work', '{\"n\": -3}', run_at => 'infinity')")
     add_jobs_sql(db, [{"identifier": "work", "payload": {"n": n}} for n in range(ORDINARY)])
     expected = {-1, -2, *range(ORDINARY)}
-    ran: dict[int, str] = {}
-    lock = threading.Lock()
-    all_ran = threading.Event()
-
-    def work(payload: dict[str, Any], helpers: Any) -> None:
-        with lock:
-            ran[payload["n"]] = str(helpers.job.run_at)
-            if set(ran) == expected:
-                all_ran.set()
-
-    runner = Runner(
-        tasks={"work": work},
-        connection_string=db_url,
-        concurrency=4,
-        local_queue_size=50,  # one claim takes them all
-        install_signal_handlers=False,
-    )
-    with runner:
-        assert all_ran.wait(20), f"jobs did not run: {sorted(expected - set(ran))}"
-        runner.join(20)
-        assert runner.running, "the worker stopped"
+    ran = run_until_ran(db_url, expected)
     assert set(ran) == expected
-    assert ran[-1] == "-infinity"
+    assert str(ran[-1].run_at) == "-infinity"
     rows = db.execute(
         "select payload->>'n', run_at::text, attempts, locked_by "
         "from graphile_worker._private_jobs order by id"
@@ -96,28 +81,7 @@ def test_a_claimed_row_that_cannot_be_loaded_fails_alone(
         "set flags = ('{\"x\": ' || repeat('9', 5000) || '}')::jsonb"
     )
     add_jobs_sql(db, [{"identifier": "work", "payload": {"n": n}} for n in range(ORDINARY)])
-    ran: set[int] = set()
-    lock = threading.Lock()
-    all_ran = threading.Event()
-
-    def work(payload: dict[str, Any], helpers: Any) -> None:
-        with lock:
-            ran.add(payload["n"])
-            if len(ran) == ORDINARY:
-                all_ran.set()
-
-    runner = Runner(
-        tasks={"work": work},
-        connection_string=db_url,
-        concurrency=4,
-        local_queue_size=50,
-        install_signal_handlers=False,
-    )
-    with runner:
-        assert all_ran.wait(20), f"ordinary jobs did not run: {sorted(ran)}"
-        runner.join(20)
-        assert runner.running, "the worker stopped"
-    assert ran == set(range(ORDINARY))
+    assert set(run_until_ran(db_url, set(range(ORDINARY)))) == set(range(ORDINARY))
     rows = db.execute(
         "select payload->>'n', attempts, locked_by, last_error "
         "from graphile_worker._private_jobs order by id"
