@@ -5,10 +5,12 @@ A timestamptz column holds anything from 4713 BC to the year 294276, plus
 sentinels in applications sharing the queue); Python's datetime holds years
 1 to 9999 and psycopg refuses to load the rest, failing the whole statement
 (a claim whose batch then stayed locked, every listing and page showing such
-a row). So every connection kongtask opens loads timestamptz through
+a row). So the connections kongtask reads rows through load timestamptz with
 :class:`TimestamptzLoader` (see :func:`tolerate_timestamps`): an ordinary
 datetime for every instant Python can hold, whatever the session's time zone,
-and an :class:`OutOfRangeTimestamp` for the others.
+and an :class:`OutOfRangeTimestamp` for the others. The claim, a hot path,
+keeps psycopg's own loader and reloads only an answer it refused
+(:func:`load_rows_tolerating`).
 
 The other way, :func:`unwritable` names the times kongtask refuses to write
 (beyond year 9999 or before year 1 in UTC), so it never stores a value a

@@ -351,9 +351,11 @@ class Claimer(DbActor):
         whose payload is an :class:`_Unusable`, which :meth:`_hand_over` fails.
         """
         try:
-            return self._jobs_of(cursor.fetchall())
+            loaded = cursor.fetchall()
         except Exception:  # whatever a loader raised about the data
             pass
+        else:
+            return self._jobs_of(loaded)
         result = cursor.pgresult
         assert result is not None
         rows: list[Sequence[Any]] = []
