@@ -12,6 +12,7 @@ import sys
 from collections.abc import Sequence
 from datetime import datetime
 
+from .timestamps import format_utc
 from .worker_utils import WorkerUtils
 
 __all__ = ["main"]
@@ -83,7 +84,7 @@ def main(argv: Sequence[str]) -> int:
             runs = utils.cron_history(args.identifier, args.since, args.until, args.limit)
             for run in runs:
                 parts = [
-                    run.scheduled_at.strftime("%Y-%m-%dT%H:%M:%SZ"),
+                    format_utc(run.scheduled_at, "%Y-%m-%dT%H:%M:%SZ"),
                     run.identifier,
                     run.outcome + (f" ({run.rule})" if run.rule else ""),
                     f"job {run.job_id}" if run.job_id is not None else "no job",

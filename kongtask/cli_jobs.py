@@ -23,6 +23,7 @@ from .cron.types import ParsedCronItem
 from .errors import ConfigurationError, CrontabError
 from .job import Job
 from .ops import JOB_STATES, JobInfo, StateCounts, StatusReport, dumps
+from .timestamps import WRITABLE_YEARS, format_utc, unwritable
 from .worker_utils import WorkerUtils
 
 __all__ = ["jobs_main", "parse_time", "status_main"]
@@ -34,6 +35,7 @@ def parse_time(text: str, *, now: datetime | None = None, name: str = "--at") ->
     """``now``, ``+1h30m`` (from now) or an ISO 8601 time (UTC if it has no offset).
 
     ``name`` is what error messages call the value (a flag or a form field).
+    A time after year 9999 in UTC is refused: it could not be read back.
     """
     current = now or datetime.now(UTC)
     if text == "now":
@@ -44,6 +46,12 @@ def parse_time(text: str, *, now: datetime | None = None, name: str = "--at") ->
             return current + time_phrase_to_timedelta(relative.group("phrase"))
         except CrontabError as exc:
             raise ConfigurationError(f"{name}: {exc}", name=name, value=text) from None
+        except OverflowError:
+            raise ConfigurationError(
+                f"{name}: {text} from now is after year 9999 in UTC; {WRITABLE_YEARS}",
+                name=name,
+                value=text,
+            ) from None
     try:
         when = datetime.fromisoformat(text)
     except ValueError:
@@ -52,7 +60,11 @@ def parse_time(text: str, *, now: datetime | None = None, name: str = "--at") ->
             name=name,
             value=text,
         ) from None
-    return when if when.utcoffset() is not None else when.replace(tzinfo=UTC)
+    when = when if when.utcoffset() is not None else when.replace(tzinfo=UTC)
+    reason = unwritable(when)
+    if reason is not None:
+        raise ConfigurationError(f"{name}: {reason}", name=name, value=text)
+    return when
 
 
 def _connection_args(parser: argparse.ArgumentParser, *, sub: bool = False) -> None:
@@ -79,7 +91,7 @@ def load_cron_items(crontab: str | None) -> list[ParsedCronItem]:
 def _when(value: datetime | None) -> str:
     if value is None:
         return "-"
-    return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+    return format_utc(value, "%Y-%m-%d %H:%M:%S UTC")
 
 
 def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:

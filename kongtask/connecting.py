@@ -38,6 +38,7 @@ from psycopg.rows import Row
 
 from kongtask.connection import describe_conninfo
 from kongtask.settings import ConnectionSettings
+from kongtask.timestamps import tolerate_timestamps
 
 __all__ = [
     "CHECK_TIMEOUT_S",
@@ -177,6 +178,7 @@ def connect(
             "connect_timeout_s, --connect-timeout)"
         ) from None
     conn.deadline_s = settings.statement_timeout_s
+    tolerate_timestamps(conn)
     return conn
 
 

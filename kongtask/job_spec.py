@@ -15,6 +15,7 @@ from datetime import datetime
 from typing import Any
 
 from .errors import InvalidJobError
+from .timestamps import unwritable
 from .validate import check_int, check_text, job_error
 
 __all__ = ["JOB_KEY_MODES", "JobSpec", "encode_payload"]
@@ -32,7 +33,8 @@ class JobSpec:
     """One job to add, validated on construction.
 
     ``payload`` must be JSON-serialisable (``None`` means ``{}``); ``run_at``
-    must be timezone-aware (``None`` means now, on the database's clock);
+    must be timezone-aware and within the years 1 to 9999 in UTC (``None``
+    means now, on the database's clock);
     ``flags`` are stored as ``{flag: true}`` for ``forbidden_flags`` to match.
     """
 
@@ -74,6 +76,10 @@ class JobSpec:
                     field="run_at",
                     value=self.run_at,
                 )
+            # PostgreSQL would store it, but nobody could load it back.
+            reason = unwritable(self.run_at)
+            if reason is not None:
+                raise InvalidJobError(f"run_at: {reason}", field="run_at", value=self.run_at)
         if self.max_attempts is not None:
             check_int("max_attempts", self.max_attempts, 1, _SMALLINT_MAX, error=job_error)
         check_text(

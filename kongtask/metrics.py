@@ -16,7 +16,8 @@ Metric names (all prefixed ``kongtask_``): ``jobs_started_total``,
 ``jobs_succeeded_total``, ``jobs_failed_total`` (failed attempts),
 ``jobs_permanently_failed_total`` (each by ``task``); histograms
 ``job_duration_seconds`` and ``job_pickup_latency_seconds`` (``run_at`` to
-start), by ``task``; gauges ``executors``, ``executors_busy``,
+start; not for a ``run_at`` of ``-infinity``), by ``task``; gauges
+``executors``, ``executors_busy``,
 ``local_queue_jobs``, ``local_queue_size`` (by ``pool``); ``jobs`` (by
 ``task`` and ``state``), ``locked_queues``, ``live_pools`` and
 ``database_up`` sampled from the database; ``cron_firings_total``,
@@ -52,6 +53,7 @@ from . import events
 from .ops import JOB_STATES, LIVE_POOL_BOUND_S
 from .settings import DEFAULT_SCHEMA
 from .sql import Queries
+from .timestamps import OutOfRangeTimestamp
 
 __all__ = ["DEPTH_MAX_AGE_S", "Metrics", "register"]
 
@@ -306,8 +308,10 @@ class Metrics:
     def _on_start(self, sender: Any, *, worker_id: str, job: Any, **_: Any) -> None:
         children = self._children(job.task_identifier)
         children.started.inc()
-        latency = (_now(sender) - job.run_at).total_seconds()
-        children.pickup.observe(latency if latency > 0 else 0.0)
+        if not isinstance(job.run_at, OutOfRangeTimestamp):
+            # ('-infinity', "as soon as possible", would add millennia to the sum.)
+            latency = (_now(sender) - job.run_at).total_seconds()
+            children.pickup.observe(latency if latency > 0 else 0.0)
         if len(self._started) > _MAX_TRACKED_STARTS:
             self._started.clear()  # jobs abandoned at a shutdown never complete
         self._started[(worker_id, job.id)] = time.perf_counter()

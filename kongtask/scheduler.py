@@ -57,6 +57,7 @@ from .errors import ConfigurationError, KongtaskError
 from .migrate import migrate
 from .protocols import Clock
 from .sql import CRON_ITEMS_CHANNEL, Queries
+from .timestamps import tolerate_timestamps
 from .validate import check_clock, check_seconds
 
 __all__ = ["Scheduler"]
@@ -229,7 +230,7 @@ class Scheduler:
                 migrate(conn, self.schema)
             pool: ConnectionPool[Any] = ConnectionPool(
                 conninfo, min_size=1, max_size=3, kwargs={"autocommit": True}, open=False,
-                name=f"kongtask-scheduler-{self.schema}",
+                name=f"kongtask-scheduler-{self.schema}", configure=tolerate_timestamps,
             )  # fmt: skip
             pool.open(wait=True, timeout=_POOL_OPEN_TIMEOUT_S)
             stack.callback(pool.close)

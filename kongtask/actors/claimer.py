@@ -13,7 +13,12 @@ Rows arrive as tuples with the payload as text; the payloads of a batch are
 decoded by one ``json.loads`` call, and only if that fails one by one, so a
 payload Python cannot decode (a 5,000-digit number, nesting deeper than the
 recursion limit) fails that job's attempt with a clear ``last_error`` and
-never the batch or the worker. Buffered jobs left unstarted for
+never the batch or the worker. The same holds for a row psycopg cannot load
+(``flags`` holding such a number): the claim has locked it, so it is failed
+alone instead of failing the fetch and staying locked. Timestamps Python
+cannot hold (``-infinity``, year 10000) load as
+:class:`~kongtask.timestamps.OutOfRangeTimestamp` on the pool's connections,
+so a ``-infinity`` job is simply due. Buffered jobs left unstarted for
 ``local_queue_ttl_s`` are given back, as graphile-worker's local queue does.
 """
 
@@ -33,6 +38,7 @@ import psycopg
 from kongtask import events
 from kongtask.job import Job
 from kongtask.protocols import TimerHandle
+from kongtask.timestamps import load_rows_tolerating, psycopg_timestamps
 
 from .clock import SystemClock
 from .context import WorkerContext
@@ -95,6 +101,7 @@ class SlowStatement(NamedTuple):
 ClaimerMessage = FetchEvent | TtlDue | JoinRequest | HeldCount | SlowStatement
 
 _EPOCH = datetime.min.replace(tzinfo=UTC)
+_JOB_FIELDS = dataclasses.fields(Job)
 
 #: A claim or complete this slow suggests a plan made from stale statistics (ANALYZE_JOBS).
 SLOW_STATEMENT_S = 0.1
@@ -231,11 +238,11 @@ class Claimer(DbActor):
         """Buffer the jobs whose payload decoded; fail the others' attempt. Returns the buffered."""
         if not jobs:
             return jobs
-        runnable = [job for job in jobs if type(job.payload) is not _Undecodable]
+        runnable = [job for job in jobs if type(job.payload) is not _Unusable]
         if len(runnable) != len(jobs):
             for job in jobs:
-                if type(job.payload) is _Undecodable:
-                    message = f"Payload could not be decoded: {job.payload.reason}"
+                if type(job.payload) is _Unusable:
+                    message = job.payload.message
                     logger.error("Failed task %s (%s): %s", job.id, job.task_identifier, message)
                     self._outbox.failure(dataclasses.replace(job, payload=None), message)
         self.ctx.queue.put_many(runnable)
@@ -287,9 +294,16 @@ class Claimer(DbActor):
             "pool_id": ctx.pool_id,
             "now": self._clock_now() if self._clock_now is not None else None,
         }
-        rows = conn.execute(ctx.queries.get_jobs, params).fetchall()
-        seen = rows[0][-1] if rows else 0
-        return self._jobs_of(rows), seen
+        with conn.cursor() as cursor:
+            # The hot path: psycopg's own timestamp loader, unless a row needs more (_load).
+            psycopg_timestamps(cursor)
+            cursor.execute(ctx.queries.get_jobs, params)
+            jobs = self._load(cursor)
+            result = cursor.pgresult
+        assert result is not None
+        # From the raw answer: every row carries it, even one that could not be loaded.
+        seen = int(bytes(result.get_value(0, result.nfields - 1) or b"0")) if jobs else 0
+        return jobs, seen
 
     def _maybe_analyze(self, claim_s: float) -> None:
         """Refresh the jobs table's statistics after a suspiciously slow claim."""
@@ -318,14 +332,60 @@ class Claimer(DbActor):
             "since": self._last_locked_at,
             "claimed": [job.id for job in claimed],
         }
-        rows = conn.execute(self.ctx.queries.orphaned_claims, params).fetchall()
-        if rows:
+        jobs = self._load(conn.execute(self.ctx.queries.orphaned_claims, params))
+        if jobs:
             logger.warning(
                 "Adopted %d job(s) locked by a claim whose answer was lost: %s",
-                len(rows),
-                ", ".join(str(row[0]) for row in rows),
+                len(jobs),
+                ", ".join(str(job.id) for job in jobs),
             )
-        return self._jobs_of(rows)
+        return jobs
+
+    def _load(self, cursor: psycopg.Cursor[Any]) -> list[Job]:
+        """The jobs of a claim's answer, each row it locked among them.
+
+        When psycopg refuses the answer (a value no loader of the cursor
+        reads), the rows are loaded again one by one, tolerating timestamps
+        Python cannot hold (a ``-infinity`` job is simply due); a row that
+        still cannot be loaded must not fail the others: it becomes a job
+        whose payload is an :class:`_Unusable`, which :meth:`_hand_over` fails.
+        """
+        try:
+            loaded = cursor.fetchall()
+        except Exception:  # whatever a loader raised about the data
+            pass
+        else:
+            return self._jobs_of(loaded)
+        result = cursor.pgresult
+        assert result is not None
+        rows: list[Sequence[Any]] = []
+        unreadable: list[Job] = []
+        for index, row in enumerate(load_rows_tolerating(cursor)):
+            if isinstance(row, Exception):
+                unreadable.append(self._unreadable(result, index, row))
+            else:
+                rows.append(row)
+        return self._jobs_of(rows) + unreadable
+
+    def _unreadable(self, result: Any, index: int, exc: Exception) -> Job:
+        """A stand-in for claimed row ``index`` that could not be loaded, for failing it.
+
+        Only its ids are read (as raw text); the completer needs no more to
+        fail its attempt and release its queue.
+        """
+
+        def raw(column: int) -> int | None:
+            value = result.get_value(index, column)
+            return None if value is None else int(bytes(value))
+
+        job_id, queue_id, task_id = raw(0), raw(1), raw(2)
+        assert job_id is not None and task_id is not None
+        first_line = str(exc).strip().split("\n", 1)[0]
+        message = f"Row could not be read: {type(exc).__name__}: {first_line}"
+        blank = (None,) * (len(_JOB_FIELDS) - 5)
+        return Job.from_values(
+            (job_id, queue_id, task_id, self.ctx.task_ids[task_id], _Unusable(message), *blank)
+        )
 
     def _jobs_of(self, rows: Sequence[Sequence[Any]]) -> list[Job]:
         """Jobs from claim rows (``CLAIM_COLUMNS``: the payload as text at index 3)."""
@@ -404,17 +464,20 @@ class Claimer(DbActor):
         return jobs
 
 
-class _Undecodable(NamedTuple):
-    """Stands in for a payload ``json.loads`` refused; the claimer fails that job's attempt."""
+class _Unusable(NamedTuple):
+    """Stands in for a payload ``json.loads`` refused or a row psycopg could not load.
 
-    reason: str
+    The claimer fails that job's attempt with ``message`` as its last error.
+    """
+
+    message: str
 
 
 def decode_payloads(texts: list[str]) -> list[Any]:
     """Decode JSON payload texts, in one call when possible.
 
     A text Python's json refuses (digits beyond the integer limit, nesting
-    beyond the recursion limit) becomes an :class:`_Undecodable` naming why,
+    beyond the recursion limit) becomes an :class:`_Unusable` naming why,
     so that only its own job fails.
     """
     try:
@@ -426,5 +489,6 @@ def decode_payloads(texts: list[str]) -> list[Any]:
         try:
             payloads.append(json.loads(text))
         except (ValueError, RecursionError) as exc:
-            payloads.append(_Undecodable(f"{type(exc).__name__}: {exc}"))
+            reason = f"{type(exc).__name__}: {exc}"
+            payloads.append(_Unusable(f"Payload could not be decoded: {reason}"))
     return payloads

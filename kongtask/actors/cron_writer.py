@@ -21,7 +21,7 @@ import logging
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import psycopg
@@ -32,6 +32,7 @@ from kongtask.cron.matcher import matches, next_fire_times
 from kongtask.cron.schedule import MINUTE, KnownCrontab, ceil_minute
 from kongtask.cron.types import ParsedCronItem
 from kongtask.sql import Queries
+from kongtask.timestamps import tolerate_timestamps
 
 __all__ = [
     "CronWriter",
@@ -50,6 +51,7 @@ ConnectionFactory = Callable[[], AbstractContextManager[psycopg.Connection[Any]]
 _ITEM_FAULT_CLASSES = ("22", "23")  # data exception, integrity constraint violation
 # Gaps up to this long are looked for minute by minute; longer ones by the matcher.
 _SCAN_LIMIT = timedelta(hours=2)
+_FIRST_MINUTE = datetime.min.replace(tzinfo=UTC) + MINUTE
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,6 +176,8 @@ class CronWriter(pykka.ThreadingActor):
     def _register(self, identifiers: Sequence[str], now: datetime) -> dict[str, KnownCrontab]:
         params = {"identifiers": list(identifiers), "now": now}
         with self._connect() as conn, conn.cursor(row_factory=dict_row) as cursor:
+            # On the cursor: a Scheduler may run on an application's own pool.
+            tolerate_timestamps(cursor)
             rows = cursor.execute(self._queries.register_crontabs, params).fetchall()
             gaps = self._gaps(cursor, [row["identifier"] for row in rows], None)
         return {
@@ -210,6 +214,7 @@ class CronWriter(pykka.ThreadingActor):
         with self._connect() as conn:
             try:
                 with conn.transaction(), conn.cursor() as cursor:
+                    tolerate_timestamps(cursor)
                     self._write(cursor, planned, outcome)
                 return outcome
             except psycopg.Error as exc:
@@ -225,6 +230,7 @@ class CronWriter(pykka.ThreadingActor):
         for firing in planned:
             groups.setdefault(firing.item.identifier, []).append(firing)
         with conn.transaction(), conn.cursor() as cursor:
+            tolerate_timestamps(cursor)
             for identifier, group in sorted(groups.items()):
                 attempt = _Outcome()
                 try:
@@ -363,6 +369,9 @@ class CronWriter(pykka.ThreadingActor):
         """The first minute in [after ``last`` (or from ``known_since``), ``before``) at which
         ``item`` fires, or None: the start of a gap that scheduling ``before`` leaves."""
         start = last + MINUTE if last is not None else ceil_minute(known_since)
+        # '-infinity' (written by another client) loads as the first instant Python
+        # holds, which has no minute before it.
+        start = max(start, _FIRST_MINUTE)
         if before - start <= _SCAN_LIMIT:  # the usual case: minute by minute is cheapest
             ts = start
             while ts < before:

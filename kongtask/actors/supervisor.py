@@ -41,6 +41,7 @@ from kongtask.protocols import Clock
 from kongtask.scheduler import Scheduler
 from kongtask.settings import WorkerSettings
 from kongtask.sql import Queries
+from kongtask.timestamps import tolerate_timestamps
 
 from .claimer import BufferLow, Claimer, HeldCount, InsertNotified, JoinRequest, Shutdown, Wake
 from .clock import SystemClock
@@ -234,6 +235,8 @@ class Supervisor:
 
         def configure(conn: Any) -> None:
             conn.deadline_s = deadline_s
+            # A hostile timestamp in a claimed row must not fail the claim.
+            tolerate_timestamps(conn)
 
         pool: ConnectionPool[Any] = ConnectionPool(
             conninfo,

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterable, Mapping, Sequence
-from datetime import UTC, datetime
+from datetime import datetime
 from html import escape
 from typing import Any
 from urllib.parse import urlencode
 
 from kongtask.ops import JOB_STATES, CronStatus, JobInfo, PoolInfo, StateCounts, StatusReport
+from kongtask.timestamps import OutOfRangeTimestamp, format_utc
 
 __all__ = [
     "cron_section",
@@ -30,11 +31,11 @@ def e(value: Any) -> str:
 
 
 def when(value: datetime | None, now: datetime | None = None) -> str:
-    """A UTC time, with how long ago / from now when ``now`` is given."""
+    """A UTC time, with how long ago / from now when ``now`` is given (not for ``infinity``)."""
     if value is None:
         return '<span class="muted">-</span>'
-    text = value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S")
-    if now is None:
+    text = format_utc(value, "%Y-%m-%d %H:%M:%S")
+    if now is None or isinstance(value, OutOfRangeTimestamp):
         return e(text)
     seconds = (value - now).total_seconds()
     return f'{e(text)} <span class="muted">({e(_relative(seconds))})</span>'

@@ -10,13 +10,11 @@ locked.
 
 from __future__ import annotations
 
-import threading
 from typing import Any
 
 import psycopg
 
-from kongtask import Runner
-from tests.integration.worker_support import add_jobs_sql, locked_queues
+from tests.integration.worker_support import add_jobs_sql, locked_queues, run_until_ran
 
 INNOCENT = 10
 
@@ -35,28 +33,7 @@ def test_undecodable_payloads_fail_only_their_job(db_url: str, db: psycopg.Conne
     for statement in BAD_PAYLOADS.values():
         db.execute(statement)
     add_jobs_sql(db, [{"identifier": "work", "payload": {"n": n}} for n in range(INNOCENT)])
-    ran: set[int] = set()
-    lock = threading.Lock()
-    all_ran = threading.Event()
-
-    def work(payload: dict[str, Any], helpers: Any) -> None:
-        with lock:
-            ran.add(payload["n"])
-            if len(ran) == INNOCENT:
-                all_ran.set()
-
-    runner = Runner(
-        tasks={"work": work},
-        connection_string=db_url,
-        concurrency=4,
-        local_queue_size=50,  # one claim takes all twelve
-        install_signal_handlers=False,
-    )
-    with runner:
-        assert all_ran.wait(20), f"innocent jobs did not run: {sorted(ran)}"
-        runner.join(20)
-        assert runner.running, "the worker stopped"
-    assert ran == set(range(INNOCENT))
+    assert set(run_until_ran(db_url, set(range(INNOCENT)))) == set(range(INNOCENT))
     rows = db.execute(
         "select attempts, locked_by, last_error from graphile_worker._private_jobs order by id"
     ).fetchall()

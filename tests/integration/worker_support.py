@@ -113,3 +113,33 @@ def add_jobs_sql(conn: psycopg.Connection[Any], specs: list[dict[str, Any]]) -> 
         "null::graphile_worker.job_spec, %s::json)))",
         (json.dumps(specs),),
     )
+
+
+def run_until_ran(db_url: str, expected: set[Any]) -> dict[Any, Any]:
+    """Run task ``work`` (4 threads, one claim for a small backlog) until every payload ``n``
+    in ``expected`` ran and the queue is idle; returns each ``n``'s ``helpers.job``.
+
+    Fails if those jobs did not all run within the deadline or the worker stopped.
+    """
+    ran: dict[Any, Any] = {}
+    lock = threading.Lock()
+    all_ran = threading.Event()
+
+    def work(payload: dict[str, Any], helpers: Any) -> None:
+        with lock:
+            ran[payload["n"]] = helpers.job
+            if expected <= set(ran):
+                all_ran.set()
+
+    runner = Runner(
+        tasks={"work": work},
+        connection_string=db_url,
+        concurrency=4,
+        local_queue_size=50,  # one claim takes a small backlog whole
+        install_signal_handlers=False,
+    )
+    with runner:
+        assert all_ran.wait(20), f"jobs did not run: {sorted(expected - set(ran))}"
+        runner.join(20)
+        assert runner.running, "the worker stopped"
+    return ran
