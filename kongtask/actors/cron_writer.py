@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -32,6 +32,8 @@ from kongtask.cron.matcher import matches, next_fire_times
 from kongtask.cron.schedule import MINUTE, KnownCrontab, ceil_minute
 from kongtask.cron.types import ParsedCronItem
 from kongtask.sql import Queries
+
+from .probing import DatabaseWait
 
 __all__ = [
     "CronWriter",
@@ -143,6 +145,13 @@ class CronWriter(pykka.ThreadingActor):
         self._queries = queries
         self._cron = queries.cron
         self._node = node
+        self._database_wait = DatabaseWait.of(self)
+
+    @contextmanager
+    def _connection(self) -> Iterator[psycopg.Connection[Any]]:
+        """A pooled connection for the block; a liveness probe sees the block as a database wait."""
+        with self._database_wait(), self._connect() as conn:
+            yield conn
 
     def on_receive(self, message: Any) -> Any:
         try:
@@ -173,7 +182,7 @@ class CronWriter(pykka.ThreadingActor):
 
     def _register(self, identifiers: Sequence[str], now: datetime) -> dict[str, KnownCrontab]:
         params = {"identifiers": list(identifiers), "now": now}
-        with self._connect() as conn, conn.cursor(row_factory=dict_row) as cursor:
+        with self._connection() as conn, conn.cursor(row_factory=dict_row) as cursor:
             rows = cursor.execute(self._queries.register_crontabs, params).fetchall()
             gaps = self._gaps(cursor, [row["identifier"] for row in rows], None)
         return {
@@ -207,7 +216,7 @@ class CronWriter(pykka.ThreadingActor):
         outcome = _Outcome()
         if not planned:
             return outcome
-        with self._connect() as conn:
+        with self._connection() as conn:
             try:
                 with conn.transaction(), conn.cursor() as cursor:
                     self._write(cursor, planned, outcome)

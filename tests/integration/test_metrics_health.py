@@ -19,6 +19,7 @@ from psycopg.conninfo import make_conninfo
 import kongtask
 import kongtask.metrics
 from kongtask.health import DB_TIMEOUT_S, OpsServer
+from tests.faults.tcp_proxy import TcpProxy
 from tests.faults.test_cron_faults import PG_BIN, PrivateServer
 from tests.integration.ops_support import add, counts_by_sql, seed_every_state
 from tests.integration.worker_support import wait_until
@@ -214,17 +215,15 @@ def test_readyz_follows_the_database_down_and_up(private_server: PrivateServer) 
         # Alive all the same, even once the claimer is busy retrying its claim
         # (its poll falls due every 2 s): a restart would not bring the database back.
         wait_until(
-            lambda: runner.probe(0.3).get("claimer") is not None,
+            lambda: "waiting" in runner.probe()["claimer"],
             timeout_s=20,
             what="the claimer to be busy retrying",
         )
-        runner.ops_server.probes.probe_timeout_s = 0.3
         status, body = get(runner.ops_server.url + "/healthz")
         assert status == 200, body
-        assert json.loads(body)["checks"]["claimer"] == {
-            "ok": True,
-            "waiting": "for the database (see /readyz)",
-        }
+        claimer = json.loads(body)["checks"]["claimer"]
+        assert claimer["ok"] is True and claimer["waiting"] == "for the database (see /readyz)"
+        assert claimer["waiting_s"] >= 0
 
         private_server.start()
         wait_until(lambda: get(readyz)[0] == 200, timeout_s=60, what="200 after the restart")
@@ -293,3 +292,127 @@ def test_readyz_reports_cron_behind_its_minute(db_url: str) -> None:
     finally:
         events.cron_started.disconnect(on_started)
         events.cron_scheduled.disconnect(on_scheduled)
+
+
+def timed_get(url: str) -> tuple[int, dict[str, Any], float]:
+    """Status, decoded JSON body and answer time (seconds) of a probe."""
+    started = time.perf_counter()
+    status, body = get(url)
+    return status, json.loads(body), time.perf_counter() - started
+
+
+def test_probes_answer_in_time_while_the_database_is_silent(db_url: str) -> None:
+    # The database goes silent (every connection, old and new, accepted and never
+    # answered): /healthz must answer from what the process knows, at once, and
+    # stay green; /readyz answers 503 within its own database deadline.
+    with (
+        TcpProxy("127.0.0.1", 5432) as proxy,
+        kongtask.run(
+            tasks={"ok": ok},
+            connection_string=proxy.through(db_url),
+            metrics_port=0,
+            poll_interval_s=0.5,  # the claimer goes into the silent database at once
+            install_signal_handlers=False,
+        ) as runner,
+    ):
+        healthz = runner.ops_server.url + "/healthz"
+        readyz = runner.ops_server.url + "/readyz"
+        assert get(healthz)[0] == 200 and get(readyz)[0] == 200
+        proxy.silence(new_connections=True)
+        wait_until(
+            lambda: "waiting" in timed_get(healthz)[1]["checks"]["claimer"],
+            what="/healthz to see the claimer waiting for the database",
+        )
+        healthz_s, readyz_s = [], []
+        for _ in range(5):
+            status, report, elapsed = timed_get(healthz)
+            assert status == 200, report
+            assert report["checks"]["claimer"]["ok"] is True
+            healthz_s.append(elapsed)
+            status, report, elapsed = timed_get(readyz)
+            assert status == 503, report
+            assert report["checks"]["database"]["ok"] is False
+            readyz_s.append(elapsed)
+        print(
+            f"\nsilent database: /healthz {min(healthz_s):.3f}-{max(healthz_s):.3f} s, "
+            f"/readyz {min(readyz_s):.3f}-{max(readyz_s):.3f} s"
+        )
+        assert max(healthz_s) < 0.5
+        assert max(readyz_s) < DB_TIMEOUT_S + 0.5
+        proxy.close()  # the connections fail at once, so the Runner stops quickly
+
+
+def test_healthz_turns_red_while_a_cron_actor_is_stuck(
+    db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from datetime import UTC, datetime
+
+    from kongtask import events
+    from kongtask.actors.cron_writer import CronWriter
+    from kongtask.testing import ManualClock
+
+    # A bug outside the database holds the cron writer in its handler.
+    entered, release = threading.Event(), threading.Event()
+    schedule = CronWriter._schedule
+
+    def stuck(self: CronWriter, planned: Any) -> Any:
+        entered.set()
+        release.wait(30)
+        return schedule(self, planned)
+
+    monkeypatch.setattr(CronWriter, "_schedule", stuck)
+    clock = ManualClock(datetime(2026, 1, 1, 0, 0, 30, tzinfo=UTC))
+    runner = kongtask.Runner(
+        tasks={"tick": ok},
+        connection_string=db_url,
+        crontab="* * * * * tick",
+        clock=clock,
+        metrics_port=0,
+        install_signal_handlers=False,
+    )
+    started = threading.Event()
+
+    def on_started(sender: Any, **_: Any) -> None:
+        started.set()
+
+    events.cron_started.connect(on_started, sender=runner, weak=False)
+    try:
+        with runner:
+            healthz = runner.ops_server.url + "/healthz"
+            assert started.wait(30)
+            status, report, _ = timed_get(healthz)
+            assert status == 200, report
+            assert {"cron:writer", "cron:matcher", "cron:loader"} <= set(report["checks"])
+            clock.advance(31)  # 00:01:01: the matcher hands the minute to the writer
+            assert entered.wait(30)
+            status, report, elapsed = timed_get(healthz)
+            assert status == 503, report
+            assert report["checks"]["cron:writer"] == {
+                "ok": False,
+                "error": "did not answer within 0.5s",
+            }
+            assert report["checks"]["cron:matcher"]["ok"] is True
+            assert report["checks"]["claimer"]["ok"] is True
+            assert elapsed < 1.0
+            release.set()
+            wait_until(lambda: get(healthz)[0] == 200, what="/healthz to recover")
+    finally:
+        release.set()
+        events.cron_started.disconnect(on_started)
+
+
+def test_healthz_names_a_stopped_cron_actor(db_url: str) -> None:
+    runner = kongtask.Runner(
+        tasks={"tick": ok},
+        connection_string=db_url,
+        crontab="* * * * * tick",
+        metrics_port=0,
+        install_signal_handlers=False,
+    )
+    with runner:
+        healthz = runner.ops_server.url + "/healthz"
+        assert get(healthz)[0] == 200
+        runner.scheduler.parts()["cron:loader"].stop()
+        status, report, _ = timed_get(healthz)
+        assert status == 503, report
+        assert report["checks"]["cron:loader"] == {"ok": False, "error": "the actor has stopped"}
