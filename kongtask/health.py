@@ -302,15 +302,29 @@ class OpsServer:
         self._stopped = threading.Event()
 
     @classmethod
-    def for_runner(cls, runner: Any, *, host: str = "127.0.0.1", port: int = 0) -> OpsServer:
-        """The server for one Runner: its metrics and probes; it stops when the Runner stops."""
-        from .metrics import Metrics
+    def for_runner(
+        cls,
+        runner: Any,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        depth_max_tasks: int | None = None,
+    ) -> OpsServer:
+        """The server for one Runner: its metrics and probes; it stops when the Runner stops.
+
+        ``depth_max_tasks``: see :class:`kongtask.metrics.Metrics` (default 100).
+        """
+        from .metrics import DEPTH_MAX_TASKS, Metrics
 
         def connect() -> AbstractContextManager[Any]:
             manager: AbstractContextManager[Any] = runner.connection(timeout_s=DB_TIMEOUT_S)
             return manager
 
-        metrics = Metrics(connect=connect, schema=runner.settings.schema)
+        metrics = Metrics(
+            connect=connect,
+            schema=runner.settings.schema,
+            depth_max_tasks=DEPTH_MAX_TASKS if depth_max_tasks is None else depth_max_tasks,
+        )
         metrics.attach(runner)
         probes = Probes(runner=runner, metrics=metrics)
         server = cls(wsgi_app(probes, metrics), host=host, port=port, on_stop=metrics.detach)
@@ -321,13 +335,23 @@ class OpsServer:
 
     @classmethod
     def for_database(
-        cls, conninfo: str, *, schema: str, host: str = "127.0.0.1", port: int = 0
+        cls,
+        conninfo: str,
+        *,
+        schema: str,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        depth_max_tasks: int | None = None,
     ) -> OpsServer:
         """The server for a database alone (no Runner): queue depth and readiness."""
-        from .metrics import Metrics
+        from .metrics import DEPTH_MAX_TASKS, Metrics
 
         connection = _StandaloneConnection(conninfo, connect_timeout_s=int(max(2, DB_TIMEOUT_S)))
-        metrics = Metrics(connect=connection, schema=schema)
+        metrics = Metrics(
+            connect=connection,
+            schema=schema,
+            depth_max_tasks=DEPTH_MAX_TASKS if depth_max_tasks is None else depth_max_tasks,
+        )
         probes = Probes(connect=connection, schema=schema, metrics=metrics)
         server = cls(wsgi_app(probes, metrics), host=host, port=port, on_stop=connection.close)
         server.metrics = metrics

@@ -416,3 +416,65 @@ def test_healthz_names_a_stopped_cron_actor(db_url: str) -> None:
         status, report, _ = timed_get(healthz)
         assert status == 503, report
         assert report["checks"]["cron:loader"] == {"ok": False, "error": "the actor has stopped"}
+
+
+def test_queue_depth_series_are_capped_with_many_tasks(
+    db_url: str, db: psycopg.Connection[Any]
+) -> None:
+    # Another application queued jobs under 10,000 task identifiers (inserted
+    # directly: 10,000 add_job calls take a minute on a loaded machine).
+    db.execute(
+        "insert into graphile_worker._private_tasks (identifier)"
+        " select 'bulk_' || i from generate_series(1, 10000) i"
+    )
+    db.execute(
+        "insert into graphile_worker._private_jobs (task_id)"
+        " select id from graphile_worker._private_tasks where identifier like 'bulk\\_%'"
+    )
+    db.execute("select graphile_worker.add_job('heavy_a') from generate_series(1, 5)")
+    db.execute("select graphile_worker.add_job('heavy_b') from generate_series(1, 3)")
+    db.execute("select graphile_worker.add_job('_other') from generate_series(1, 7)")
+    db.commit()
+    total = 10_000 + 5 + 3 + 7
+    with OpsServer.for_database(db_url, schema="graphile_worker") as server:
+        started = time.perf_counter()
+        status, text = get(server.url + "/metrics")
+        elapsed = time.perf_counter() - started
+        assert status == 200
+        jobs = {
+            labels: value
+            for (name, labels), value in samples(text).items()
+            if name == "kongtask_jobs"
+        }
+        print(
+            f"\n10,003 tasks: {len(jobs)} kongtask_jobs series, {len(text)} bytes, {elapsed:.3f} s"
+        )
+        tasks = {dict(labels)["task"] for labels in jobs}
+        assert len(tasks) == kongtask.metrics.DEPTH_MAX_TASKS + 1
+        assert {"heavy_a", "heavy_b", "_other"} <= tasks
+        assert len(jobs) == len(tasks) * 5  # every state of every series
+        assert jobs[(("state", "ready"), ("task", "heavy_a"))] == 5
+        assert sum(jobs.values()) == total  # nothing lost in the folding
+        # A task literally named "_other" is counted with the folded ones.
+        folded_tasks = 10_002 - kongtask.metrics.DEPTH_MAX_TASKS + 1
+        assert jobs[(("state", "ready"), ("task", "_other"))] == 7 + folded_tasks - 1
+        assert samples(text)[("kongtask_jobs_other_tasks", ())] == folded_tasks
+
+    with OpsServer.for_database(db_url, schema="graphile_worker", depth_max_tasks=2) as server:
+        jobs = {
+            labels: value
+            for (name, labels), value in samples(get(server.url + "/metrics")[1]).items()
+            if name == "kongtask_jobs" and dict(labels)["state"] == "ready"
+        }
+        assert jobs == {
+            (("state", "ready"), ("task", "heavy_a")): 5,
+            (("state", "ready"), ("task", "heavy_b")): 3,
+            (("state", "ready"), ("task", "_other")): 10_007,
+        }
+
+
+def test_bad_depth_max_tasks_is_refused() -> None:
+    for bad in (0, -1, True, 2.5, "100"):
+        with pytest.raises(kongtask.ConfigurationError, match="depth_max_tasks") as e:
+            kongtask.metrics.Metrics(depth_max_tasks=bad)
+        assert e.value.name == "depth_max_tasks"
