@@ -20,8 +20,12 @@ or mount :func:`wsgi_app` in a host's WSGI server.
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
+import selectors
+import socket
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -264,22 +268,146 @@ class QuietHandler(WSGIRequestHandler):
 
 
 class ThreadingWSGIServer(WSGIServer):
-    """One thread per request, so a slow probe never blocks a scrape."""
+    """Serves requests on a bounded set of threads; idle connections hold none.
+
+    An accepted connection waits, without a thread, until its request
+    arrives; one that sends nothing for ``idle_timeout_s`` is closed, and past
+    ``max_waiting`` waiting connections the oldest is closed. A request is
+    then served on one of at most ``max_threads`` threads (more wait their
+    turn), each read or write limited to ``idle_timeout_s``, so a stalled
+    client cannot hold a thread for long and a flood of idle ones cannot
+    starve a scrape or a probe.
+    """
 
     daemon_threads = True
     allow_reuse_address = True
+    request_queue_size = 128
+    #: Requests served at once, at most (one thread each).
+    max_threads = 8
+    #: Seconds a connection may stay silent, waiting for its request or within it.
+    idle_timeout_s = 5.0
+    #: Connections waiting for their request, at most; past it the oldest is closed.
+    max_waiting = 512
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._lock = threading.Lock()
+        self._incoming: list[tuple[socket.socket, Any]] = []
+        self._ready: collections.deque[tuple[socket.socket, Any]] = collections.deque()
+        self._busy = 0
+        self._closing = threading.Event()
+        self._wake_read, self._wake_write = socket.socketpair()
+        self._wake_write.setblocking(False)
+        try:
+            super().__init__(*args, **kwargs)
+        except BaseException:
+            self._wake_read.close()
+            self._wake_write.close()
+            raise
+        self._watcher = threading.Thread(
+            target=self._watch, name="kongtask-http-waiting", daemon=True
+        )
+        self._watcher.start()
 
     def process_request(self, request: Any, client_address: Any) -> None:
-        thread = threading.Thread(target=self._handle, args=(request, client_address), daemon=True)
-        thread.start()
+        """Hand a new connection to the watcher, which waits for its request."""
+        with self._lock:
+            self._incoming.append((request, client_address))
+        self._wake()
 
-    def _handle(self, request: Any, client_address: Any) -> None:
+    def _wake(self) -> None:
         try:
-            self.finish_request(request, client_address)
-        except Exception:
-            self.handle_error(request, client_address)
-        finally:
-            self.shutdown_request(request)
+            self._wake_write.send(b"\0")
+        except (BlockingIOError, OSError):
+            pass  # a wake-up is already pending, or the server is closing
+
+    def _watch(self) -> None:
+        """Wait for requests on the connections accepted; close the ones idle too long."""
+        waiting: dict[socket.socket, tuple[Any, float]] = {}  # oldest first
+        with selectors.DefaultSelector() as selector:
+            selector.register(self._wake_read, selectors.EVENT_READ)
+            while not self._closing.is_set():
+                timeout = None
+                if waiting:
+                    _, first_deadline = next(iter(waiting.values()))
+                    timeout = max(0.0, first_deadline - time.monotonic())
+                for key, _ in selector.select(timeout):
+                    conn = key.fileobj
+                    if conn is self._wake_read:
+                        self._wake_read.recv(4096)
+                        continue
+                    assert isinstance(conn, socket.socket)
+                    selector.unregister(conn)
+                    address, _ = waiting.pop(conn)
+                    self._dispatch(conn, address)
+                with self._lock:
+                    incoming, self._incoming = self._incoming, []
+                deadline = time.monotonic() + self.idle_timeout_s
+                for conn, address in incoming:
+                    try:
+                        selector.register(conn, selectors.EVENT_READ)
+                    except (OSError, ValueError):  # already closed by the client
+                        self.shutdown_request(conn)
+                        continue
+                    waiting[conn] = (address, deadline)
+                now = time.monotonic()
+                while waiting:
+                    conn, (address, deadline) = next(iter(waiting.items()))
+                    if deadline > now and len(waiting) <= self.max_waiting:
+                        break
+                    selector.unregister(conn)
+                    del waiting[conn]
+                    logger.debug("Closing an idle connection from %s", address)
+                    self.shutdown_request(conn)
+            for conn in waiting:
+                self.shutdown_request(conn)
+
+    def _dispatch(self, conn: socket.socket, address: Any) -> None:
+        """Queue a connection whose request arrived; start a thread if fewer than the bound run."""
+        with self._lock:
+            self._ready.append((conn, address))
+            if self._busy >= self.max_threads:
+                return
+            self._busy += 1
+        threading.Thread(target=self._serve, name="kongtask-http", daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            with self._lock:
+                if not self._ready or self._closing.is_set():
+                    self._busy -= 1
+                    return
+                conn, address = self._ready.popleft()
+            try:
+                conn.settimeout(self.idle_timeout_s)
+                self.finish_request(conn, address)
+            except Exception:
+                self.handle_error(conn, address)
+            finally:
+                self.shutdown_request(conn)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client that went away or stalled is logged at debug level, anything else as error."""
+        error = sys.exc_info()[1]
+        if isinstance(error, OSError):
+            logger.debug("Connection from %s: %s", client_address, error)
+        else:
+            logger.error("Serving a request from %s failed", client_address, exc_info=True)
+
+    def server_close(self) -> None:
+        """Close the socket, the waiting connections and the queued ones."""
+        self._closing.set()
+        self._wake()
+        if self._watcher is not threading.current_thread():
+            self._watcher.join(5.0)
+        with self._lock:
+            pending = [conn for conn, _ in self._incoming] + [conn for conn, _ in self._ready]
+            self._incoming.clear()
+            self._ready.clear()
+        for conn in pending:
+            self.shutdown_request(conn)
+        super().server_close()
+        self._wake_read.close()
+        self._wake_write.close()
 
 
 class OpsServer:

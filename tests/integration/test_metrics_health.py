@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import selectors
+import socket
 import threading
 import time
 import urllib.error
@@ -18,7 +20,7 @@ from psycopg.conninfo import make_conninfo
 
 import kongtask
 import kongtask.metrics
-from kongtask.health import DB_TIMEOUT_S, OpsServer
+from kongtask.health import DB_TIMEOUT_S, OpsServer, ThreadingWSGIServer
 from tests.faults.tcp_proxy import TcpProxy
 from tests.faults.test_cron_faults import PG_BIN, PrivateServer
 from tests.integration.ops_support import add, counts_by_sql, seed_every_state
@@ -418,6 +420,19 @@ def test_healthz_names_a_stopped_cron_actor(db_url: str) -> None:
         assert report["checks"]["cron:loader"] == {"ok": False, "error": "the actor has stopped"}
 
 
+def sampled_metrics(url: str) -> str:
+    """The /metrics page once a depth sample succeeded (one may time out on a loaded machine)."""
+    pages: list[str] = []
+
+    def sampled() -> bool:
+        status, text = get(url + "/metrics")
+        pages.append(text)
+        return status == 200 and samples(text).get(("kongtask_database_up", ())) == 1
+
+    wait_until(sampled, what="a successful depth sample")
+    return pages[-1]
+
+
 def test_queue_depth_series_are_capped_with_many_tasks(
     db_url: str, db: psycopg.Connection[Any]
 ) -> None:
@@ -438,9 +453,8 @@ def test_queue_depth_series_are_capped_with_many_tasks(
     total = 10_000 + 5 + 3 + 7
     with OpsServer.for_database(db_url, schema="graphile_worker") as server:
         started = time.perf_counter()
-        status, text = get(server.url + "/metrics")
+        text = sampled_metrics(server.url)
         elapsed = time.perf_counter() - started
-        assert status == 200
         jobs = {
             labels: value
             for (name, labels), value in samples(text).items()
@@ -463,7 +477,7 @@ def test_queue_depth_series_are_capped_with_many_tasks(
     with OpsServer.for_database(db_url, schema="graphile_worker", depth_max_tasks=2) as server:
         jobs = {
             labels: value
-            for (name, labels), value in samples(get(server.url + "/metrics")[1]).items()
+            for (name, labels), value in samples(sampled_metrics(server.url)).items()
             if name == "kongtask_jobs" and dict(labels)["state"] == "ready"
         }
         assert jobs == {
@@ -478,3 +492,76 @@ def test_bad_depth_max_tasks_is_refused() -> None:
         with pytest.raises(kongtask.ConfigurationError, match="depth_max_tasks") as e:
             kongtask.metrics.Metrics(depth_max_tasks=bad)
         assert e.value.name == "depth_max_tasks"
+
+
+def _idle_sockets(port: int, count: int) -> list[socket.socket]:
+    """``count`` connections to ``port`` that never send a byte."""
+    return [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(count)]
+
+
+def _wait_closed_by_peer(
+    socks: list[socket.socket], timeout_s: float
+) -> dict[socket.socket, float]:
+    """When (``time.monotonic()``) the server closed each socket, waiting up to ``timeout_s``."""
+    closed: dict[socket.socket, float] = {}
+    deadline = time.monotonic() + timeout_s
+    with selectors.DefaultSelector() as selector:
+        for sock in socks:
+            selector.register(sock, selectors.EVENT_READ)
+        while len(closed) < len(socks) and time.monotonic() < deadline:
+            for key, _ in selector.select(max(0.0, deadline - time.monotonic())):
+                sock = key.fileobj
+                assert isinstance(sock, socket.socket)
+                if sock.recv(1) == b"":
+                    closed[sock] = time.monotonic()
+                    selector.unregister(sock)
+    return closed
+
+
+def test_idle_connections_hold_no_thread_and_are_closed(db_url: str) -> None:
+    idle_timeout_s = ThreadingWSGIServer.idle_timeout_s
+    with OpsServer.for_database(db_url, schema="graphile_worker") as server:
+        assert get(server.url + "/metrics")[0] == 200
+        threads_before = threading.active_count()
+        opened = time.monotonic()
+        socks = _idle_sockets(server.port, 300)
+        try:
+            # Accepted after the 300 (one listen queue), served at once all the same.
+            started = time.perf_counter()
+            status, _ = get(server.url + "/metrics")
+            scrape_s = time.perf_counter() - started
+            assert status == 200
+            threads = threading.active_count()
+            assert threads - threads_before <= ThreadingWSGIServer.max_threads
+            assert scrape_s < 1.0
+            closed = _wait_closed_by_peer(socks, idle_timeout_s + 5)
+            assert len(closed) == len(socks), f"{len(socks) - len(closed)} idle sockets open"
+            after = sorted(at - opened for at in closed.values())
+            print(
+                f"\n300 idle connections: {threads - threads_before} more threads, "
+                f"scrape {scrape_s:.3f} s, closed after {after[0]:.1f}-{after[-1]:.1f} s"
+            )
+            assert after[0] >= idle_timeout_s - 0.5  # by the timeout, not before
+            assert get(server.url + "/healthz")[0] == 200
+        finally:
+            for sock in socks:
+                sock.close()
+
+
+def test_past_max_waiting_the_oldest_idle_connection_is_closed(
+    db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(ThreadingWSGIServer, "max_waiting", 20)
+    with OpsServer.for_database(db_url, schema="graphile_worker") as server:
+        oldest = _idle_sockets(server.port, 10)
+        newest = _idle_sockets(server.port, 19)
+        try:
+            # Its connection is the 20th waiting: every one of the 10 oldest has to go
+            # (before this answers), long before the idle timeout.
+            assert get(server.url + "/healthz")[0] == 200
+            closed = _wait_closed_by_peer(oldest, ThreadingWSGIServer.idle_timeout_s / 2)
+            assert len(closed) == len(oldest)
+            assert _wait_closed_by_peer(newest, 0.2) == {}
+        finally:
+            for sock in oldest + newest:
+                sock.close()
