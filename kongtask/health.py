@@ -1,11 +1,12 @@
 """Liveness and readiness probes, served with the metrics on one port.
 
-``/healthz`` (alive): every actor of the Runner answers a message within
-``probe_timeout_s`` and every executor thread is running; a stuck actor (its
-mailbox not drained) turns it red, except an actor retrying a statement
-while the database itself does not answer (restarting would not help; that
-is what ``/readyz`` reports). ``/readyz`` (ready for work): the
-database answers ``select now()`` within ``db_timeout_s``, and cron (when
+``/healthz`` (alive) is about this process alone and never waits on the
+database: every actor of the Runner, cron's included, answers a message
+within ``probe_timeout_s`` and every executor thread is running. A stuck
+actor (its mailbox not drained) turns it red; one inside a database call
+(a statement, its retries) is waiting, not stuck, since restarting would not
+bring the database back, and ``/readyz`` reports that. ``/readyz`` (ready for
+work): the database answers ``select now()`` within ``db_timeout_s``, and cron (when
 the Runner has a crontab) is not more than ``CRON_BEHIND_BOUND_S`` behind
 the minute it must handle next. The LISTEN connection is
 reported too; while it reconnects the worker finds jobs by polling
@@ -19,8 +20,12 @@ or mount :func:`wsgi_app` in a host's WSGI server.
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
+import selectors
+import socket
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -46,11 +51,9 @@ logger = logging.getLogger(__name__)
 CRON_BEHIND_BOUND_S = 120.0
 #: Default deadline for the database to answer the readiness query (seconds).
 DB_TIMEOUT_S = 2.0
-#: Default deadline for every actor to answer the liveness probe (seconds).
-PROBE_TIMEOUT_S = 2.0
-
-#: Actors that wait on the database while retrying; silent only counts if it answers.
-_DATABASE_ACTORS = frozenset({"claimer", "completer", "sweeper", "cron:CronWriter"})
+#: Default deadline for every actor to answer the liveness probe (seconds); a
+#: healthy actor answers within microseconds, one in a database call is seen at once.
+PROBE_TIMEOUT_S = 0.5
 
 ConnectionFactory = Callable[[], AbstractContextManager[Any]]
 StartResponse = Callable[..., Any]
@@ -160,23 +163,14 @@ class Probes:
         self._database = _DatabaseCheck(connect, Queries(schema))
 
     def health(self) -> tuple[bool, dict[str, Any]]:
-        """Liveness: (ok, checks)."""
+        """Liveness: (ok, checks), from in-process state only (never the database)."""
         runner = self.runner
         if runner is None:
             return True, {"process": {"ok": True}}
         if not runner.running:
             return False, {"runner": {"ok": False, "error": "the worker is not running"}}
         checks: dict[str, Any] = {"runner": {"ok": True, "pool": runner.pool_id}}
-        silent_db_actors = []
-        for name, problem in runner.probe(self.probe_timeout_s).items():
-            checks[name] = {"ok": True} if problem is None else {"ok": False, "error": problem}
-            if problem is not None and name in _DATABASE_ACTORS:
-                silent_db_actors.append(name)
-        if silent_db_actors and not self._database(self.db_timeout_s)["ok"]:
-            # Retrying a statement while the database is away is not being stuck:
-            # restarting the process would not help (readiness reports the outage).
-            for name in silent_db_actors:
-                checks[name] = {"ok": True, "waiting": "for the database (see /readyz)"}
+        checks.update(runner.probe(self.probe_timeout_s))
         return all(check["ok"] for check in checks.values()), checks
 
     def readiness(self) -> tuple[bool, dict[str, Any]]:
@@ -274,22 +268,146 @@ class QuietHandler(WSGIRequestHandler):
 
 
 class ThreadingWSGIServer(WSGIServer):
-    """One thread per request, so a slow probe never blocks a scrape."""
+    """Serves requests on a bounded set of threads; idle connections hold none.
+
+    An accepted connection waits, without a thread, until its request
+    arrives; one that sends nothing for ``idle_timeout_s`` is closed, and past
+    ``max_waiting`` waiting connections the oldest is closed. A request is
+    then served on one of at most ``max_threads`` threads (more wait their
+    turn), each read or write limited to ``idle_timeout_s``, so a stalled
+    client cannot hold a thread for long and a flood of idle ones cannot
+    starve a scrape or a probe.
+    """
 
     daemon_threads = True
     allow_reuse_address = True
+    request_queue_size = 128
+    #: Requests served at once, at most (one thread each).
+    max_threads = 8
+    #: Seconds a connection may stay silent, waiting for its request or within it.
+    idle_timeout_s = 5.0
+    #: Connections waiting for their request, at most; past it the oldest is closed.
+    max_waiting = 512
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._lock = threading.Lock()
+        self._incoming: list[tuple[socket.socket, Any]] = []
+        self._ready: collections.deque[tuple[socket.socket, Any]] = collections.deque()
+        self._busy = 0
+        self._closing = threading.Event()
+        self._wake_read, self._wake_write = socket.socketpair()
+        self._wake_write.setblocking(False)
+        try:
+            super().__init__(*args, **kwargs)
+        except BaseException:
+            self._wake_read.close()
+            self._wake_write.close()
+            raise
+        self._watcher = threading.Thread(
+            target=self._watch, name="kongtask-http-waiting", daemon=True
+        )
+        self._watcher.start()
 
     def process_request(self, request: Any, client_address: Any) -> None:
-        thread = threading.Thread(target=self._handle, args=(request, client_address), daemon=True)
-        thread.start()
+        """Hand a new connection to the watcher, which waits for its request."""
+        with self._lock:
+            self._incoming.append((request, client_address))
+        self._wake()
 
-    def _handle(self, request: Any, client_address: Any) -> None:
+    def _wake(self) -> None:
         try:
-            self.finish_request(request, client_address)
-        except Exception:
-            self.handle_error(request, client_address)
-        finally:
-            self.shutdown_request(request)
+            self._wake_write.send(b"\0")
+        except (BlockingIOError, OSError):
+            pass  # a wake-up is already pending, or the server is closing
+
+    def _watch(self) -> None:
+        """Wait for requests on the connections accepted; close the ones idle too long."""
+        waiting: dict[socket.socket, tuple[Any, float]] = {}  # oldest first
+        with selectors.DefaultSelector() as selector:
+            selector.register(self._wake_read, selectors.EVENT_READ)
+            while not self._closing.is_set():
+                timeout = None
+                if waiting:
+                    _, first_deadline = next(iter(waiting.values()))
+                    timeout = max(0.0, first_deadline - time.monotonic())
+                for key, _ in selector.select(timeout):
+                    conn = key.fileobj
+                    if conn is self._wake_read:
+                        self._wake_read.recv(4096)
+                        continue
+                    assert isinstance(conn, socket.socket)
+                    selector.unregister(conn)
+                    address, _ = waiting.pop(conn)
+                    self._dispatch(conn, address)
+                with self._lock:
+                    incoming, self._incoming = self._incoming, []
+                deadline = time.monotonic() + self.idle_timeout_s
+                for conn, address in incoming:
+                    try:
+                        selector.register(conn, selectors.EVENT_READ)
+                    except (OSError, ValueError):  # already closed by the client
+                        self.shutdown_request(conn)
+                        continue
+                    waiting[conn] = (address, deadline)
+                now = time.monotonic()
+                while waiting:
+                    conn, (address, deadline) = next(iter(waiting.items()))
+                    if deadline > now and len(waiting) <= self.max_waiting:
+                        break
+                    selector.unregister(conn)
+                    del waiting[conn]
+                    logger.debug("Closing an idle connection from %s", address)
+                    self.shutdown_request(conn)
+            for conn in waiting:
+                self.shutdown_request(conn)
+
+    def _dispatch(self, conn: socket.socket, address: Any) -> None:
+        """Queue a connection whose request arrived; start a thread if fewer than the bound run."""
+        with self._lock:
+            self._ready.append((conn, address))
+            if self._busy >= self.max_threads:
+                return
+            self._busy += 1
+        threading.Thread(target=self._serve, name="kongtask-http", daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            with self._lock:
+                if not self._ready or self._closing.is_set():
+                    self._busy -= 1
+                    return
+                conn, address = self._ready.popleft()
+            try:
+                conn.settimeout(self.idle_timeout_s)
+                self.finish_request(conn, address)
+            except Exception:
+                self.handle_error(conn, address)
+            finally:
+                self.shutdown_request(conn)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client that went away or stalled is logged at debug level, anything else as error."""
+        error = sys.exc_info()[1]
+        if isinstance(error, OSError):
+            logger.debug("Connection from %s: %s", client_address, error)
+        else:
+            logger.error("Serving a request from %s failed", client_address, exc_info=True)
+
+    def server_close(self) -> None:
+        """Close the socket, the waiting connections and the queued ones."""
+        self._closing.set()
+        self._wake()
+        if self._watcher is not threading.current_thread():
+            self._watcher.join(5.0)
+        with self._lock:
+            pending = [conn for conn, _ in self._incoming] + [conn for conn, _ in self._ready]
+            self._incoming.clear()
+            self._ready.clear()
+        for conn in pending:
+            self.shutdown_request(conn)
+        super().server_close()
+        self._wake_read.close()
+        self._wake_write.close()
 
 
 class OpsServer:
@@ -312,15 +430,29 @@ class OpsServer:
         self._stopped = threading.Event()
 
     @classmethod
-    def for_runner(cls, runner: Any, *, host: str = "127.0.0.1", port: int = 0) -> OpsServer:
-        """The server for one Runner: its metrics and probes; it stops when the Runner stops."""
-        from .metrics import Metrics
+    def for_runner(
+        cls,
+        runner: Any,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        depth_max_tasks: int | None = None,
+    ) -> OpsServer:
+        """The server for one Runner: its metrics and probes; it stops when the Runner stops.
+
+        ``depth_max_tasks``: see :class:`kongtask.metrics.Metrics` (default 100).
+        """
+        from .metrics import DEPTH_MAX_TASKS, Metrics
 
         def connect() -> AbstractContextManager[Any]:
             manager: AbstractContextManager[Any] = runner.connection(timeout_s=DB_TIMEOUT_S)
             return manager
 
-        metrics = Metrics(connect=connect, schema=runner.settings.schema)
+        metrics = Metrics(
+            connect=connect,
+            schema=runner.settings.schema,
+            depth_max_tasks=DEPTH_MAX_TASKS if depth_max_tasks is None else depth_max_tasks,
+        )
         metrics.attach(runner)
         probes = Probes(runner=runner, metrics=metrics)
         server = cls(wsgi_app(probes, metrics), host=host, port=port, on_stop=metrics.detach)
@@ -331,13 +463,23 @@ class OpsServer:
 
     @classmethod
     def for_database(
-        cls, conninfo: str, *, schema: str, host: str = "127.0.0.1", port: int = 0
+        cls,
+        conninfo: str,
+        *,
+        schema: str,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        depth_max_tasks: int | None = None,
     ) -> OpsServer:
         """The server for a database alone (no Runner): queue depth and readiness."""
-        from .metrics import Metrics
+        from .metrics import DEPTH_MAX_TASKS, Metrics
 
         connection = _StandaloneConnection(conninfo, connect_timeout_s=int(max(2, DB_TIMEOUT_S)))
-        metrics = Metrics(connect=connection, schema=schema)
+        metrics = Metrics(
+            connect=connection,
+            schema=schema,
+            depth_max_tasks=DEPTH_MAX_TASKS if depth_max_tasks is None else depth_max_tasks,
+        )
         probes = Probes(connect=connection, schema=schema, metrics=metrics)
         server = cls(wsgi_app(probes, metrics), host=host, port=port, on_stop=connection.close)
         server.metrics = metrics

@@ -19,11 +19,20 @@ Metric names (all prefixed ``kongtask_``): ``jobs_started_total``,
 start; not for a ``run_at`` of ``-infinity``), by ``task``; gauges
 ``executors``, ``executors_busy``,
 ``local_queue_jobs``, ``local_queue_size`` (by ``pool``); ``jobs`` (by
-``task`` and ``state``), ``locked_queues``, ``live_pools`` and
-``database_up`` sampled from the database; ``cron_firings_total``,
+``task`` and ``state``), ``jobs_other_tasks``, ``locked_queues``,
+``live_pools`` and ``database_up`` sampled from the database;
+``cron_firings_total``,
 ``cron_skips_total`` (due firings another instance had already scheduled),
 ``cron_backfilled_total`` and ``cron_lag_seconds`` (how far behind the minute
 the latest firing was written).
+
+The database may hold jobs of any number of task identifiers (other
+applications enqueue there too), so ``jobs`` has series of its own for the
+``depth_max_tasks`` tasks with the most jobs only (:data:`DEPTH_MAX_TASKS`,
+100, by default); the jobs of every other task are added up under
+``task="_other"``, and ``jobs_other_tasks`` says how many tasks that is.
+The job counters and histograms need no cap: a worker only runs the tasks it
+has handlers for.
 """
 
 from __future__ import annotations
@@ -54,8 +63,9 @@ from .ops import JOB_STATES, LIVE_POOL_BOUND_S
 from .settings import DEFAULT_SCHEMA
 from .sql import Queries
 from .timestamps import OutOfRangeTimestamp
+from .validate import check_int
 
-__all__ = ["DEPTH_MAX_AGE_S", "Metrics", "register"]
+__all__ = ["DEPTH_MAX_AGE_S", "DEPTH_MAX_TASKS", "OTHER_TASKS", "Metrics", "register"]
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +74,12 @@ DEPTH_MAX_AGE_S = 5.0
 
 #: Seconds a depth sample may take before the scrape reports the database down.
 DEPTH_TIMEOUT_S = 3.0
+
+#: Tasks (those with the most jobs) that get ``kongtask_jobs`` series of their own.
+DEPTH_MAX_TASKS = 100
+
+#: The ``task`` label under which the jobs of every other task are added up.
+OTHER_TASKS = "_other"
 
 ConnectionFactory = Callable[[], AbstractContextManager[Any]]
 
@@ -117,10 +133,13 @@ class _LoadCollector(Collector):
 class _DepthCollector(Collector):
     """Queue depth by task and state, sampled from the database (cached briefly)."""
 
-    def __init__(self, connect: ConnectionFactory, queries: Queries, max_age_s: float) -> None:
+    def __init__(
+        self, connect: ConnectionFactory, queries: Queries, max_age_s: float, max_tasks: int
+    ) -> None:
         self._connect = connect
         self._queries = queries
         self._max_age_s = max_age_s
+        self._max_tasks = max_tasks
         self._lock = threading.Lock()
         self._sampled_at = -float("inf")
         self._sample: dict[str, Any] | None = None
@@ -143,7 +162,33 @@ class _DepthCollector(Collector):
             locked = len(conn.execute(self._queries.locked_queues).fetchall())
             pools = conn.execute(self._queries.pools, {"live_bound_s": LIVE_POOL_BOUND_S})
             live = sum(1 for row in pools.fetchall() if row[-1])
-        return {"counts": counts, "locked": locked, "live": live}
+        return {**self._fold(counts), "locked": locked, "live": live}
+
+    def _fold(self, counts: dict[tuple[str, str], int]) -> dict[str, Any]:
+        """Counts by state for the ``max_tasks`` tasks with the most jobs, and for the rest.
+
+        Ties go by name, so the tasks shown stay the same while the numbers do.
+        A task literally named ``_other`` is always among the rest.
+        """
+        by_task: dict[str, dict[str, int]] = {}
+        for (task, state), jobs in counts.items():
+            states = by_task.setdefault(task, {})
+            states[state] = states.get(state, 0) + jobs
+        ranked = sorted(
+            (task for task in by_task if task != OTHER_TASKS),
+            key=lambda task: (-sum(by_task[task].values()), task),
+        )
+        shown = sorted(ranked[: self._max_tasks])
+        folded = ranked[self._max_tasks :] + ([OTHER_TASKS] if OTHER_TASKS in by_task else [])
+        other: dict[str, int] = {}
+        for task in folded:
+            for state, jobs in by_task[task].items():
+                other[state] = other.get(state, 0) + jobs
+        return {
+            "tasks": {task: by_task[task] for task in shown},
+            "other": other if folded else None,
+            "other_tasks": len(folded),
+        }
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         sample = self.sample()
@@ -153,13 +198,24 @@ class _DepthCollector(Collector):
         if sample is None:
             return
         jobs = GaugeMetricFamily(
-            "kongtask_jobs", "Jobs in the database by task and state", labels=["task", "state"]
+            "kongtask_jobs",
+            f"Jobs in the database by task and state (the {self._max_tasks} tasks with the "
+            f'most jobs; the others added up as task="{OTHER_TASKS}")',
+            labels=["task", "state"],
         )
-        tasks = sorted({task for task, _ in sample["counts"]})
-        for task in tasks:
+        series = dict(sample["tasks"])
+        if sample["other"] is not None:
+            series[OTHER_TASKS] = sample["other"]
+        for task, states in series.items():
             for state in JOB_STATES:
-                jobs.add_metric([task, state], sample["counts"].get((task, state), 0))
+                jobs.add_metric([task, state], states.get(state, 0))
         yield jobs
+        other = GaugeMetricFamily(
+            "kongtask_jobs_other_tasks",
+            f'Task identifiers whose jobs are added up as task="{OTHER_TASKS}"',
+        )
+        other.add_metric([], sample["other_tasks"])
+        yield other
         locked = GaugeMetricFamily("kongtask_locked_queues", "Named queues locked by a pool")
         locked.add_metric([], sample["locked"])
         yield locked
@@ -197,7 +253,9 @@ class Metrics:
         connect: ConnectionFactory | None = None,
         schema: str = DEFAULT_SCHEMA,
         depth_max_age_s: float = DEPTH_MAX_AGE_S,
+        depth_max_tasks: int = DEPTH_MAX_TASKS,
     ) -> None:
+        check_int("depth_max_tasks", depth_max_tasks, 1, 10_000)
         self.registry = registry if registry is not None else CollectorRegistry()
         reg = self.registry
         self.jobs_started = Counter(
@@ -251,7 +309,9 @@ class Metrics:
         self.cron_lag_s: dict[int, tuple[float, float]] = {}
         reg.register(_LoadCollector(self))
         if connect is not None:
-            reg.register(_DepthCollector(connect, Queries(schema), depth_max_age_s))
+            reg.register(
+                _DepthCollector(connect, Queries(schema), depth_max_age_s, depth_max_tasks)
+            )
 
     def runners(self) -> list[Any]:
         """The Runners attached."""
@@ -364,11 +424,13 @@ def register(
     runner: Any = None,
     connect: ConnectionFactory | None = None,
     schema: str | None = None,
+    depth_max_tasks: int = DEPTH_MAX_TASKS,
 ) -> Metrics:
     """Add kongtask's metrics to ``registry`` and count ``runner``'s work.
 
     Queue depth is sampled through ``connect`` (a callable returning a
-    connection context manager), else through ``runner``'s own pool.
+    connection context manager), else through ``runner``'s own pool, with
+    series for the ``depth_max_tasks`` tasks with the most jobs.
     """
     if connect is None and runner is not None:
 
@@ -378,7 +440,7 @@ def register(
 
     if schema is None:
         schema = runner.settings.schema if runner is not None else DEFAULT_SCHEMA
-    metrics = Metrics(registry, connect=connect, schema=schema)
+    metrics = Metrics(registry, connect=connect, schema=schema, depth_max_tasks=depth_max_tasks)
     if runner is not None:
         metrics.attach(runner)
     return metrics

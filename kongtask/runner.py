@@ -16,7 +16,6 @@ import importlib.util
 import inspect
 import logging
 import os
-import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -25,9 +24,8 @@ from pathlib import Path
 from types import ModuleType, TracebackType
 from typing import Any, Self
 
-import pykka
-
 from . import events
+from .actors.probing import probe_actors
 from .actors.supervisor import Supervisor
 from .connection import resolve_schema
 from .cron.source import CrontabSource
@@ -366,42 +364,27 @@ class Runner:
             local_queue_size=queue.size,
         )
 
-    def probe(self, timeout_s: float = 2.0) -> dict[str, str | None]:
-        """Ask every actor to answer and check every executor thread, within ``timeout_s``.
+    def probe(self, timeout_s: float = 0.5) -> dict[str, dict[str, Any]]:
+        """Ask every actor (cron's too) to answer within ``timeout_s``; check every executor thread.
 
-        Returns part name -> ``None`` when it answered, else why not (a stuck
-        or dead actor, a dead executor thread). Empty unless running.
+        Returns part name -> ``{"ok": bool, ...}``: ``error`` says why a part
+        is not ok (a stuck or stopped actor, ended executor threads);
+        ``waiting`` marks an actor inside a database call, which is not stuck.
+        Never waits on the database. Empty unless running.
         """
         supervisor = self._supervisor
         if supervisor is None or supervisor.done.is_set():
             return {}
-        refs: dict[str, Any] = {
+        parts: dict[str, Any] = {
             "claimer": supervisor._claimer,
             "completer": supervisor._completer,
             "sweeper": supervisor._sweeper,
+            "liveness": supervisor._liveness,
             "publisher": supervisor.bus._actor,
         }
-        cron = supervisor.cron
-        for ref in getattr(cron, "_actors", None) or ():
-            refs[f"cron:{ref.actor_class.__name__}"] = ref
-        futures: dict[str, Any] = {}
-        result: dict[str, str | None] = {}
-        for name, ref in refs.items():
-            if ref is None:
-                continue
-            try:
-                futures[name] = ref.ask(_PROBE, block=False)
-            except pykka.ActorDeadError:
-                result[name] = "the actor has stopped"
-        deadline = time.monotonic() + timeout_s
-        for name, future in futures.items():
-            try:
-                future.get(timeout=max(0.0, deadline - time.monotonic()))
-                result[name] = None
-            except pykka.Timeout:
-                result[name] = f"did not answer within {timeout_s:g}s"
-            except pykka.ActorDeadError:
-                result[name] = "the actor has stopped"
+        if supervisor.cron is not None:
+            parts.update(supervisor.cron.parts())
+        result = probe_actors(parts, timeout_s)
         executors = supervisor._executors
         if executors is not None:
             dead = [
@@ -409,7 +392,11 @@ class Runner:
                 for worker_id, thread in zip(executors.worker_ids, executors._threads, strict=False)
                 if not thread.is_alive()
             ]
-            result["executors"] = f"executor threads ended: {', '.join(dead)}" if dead else None
+            result["executors"] = (
+                {"ok": False, "error": f"executor threads ended: {', '.join(dead)}"}
+                if dead
+                else {"ok": True}
+            )
         return result
 
     @property
@@ -444,9 +431,6 @@ class RunnerLoad:
     local_queue_jobs: int
     local_queue_size: int
 
-
-# Actors answer None to a message they do not know: a cheap "are you there?".
-_PROBE = "kongtask:probe"
 
 _worker_logger = logging.getLogger("kongtask.worker")
 

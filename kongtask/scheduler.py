@@ -30,6 +30,7 @@ from types import TracebackType
 from typing import Any, Self
 
 import psycopg
+import pykka
 from psycopg_pool import ConnectionPool
 
 from . import events
@@ -337,6 +338,11 @@ class Scheduler:
             self._log.exception("Releasing the cron scheduler's resources failed")
         self._service = None
         self._stopped.set()
+
+    def parts(self) -> dict[str, pykka.ActorRef[Any]]:
+        """The cron actors by name, for a liveness probe to ask; empty unless running."""
+        service = self._service
+        return service.parts() if service is not None else {}
 
     # --- the live items ---------------------------------------------------------
 

@@ -60,7 +60,7 @@ class CronService:
         self._code_items = tuple(code_items)
         self._backfill_on_start = backfill_on_start
         self._node = node
-        self._actors: list[pykka.ActorRef[Any]] = []
+        self._actors: dict[str, pykka.ActorRef[Any]] = {}
         self._loader: pykka.ActorRef[Any] | None = None
         #: The matcher's live minute, for :meth:`kongtask.Scheduler.lag_s`.
         self.progress = CronProgress()
@@ -81,7 +81,7 @@ class CronService:
             "Cron: %d item(s) from %s, %d from code", len(items), description, len(self._code_items)
         )
         writer = CronWriter.start(self._connect, self._queries, self._node)
-        self._actors.append(writer)
+        self._actors["cron:writer"] = writer
         matcher = CronMatcher.start(
             items=live,
             clock=self._clock,
@@ -91,7 +91,7 @@ class CronService:
             overdue_tolerance_s=self._overdue_tolerance_s,
             progress=self.progress,
         )
-        self._actors.append(matcher)
+        self._actors["cron:matcher"] = matcher
         self._loader = CrontabLoader.start(
             source=self._source,
             crontab_items=items,
@@ -100,7 +100,7 @@ class CronService:
             matcher=matcher,
             emit=self._emit,
         )
-        self._actors.append(self._loader)
+        self._actors["cron:loader"] = self._loader
 
     def _ask(self, message: Any, timeout_s: float | None, default: Any) -> Any:
         loader = self._loader
@@ -138,7 +138,7 @@ class CronService:
 
     def stop(self, timeout_s: float = 10.0) -> None:
         """Stop the loader, then the matcher, then the writer (newest first)."""
-        actors, self._actors, self._loader = self._actors, [], None
+        actors, self._actors, self._loader = list(self._actors.values()), {}, None
         for actor in reversed(actors):
             try:
                 actor.stop(timeout=timeout_s)
@@ -148,4 +148,9 @@ class CronService:
     @property
     def alive(self) -> bool:
         """True while every cron actor is running."""
-        return bool(self._actors) and all(actor.is_alive() for actor in self._actors)
+        return bool(self._actors) and all(actor.is_alive() for actor in self._actors.values())
+
+    def parts(self) -> dict[str, pykka.ActorRef[Any]]:
+        """The cron actors by name (``cron:writer``, ``cron:matcher``, ``cron:loader``),
+        for the liveness probe to ask; empty when stopped."""
+        return dict(self._actors)

@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -33,6 +33,8 @@ from kongtask.cron.schedule import MINUTE, KnownCrontab, ceil_minute
 from kongtask.cron.types import ParsedCronItem
 from kongtask.sql import Queries
 from kongtask.timestamps import tolerate_timestamps
+
+from .probing import DatabaseWait
 
 __all__ = [
     "CronWriter",
@@ -145,6 +147,13 @@ class CronWriter(pykka.ThreadingActor):
         self._queries = queries
         self._cron = queries.cron
         self._node = node
+        self._database_wait = DatabaseWait.of(self)
+
+    @contextmanager
+    def _connection(self) -> Iterator[psycopg.Connection[Any]]:
+        """A pooled connection for the block; a liveness probe sees the block as a database wait."""
+        with self._database_wait(), self._connect() as conn:
+            yield conn
 
     def on_receive(self, message: Any) -> Any:
         try:
@@ -175,7 +184,7 @@ class CronWriter(pykka.ThreadingActor):
 
     def _register(self, identifiers: Sequence[str], now: datetime) -> dict[str, KnownCrontab]:
         params = {"identifiers": list(identifiers), "now": now}
-        with self._connect() as conn, conn.cursor(row_factory=dict_row) as cursor:
+        with self._connection() as conn, conn.cursor(row_factory=dict_row) as cursor:
             # On the cursor: a Scheduler may run on an application's own pool.
             tolerate_timestamps(cursor)
             rows = cursor.execute(self._queries.register_crontabs, params).fetchall()
@@ -211,7 +220,7 @@ class CronWriter(pykka.ThreadingActor):
         outcome = _Outcome()
         if not planned:
             return outcome
-        with self._connect() as conn:
+        with self._connection() as conn:
             try:
                 with conn.transaction(), conn.cursor() as cursor:
                     tolerate_timestamps(cursor)

@@ -18,6 +18,7 @@ import psycopg
 import pykka
 
 from .context import WorkerContext
+from .probing import DatabaseWait
 from .retry import is_connection_error, is_transient, retry_delay_s
 
 __all__ = ["DbActor"]
@@ -44,6 +45,9 @@ class DbActor(pykka.ThreadingActor):
         self._conn: psycopg.Connection[Any] | None = None
         #: True when the last ``run`` needed more than one try.
         self.retried = False
+        # Marks run()'s statements and retries, so a liveness probe left
+        # unanswered meanwhile sees a database wait, not a stuck actor.
+        self._database_wait = DatabaseWait.of(self)
 
     def on_receive(self, message: Any) -> Any:
         try:
@@ -72,6 +76,10 @@ class DbActor(pykka.ThreadingActor):
 
     def run(self, statement: Callable[[psycopg.Connection[Any]], T], what: str) -> T:
         """Run ``statement(conn)``, retrying transient failures with back-off."""
+        with self._database_wait():
+            return self._run(statement, what)
+
+    def _run(self, statement: Callable[[psycopg.Connection[Any]], T], what: str) -> T:
         attempt = 0
         self.retried = False
         while True:

@@ -76,29 +76,11 @@ class _RequestLog(QuietHandler):
 
 
 class _DashboardHTTPServer(ThreadingWSGIServer):
-    """A thread per request, at most :data:`MAX_REQUEST_THREADS` at once."""
+    """The ops server's bounded threads, with more of them: a page may wait for its deadline."""
 
+    max_threads = MAX_REQUEST_THREADS
     #: The dashboard's token, hidden wherever it appears in the request log.
     token: str | None = None
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._slots = threading.BoundedSemaphore(MAX_REQUEST_THREADS)
-
-    def process_request(self, request: Any, client_address: Any) -> None:
-        # Waiting here stops accepting: the kernel queues further connections.
-        self._slots.acquire()
-        try:
-            super().process_request(request, client_address)
-        except BaseException:
-            self._slots.release()
-            raise
-
-    def _handle(self, request: Any, client_address: Any) -> None:
-        try:
-            super()._handle(request, client_address)
-        finally:
-            self._slots.release()
 
 
 def is_loopback(host: str) -> bool:

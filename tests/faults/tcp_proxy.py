@@ -4,7 +4,10 @@
 turns the connections open at that moment half-open: their sockets stay
 open (the kernel keeps acknowledging what the client sends) but nothing is
 forwarded either way, as when a firewall or NAT box forgets a flow.
-Connections opened afterwards are forwarded normally (a new path works).
+Connections opened afterwards are forwarded normally (a new path works),
+unless ``silence(new_connections=True)`` made the whole database go silent:
+then new connections are accepted and never answered either, until
+:meth:`TcpProxy.speak`.
 :class:`SilentServer` accepts connections and never says a word (an
 unreachable host behind a load balancer, a hung server).
 """
@@ -16,6 +19,8 @@ import socket
 import threading
 from types import TracebackType
 from typing import Self
+
+from psycopg.conninfo import make_conninfo
 
 __all__ = ["SilentServer", "TcpProxy"]
 
@@ -71,26 +76,49 @@ class TcpProxy(_Service):
         self._thread = threading.Thread(target=self._run, name="tcp-proxy", daemon=True)
         #: Connections accepted so far.
         self.accepted = 0
+        # Set by silence(new_connections=True): accepted clients are held, never forwarded.
+        self._dark = False
+        self._held: list[socket.socket] = []
 
     def start(self) -> Self:
         self._thread.start()
         return self
 
-    def silence(self) -> int:
-        """Make every connection open now go silent; returns how many were silenced."""
+    def through(self, conninfo: str) -> str:
+        """``conninfo`` with its host and port replaced by this proxy's."""
+        return make_conninfo(conninfo, host="127.0.0.1", hostaddr="127.0.0.1", port=str(self.port))
+
+    def silence(self, *, new_connections: bool = False) -> int:
+        """Make every connection open now go silent; returns how many were silenced.
+
+        With ``new_connections``, connections opened from now on are accepted
+        and never answered too (the whole database is silent) until :meth:`speak`.
+        """
         with self._lock:
             pairs = [pair for pair in self._pairs if not pair.silent]
             for pair in pairs:
                 pair.silent = True
+            if new_connections:
+                self._dark = True
         return len(pairs)
 
+    def speak(self) -> None:
+        """Forward new connections again (the ones silenced stay silent)."""
+        with self._lock:
+            self._dark = False
+
     def close(self) -> None:
+        if self._stop.is_set():
+            return
         self._stop.set()
         self._thread.join(5)
         with self._lock:
             for pair in self._pairs:
                 pair.close()
             self._pairs.clear()
+            for sock in self._held:
+                sock.close()
+            self._held.clear()
         self._listener.close()
         self._selector.close()
 
@@ -99,6 +127,11 @@ class TcpProxy(_Service):
             client, _ = self._listener.accept()
         except BlockingIOError:
             return
+        with self._lock:
+            if self._dark:
+                self._held.append(client)
+                self.accepted += 1
+                return
         try:
             upstream = socket.create_connection(self._target, timeout=5)
         except OSError:

@@ -22,7 +22,6 @@ from typing import Any
 
 import psycopg
 import pytest
-from psycopg.conninfo import make_conninfo
 
 import kongtask
 from kongtask.errors import KongtaskError
@@ -35,10 +34,6 @@ from .tcp_proxy import SilentServer, TcpProxy
 pytestmark = pytest.mark.faults
 
 _KONGTASK = [sys.executable, "-m", "kongtask"]
-
-
-def _through(proxy: TcpProxy, db_url: str) -> str:
-    return make_conninfo(db_url, host="127.0.0.1", hostaddr="127.0.0.1", port=str(proxy.port))
 
 
 def _add(db: psycopg.Connection[Any], n: int) -> None:
@@ -60,7 +55,7 @@ def test_worker_recovers_from_half_open_connections(
     with TcpProxy("127.0.0.1", 5432) as proxy:
         runner = kongtask.run(
             tasks={"record": record},
-            connection_string=_through(proxy, db_url),
+            connection_string=proxy.through(db_url),
             concurrency=2,
             poll_interval_s=120.0,  # only NOTIFY (or a recovered LISTEN) can wake it
             statement_timeout_s=statement_timeout_s,
@@ -108,7 +103,7 @@ def test_sigterm_ends_a_worker_whose_connections_went_silent(
     with TcpProxy("127.0.0.1", 5432) as proxy:
         # Default timeouts (statement deadline 30 s), abort timeout 5 s.
         worker = WorkerProcess.cli(
-            _through(proxy, db_url),
+            proxy.through(db_url),
             tasks,
             tmp_path / "worker.log",
             jobs=2,

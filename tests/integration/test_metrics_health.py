@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import selectors
+import socket
 import threading
 import time
 import urllib.error
@@ -18,7 +20,8 @@ from psycopg.conninfo import make_conninfo
 
 import kongtask
 import kongtask.metrics
-from kongtask.health import DB_TIMEOUT_S, OpsServer
+from kongtask.health import DB_TIMEOUT_S, OpsServer, ThreadingWSGIServer
+from tests.faults.tcp_proxy import TcpProxy
 from tests.faults.test_cron_faults import PG_BIN, PrivateServer
 from tests.integration.ops_support import add, counts_by_sql, seed_every_state
 from tests.integration.worker_support import wait_until
@@ -214,17 +217,15 @@ def test_readyz_follows_the_database_down_and_up(private_server: PrivateServer) 
         # Alive all the same, even once the claimer is busy retrying its claim
         # (its poll falls due every 2 s): a restart would not bring the database back.
         wait_until(
-            lambda: runner.probe(0.3).get("claimer") is not None,
+            lambda: "waiting" in runner.probe()["claimer"],
             timeout_s=20,
             what="the claimer to be busy retrying",
         )
-        runner.ops_server.probes.probe_timeout_s = 0.3
         status, body = get(runner.ops_server.url + "/healthz")
         assert status == 200, body
-        assert json.loads(body)["checks"]["claimer"] == {
-            "ok": True,
-            "waiting": "for the database (see /readyz)",
-        }
+        claimer = json.loads(body)["checks"]["claimer"]
+        assert claimer["ok"] is True and claimer["waiting"] == "for the database (see /readyz)"
+        assert claimer["waiting_s"] >= 0
 
         private_server.start()
         wait_until(lambda: get(readyz)[0] == 200, timeout_s=60, what="200 after the restart")
@@ -293,3 +294,274 @@ def test_readyz_reports_cron_behind_its_minute(db_url: str) -> None:
     finally:
         events.cron_started.disconnect(on_started)
         events.cron_scheduled.disconnect(on_scheduled)
+
+
+def timed_get(url: str) -> tuple[int, dict[str, Any], float]:
+    """Status, decoded JSON body and answer time (seconds) of a probe."""
+    started = time.perf_counter()
+    status, body = get(url)
+    return status, json.loads(body), time.perf_counter() - started
+
+
+def test_probes_answer_in_time_while_the_database_is_silent(db_url: str) -> None:
+    # The database goes silent (every connection, old and new, accepted and never
+    # answered): /healthz must answer from what the process knows, at once, and
+    # stay green; /readyz answers 503 within its own database deadline.
+    with (
+        TcpProxy("127.0.0.1", 5432) as proxy,
+        kongtask.run(
+            tasks={"ok": ok},
+            connection_string=proxy.through(db_url),
+            metrics_port=0,
+            poll_interval_s=0.5,  # the claimer goes into the silent database at once
+            install_signal_handlers=False,
+        ) as runner,
+    ):
+        healthz = runner.ops_server.url + "/healthz"
+        readyz = runner.ops_server.url + "/readyz"
+        assert get(healthz)[0] == 200 and get(readyz)[0] == 200
+        proxy.silence(new_connections=True)
+        wait_until(
+            lambda: "waiting" in timed_get(healthz)[1]["checks"]["claimer"],
+            what="/healthz to see the claimer waiting for the database",
+        )
+        healthz_s, readyz_s = [], []
+        for _ in range(5):
+            status, report, elapsed = timed_get(healthz)
+            assert status == 200, report
+            assert report["checks"]["claimer"]["ok"] is True
+            healthz_s.append(elapsed)
+            status, report, elapsed = timed_get(readyz)
+            assert status == 503, report
+            assert report["checks"]["database"]["ok"] is False
+            readyz_s.append(elapsed)
+        print(
+            f"\nsilent database: /healthz {min(healthz_s):.3f}-{max(healthz_s):.3f} s, "
+            f"/readyz {min(readyz_s):.3f}-{max(readyz_s):.3f} s"
+        )
+        assert max(healthz_s) < 0.5
+        assert max(readyz_s) < DB_TIMEOUT_S + 0.5
+        proxy.close()  # the connections fail at once, so the Runner stops quickly
+
+
+def test_healthz_turns_red_while_a_cron_actor_is_stuck(
+    db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from datetime import UTC, datetime
+
+    from kongtask import events
+    from kongtask.actors.cron_writer import CronWriter
+    from kongtask.testing import ManualClock
+
+    # A bug outside the database holds the cron writer in its handler.
+    entered, release = threading.Event(), threading.Event()
+    schedule = CronWriter._schedule
+
+    def stuck(self: CronWriter, planned: Any) -> Any:
+        entered.set()
+        release.wait(30)
+        return schedule(self, planned)
+
+    monkeypatch.setattr(CronWriter, "_schedule", stuck)
+    clock = ManualClock(datetime(2026, 1, 1, 0, 0, 30, tzinfo=UTC))
+    runner = kongtask.Runner(
+        tasks={"tick": ok},
+        connection_string=db_url,
+        crontab="* * * * * tick",
+        clock=clock,
+        metrics_port=0,
+        install_signal_handlers=False,
+    )
+    started = threading.Event()
+
+    def on_started(sender: Any, **_: Any) -> None:
+        started.set()
+
+    events.cron_started.connect(on_started, sender=runner, weak=False)
+    try:
+        with runner:
+            healthz = runner.ops_server.url + "/healthz"
+            assert started.wait(30)
+            status, report, _ = timed_get(healthz)
+            assert status == 200, report
+            assert {"cron:writer", "cron:matcher", "cron:loader"} <= set(report["checks"])
+            clock.advance(31)  # 00:01:01: the matcher hands the minute to the writer
+            assert entered.wait(30)
+            status, report, elapsed = timed_get(healthz)
+            assert status == 503, report
+            assert report["checks"]["cron:writer"] == {
+                "ok": False,
+                "error": "did not answer within 0.5s",
+            }
+            assert report["checks"]["cron:matcher"]["ok"] is True
+            assert report["checks"]["claimer"]["ok"] is True
+            assert elapsed < 1.0
+            release.set()
+            wait_until(lambda: get(healthz)[0] == 200, what="/healthz to recover")
+    finally:
+        release.set()
+        events.cron_started.disconnect(on_started)
+
+
+def test_healthz_names_a_stopped_cron_actor(db_url: str) -> None:
+    runner = kongtask.Runner(
+        tasks={"tick": ok},
+        connection_string=db_url,
+        crontab="* * * * * tick",
+        metrics_port=0,
+        install_signal_handlers=False,
+    )
+    with runner:
+        healthz = runner.ops_server.url + "/healthz"
+        assert get(healthz)[0] == 200
+        runner.scheduler.parts()["cron:loader"].stop()
+        status, report, _ = timed_get(healthz)
+        assert status == 503, report
+        assert report["checks"]["cron:loader"] == {"ok": False, "error": "the actor has stopped"}
+
+
+def sampled_metrics(url: str) -> str:
+    """The /metrics page once a depth sample succeeded (one may time out on a loaded machine)."""
+    pages: list[str] = []
+
+    def sampled() -> bool:
+        status, text = get(url + "/metrics")
+        pages.append(text)
+        return status == 200 and samples(text).get(("kongtask_database_up", ())) == 1
+
+    wait_until(sampled, what="a successful depth sample")
+    return pages[-1]
+
+
+def test_queue_depth_series_are_capped_with_many_tasks(
+    db_url: str, db: psycopg.Connection[Any]
+) -> None:
+    # Another application queued jobs under 10,000 task identifiers (inserted
+    # directly: 10,000 add_job calls take a minute on a loaded machine).
+    db.execute(
+        "insert into graphile_worker._private_tasks (identifier)"
+        " select 'bulk_' || i from generate_series(1, 10000) i"
+    )
+    db.execute(
+        "insert into graphile_worker._private_jobs (task_id)"
+        " select id from graphile_worker._private_tasks where identifier like 'bulk\\_%'"
+    )
+    db.execute("select graphile_worker.add_job('heavy_a') from generate_series(1, 5)")
+    db.execute("select graphile_worker.add_job('heavy_b') from generate_series(1, 3)")
+    db.execute("select graphile_worker.add_job('_other') from generate_series(1, 7)")
+    db.commit()
+    total = 10_000 + 5 + 3 + 7
+    with OpsServer.for_database(db_url, schema="graphile_worker") as server:
+        started = time.perf_counter()
+        text = sampled_metrics(server.url)
+        elapsed = time.perf_counter() - started
+        jobs = {
+            labels: value
+            for (name, labels), value in samples(text).items()
+            if name == "kongtask_jobs"
+        }
+        print(
+            f"\n10,003 tasks: {len(jobs)} kongtask_jobs series, {len(text)} bytes, {elapsed:.3f} s"
+        )
+        tasks = {dict(labels)["task"] for labels in jobs}
+        assert len(tasks) == kongtask.metrics.DEPTH_MAX_TASKS + 1
+        assert {"heavy_a", "heavy_b", "_other"} <= tasks
+        assert len(jobs) == len(tasks) * 5  # every state of every series
+        assert jobs[(("state", "ready"), ("task", "heavy_a"))] == 5
+        assert sum(jobs.values()) == total  # nothing lost in the folding
+        # A task literally named "_other" is counted with the folded ones.
+        folded_tasks = 10_002 - kongtask.metrics.DEPTH_MAX_TASKS + 1
+        assert jobs[(("state", "ready"), ("task", "_other"))] == 7 + folded_tasks - 1
+        assert samples(text)[("kongtask_jobs_other_tasks", ())] == folded_tasks
+
+    with OpsServer.for_database(db_url, schema="graphile_worker", depth_max_tasks=2) as server:
+        jobs = {
+            labels: value
+            for (name, labels), value in samples(sampled_metrics(server.url)).items()
+            if name == "kongtask_jobs" and dict(labels)["state"] == "ready"
+        }
+        assert jobs == {
+            (("state", "ready"), ("task", "heavy_a")): 5,
+            (("state", "ready"), ("task", "heavy_b")): 3,
+            (("state", "ready"), ("task", "_other")): 10_007,
+        }
+
+
+def test_bad_depth_max_tasks_is_refused() -> None:
+    for bad in (0, -1, True, 2.5, "100"):
+        with pytest.raises(kongtask.ConfigurationError, match="depth_max_tasks") as e:
+            kongtask.metrics.Metrics(depth_max_tasks=bad)
+        assert e.value.name == "depth_max_tasks"
+
+
+def _idle_sockets(port: int, count: int) -> list[socket.socket]:
+    """``count`` connections to ``port`` that never send a byte."""
+    return [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(count)]
+
+
+def _wait_closed_by_peer(
+    socks: list[socket.socket], timeout_s: float
+) -> dict[socket.socket, float]:
+    """When (``time.monotonic()``) the server closed each socket, waiting up to ``timeout_s``."""
+    closed: dict[socket.socket, float] = {}
+    deadline = time.monotonic() + timeout_s
+    with selectors.DefaultSelector() as selector:
+        for sock in socks:
+            selector.register(sock, selectors.EVENT_READ)
+        while len(closed) < len(socks) and time.monotonic() < deadline:
+            for key, _ in selector.select(max(0.0, deadline - time.monotonic())):
+                sock = key.fileobj
+                assert isinstance(sock, socket.socket)
+                if sock.recv(1) == b"":
+                    closed[sock] = time.monotonic()
+                    selector.unregister(sock)
+    return closed
+
+
+def test_idle_connections_hold_no_thread_and_are_closed(db_url: str) -> None:
+    idle_timeout_s = ThreadingWSGIServer.idle_timeout_s
+    with OpsServer.for_database(db_url, schema="graphile_worker") as server:
+        assert get(server.url + "/metrics")[0] == 200
+        threads_before = threading.active_count()
+        opened = time.monotonic()
+        socks = _idle_sockets(server.port, 300)
+        try:
+            # Accepted after the 300 (one listen queue), served at once all the same.
+            started = time.perf_counter()
+            status, _ = get(server.url + "/metrics")
+            scrape_s = time.perf_counter() - started
+            assert status == 200
+            threads = threading.active_count()
+            assert threads - threads_before <= ThreadingWSGIServer.max_threads
+            assert scrape_s < 1.0
+            closed = _wait_closed_by_peer(socks, idle_timeout_s + 5)
+            assert len(closed) == len(socks), f"{len(socks) - len(closed)} idle sockets open"
+            after = sorted(at - opened for at in closed.values())
+            print(
+                f"\n300 idle connections: {threads - threads_before} more threads, "
+                f"scrape {scrape_s:.3f} s, closed after {after[0]:.1f}-{after[-1]:.1f} s"
+            )
+            assert after[0] >= idle_timeout_s - 0.5  # by the timeout, not before
+            assert get(server.url + "/healthz")[0] == 200
+        finally:
+            for sock in socks:
+                sock.close()
+
+
+def test_past_max_waiting_the_oldest_idle_connection_is_closed(
+    db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(ThreadingWSGIServer, "max_waiting", 20)
+    with OpsServer.for_database(db_url, schema="graphile_worker") as server:
+        oldest = _idle_sockets(server.port, 10)
+        newest = _idle_sockets(server.port, 19)
+        try:
+            # Its connection is the 20th waiting: every one of the 10 oldest has to go
+            # (before this answers), long before the idle timeout.
+            assert get(server.url + "/healthz")[0] == 200
+            closed = _wait_closed_by_peer(oldest, ThreadingWSGIServer.idle_timeout_s / 2)
+            assert len(closed) == len(oldest)
+            assert _wait_closed_by_peer(newest, 0.2) == {}
+        finally:
+            for sock in oldest + newest:
+                sock.close()
