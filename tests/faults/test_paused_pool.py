@@ -38,7 +38,7 @@ HEARTBEAT_S = 0.25
 DEAD_AFTER_S = 1.5
 HELD = 6
 _DROPPED = re.compile(
-    r"Dropped (\d+) job\(s\) from the local queue without running them .* "
+    r"Dropped (\d+) job\(s\) from the local queue without running them: .* "
     r"\(checked in ([0-9.]+) ms\)"
 )
 
@@ -108,17 +108,17 @@ def test_paused_pool_drops_the_jobs_it_no_longer_holds(
         for worker in (paused, live):
             assert worker.wait(30) == 0, worker.log()
         log = paused.log()
+        dropped = _DROPPED.search(log)
         report = check_ledger(db, range(HELD), allowed_repeats={0})
         print(
             f"\npaused pool (SIGSTOP, concurrency 1, heartbeat {HEARTBEAT_S}s, "
             f"pool_dead_after_s={DEAD_AFTER_S}): held 1 running + {HELD - 1} buffered; "
             f"released {released:.2f}s after the stop; after SIGCONT: {_runs_in(db, paused.pid)} "
             f"run(s) in the paused pool, settled in {settled:.2f}s; {report.summary()}; "
-            f"drop line: {_DROPPED.search(log) and _DROPPED.search(log).group(0)!r}"
+            f"drop line: {dropped.group(0) if dropped else None!r}"
         )
         record_property("ledger", report.summary())
         report.assert_clean()
-        dropped = _DROPPED.search(log)
         assert dropped is not None, log
         assert int(dropped.group(1)) == HELD - 1
         assert "was declared dead by another pool" in log
