@@ -327,16 +327,15 @@ from failed
 where queues.id = failed.job_queue_id and queues.locked_by = %(pool_id)s::text
 """
 
-# Which of the buffered jobs this pool still holds under the lock it claimed
-# them with (see kongtask/actors/ownership.py). locked_at tells a lock that was
-# released and taken again by a later claim of this pool (the job is then
-# buffered twice, and only the later copy may run). Primary-key lookups only.
+# Which of the buffered jobs this pool still holds, with the locked_at of its
+# lock (see kongtask/actors/ownership.py). The caller compares locked_at with
+# the one its claim returned: a job released and claimed again by this pool
+# is buffered twice, and only the later copy may run. Looked up by primary
+# key (a filter on locked_by alone would scan the whole table).
 HELD_JOBS = """
 select jobs.id, jobs.locked_at
 from {s}._private_jobs as jobs
-inner join unnest(%(ids)s::bigint[], %(locked_at)s::timestamptz[]) as claimed (id, locked_at)
-    on jobs.id = claimed.id
-where jobs.locked_by = %(pool_id)s::text and jobs.locked_at = claimed.locked_at
+where jobs.id = any(%(ids)s::bigint[]) and jobs.locked_by = %(pool_id)s::text
 """
 
 # Give back claimed jobs that never started (local buffer on shutdown or TTL):

@@ -414,11 +414,7 @@ class Claimer(DbActor):
         checked_at = ctx.ownership.now()
         buffered = queue.drain_stamped()
         jobs = [message.job, *(job for job, _ in buffered)]
-        params = {
-            "ids": [job.id for job in jobs],
-            "locked_at": [job.locked_at for job in jobs],
-            "pool_id": ctx.pool_id,
-        }
+        params = {"ids": [job.id for job in jobs], "pool_id": ctx.pool_id}
 
         def held_jobs(conn: psycopg.Connection[Any]) -> set[tuple[int, datetime]]:
             rows = conn.execute(ctx.queries.held_jobs, params).fetchall()

@@ -181,3 +181,44 @@ def test_a_finished_handler_does_not_complete_a_job_another_pool_now_holds(
     # nothing and left its named queue locked.
     queue_lock = "select locked_by from graphile_worker._private_job_queues"
     assert scalar(db, queue_lock) is None
+
+
+def test_a_job_the_pool_claimed_again_runs_once_from_the_later_claim(
+    db_url: str, db: psycopg.Connection[Any]
+) -> None:
+    # Room for 10 and only 6 jobs: a short claim, so the pool keeps claiming.
+    handler = Gated(lambda job: job.payload["n"] == 0 and job.attempts == 1)
+    add_jobs_sql(
+        db,
+        [{"identifier": "t", "payload": {"n": 0}, "priority": -1}]
+        + [{"identifier": "t", "payload": {"n": n}} for n in range(1, 6)],
+    )
+    runner = _runner(db_url, handler, concurrency=1, local_queue_size=10)
+    try:
+        with recording(runner) as log:
+            runner.start()
+            pool_id = runner.pool_id
+            assert pool_id is not None
+            wait_until(lambda: _job_started(log, 0), what="job 0 to start")
+            started_at = time.monotonic()
+            wait_until(lambda: _locked_by(db, pool_id) == 6, what="the pool to hold 6")
+            _force_unlock(db, pool_id)
+            # The next poll claims them again: jobs 1-4 are now buffered twice, under
+            # the old lock and the new one (the buffer has room for 5 more).
+            wait_until(lambda: _locked_by(db, pool_id) == 5, what="the pool to claim again")
+            wait_until(
+                lambda: time.monotonic() - started_at > DOUBT_AFTER_S,
+                what="the first copies to be older than the bound",
+            )
+            handler.gate.set()
+            runner.join(10)
+            # Before: the copies of the first claim ran too.
+            assert handler.counts() == {0: 2, 1: 1, 2: 1, 3: 1, 4: 1, 5: 1}
+            log.wait_for("localQueue:dropJobs")
+            dropped = log.payloads("localQueue:dropJobs")
+    finally:
+        handler.gate.set()
+        assert runner.stop(30)
+    assert len(dropped) == 1
+    assert sorted(job.payload["n"] for job in dropped[0]["jobs"]) == [1, 2, 3, 4, 5]
+    assert all(job.attempts == 1 for job in dropped[0]["jobs"])
