@@ -99,14 +99,13 @@ class SlowStatement(NamedTuple):
 
 
 class Confirm(NamedTuple):
-    """Does this pool still hold ``job`` (known held at ``known_at``)? Answers True or False.
+    """Does this pool still hold ``job``? Answers True or False.
 
     Asked by an executor when :meth:`Ownership.doubt` gave ``reason``; the
     buffered jobs are checked in the same statement.
     """
 
     job: Job
-    known_at: float
     reason: str
 
 

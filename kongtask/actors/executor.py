@@ -39,12 +39,12 @@ class ExecutorPool:
         ctx: WorkerContext,
         outbox: Outbox,
         on_all_stopped: Callable[[], None],
-        confirm: Callable[[Job, float, str], bool],
+        confirm: Callable[[Job, str], bool],
     ) -> None:
         self._ctx = ctx
         self._outbox = outbox
         self._on_all_stopped = on_all_stopped
-        #: Asked (job, known_at, reason) before starting a job the pool may no longer hold.
+        #: Asked (job, reason) before starting a job the pool may no longer hold.
         self._confirm = confirm
         count = ctx.settings.concurrency
         self.worker_ids = [new_worker_id() for _ in range(count)]
@@ -131,7 +131,7 @@ class ExecutorPool:
                     break
                 job, known_at = item
                 reason = doubt(known_at)
-                if reason is not None and not confirm(job, known_at, reason):
+                if reason is not None and not confirm(job, reason):
                     continue  # another pool holds it now
                 self._run(index, worker_id, job)
         except BaseException as exc:

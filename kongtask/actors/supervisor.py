@@ -293,7 +293,7 @@ class Supervisor:
         if self._claimer is not None:
             self._claimer.tell(InsertNotified())
 
-    def _confirm(self, job: Job, known_at: float, reason: str) -> bool:
+    def _confirm(self, job: Job, reason: str) -> bool:
         """Whether this pool still holds ``job`` (an executor asks; the claimer checks).
 
         No timeout: the claimer answers within its statement deadline and
@@ -304,7 +304,7 @@ class Supervisor:
         if claimer is None:
             return True
         try:
-            return bool(claimer.ask(Confirm(job, known_at, reason)))
+            return bool(claimer.ask(Confirm(job, reason)))
         except pykka.ActorDeadError:
             logger.warning(
                 "Could not check whether pool %s still holds job %s (the pool is stopping); "
