@@ -23,8 +23,9 @@ from tests.faults.ledger import scalar
 from .worker_support import EventLog, add_jobs_sql, recording, wait_until
 
 HEARTBEAT_S = 0.25
-DEAD_AFTER_S = 1.5
-#: When the pools above doubt a buffered job: halfway between heartbeat and bound.
+DEAD_AFTER_S = 3.0
+#: When the pools above doubt a buffered job: halfway between heartbeat and bound (a
+#: heartbeat late by that much, on a loaded machine, is unlikely to be the reason).
 DOUBT_AFTER_S = (HEARTBEAT_S + DEAD_AFTER_S) / 2
 
 
