@@ -85,6 +85,12 @@ local_queue_return_jobs = _signal(
     "localQueue:returnJobs",
     "Unstarted jobs were given back (shutdown or TTL). Payload: pool_id, jobs.",
 )
+local_queue_drop_jobs = _signal(
+    "localQueue:dropJobs",
+    "Buffered jobs were dropped unstarted because this pool no longer holds them "
+    "(another pool released them, e.g. after this one was paused past pool_dead_after_s, "
+    "and may be running them); kongtask's own. Payload: pool_id, jobs, reason (text).",
+)
 
 # --- workers (one per executor thread) ---------------------------------------------
 worker_create = _signal(

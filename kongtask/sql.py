@@ -256,11 +256,17 @@ order by jobs.priority, jobs.run_at, jobs.id
 )
 
 # Finish successful jobs: delete them and release their queues (only queues
-# this pool holds).
+# this pool holds). A job another pool holds now is left alone: this pool
+# was declared dead while the handler ran, and the other pool is running the
+# job again; deleting its row would leave that pool's named queue locked
+# (its own completion would find no row, so release no queue) and drop its
+# outcome. (graphile-worker deletes by id alone.) An unlocked row is deleted:
+# the job did succeed, and is not running anywhere.
 COMPLETE_JOBS = """
 with done as (
     delete from {s}._private_jobs as jobs
     where jobs.id = any(%(ids)s::bigint[])
+    and (jobs.locked_by = %(pool_id)s::text or jobs.locked_by is null)
     returning jobs.job_queue_id
 )
 update {s}._private_job_queues as queues
@@ -319,6 +325,17 @@ update {s}._private_job_queues as queues
 set locked_by = null, locked_at = null
 from failed
 where queues.id = failed.job_queue_id and queues.locked_by = %(pool_id)s::text
+"""
+
+# Which of the buffered jobs this pool still holds, with the locked_at of its
+# lock (see kongtask/actors/ownership.py). The caller compares locked_at with
+# the one its claim returned: a job released and claimed again by this pool
+# is buffered twice, and only the later copy may run. Looked up by primary
+# key (a filter on locked_by alone would scan the whole table).
+HELD_JOBS = """
+select jobs.id, jobs.locked_at
+from {s}._private_jobs as jobs
+where jobs.id = any(%(ids)s::bigint[]) and jobs.locked_by = %(pool_id)s::text
 """
 
 # Give back claimed jobs that never started (local buffer on shutdown or TTL):
@@ -1032,6 +1049,10 @@ class Queries:
     @cached_property
     def migration_state(self) -> sql.Composed:
         return self._compose(MIGRATION_STATE)
+
+    @cached_property
+    def held_jobs(self) -> sql.Composed:
+        return self._compose(HELD_JOBS)
 
     @cached_property
     def return_jobs(self) -> sql.Composed:

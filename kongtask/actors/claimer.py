@@ -20,6 +20,10 @@ cannot hold (``-infinity``, year 10000) load as
 :class:`~kongtask.timestamps.OutOfRangeTimestamp` on the pool's connections,
 so a ``-infinity`` job is simply due. Buffered jobs left unstarted for
 ``local_queue_ttl_s`` are given back, as graphile-worker's local queue does.
+An executor about to start a job this pool may no longer hold asks the
+claimer to :class:`Confirm` it: one statement re-reads the locks of that job
+and of everything buffered, and the jobs another pool has taken over are
+dropped unstarted (see :mod:`kongtask.actors.ownership`).
 """
 
 from __future__ import annotations
@@ -58,6 +62,7 @@ from .fetch_policy import (
     Shutdown,
     Wake,
 )
+from .local_queue import Stamped
 
 if TYPE_CHECKING:
     from .completer import Outbox
@@ -66,6 +71,7 @@ __all__ = [
     "BufferLow",
     "Claimer",
     "ClaimerMessage",
+    "Confirm",
     "Finished",
     "HeldCount",
     "InsertNotified",
@@ -98,7 +104,18 @@ class SlowStatement(NamedTuple):
     seconds: float
 
 
-ClaimerMessage = FetchEvent | TtlDue | JoinRequest | HeldCount | SlowStatement
+class Confirm(NamedTuple):
+    """Does this pool still hold ``job``? Answers True or False.
+
+    Asked by an executor when :meth:`Ownership.doubt` gave ``reason``; the
+    buffered jobs are checked in the same statement.
+    """
+
+    job: Job
+    reason: str
+
+
+ClaimerMessage = FetchEvent | TtlDue | JoinRequest | HeldCount | SlowStatement | Confirm
 
 _EPOCH = datetime.min.replace(tzinfo=UTC)
 _JOB_FIELDS = dataclasses.fields(Job)
@@ -168,6 +185,8 @@ class Claimer(DbActor):
             return self.policy.held
         elif isinstance(message, SlowStatement):
             self._maybe_analyze(message.seconds)
+        elif isinstance(message, Confirm):
+            return self._confirm(message)
         elif isinstance(message, Shutdown):
             return self._shutdown()
         else:
@@ -207,6 +226,8 @@ class Claimer(DbActor):
         policy.claim_started()
         ctx.bus.emit(events.worker_get_job_start, pool_id=ctx.pool_id)
         adopted: list[Job] = []
+        # The claimed jobs are known to be ours from (no later than) now on.
+        known_at = ctx.ownership.now()
         try:
             started = time.perf_counter()
             jobs, seen = self.run(lambda conn: self._claim(conn, want), "Claiming jobs")
@@ -223,7 +244,7 @@ class Claimer(DbActor):
         if adopted:
             jobs += adopted
         self._note_answered(jobs)
-        runnable = self._hand_over(jobs)
+        runnable = self._hand_over(jobs, known_at)
         action = policy.step(answer, len(queue))
         if runnable:
             ctx.bus.emit(events.local_queue_get_jobs_complete, pool_id=ctx.pool_id, jobs=runnable)
@@ -234,7 +255,7 @@ class Claimer(DbActor):
                 self._idle()
         return action
 
-    def _hand_over(self, jobs: list[Job]) -> list[Job]:
+    def _hand_over(self, jobs: list[Job], known_at: float) -> list[Job]:
         """Buffer the jobs whose payload decoded; fail the others' attempt. Returns the buffered."""
         if not jobs:
             return jobs
@@ -245,7 +266,7 @@ class Claimer(DbActor):
                     message = job.payload.message
                     logger.error("Failed task %s (%s): %s", job.id, job.task_identifier, message)
                     self._outbox.failure(dataclasses.replace(job, payload=None), message)
-        self.ctx.queue.put_many(runnable)
+        self.ctx.queue.put_many(runnable, known_at)
         return runnable
 
     def _idle(self) -> None:
@@ -436,6 +457,82 @@ class Claimer(DbActor):
         if jobs:
             logger.debug("Returning %d unstarted jobs after the local queue TTL", len(jobs))
             self._return(jobs)
+
+    # --- jobs this pool may no longer hold --------------------------------------------
+
+    def _confirm(self, message: Confirm) -> bool:
+        """Check ``message.job`` and every buffered job; drop those held elsewhere now.
+
+        The buffered ones that are still held go back into the buffer as
+        confirmed now. A check that fails (after the usual retries) holds
+        nothing back: the job runs, as it did before this check existed.
+        """
+        ctx = self.ctx
+        queue = ctx.queue
+        started = time.perf_counter()
+        checked_at = ctx.ownership.now()
+        buffered = queue.drain_stamped()
+        jobs = [message.job, *(job for job, _ in buffered)]
+        params = {"ids": [job.id for job in jobs], "pool_id": ctx.pool_id}
+
+        def held_jobs(conn: psycopg.Connection[Any]) -> set[tuple[int, datetime]]:
+            rows = conn.execute(ctx.queries.held_jobs, params).fetchall()
+            return {(row[0], row[1]) for row in rows}
+
+        try:
+            held = self.run(held_jobs, "Checking that buffered jobs are still held")
+        except psycopg.Error as exc:
+            logger.warning(
+                "Could not check whether pool %s still holds job %s (%s: %s); running it",
+                ctx.pool_id,
+                message.job.id,
+                type(exc).__name__,
+                str(exc).strip(),
+            )
+            self._rebuffer(buffered)
+            return True
+        check_ms = (time.perf_counter() - started) * 1000
+        kept = [(job, checked_at) for job, _ in buffered if (job.id, job.locked_at) in held]
+        dropped = [job for job in jobs if (job.id, job.locked_at) not in held]
+        self._rebuffer(kept)
+        if dropped:
+            logger.warning(
+                "Dropped %d job(s) from the local queue without running them: pool %s no "
+                "longer holds them (%s), and another pool may be running them: %s "
+                "(checked in %.1f ms)",
+                len(dropped),
+                ctx.pool_id,
+                message.reason,
+                ", ".join(str(job.id) for job in dropped),
+                check_ms,
+            )
+            ctx.bus.emit(
+                events.local_queue_drop_jobs,
+                pool_id=ctx.pool_id,
+                jobs=dropped,
+                reason=message.reason,
+            )
+            # They are no longer held; decided after the answer, so the executor waits no claim.
+            self.actor_ref.tell(Returned(len(dropped)))
+        else:
+            logger.debug(
+                "Pool %s still holds its %d buffered job(s) (%s; checked in %.1f ms)",
+                ctx.pool_id,
+                len(jobs),
+                message.reason,
+                check_ms,
+            )
+        return (message.job.id, message.job.locked_at) in held
+
+    def _rebuffer(self, items: list[Stamped]) -> None:
+        """Put checked jobs back in the buffer, or give them back if the pool is stopping."""
+        if not items:
+            return
+        if self.policy.stopping:
+            # The shutdown has drained the buffer already: nobody would take them.
+            self._return([job for job, _ in items])
+        else:
+            self.ctx.queue.put_stamped(items)
 
     # --- giving jobs back -----------------------------------------------------------
 

@@ -22,6 +22,7 @@ from kongtask.settings import WorkerSettings
 from kongtask.sql import Queries
 
 from .local_queue import LocalQueue
+from .ownership import Ownership
 from .publisher import EventBus
 
 __all__ = ["WorkerContext", "new_pool_id", "new_worker_id"]
@@ -64,3 +65,9 @@ class WorkerContext:
     give_up: threading.Event = field(default_factory=threading.Event)
     #: Told when a cron job starts and finishes (kongtask's cron history), if set.
     cron_outcomes: OutcomeRecorder | None = None
+    #: Whether buffered jobs may have been taken from this pool (heartbeats feed it).
+    ownership: Ownership = field(init=False)
+
+    def __post_init__(self) -> None:
+        settings = self.settings
+        self.ownership = Ownership(settings.heartbeat_interval_s, settings.pool_dead_after_s)

@@ -35,11 +35,17 @@ class ExecutorPool:
     """Starts the worker threads and knows which job each one is running."""
 
     def __init__(
-        self, ctx: WorkerContext, outbox: Outbox, on_all_stopped: Callable[[], None]
+        self,
+        ctx: WorkerContext,
+        outbox: Outbox,
+        on_all_stopped: Callable[[], None],
+        confirm: Callable[[Job, str], bool],
     ) -> None:
         self._ctx = ctx
         self._outbox = outbox
         self._on_all_stopped = on_all_stopped
+        #: Asked (job, reason) before starting a job the pool may no longer hold.
+        self._confirm = confirm
         count = ctx.settings.concurrency
         self.worker_ids = [new_worker_id() for _ in range(count)]
         self._running: list[Helpers | None] = [None] * count
@@ -116,11 +122,17 @@ class ExecutorPool:
     def _work(self, index: int, worker_id: str) -> None:
         error: BaseException | None = None
         take = self._ctx.queue.take
+        doubt = self._ctx.ownership.doubt
+        confirm = self._confirm
         try:
             while True:
-                job = take()
-                if job is None:
+                item = take()
+                if item is None:
                     break
+                job, known_at = item
+                reason = doubt(known_at)
+                if reason is not None and not confirm(job, reason):
+                    continue  # another pool holds it now
                 self._run(index, worker_id, job)
         except BaseException as exc:
             error = exc

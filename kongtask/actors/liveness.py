@@ -130,25 +130,35 @@ class Liveness(DbActor):
             "concurrency": ctx.settings.concurrency,
             "version": __version__,
         }
+        sent_at = ctx.ownership.now()
         self.run(
             lambda conn: conn.execute(ctx.queries.register_pool, params),
             "Registering the pool's liveness record",
         )
+        ctx.ownership.beat(sent_at)
 
     def _beat(self) -> None:
+        ownership = self.ctx.ownership
         try:
+            # Sent no earlier than this: last_seen is at least this recent.
+            sent_at = ownership.now()
             alive = self.run(
                 lambda conn: conn.execute(self.ctx.queries.heartbeat, self._ids()).fetchone(),
                 "Heartbeat",
             )
             if alive is None:
+                # Before registering again: jobs claimed until now may be another pool's.
+                ownership.lost(ownership.now())
                 logger.warning(
                     "Pool %s was declared dead by another pool (no heartbeat for over %g s); "
-                    "its jobs were given back and may run twice. Registering again.",
+                    "its jobs were given back: the one(s) running may run twice, the ones "
+                    "not started are dropped. Registering again.",
                     self.ctx.pool_id,
                     self.ctx.settings.pool_dead_after_s,
                 )
                 self._register()
+            else:
+                ownership.beat(sent_at)
             self._release_dead()
         except psycopg.Error as exc:
             logger.error("Heartbeat of pool %s failed: %s", self.ctx.pool_id, exc)

@@ -8,6 +8,10 @@ sixth of the claimer's GIL time in a drain). It decides nothing: the claimer set
 the level it wants to hear about (:meth:`LocalQueue.wake_at`), and the first
 executor that sees the buffer at or below it sends one ``BufferLow`` (the
 callback) and clears the level, so a burst of pops costs one message.
+
+Each job is buffered with the time its ownership was last known (see
+:mod:`kongtask.actors.ownership`), so an executor can tell cheaply whether
+it must be confirmed before it starts.
 """
 
 from __future__ import annotations
@@ -17,7 +21,10 @@ from collections.abc import Callable
 
 from kongtask.job import Job
 
-__all__ = ["LocalQueue"]
+__all__ = ["LocalQueue", "Stamped"]
+
+#: A buffered job and the time (``Ownership.now``) it was last known to be this pool's.
+Stamped = tuple[Job, float]
 
 #: Put once by ``close``; each executor that gets it puts it back for the next.
 _CLOSED = None
@@ -30,7 +37,7 @@ class LocalQueue:
         self.size = size
         self.low_water = size // 2
         self._on_low = on_low
-        self._jobs: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
+        self._jobs: queue.SimpleQueue[Stamped | None] = queue.SimpleQueue()
         self._closed = False
         # -1: nobody wants to know. Written by the claimer and (to clear it) by
         # whichever executor reports; a duplicate report is harmless.
@@ -41,21 +48,21 @@ class LocalQueue:
 
     # --- executors ------------------------------------------------------------
 
-    def take(self) -> Job | None:
-        """The next job, waiting if none is buffered; ``None`` once closed and empty."""
+    def take(self) -> Stamped | None:
+        """The next job with its stamp, waiting if none is buffered; ``None`` once closed."""
         jobs = self._jobs
         if self._wake_level >= 0 and jobs.qsize() <= self._wake_level:
             # About to wait on an empty (or low) buffer: say so first.
             self._wake_level = -1
             self._on_low()
-        job = jobs.get()
-        if job is _CLOSED:
+        item = jobs.get()
+        if item is _CLOSED:
             jobs.put(_CLOSED)
             return None
         if jobs.qsize() <= self._wake_level:
             self._wake_level = -1
             self._on_low()
-        return job
+        return item
 
     # --- the claimer ------------------------------------------------------------
 
@@ -71,25 +78,35 @@ class LocalQueue:
             return True
         return False
 
-    def put_many(self, jobs: list[Job]) -> None:
-        """Buffer freshly claimed jobs (each put wakes one waiting executor)."""
+    def put_many(self, jobs: list[Job], known_at: float) -> None:
+        """Buffer jobs known to be this pool's at ``known_at`` (each put wakes one executor)."""
         put = self._jobs.put
         for job in jobs:
-            put(job)
+            put((job, known_at))
+
+    def put_stamped(self, items: list[Stamped]) -> None:
+        """Buffer jobs again with their own stamps (after an ownership check)."""
+        put = self._jobs.put
+        for item in items:
+            put(item)
 
     def drain(self) -> list[Job]:
         """Remove and return every buffered job (to give them back)."""
-        drained: list[Job] = []
+        return [job for job, _ in self.drain_stamped()]
+
+    def drain_stamped(self) -> list[Stamped]:
+        """Remove and return every buffered job with its stamp."""
+        drained: list[Stamped] = []
         get = self._jobs.get_nowait
         while True:
             try:
-                job = get()
+                item = get()
             except queue.Empty:
                 return drained
-            if job is _CLOSED:
+            if item is _CLOSED:
                 self._jobs.put(_CLOSED)
                 return drained
-            drained.append(job)
+            drained.append(item)
 
     def close(self) -> None:
         """Executors get ``None`` once the jobs buffered before this are taken."""

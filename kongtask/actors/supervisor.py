@@ -36,6 +36,7 @@ from kongtask.cron.outcomes import OutcomeRecorder
 from kongtask.cron.source import CrontabSource
 from kongtask.cron.types import ParsedCronItem
 from kongtask.errors import KongtaskError
+from kongtask.job import Job
 from kongtask.migrate import migrate
 from kongtask.protocols import Clock
 from kongtask.scheduler import Scheduler
@@ -43,7 +44,16 @@ from kongtask.settings import WorkerSettings
 from kongtask.sql import Queries
 from kongtask.timestamps import tolerate_timestamps
 
-from .claimer import BufferLow, Claimer, HeldCount, InsertNotified, JoinRequest, Shutdown, Wake
+from .claimer import (
+    BufferLow,
+    Claimer,
+    Confirm,
+    HeldCount,
+    InsertNotified,
+    JoinRequest,
+    Shutdown,
+    Wake,
+)
 from .clock import SystemClock
 from .completer import FLUSH, Completer, Outbox
 from .context import WorkerContext, new_pool_id
@@ -197,7 +207,9 @@ class Supervisor:
         outcomes.start()
         self._stack.callback(outcomes.stop)
         ctx.cron_outcomes = outcomes
-        self._executors = ExecutorPool(ctx, outbox, on_all_stopped=self._workers_stopped)
+        self._executors = ExecutorPool(
+            ctx, outbox, on_all_stopped=self._workers_stopped, confirm=self._confirm
+        )
         self._executors.start()
         if not settings.once:
             self._sweeper = Sweeper.start(ctx, self._nudge)
@@ -283,6 +295,27 @@ class Supervisor:
     def _insert_notified(self) -> None:
         if self._claimer is not None:
             self._claimer.tell(InsertNotified())
+
+    def _confirm(self, job: Job, reason: str) -> bool:
+        """Whether this pool still holds ``job`` (an executor asks; the claimer checks).
+
+        No timeout: the claimer answers within its statement deadline and
+        retries, and a stopped claimer answers with ActorDeadError. Without
+        an answer the job runs, as it would have before the check existed.
+        """
+        claimer = self._claimer
+        if claimer is None:
+            return True
+        try:
+            return bool(claimer.ask(Confirm(job, reason)))
+        except pykka.ActorDeadError:
+            logger.warning(
+                "Could not check whether pool %s still holds job %s (the pool is stopping); "
+                "running it",
+                self.pool_id,
+                job.id,
+            )
+            return True
 
     # --- control --------------------------------------------------------------------
 
