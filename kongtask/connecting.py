@@ -35,6 +35,7 @@ from psycopg import errors as pg_errors
 from psycopg.abc import PQGen
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.rows import Row
+from psycopg_pool import ConnectionPool
 
 from kongtask.connection import describe_conninfo
 from kongtask.settings import ConnectionSettings
@@ -180,6 +181,48 @@ def connect(
     conn.deadline_s = settings.statement_timeout_s
     tolerate_timestamps(conn)
     return conn
+
+
+def open_pool(
+    conninfo: str,
+    settings: ConnectionSettings,
+    *,
+    name: str,
+    min_size: int,
+    max_size: int,
+    deadline_s: float | None,
+    prepared_statements: bool = True,
+    open_timeout_s: float = 30.0,
+) -> ConnectionPool[Any]:
+    """Open a pool of :class:`DeadlineConnection` with kongtask's timeouts; every pool is one.
+
+    Each connection gets ``deadline_s`` for every wait on the server, the
+    tolerant timestamp loader, and a check on checkout; ``conninfo`` is guarded
+    (connect timeout, keepalives) and sessions show ``name`` as their
+    ``application_name``.
+    """
+
+    def configure(conn: Any) -> None:
+        conn.deadline_s = deadline_s
+        # A hostile timestamp in a row read must not fail the statement.
+        tolerate_timestamps(conn)
+
+    pool: ConnectionPool[Any] = ConnectionPool(
+        guarded_conninfo(conninfo, settings, application_name=name),
+        min_size=min_size,
+        max_size=max_size,
+        connection_class=DeadlineConnection,
+        kwargs={
+            "autocommit": True,
+            "prepare_threshold": prepare_threshold(settings, prepared_statements),
+        },
+        configure=configure,
+        check=check_connection,
+        name=name,
+        open=False,
+    )
+    pool.open(wait=True, timeout=open_timeout_s)
+    return pool
 
 
 def check_connection(conn: psycopg.Connection[Any]) -> None:

@@ -38,6 +38,7 @@ from .actors.clock import SystemClock
 from .actors.cron import CronService
 from .actors.os_signals import SignalHandlers, can_install
 from .actors.publisher import EventBus
+from .connecting import DEFAULT_CONNECTION_SETTINGS, connect, open_pool
 from .connection import open_database, resolve_schema
 from .cron.parser import parse_cron_item
 from .cron.source import CrontabSource, check_unique_identifiers
@@ -58,7 +59,6 @@ from .errors import ConfigurationError, KongtaskError
 from .migrate import migrate
 from .protocols import Clock
 from .sql import CRON_ITEMS_CHANNEL, Queries
-from .timestamps import tolerate_timestamps
 from .validate import check_clock, check_seconds
 
 __all__ = ["Scheduler"]
@@ -227,13 +227,17 @@ class Scheduler:
                     migrate(conn, self.schema)
         else:
             conninfo = stack.enter_context(open_database(self._connection_string))
-            with psycopg.connect(conninfo, autocommit=True) as conn:
+            with connect(conninfo) as conn:
                 migrate(conn, self.schema)
-            pool: ConnectionPool[Any] = ConnectionPool(
-                conninfo, min_size=1, max_size=3, kwargs={"autocommit": True}, open=False,
-                name=f"kongtask-scheduler-{self.schema}", configure=tolerate_timestamps,
-            )  # fmt: skip
-            pool.open(wait=True, timeout=_POOL_OPEN_TIMEOUT_S)
+            pool = open_pool(
+                conninfo,
+                DEFAULT_CONNECTION_SETTINGS,
+                name=f"kongtask-scheduler-{self.schema}"[:63],
+                min_size=1,
+                max_size=3,
+                deadline_s=DEFAULT_CONNECTION_SETTINGS.statement_timeout_s,
+                open_timeout_s=_POOL_OPEN_TIMEOUT_S,
+            )
             stack.callback(pool.close)
             self._pool = pool
         if self._emit is None:

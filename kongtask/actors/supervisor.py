@@ -25,11 +25,9 @@ from psycopg_pool import ConnectionPool
 
 from kongtask import events
 from kongtask.connecting import (
-    DeadlineConnection,
-    check_connection,
     connect,
     guarded_conninfo,
-    prepare_threshold,
+    open_pool,
 )
 from kongtask.connection import open_database
 from kongtask.cron.outcomes import OutcomeRecorder
@@ -42,7 +40,6 @@ from kongtask.protocols import Clock
 from kongtask.scheduler import Scheduler
 from kongtask.settings import WorkerSettings
 from kongtask.sql import Queries
-from kongtask.timestamps import tolerate_timestamps
 
 from .claimer import (
     BufferLow,
@@ -243,30 +240,16 @@ class Supervisor:
     def _open_pool(self, conninfo: str) -> ConnectionPool[Any]:
         """The run's connection pool: deadlines on every statement, a check on every checkout."""
         settings = self.settings
-        deadline_s = settings.statement_timeout_s
-
-        def configure(conn: Any) -> None:
-            conn.deadline_s = deadline_s
-            # A hostile timestamp in a claimed row must not fail the claim.
-            tolerate_timestamps(conn)
-
-        pool: ConnectionPool[Any] = ConnectionPool(
+        pool = open_pool(
             conninfo,
+            settings.connection,
+            name=self.pool_id,
             min_size=2,
             max_size=settings.max_pool_size,
-            connection_class=DeadlineConnection,
-            kwargs={
-                "autocommit": True,
-                "prepare_threshold": prepare_threshold(
-                    settings.connection, settings.prepared_statements
-                ),
-            },
-            configure=configure,
-            check=check_connection,
-            name=self.pool_id,
-            open=False,
+            deadline_s=settings.statement_timeout_s,
+            prepared_statements=settings.prepared_statements,
+            open_timeout_s=_POOL_OPEN_TIMEOUT_S,
         )
-        pool.open(wait=True, timeout=_POOL_OPEN_TIMEOUT_S)
         self._stack.callback(lambda: pool.close(timeout=self._step_timeout()))
         return pool
 

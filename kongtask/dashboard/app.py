@@ -47,12 +47,9 @@ from kongtask.cli_admin import find_dead_pools
 from kongtask.cli_jobs import parse_time
 from kongtask.connecting import (
     DEFAULT_CONNECTION_SETTINGS,
-    DeadlineConnection,
     DeadlineExceeded,
-    check_connection,
     connect,
-    guarded_conninfo,
-    prepare_threshold,
+    open_pool,
 )
 from kongtask.connection import open_database, resolve_schema
 from kongtask.cron.types import ParsedCronItem
@@ -184,17 +181,15 @@ class Dashboard:
             conninfo = stack.enter_context(open_database(self._connection_string))
             with connect(conninfo, settings) as conn:
                 migrate(conn, schema)
-            pool: ConnectionPool[Any] = ConnectionPool(
-                guarded_conninfo(conninfo, settings, application_name="kongtask-dashboard"),
+            pool = open_pool(
+                conninfo,
+                settings,
+                name="kongtask-dashboard",
                 min_size=1,
                 max_size=POOL_SIZE,
-                connection_class=DeadlineConnection,
-                kwargs={"autocommit": True, "prepare_threshold": prepare_threshold(settings)},
-                check=check_connection,
-                name="kongtask-dashboard",
-                open=False,
+                deadline_s=self._statement_timeout_s + _SILENT_SERVER_MARGIN_S,
+                open_timeout_s=_POOL_OPEN_TIMEOUT_S,
             )
-            pool.open(wait=True, timeout=_POOL_OPEN_TIMEOUT_S)
             stack.callback(pool.close)
             self._stack = stack.pop_all()
         self._schema_name = schema
