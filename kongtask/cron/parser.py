@@ -213,12 +213,72 @@ def _parse_fields(
     return tuple(parsed)
 
 
+# What each field is called in the detail of a "Could not process line" error.
+_FIELD_NAMES = ("minute", "hour", "day of month", "month", "day of week")
+_WORD = re.compile(f"[^{JS_WS}]+")
+_FIELD_TOKEN = re.compile(r"[0-9]+|[A-Za-z]+|.", re.DOTALL)
+_ONE_FIELD = re.compile(_F)
+
+
+def _token_problem(token: str, field: int) -> str:
+    """Why ``token`` (the first bad piece of a field) cannot be read there."""
+    if token.isalpha():
+        if field == 3:
+            return f"'{token}' is not a month name (JAN-DEC)"
+        if field == 4:
+            return f"'{token}' is not a day name (SUN-SAT)"
+        return f"'{token}' is not a number"
+    return f"'{token}' is not a number, '*', ',', '-' or '/'"
+
+
+def _diagnose(text: str, *, command: bool) -> tuple[str, int] | None:
+    """Say which field (and which token in it) keeps a line or pattern from parsing.
+
+    Returns the detail and the token's 0-based offset in ``text``, or None when no
+    single token is to blame. ``command``: a task identifier must follow the fields.
+    """
+    words = list(_WORD.finditer(text))
+    if words and words[0].group().startswith("@"):
+        nickname = words[0].group()
+        if nickname not in NICKNAMES:
+            known = ", ".join(NICKNAMES)
+            return f"'{nickname}' is not a nickname kongtask knows ({known})", words[0].start()
+        if command and len(words) == 1:
+            return f"a task identifier must follow '{nickname}'", words[0].end()
+        return None
+    # A line with too few words most likely lacks a field, not the task: its
+    # last word is then read as the task.
+    fields = words[:5] if not command or len(words) > 5 else words[:-1]
+    for index, word in enumerate(fields):
+        if _ONE_FIELD.fullmatch(word.group()):
+            continue
+        for piece in _FIELD_TOKEN.finditer(word.group()):
+            if not _ONE_FIELD.fullmatch(piece.group()):
+                problem = _token_problem(piece.group(), index)
+                return f"{_FIELD_NAMES[index]}: {problem}", word.start() + piece.start()
+        return None  # pragma: no cover - a field whose every piece is valid is valid
+    end = words[-1].end() if words else 0
+    if command and len(words) < 6:
+        return (
+            f"expected five time fields then a task identifier, found {len(words)} part(s)",
+            end,
+        )
+    if len(words) != 5 and not command:
+        return f"expected five time fields, found {len(words)} part(s)", end
+    return None
+
+
 def _fields_of_pattern(pattern: str, source: str, notes: list[str] | None = None) -> Fields:
     """Parse a programmatic pattern (five fields or a kongtask nickname)."""
     text = NICKNAMES.get(pattern, pattern)
     match = _TIME_PARTS.fullmatch(text)
     if match is None:
-        raise CrontabError(f"Invalid cron pattern '{pattern}' in {source}", source=source)
+        found = _diagnose(pattern, command=False)
+        detail = f"; {found[0]}" if found else ""
+        column = found[1] + 1 if found else None
+        raise CrontabError(
+            f"Invalid cron pattern '{pattern}' in {source}{detail}", column=column, source=source
+        )
     if notes is not None and text is not pattern:
         notes.append(f"nickname '{pattern}'")
     try:
@@ -296,10 +356,12 @@ def _parse_line(raw: str, line: str, line_number: int) -> ParsedCronItem:
     else:
         match = _LINE_PARTS.fullmatch(line)
         if match is None:
+            found = _diagnose(line, command=True)
             raise CrontabError(
-                f"Could not process line '{line_number}' of crontab: '{line}'",
+                f"Could not process line '{line_number}' of crontab: '{line}'"
+                + (f"; {found[0]}" if found else ""),
                 line=line_number,
-                column=base,
+                column=base + found[1] if found else base,
             )
         fields = _parse_fields(match, location, line_number, base, notes)
         command, command_column = match.group(6), base + match.start(6)
