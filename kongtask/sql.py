@@ -913,6 +913,18 @@ with pruned as (
 select count(*) from pruned
 """
 
+# A clean slate for tests (kongtask.testing.reset_cron_state): forget every
+# identifier's registration and last run, and kongtask's history and gaps.
+# Stored items are configuration, not state, and stay.
+CRON_RESET = """
+with known as (
+    delete from {s}._private_known_crontabs
+), history as (
+    delete from {s}._kongtask_cron_history
+)
+delete from {s}._kongtask_cron_gaps
+"""
+
 # Stored cron items (kongtask's fleet-wide items); changes notify every node.
 CRON_ITEMS = """
 select identifier, line, created_at, updated_at
@@ -1158,6 +1170,7 @@ class Queries:
             "CRON_RECORD_OUTCOMES",
             "CRON_HISTORY",
             "CRON_PRUNE_HISTORY",
+            "CRON_RESET",
             "CRON_ITEMS",
             "CRON_ITEM_ADD",
             "CRON_ITEM_UPDATE",
