@@ -786,15 +786,17 @@ where identifier = any(%(identifiers)s::text[])
   and ended_by > coalesce(%(since)s::timestamptz, '-infinity')
 """
 
-# Record firings; returns the ones this transaction was first to record.
+# Record firings; returns the ones this transaction was first to record. A
+# skipped firing's error column says why, when a rule could not simply be
+# applied (a condition that timed out or raised).
 CRON_RECORD_FIRINGS = """
 insert into {s}._kongtask_cron_history
-    (identifier, task, scheduled_at, backfilled, outcome, rule, node)
-select f.identifier, f.task, f.ts, f.backfilled, f.outcome, f.rule, %(node)s
+    (identifier, task, scheduled_at, backfilled, outcome, rule, error, node)
+select f.identifier, f.task, f.ts, f.backfilled, f.outcome, f.rule, f.reason, %(node)s
 from unnest(
     %(identifiers)s::text[], %(tasks)s::text[], %(timestamps)s::timestamptz[],
-    %(backfilled)s::boolean[], %(outcomes)s::text[], %(rules)s::text[]
-) as f(identifier, task, ts, backfilled, outcome, rule)
+    %(backfilled)s::boolean[], %(outcomes)s::text[], %(rules)s::text[], %(reasons)s::text[]
+) as f(identifier, task, ts, backfilled, outcome, rule, reason)
 on conflict (identifier, scheduled_at) do nothing
 returning identifier, scheduled_at
 """

@@ -27,7 +27,9 @@ from kongtask.cron.options import (
 )
 from kongtask.cron.storable import unstorable_reason
 from kongtask.cron.types import (
+    DEFAULT_CONDITION_TIMEOUT_S,
     FIELDS,
+    MAX_CONDITION_TIMEOUT_S,
     Condition,
     CronField,
     CronItem,
@@ -399,6 +401,7 @@ def _build(
     line_number: int | None,
     extensions: tuple[str, ...] = (),
     condition: Condition | None = None,
+    condition_timeout_s: float = DEFAULT_CONDITION_TIMEOUT_S,
 ) -> ParsedCronItem:
     minutes, hours, dates, months, dows = fields
     return ParsedCronItem(
@@ -414,6 +417,7 @@ def _build(
         source_line=line_number,
         extensions=extensions,
         condition=condition,
+        condition_timeout_s=condition_timeout_s,
         origin="crontab" if line_number is not None else "code",
     )
 
@@ -473,6 +477,7 @@ def parse_cron_item(
         payload: Any = {} if item.payload is None else item.payload
         identifier: Any = item.identifier
         condition: Any = item.condition
+        timeout: Any = item.condition_timeout_s
     elif isinstance(item, Mapping):
         if _js_truthy(item.get("pattern")):
             raise CrontabError("Please rename the 'pattern' property to 'match'", source=source)
@@ -480,6 +485,7 @@ def parse_cron_item(
         payload = item.get("payload", {})
         identifier = item.get("identifier")
         condition = item.get("condition")
+        timeout = item.get("condition_timeout_s")
     else:
         raise CrontabError(
             f"Invalid cron item in {source}: expected a CronItem or a mapping, got"
@@ -506,6 +512,8 @@ def parse_cron_item(
             f"Invalid 'condition' in {source}: expected a callable taking a Firing",
             source=source,
         )
+    if timeout is not None:
+        _check_condition_timeout(timeout, condition, source)
     parsed_options = options_from_mapping(options, source)
     parsed = _build(
         task,
@@ -516,11 +524,28 @@ def parse_cron_item(
         None,
         tuple(notes),
         condition,
+        DEFAULT_CONDITION_TIMEOUT_S if timeout is None else float(timeout),
     )
     problem = unstorable_reason(parsed)
     if problem is not None:
         raise CrontabError(f"Cron item in {source} cannot be scheduled: {problem}.", source=source)
     return parsed
+
+
+def _check_condition_timeout(timeout: Any, condition: Any, source: str) -> None:
+    """A deadline in (0, MAX_CONDITION_TIMEOUT_S] seconds, given with a condition."""
+    if condition is None:
+        raise CrontabError(
+            f"Invalid 'condition_timeout_s' in {source}: there is no condition to time",
+            source=source,
+        )
+    number = isinstance(timeout, int | float) and not isinstance(timeout, bool)
+    if not number or not 0 < timeout <= MAX_CONDITION_TIMEOUT_S:
+        raise CrontabError(
+            f"Invalid 'condition_timeout_s' in {source}: expected seconds, more than 0 and"
+            f" at most {MAX_CONDITION_TIMEOUT_S:g}, got {timeout!r}",
+            source=source,
+        )
 
 
 def parse_cron_items(items: Sequence[CronItem | Mapping[str, Any]]) -> list[ParsedCronItem]:

@@ -235,6 +235,9 @@ def test_programmatic_items() -> None:
     assert mapped.options.job_key_mode == "replace"
     assert mapped.minutes == (0,)
     assert parse_cron_item({"task": "t", "match": "* * * * *", "pattern": ""}).task == "t"
+    assert mapped.condition_timeout_s == 5.0  # the default deadline
+    timed = parse_cron_item(CronItem("t", "* * * * *", condition=bool, condition_timeout_s=2))
+    assert timed.condition_timeout_s == 2.0
 
 
 @pytest.mark.parametrize(
@@ -253,6 +256,11 @@ def test_programmatic_items() -> None:
         ({"task": "t", "match": "* * * * *", "options": {"tz": "Nowhere/Land"}}, "Invalid value for option 'tz' in parseCronItem call: 'Nowhere/Land' is not compatible with this option (not a known time zone)."),
         ({"task": "t", "match": "* * * * *", "options": {"colour": 1}}, "Unsupported option 'colour' in parseCronItem call; supported options are: backfill_period, max_attempts, queue_name, priority, job_key, job_key_mode, tz, no_overlap, skip_dates."),
         (CronItem(task="t", match="* * * * *", options=CronItemOptions(queue_name="a b")), "Invalid value for option 'queue_name' in parseCronItem call: 'a b' is not compatible with this option."),
+        ({"task": "t", "match": "* * * * *", "condition_timeout_s": 5}, "Invalid 'condition_timeout_s' in parseCronItem call: there is no condition to time"),
+        (CronItem("t", "* * * * *", condition=bool, condition_timeout_s=0), "Invalid 'condition_timeout_s' in parseCronItem call: expected seconds, more than 0 and at most 30, got 0"),
+        (CronItem("t", "* * * * *", condition=bool, condition_timeout_s=30.5), "Invalid 'condition_timeout_s' in parseCronItem call: expected seconds, more than 0 and at most 30, got 30.5"),
+        (CronItem("t", "* * * * *", condition=bool, condition_timeout_s=float("nan")), "Invalid 'condition_timeout_s' in parseCronItem call: expected seconds, more than 0 and at most 30, got nan"),
+        ({"task": "t", "match": "* * * * *", "condition": bool, "condition_timeout_s": True}, "Invalid 'condition_timeout_s' in parseCronItem call: expected seconds, more than 0 and at most 30, got True"),
     ],
 )  # fmt: skip
 def test_programmatic_errors(item: object, message: str) -> None:
