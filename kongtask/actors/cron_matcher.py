@@ -91,7 +91,7 @@ class _Retry:
 
 @dataclass(frozen=True, slots=True)
 class _Decided:
-    """The conditions asked for have answered (or timed out)."""
+    """One item's conditions have answered, raised or timed out (see ``_decide``)."""
 
     generation: int
     verdicts: dict[FiringKey, Verdict]
@@ -539,7 +539,7 @@ class CronMatcher(pykka.ThreadingActor):
     def _report(self, sent: Schedule, message: Scheduled) -> None:
         """Events and log lines for skipped firings and items the database refused."""
         tasks = {p.item.identifier: p.item.task for p in sent.planned}
-        reasons = {(p.item.identifier, p.ts): p.skip_reason for p in sent.planned}
+        reasons = {_key(p): p.skip_reason for p in sent.planned}
         for identifier, ts, rule in message.skipped:
             reason = reasons.get((identifier, ts)) if rule == "condition" else None
             logger.info(
