@@ -278,11 +278,11 @@ def _run_worker(args: argparse.Namespace) -> int:
         options["connect_timeout_s"] = args.connect_timeout
     if args.statement_timeout is not None:
         options["statement_timeout_s"] = args.statement_timeout
+    if crontab_file is not None:
+        options["crontab_file"] = crontab_file  # --once checks it without scheduling
     if args.once:
         run_once(**options)
         return EXIT_OK
-    if crontab_file is not None:
-        options["crontab_file"] = crontab_file
     if not tasks and crontab_file is None:
         logger.warning("No tasks found (use --tasks PATH); the worker has nothing to run")
     runner = run(install_signal_handlers=True, **options)

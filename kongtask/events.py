@@ -178,7 +178,9 @@ cron_scheduled = _signal(
 cron_skipped = _signal(
     "cron:skipped",
     "A rule skipped a firing (recorded in the history as skipped). Payload: identifier, "
-    "task_identifier, scheduled_at, rule ('condition', 'skipDates' or 'noOverlap').",
+    "task_identifier, scheduled_at, rule ('condition', 'skipDates' or 'noOverlap'), "
+    "reason (None when the rule simply said no; for a condition that did not answer, why: "
+    "'timed out after 5 s', 'raised ...', 'its condition is still running ...').",
 )
 cron_item_failed = _signal(
     "cron:itemFailed",

@@ -193,10 +193,16 @@ class Runner:
         """Connect, migrate, start the actors and return at once (raises if that fails)."""
         if self._supervisor is not None:
             raise KongtaskError("this Runner was already started; make a new one to run again")
-        crontab = None if self.settings.once else self._crontab
         # Parse the crontab before connecting: a bad line fails the start with
         # its line number and nothing is touched (not even the migrations).
-        cron_items = crontab.load() if crontab is not None else None
+        # Run-once mode schedules no cron, but a bad crontab is still an error.
+        crontab, cron_items = self._crontab, None
+        if crontab is not None:
+            cron_items = crontab.load()
+            _warn_unserved_tasks(cron_items, self._tasks, crontab)
+        if self.settings.once and crontab is not None:
+            logger.info("'Run once' mode runs no cron; %s was only checked", crontab.description)
+            crontab, cron_items = None, None
         supervisor = Supervisor(
             sender=self,
             settings=self.settings,
@@ -483,11 +489,35 @@ def run_once(**options: Any) -> Runner:
     """Run every job that is runnable now, then stop; returns the stopped Runner.
 
     Takes the options of :func:`run`. Like graphile-worker's ``--once``, it
-    neither listens for new jobs nor sweeps stale locks, and runs no cron.
+    neither listens for new jobs nor sweeps stale locks, and runs no cron (a
+    crontab given is still parsed: a bad one fails the start with its line).
     """
     runner = Runner(once=True, **options).start()
     runner.wait()
     return runner
+
+
+def _warn_unserved_tasks(
+    items: Sequence[ParsedCronItem], tasks: Mapping[str, Any], source: CrontabSource
+) -> None:
+    """Warn about cron items whose task this worker has no handler for.
+
+    Not an error: another worker sharing the database may serve the task; but
+    a misspelt task name would otherwise only show as jobs that never run.
+    """
+    for item in items:
+        if item.task in tasks:
+            continue
+        place = source.description
+        if item.source_line is not None:
+            place = f"line {item.source_line} of {place}"
+        logger.warning(
+            "Cron item %r (%s) names task %r, which this worker has no handler for;"
+            " its jobs wait for a worker that has one",
+            item.identifier,
+            place,
+            item.task,
+        )
 
 
 def _check_tasks(tasks: Any) -> dict[str, Callable[..., Any]]:

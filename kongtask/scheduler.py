@@ -508,6 +508,11 @@ class Scheduler:
                     psycopg.sql.SQL("listen {}").format(psycopg.sql.Identifier(CRON_ITEMS_CHANNEL))
                 )
                 self._listen_conn = conn
+                if self._stop_watch.is_set():
+                    # Stopping began while this connected; the teardown closed
+                    # the previous connection, not this one.
+                    conn.close()
+                    return False
             for notice in self._listen_conn.notifies(timeout=interval, stop_after=1):
                 return notice.payload == self.schema
             return False

@@ -803,15 +803,17 @@ where identifier = any(%(identifiers)s::text[])
   and ended_by > coalesce(%(since)s::timestamptz, '-infinity')
 """
 
-# Record firings; returns the ones this transaction was first to record.
+# Record firings; returns the ones this transaction was first to record. A
+# skipped firing's error column says why, when a rule could not simply be
+# applied (a condition that timed out or raised).
 CRON_RECORD_FIRINGS = """
 insert into {s}._kongtask_cron_history
-    (identifier, task, scheduled_at, backfilled, outcome, rule, node)
-select f.identifier, f.task, f.ts, f.backfilled, f.outcome, f.rule, %(node)s
+    (identifier, task, scheduled_at, backfilled, outcome, rule, error, node)
+select f.identifier, f.task, f.ts, f.backfilled, f.outcome, f.rule, f.reason, %(node)s
 from unnest(
     %(identifiers)s::text[], %(tasks)s::text[], %(timestamps)s::timestamptz[],
-    %(backfilled)s::boolean[], %(outcomes)s::text[], %(rules)s::text[]
-) as f(identifier, task, ts, backfilled, outcome, rule)
+    %(backfilled)s::boolean[], %(outcomes)s::text[], %(rules)s::text[], %(reasons)s::text[]
+) as f(identifier, task, ts, backfilled, outcome, rule, reason)
 on conflict (identifier, scheduled_at) do nothing
 returning identifier, scheduled_at
 """
@@ -928,6 +930,18 @@ with pruned as (
     delete from {s}._kongtask_cron_gaps where ended_by < %(before)s
 )
 select count(*) from pruned
+"""
+
+# A clean slate for tests (kongtask.testing.reset_cron_state): forget every
+# identifier's registration and last run, and kongtask's history and gaps.
+# Stored items are configuration, not state, and stay.
+CRON_RESET = """
+with known as (
+    delete from {s}._private_known_crontabs
+), history as (
+    delete from {s}._kongtask_cron_history
+)
+delete from {s}._kongtask_cron_gaps
 """
 
 # Stored cron items (kongtask's fleet-wide items); changes notify every node.
@@ -1179,6 +1193,7 @@ class Queries:
             "CRON_RECORD_OUTCOMES",
             "CRON_HISTORY",
             "CRON_PRUNE_HISTORY",
+            "CRON_RESET",
             "CRON_ITEMS",
             "CRON_ITEM_ADD",
             "CRON_ITEM_UPDATE",

@@ -6,6 +6,7 @@ the calling thread. A Runner given one also uses it for job readiness (as
 graphile-worker's ``useNodeTime``): a job is ready once the database's time
 or the clock has reached its ``run_at``, so ``advance()`` makes retries and
 delayed jobs due. ``join`` waits until a Runner has nothing left to do.
+``reset_cron_state`` gives each cron test a clean slate in a shared database.
 """
 
 from __future__ import annotations
@@ -20,11 +21,16 @@ from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from .actors.clock import Timer
+from .connecting import connect
+from .connection import resolve_schema
+from .errors import ConfigurationError
+from .migrate import migrate
+from .sql import Queries
 
 if TYPE_CHECKING:
     from .runner import Runner
 
-__all__ = ["ManualClock", "join", "running"]
+__all__ = ["ManualClock", "join", "reset_cron_state", "running"]
 
 
 class ManualClock:
@@ -128,6 +134,31 @@ def join(runner: Runner, timeout_s: float = 30.0) -> None:
     are not waited for. Raises ``TimeoutError`` after ``timeout_s``.
     """
     runner.join(timeout_s)
+
+
+def reset_cron_state(connection_string: str, *, schema: str | None = None) -> None:
+    """Forget every cron item's registration and last run in ``schema``, and kongtask's
+    cron history and gaps there, so the next test's cron starts from scratch.
+
+    Cron remembers in the database the last minute it scheduled for each item, so
+    that no minute ever runs twice. A test whose ManualClock starts at ``now()``
+    after another test in the same database scheduled that minute, or advanced
+    an hour, would otherwise see nothing scheduled. Call it before starting the
+    Runner or Scheduler (the first line of the fixture); never on a database
+    that production cron nodes use. The schema is migrated first if needed, as a
+    Runner's start would; stored cron items (``add_cron_item``) and jobs stay.
+    """
+    if not isinstance(connection_string, str):
+        raise ConfigurationError(
+            f"connection_string must be a string, got {type(connection_string).__name__}",
+            name="connection_string",
+            value=None,  # it may hold a password
+        )
+    name = resolve_schema(schema)
+    with connect(connection_string) as conn:
+        migrate(conn, name)
+        with conn.transaction():
+            conn.execute(Queries(name).cron["CRON_RESET"])
 
 
 @contextmanager

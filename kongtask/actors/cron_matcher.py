@@ -11,7 +11,11 @@ schedule the items due at that minute. The protocol is graphile-worker's:
   minute, so a failed write is retried for the same minute (with jittered
   back-off) rather than skipped: an outage is caught up, not lost. The
   database's ``last_execution`` guard makes every retry and every other
-  instance harmless, so each (identifier, minute) is scheduled exactly once.
+  instance harmless, so each (identifier, minute) is scheduled exactly once;
+- items with a ``condition`` are decided off this thread, each call with a
+  deadline (:mod:`.cron_conditions`): the minute's other items are written at
+  once, the conditioned ones when their conditions have answered or timed out,
+  and only then does the minute count as done.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import random
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -46,6 +50,7 @@ from kongtask.cron.schedule import (
 from kongtask.cron.types import ParsedCronItem
 from kongtask.protocols import Clock, TimerHandle
 
+from .cron_conditions import ConditionCalls, FiringKey, Verdict
 from .cron_writer import Planned, Register, Registered, Schedule, Scheduled, WriteFailed
 
 __all__ = ["CronMatcher", "SetItems"]
@@ -82,6 +87,53 @@ class _Tick:
 @dataclass(frozen=True, slots=True)
 class _Retry:
     generation: int
+
+
+@dataclass(frozen=True, slots=True)
+class _Decided:
+    """One item's conditions have answered, raised or timed out (see ``_decide``)."""
+
+    generation: int
+    verdicts: dict[FiringKey, Verdict]
+
+
+@dataclass(slots=True)
+class _Minute:
+    """The live minute being written: its firings, and what the writes did so far.
+
+    Firings whose conditions are still being called (``deciding``) are written
+    after the others, as their verdicts come (``queued`` while a write is in
+    flight, then written together).
+    """
+
+    ts: datetime
+    planned: list[Planned]
+    deciding: dict[FiringKey, Planned]
+    queued: list[Planned] = field(default_factory=list)
+    scheduled: list[tuple[str, datetime]] = field(default_factory=list)
+    skipped: list[tuple[str, datetime, str]] = field(default_factory=list)
+    job_ids: dict[tuple[str, datetime], int] = field(default_factory=dict)
+
+    def absorb(self, message: Scheduled) -> None:
+        self.scheduled.extend(message.scheduled)
+        self.skipped.extend(message.skipped)
+        self.job_ids.update(message.job_ids)
+
+
+def _key(planned: Planned) -> FiringKey:
+    return (planned.item.identifier, planned.ts)
+
+
+def _gated(planned: Sequence[Planned]) -> list[Planned]:
+    """The firings whose condition must still be called (no other rule skips them)."""
+    return [p for p in planned if p.skip_rule is None and p.item.condition is not None]
+
+
+def _apply(planned: Planned, verdicts: dict[FiringKey, Verdict]) -> Planned:
+    verdict = verdicts.get(_key(planned))
+    if verdict is None or verdict.run:
+        return planned
+    return replace(planned, skip_rule="condition", skip_reason=verdict.reason)
 
 
 def _seed_fields(ts: datetime, planned: Sequence[Planned]) -> dict[str, Any]:
@@ -188,6 +240,12 @@ class CronMatcher(pykka.ThreadingActor):
         self._in_flight: Register | Schedule | None = None
         self._failures = 0
         self._timer: TimerHandle | None = None
+        self._conditions = ConditionCalls(clock)
+        self._minute: _Minute | None = None
+        # A backfill batch waiting for its conditions' verdicts, and those come so far.
+        self._batch: list[Planned] | None = None
+        self._batch_waiting: set[FiringKey] = set()
+        self._batch_verdicts: dict[FiringKey, Verdict] = {}
 
     # --- lifecycle ----------------------------------------------------------
 
@@ -236,6 +294,9 @@ class CronMatcher(pykka.ThreadingActor):
         elif isinstance(message, Scheduled):
             if message.generation == self._generation and self._in_flight is not None:
                 self._on_scheduled(message)
+        elif isinstance(message, _Decided):
+            if message.generation == self._generation:
+                self._on_decided(message.verdicts)
         elif isinstance(message, WriteFailed):
             if message.generation == _RELOAD_GENERATION:
                 logger.warning("Could not register reloaded cron items: %s", message.error)
@@ -291,7 +352,14 @@ class CronMatcher(pykka.ThreadingActor):
             firings.extend(planned)
             size += len(planned)
         if firings:
-            self._send(Schedule(tuple(firings), True, self._generation, self.actor_ref))
+            gated = _gated(firings)
+            if gated:
+                self._batch = firings
+                self._batch_waiting = {_key(p) for p in gated}
+                self._batch_verdicts = {}
+                self._decide(gated)
+            else:
+                self._send(Schedule(tuple(firings), True, self._generation, self.actor_ref))
             return
         self._plan = None
         self._state = "running"
@@ -303,7 +371,7 @@ class CronMatcher(pykka.ThreadingActor):
     # --- the minute loop ------------------------------------------------------
 
     def _tick(self) -> None:
-        if self._in_flight is not None:
+        if self._in_flight is not None or self._minute is not None:
             return
         assert self._next is not None
         now = self._clock.now()
@@ -331,7 +399,48 @@ class CronMatcher(pykka.ThreadingActor):
             ],
             **_seed_fields(self._next, planned),
         )
-        self._send(Schedule(tuple(planned), False, self._generation, self.actor_ref))
+        gated = _gated(planned)
+        minute = _Minute(self._next, planned, {_key(p): p for p in gated})
+        self._minute = minute
+        minute.queued = [p for p in planned if _key(p) not in minute.deciding]
+        if gated:
+            self._decide(gated)
+        self._flush(minute)
+
+    def _decide(self, gated: Sequence[Planned]) -> None:
+        """Have the conditions of ``gated`` called; their verdicts come as ``_Decided``."""
+        generation = self._generation
+        self._conditions.decide(
+            [(p.item, p.ts, p.backfilled) for p in gated],
+            lambda verdicts: self._tell_self(_Decided(generation, verdicts)),
+        )
+
+    def _on_decided(self, verdicts: dict[FiringKey, Verdict]) -> None:
+        """One item's verdicts: a live minute writes them as soon as it can; a backfill
+        batch is written whole once every verdict is in."""
+        if self._batch is not None:
+            self._batch_verdicts.update(verdicts)
+            self._batch_waiting.difference_update(verdicts)
+            if not self._batch_waiting:
+                batch, self._batch = self._batch, None
+                decided = tuple(_apply(p, self._batch_verdicts) for p in batch)
+                self._send(Schedule(decided, True, self._generation, self.actor_ref))
+            return
+        minute = self._minute
+        if minute is None:
+            return
+        for key in verdicts:
+            planned = minute.deciding.pop(key, None)
+            if planned is not None:
+                minute.queued.append(_apply(planned, verdicts))
+        if self._in_flight is None:
+            self._flush(minute)
+
+    def _flush(self, minute: _Minute) -> None:
+        """Write the minute's firings that are ready (no write is in flight)."""
+        if minute.queued:
+            queued, minute.queued = minute.queued, []
+            self._send(Schedule(tuple(queued), False, self._generation, self.actor_ref))
 
     def _on_scheduled(self, message: Scheduled) -> None:
         in_flight = self._in_flight
@@ -342,17 +451,27 @@ class CronMatcher(pykka.ThreadingActor):
         if in_flight.backfilled:
             self._backfill_next()
             return
-        ts = in_flight.planned[0].ts
+        minute = self._minute
+        assert minute is not None
+        minute.absorb(message)
+        if minute.queued:
+            self._flush(minute)
+        elif not minute.deciding:
+            self._finish_minute(minute)
+
+    def _finish_minute(self, minute: _Minute) -> None:
+        """Every firing of the live minute is written: report it and move on."""
+        self._minute = None
         self._emit(
             events.cron_scheduled,
-            timestamp=to_ms(ts),
+            timestamp=to_ms(minute.ts),
             jobs_and_identifiers=[
-                {"identifier": p.item.identifier, "job": p.spec} for p in in_flight.planned
+                {"identifier": p.item.identifier, "job": p.spec} for p in minute.planned
             ],
-            scheduled_identifiers=[identifier for identifier, _ in message.scheduled],
-            skipped=[(identifier, rule) for identifier, _, rule in message.skipped],
-            job_ids={identifier: job_id for (identifier, _), job_id in message.job_ids.items()},
-            **_seed_fields(ts, in_flight.planned),
+            scheduled_identifiers=[identifier for identifier, _ in minute.scheduled],
+            skipped=[(identifier, rule) for identifier, _, rule in minute.skipped],
+            job_ids={identifier: job_id for (identifier, _), job_id in minute.job_ids.items()},
+            **_seed_fields(minute.ts, minute.planned),
         )
         assert self._next is not None
         self._next += MINUTE
@@ -412,7 +531,7 @@ class CronMatcher(pykka.ThreadingActor):
                 ts,
                 job_spec(item, ts, backfilled=backfilled),
                 backfilled,
-                skip_rule(item, ts, backfilled=backfilled),
+                skip_rule(item, ts),
             )
             for item in due
         ]
@@ -420,14 +539,23 @@ class CronMatcher(pykka.ThreadingActor):
     def _report(self, sent: Schedule, message: Scheduled) -> None:
         """Events and log lines for skipped firings and items the database refused."""
         tasks = {p.item.identifier: p.item.task for p in sent.planned}
+        reasons = {_key(p): p.skip_reason for p in sent.planned}
         for identifier, ts, rule in message.skipped:
-            logger.info("Cron item %r at %s skipped by rule %s", identifier, iso_minute(ts), rule)
+            reason = reasons.get((identifier, ts)) if rule == "condition" else None
+            logger.info(
+                "Cron item %r at %s skipped by rule %s%s",
+                identifier,
+                iso_minute(ts),
+                rule,
+                f" ({reason})" if reason else "",
+            )
             self._emit(
                 events.cron_skipped,
                 identifier=identifier,
                 task_identifier=tasks.get(identifier),
                 scheduled_at=iso_minute(ts),
                 rule=rule,
+                reason=reason,
             )
         for identifier, ts, error in message.failed:
             logger.error(

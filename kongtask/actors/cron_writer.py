@@ -77,13 +77,15 @@ class Registered:
 @dataclass(frozen=True, slots=True)
 class Planned:
     """One firing the matcher proposes: the item, its minute, its job spec, and whether
-    a rule already skips it (``skip_rule`` names the rule)."""
+    a rule already skips it (``skip_rule`` names the rule; ``skip_reason``, when the
+    rule could not simply be applied, says why: a condition that timed out, say)."""
 
     item: ParsedCronItem
     ts: datetime
     spec: dict[str, Any]
     backfilled: bool
     skip_rule: str | None = None
+    skip_reason: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -294,6 +296,7 @@ class CronWriter(pykka.ThreadingActor):
                 "backfilled": [f.backfilled for f, _ in chosen],
                 "outcomes": ["skipped" if rule else "scheduled" for _, rule in chosen],
                 "rules": [rule for _, rule in chosen],
+                "reasons": [f.skip_reason if rule == f.skip_rule else None for f, rule in chosen],
                 "node": self._node,
             },
         ).fetchall()

@@ -53,7 +53,8 @@ _VALUE_RES = {
 KONGTASK_OPTION_KEYS = ("tz", "noOverlap", "skipDates")
 _UNIT_MS = {"s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000, "w": 604_800_000}
 _BASELINE_KEYS = ("id", "fill", "max", "queue", "jobKey", "jobKeyMode", "priority")
-_SUPPORTED_TEXT = "'" + "', '".join(_BASELINE_KEYS) + "'"
+# graphile-worker's message lists its own keys; kongtask lists every key it reads.
+_SUPPORTED_TEXT = "'" + "', '".join(_BASELINE_KEYS + KONGTASK_OPTION_KEYS) + "'"
 JOB_KEY_MODES = ("replace", "preserve_run_at")
 
 

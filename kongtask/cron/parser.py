@@ -27,7 +27,9 @@ from kongtask.cron.options import (
 )
 from kongtask.cron.storable import unstorable_reason
 from kongtask.cron.types import (
+    DEFAULT_CONDITION_TIMEOUT_S,
     FIELDS,
+    MAX_CONDITION_TIMEOUT_S,
     Condition,
     CronField,
     CronItem,
@@ -213,12 +215,72 @@ def _parse_fields(
     return tuple(parsed)
 
 
+# What each field is called in the detail of a "Could not process line" error.
+_FIELD_NAMES = ("minute", "hour", "day of month", "month", "day of week")
+_WORD = re.compile(f"[^{JS_WS}]+")
+_FIELD_TOKEN = re.compile(r"[0-9]+|[A-Za-z]+|.", re.DOTALL)
+_ONE_FIELD = re.compile(_F)
+
+
+def _token_problem(token: str, field: int) -> str:
+    """Why ``token`` (the first bad piece of a field) cannot be read there."""
+    if token.isalpha():
+        if field == 3:
+            return f"'{token}' is not a month name (JAN-DEC)"
+        if field == 4:
+            return f"'{token}' is not a day name (SUN-SAT)"
+        return f"'{token}' is not a number"
+    return f"'{token}' is not a number, '*', ',', '-' or '/'"
+
+
+def _diagnose(text: str, *, command: bool) -> tuple[str, int] | None:
+    """Say which field (and which token in it) keeps a line or pattern from parsing.
+
+    Returns the detail and the token's 0-based offset in ``text``, or None when no
+    single token is to blame. ``command``: a task identifier must follow the fields.
+    """
+    words = list(_WORD.finditer(text))
+    if words and words[0].group().startswith("@"):
+        nickname = words[0].group()
+        if nickname not in NICKNAMES:
+            known = ", ".join(NICKNAMES)
+            return f"'{nickname}' is not a nickname kongtask knows ({known})", words[0].start()
+        if command and len(words) == 1:
+            return f"a task identifier must follow '{nickname}'", words[0].end()
+        return None
+    # A line with too few words most likely lacks a field, not the task: its
+    # last word is then read as the task.
+    fields = words[:5] if not command or len(words) > 5 else words[:-1]
+    for index, word in enumerate(fields):
+        if _ONE_FIELD.fullmatch(word.group()):
+            continue
+        for piece in _FIELD_TOKEN.finditer(word.group()):
+            if not _ONE_FIELD.fullmatch(piece.group()):
+                problem = _token_problem(piece.group(), index)
+                return f"{_FIELD_NAMES[index]}: {problem}", word.start() + piece.start()
+        return None  # pragma: no cover - a field whose every piece is valid is valid
+    end = words[-1].end() if words else 0
+    if command and len(words) < 6:
+        return (
+            f"expected five time fields then a task identifier, found {len(words)} part(s)",
+            end,
+        )
+    if len(words) != 5 and not command:
+        return f"expected five time fields, found {len(words)} part(s)", end
+    return None
+
+
 def _fields_of_pattern(pattern: str, source: str, notes: list[str] | None = None) -> Fields:
     """Parse a programmatic pattern (five fields or a kongtask nickname)."""
     text = NICKNAMES.get(pattern, pattern)
     match = _TIME_PARTS.fullmatch(text)
     if match is None:
-        raise CrontabError(f"Invalid cron pattern '{pattern}' in {source}", source=source)
+        found = _diagnose(pattern, command=False)
+        detail = f"; {found[0]}" if found else ""
+        column = found[1] + 1 if found else None
+        raise CrontabError(
+            f"Invalid cron pattern '{pattern}' in {source}{detail}", column=column, source=source
+        )
     if notes is not None and text is not pattern:
         notes.append(f"nickname '{pattern}'")
     try:
@@ -296,10 +358,12 @@ def _parse_line(raw: str, line: str, line_number: int) -> ParsedCronItem:
     else:
         match = _LINE_PARTS.fullmatch(line)
         if match is None:
+            found = _diagnose(line, command=True)
             raise CrontabError(
-                f"Could not process line '{line_number}' of crontab: '{line}'",
+                f"Could not process line '{line_number}' of crontab: '{line}'"
+                + (f"; {found[0]}" if found else ""),
                 line=line_number,
-                column=base,
+                column=base + found[1] if found else base,
             )
         fields = _parse_fields(match, location, line_number, base, notes)
         command, command_column = match.group(6), base + match.start(6)
@@ -337,6 +401,7 @@ def _build(
     line_number: int | None,
     extensions: tuple[str, ...] = (),
     condition: Condition | None = None,
+    condition_timeout_s: float = DEFAULT_CONDITION_TIMEOUT_S,
 ) -> ParsedCronItem:
     minutes, hours, dates, months, dows = fields
     return ParsedCronItem(
@@ -352,6 +417,7 @@ def _build(
         source_line=line_number,
         extensions=extensions,
         condition=condition,
+        condition_timeout_s=condition_timeout_s,
         origin="crontab" if line_number is not None else "code",
     )
 
@@ -411,6 +477,7 @@ def parse_cron_item(
         payload: Any = {} if item.payload is None else item.payload
         identifier: Any = item.identifier
         condition: Any = item.condition
+        timeout: Any = item.condition_timeout_s
     elif isinstance(item, Mapping):
         if _js_truthy(item.get("pattern")):
             raise CrontabError("Please rename the 'pattern' property to 'match'", source=source)
@@ -418,6 +485,7 @@ def parse_cron_item(
         payload = item.get("payload", {})
         identifier = item.get("identifier")
         condition = item.get("condition")
+        timeout = item.get("condition_timeout_s")
     else:
         raise CrontabError(
             f"Invalid cron item in {source}: expected a CronItem or a mapping, got"
@@ -444,6 +512,8 @@ def parse_cron_item(
             f"Invalid 'condition' in {source}: expected a callable taking a Firing",
             source=source,
         )
+    if timeout is not None:
+        _check_condition_timeout(timeout, condition, source)
     parsed_options = options_from_mapping(options, source)
     parsed = _build(
         task,
@@ -454,11 +524,28 @@ def parse_cron_item(
         None,
         tuple(notes),
         condition,
+        DEFAULT_CONDITION_TIMEOUT_S if timeout is None else float(timeout),
     )
     problem = unstorable_reason(parsed)
     if problem is not None:
         raise CrontabError(f"Cron item in {source} cannot be scheduled: {problem}.", source=source)
     return parsed
+
+
+def _check_condition_timeout(timeout: Any, condition: Any, source: str) -> None:
+    """A deadline in (0, MAX_CONDITION_TIMEOUT_S] seconds, given with a condition."""
+    if condition is None:
+        raise CrontabError(
+            f"Invalid 'condition_timeout_s' in {source}: there is no condition to time",
+            source=source,
+        )
+    number = isinstance(timeout, int | float) and not isinstance(timeout, bool)
+    if not number or not 0 < timeout <= MAX_CONDITION_TIMEOUT_S:
+        raise CrontabError(
+            f"Invalid 'condition_timeout_s' in {source}: expected seconds, more than 0 and"
+            f" at most {MAX_CONDITION_TIMEOUT_S:g}, got {timeout!r}",
+            source=source,
+        )
 
 
 def parse_cron_items(items: Sequence[CronItem | Mapping[str, Any]]) -> list[ParsedCronItem]:

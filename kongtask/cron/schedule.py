@@ -7,7 +7,6 @@ plain functions of their inputs, so they are easy to test and to reason about.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -15,9 +14,7 @@ from typing import Any
 
 from .index import CronIndex
 from .matcher import zone
-from .types import Firing, ParsedCronItem
-
-logger = logging.getLogger("kongtask.cron")
+from .types import ParsedCronItem
 
 __all__ = [
     "MINUTE",
@@ -108,26 +105,17 @@ def job_spec(item: ParsedCronItem, ts: datetime, *, backfilled: bool) -> dict[st
     }
 
 
-def skip_rule(item: ParsedCronItem, ts: datetime, *, backfilled: bool) -> str | None:
-    """The name of the rule that skips this firing (``skipDates``, ``condition``), or None.
+def skip_rule(item: ParsedCronItem, ts: datetime) -> str | None:
+    """The name of the declarative rule that skips this firing (``skipDates``), or None.
 
-    ``noOverlap`` needs the database and is decided by the writer. A condition that
-    raises skips the firing too (``condition`` failed: better late than twice).
+    ``noOverlap`` needs the database and is decided by the writer; a ``condition``
+    is user code, called off the scheduling thread with a deadline (see
+    :mod:`kongtask.actors.cron_conditions`).
     """
     if item.options.skip_dates:
         local = ts.astimezone(zone(item.options.tz)) if item.options.tz else ts.astimezone(UTC)
         if local.date() in item.options.skip_dates:
             return "skipDates"
-    if item.condition is not None:
-        firing = Firing(item.identifier, item.task, ts, backfilled, item.payload)
-        try:
-            if not item.condition(firing):
-                return "condition"
-        except Exception:
-            logger.exception(
-                "The condition of cron item %r raised; skipping %s", item.identifier, ts
-            )
-            return "condition"
     return None
 
 

@@ -66,7 +66,9 @@ class CronRun:
     ``outcome`` is ``"scheduled"`` (written, not yet finished by a kongtask worker),
     ``"skipped"`` (``rule`` names why), ``"success"``, ``"failure"`` (an attempt
     failed; it will be retried) or ``"permanent_failure"``. ``duration_s``,
-    ``attempts`` and ``error`` come from the kongtask worker that ran the job.
+    ``attempts`` and ``error`` come from the kongtask worker that ran the job; for a
+    firing skipped because its condition did not answer, ``error`` says why
+    (``"timed out after 5 s"``, ``"raised ..."``, ``"its condition is still running ..."``).
     """
 
     id: int

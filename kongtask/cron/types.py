@@ -13,7 +13,9 @@ from datetime import date, datetime, timedelta
 from typing import Any, NamedTuple
 
 __all__ = [
+    "DEFAULT_CONDITION_TIMEOUT_S",
     "FIELDS",
+    "MAX_CONDITION_TIMEOUT_S",
     "Condition",
     "CronField",
     "CronItem",
@@ -72,6 +74,11 @@ class Firing:
 
 #: A programmatic item's condition: called when a minute is scheduled; False skips it.
 Condition = Callable[[Firing], bool]
+#: How long a condition may take before its firing is skipped, unless the item says.
+DEFAULT_CONDITION_TIMEOUT_S = 5.0
+#: The longest deadline an item may give its condition: the minute's decisions,
+#: and so the next minute, must not wait longer than this.
+MAX_CONDITION_TIMEOUT_S = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,6 +116,10 @@ class CronItem:
     ``"@daily"``; ``options`` is a :class:`CronItemOptions` or a mapping of its field
     names (graphile-worker's camelCase names are accepted too, ``backfillPeriod`` in
     milliseconds). ``identifier`` defaults to ``task`` and ``payload`` to ``{}``.
+    ``condition`` is called off the scheduling thread for each firing; one that has
+    not answered within ``condition_timeout_s`` (default
+    :data:`DEFAULT_CONDITION_TIMEOUT_S`, at most :data:`MAX_CONDITION_TIMEOUT_S`)
+    skips that firing.
     """
 
     task: str
@@ -117,6 +128,7 @@ class CronItem:
     payload: Mapping[str, Any] | None = None
     identifier: str | None = None
     condition: Condition | None = None
+    condition_timeout_s: float | None = None
 
 
 def _mask(values: tuple[int, ...]) -> int:
@@ -150,6 +162,10 @@ class ParsedCronItem:
     extensions: tuple[str, ...] = field(default=(), compare=False)
     #: A programmatic item's condition (see :class:`Firing`).
     condition: Condition | None = field(default=None, compare=False, repr=False)
+    #: How long the condition may take before the firing is skipped.
+    condition_timeout_s: float = field(
+        default=DEFAULT_CONDITION_TIMEOUT_S, compare=False, repr=False
+    )
     #: Where the item came from: ``"crontab"``, ``"code"`` or ``"stored"``.
     origin: str = field(default="crontab", compare=False)
     minute_mask: int = field(init=False, repr=False, compare=False)

@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from kongtask.cli_crontab import main
+from tests.conftest import to_uri
 
 
 def run(*args: str) -> subprocess.CompletedProcess[str]:
@@ -84,3 +85,18 @@ def test_next_prints_zone_and_utc(tmp_path: Path, capsys: object) -> None:
         "  2021-03-28 07:00 UTC  (2021-03-28 09:00 CEST)",
         "  2021-03-29 07:00 UTC  (2021-03-29 09:00 CEST)",
     ]
+
+
+def test_once_refuses_a_bad_crontab(tmp_path: Path, db_url: str) -> None:
+    crontab = tmp_path / "bad_crontab"
+    crontab.write_text("0 4 * * mon-fry report\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "kongtask", "-c", to_uri(db_url), "--once", "--crontab",
+         str(crontab)],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"kongtask: error: {crontab}: Could not process line '1' of crontab:"
+        " '0 4 * * mon-fry report'; day of week: 'fry' is not a day name (SUN-SAT)"
+    )

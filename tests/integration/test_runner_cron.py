@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 from datetime import UTC, datetime
 from pathlib import Path
@@ -107,3 +108,43 @@ def test_run_once_ignores_the_crontab(db_url: str) -> None:
         crontab="* * * * * report",
     )
     assert ran == []
+
+
+def test_run_once_refuses_a_bad_crontab(empty_db_url: str, tmp_path: Path) -> None:
+    crontab = tmp_path / "bad_crontab"
+    crontab.write_text("0 4 * * mon-fry report\n")
+    with pytest.raises(CrontabError) as info:
+        kongtask.run_once(
+            tasks={"report": lambda payload, helpers: None},
+            connection_string=empty_db_url,
+            crontab_file=crontab,
+        )
+    assert (info.value.line, info.value.column) == (1, 13)
+    assert str(info.value).startswith(f"{crontab}: Could not process line '1' of crontab")
+    assert str(info.value).endswith("day of week: 'fry' is not a day name (SUN-SAT)")
+    with psycopg.connect(empty_db_url) as conn:
+        schemas = conn.execute(
+            "select count(*) from pg_namespace where nspname = 'graphile_worker'"
+        ).fetchone()
+    assert schemas == (0,), "the database was migrated although the crontab was bad"
+
+
+def test_a_crontab_task_without_a_handler_is_warned_about(
+    db_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    crontab = tmp_path / "crontab"
+    crontab.write_text("# served here\n0 4 * * * report\n0 5 * * * reprot ?id=typo\n")
+    caplog.set_level(logging.WARNING, logger="kongtask")
+    with kongtask.run(
+        tasks={"report": lambda payload, helpers: None},
+        connection_string=db_url,
+        crontab_file=crontab,
+        clock=ManualClock(START),
+        install_signal_handlers=False,
+    ) as runner:
+        assert [item.identifier for item in runner.get_cron_items()] == ["report", "typo"]
+    warnings = [r.getMessage() for r in caplog.records if "no handler" in r.getMessage()]
+    assert warnings == [
+        f"Cron item 'typo' (line 3 of crontab file '{crontab}') names task 'reprot', which"
+        " this worker has no handler for; its jobs wait for a worker that has one"
+    ]

@@ -17,6 +17,7 @@ from kongtask.cron.types import ParsedCronItem
 from kongtask.testing import ManualClock
 
 from .cron_support import T0, Node, NodeFactory, job_minutes, remember
+from .worker_support import wait_until
 
 
 @pytest.fixture
@@ -227,3 +228,131 @@ def test_conditional_rules_skip_and_record(nodes: Any, db: Any) -> None:
     node.advance(60, scheduled=4)
     assert job_minutes(db, "slow") == ["00:04"]
     assert date(2024, 1, 1) in node.scheduler.get_cron_items()[0].options.skip_dates
+
+
+def _join_condition_threads(identifier: str) -> None:
+    for thread in threading.enumerate():
+        if thread.name == f"kongtask-cron-condition-{identifier}":
+            thread.join(10)
+            assert not thread.is_alive()
+
+
+def test_a_hung_condition_holds_up_nothing(nodes: Any, db: Any) -> None:
+    answer = threading.Event()
+    calls: list[datetime] = []
+
+    def flag_service(firing: Firing) -> bool:
+        calls.append(firing.scheduled_at)
+        answer.wait(30)  # a feature-flag service that does not answer
+        return True
+
+    node = nodes(
+        T0 + timedelta(seconds=30),
+        cron_items=[CronItem(task="gated", match="* * * * *", condition=flag_service)],
+        crontab="* * * * * tick\n* * * * * tock",
+    )
+    try:
+        node.start()
+        node.advance(31)  # 00:01 is due; the clock stands still from here
+        wait_until(lambda: calls == [T0 + timedelta(minutes=1)], what="the condition call")
+        wait_until(
+            lambda: job_minutes(db) == ["00:01"] and job_minutes(db, "tock") == ["00:01"],
+            what="the other items of 00:01, written while the condition hangs",
+        )
+        assert job_minutes(db, "gated") == []
+        assert node.heard.of("cron:scheduled") == []  # the minute waits for its verdict
+        node.advance(5)  # the condition's deadline passes
+        minute = node.heard.wait_for("cron:scheduled")
+        assert sorted(minute["scheduled_identifiers"]) == ["tick", "tock"]
+        assert minute["skipped"] == [("gated", "condition")]
+        skipped = node.heard.wait_for("cron:skipped")
+        assert (skipped["identifier"], skipped["reason"]) == ("gated", "timed out after 5 s")
+        (run,) = node.scheduler.history("gated")
+        assert (run.outcome, run.rule, run.error) == ("skipped", "condition", "timed out after 5 s")
+        # Still stuck at 00:02: skipped at once, and no second thread is started.
+        node.advance(55, scheduled=2)
+        assert calls == [T0 + timedelta(minutes=1)]
+        assert job_minutes(db) == ["00:01", "00:02"]
+        run = node.scheduler.history("gated")[0]
+        assert (run.scheduled_at, run.outcome, run.error) == (
+            T0 + timedelta(minutes=2),
+            "skipped",
+            "its condition is still running (the call for 2024-01-01T00:01:00Z has not returned)",
+        )
+    finally:
+        answer.set()
+    _join_condition_threads("gated")
+    node.advance(60, scheduled=3)  # answered again: 00:03 runs
+    assert calls[1:] == [T0 + timedelta(minutes=3)]
+    assert job_minutes(db, "gated") == ["00:03"]
+
+
+def test_a_condition_that_raises_or_has_its_own_deadline(nodes: Any, db: Any) -> None:
+    answer = threading.Event()
+
+    def down(firing: Firing) -> bool:
+        raise RuntimeError("flag service down")
+
+    def slow(firing: Firing) -> bool:
+        return answer.wait(30)
+
+    node = nodes(
+        T0 + timedelta(seconds=30),
+        cron_items=[
+            CronItem(task="down", match="* * * * *", condition=down),
+            {"task": "slow", "match": "* * * * *", "condition": slow, "condition_timeout_s": 2},
+        ],
+    )
+    try:
+        node.start()
+        node.advance(31)
+        wait_until(lambda: len(node.heard.of("cron:skipped")) == 1, what="down's skip")
+        node.advance(2)  # slow's own deadline
+        node.heard.wait_for("cron:scheduled")
+    finally:
+        answer.set()
+    reasons = {s["identifier"]: s["reason"] for s in node.heard.of("cron:skipped")}
+    assert reasons == {
+        "down": "raised RuntimeError: flag service down",
+        "slow": "timed out after 2 s",
+    }
+    assert [r.error for r in node.scheduler.history("down")] == [reasons["down"]]
+
+
+def test_a_hung_condition_in_a_backfill_skips_the_rest_of_its_batch(nodes: Any, db: Any) -> None:
+    answer = threading.Event()
+    calls: list[datetime] = []
+
+    def flag_service(firing: Firing) -> bool:
+        calls.append(firing.scheduled_at)
+        return answer.wait(30)
+
+    remember(db, "gated", T0 + timedelta(minutes=1))
+    remember(db, "tick", T0 + timedelta(minutes=1))
+    node = nodes(
+        T0 + timedelta(minutes=4, seconds=30),
+        cron_items=[
+            CronItem("gated", "* * * * *", options={"backfill_period": 600_000},
+                     condition=flag_service),
+        ],
+        crontab="* * * * * tick ?fill=10m",
+    )  # fmt: skip
+    try:
+        node.scheduler.start()
+        wait_until(lambda: len(calls) == 1, what="the first backfilled call")
+        node.clock.wait_for_timers(1)  # its deadline
+        node.advance(5)
+        node.heard.wait_for("cron:started")
+    finally:
+        answer.set()
+    assert job_minutes(db) == ["00:02", "00:03", "00:04"]
+    assert job_minutes(db, "gated") == []
+    assert calls == [T0 + timedelta(minutes=2)]  # one call, not one thread per minute
+    runs = sorted(node.scheduler.history("gated"), key=lambda r: r.scheduled_at)
+    assert [(r.scheduled_at.minute, r.outcome, r.error) for r in runs] == [
+        (2, "skipped", "timed out after 5 s"),
+        (3, "skipped", "its condition is still running (the call for 2024-01-01T00:02:00Z"
+                       " has not returned)"),
+        (4, "skipped", "its condition is still running (the call for 2024-01-01T00:02:00Z"
+                       " has not returned)"),
+    ]  # fmt: skip

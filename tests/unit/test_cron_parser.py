@@ -26,7 +26,7 @@ from kongtask.errors import CrontabError
 
 ALL_DATES = tuple(range(1, 32))
 ALL_DOWS = tuple(range(7))
-SUPPORTED = "supported keys are: 'id', 'fill', 'max', 'queue', 'jobKey', 'jobKeyMode', 'priority'."
+SUPPORTED = "supported keys are: 'id', 'fill', 'max', 'queue', 'jobKey', 'jobKeyMode', 'priority', 'tz', 'noOverlap', 'skipDates'."
 
 
 def parse_one(line: str) -> ParsedCronItem:
@@ -89,7 +89,7 @@ def test_fields(line: str, minutes, hours, dates, months, dows) -> None:
         ("5-5 * * * * foo", "Invalid range '5-5' in minutes range in line 1 of crontab: destination is not larger than source", 1, 1),
         ("*/0 * * * * foo", "Invalid wildcard expression '*/0' in minutes range in line 1 of crontab: divisor '0' expected to be greater than zero", 1, 1),
         ("*/00 * * * * foo", "Invalid wildcard expression '*/00' in minutes range in line 1 of crontab: divisor '00' expected to be greater than zero", 1, 1),
-        ("1-10/x * * * * foo", "Could not process line '1' of crontab: '1-10/x * * * * foo'", 1, 1),
+        ("1-10/x * * * * foo", "Could not process line '1' of crontab: '1-10/x * * * * foo'; minute: 'x' is not a number", 1, 6),
         ("1-10/0 * * * * foo", "Invalid step '1-10/0' in minutes range in line 1 of crontab: step '0' expected to be greater than zero", 1, 1),
         ("10-1/2 * * * * foo", "Invalid range '10-1/2' in minutes range in line 1 of crontab: destination is not larger than source", 1, 1),
         ("0-60/5 * * * * foo", "Too large value '60' in minutes range in line 1 of crontab: expected values in the range 0-59.", 1, 1),
@@ -101,7 +101,13 @@ def test_fields(line: str, minutes, hours, dates, months, dows) -> None:
         ("99999999999999999998-99999999999999999999 * * * * foo", "Invalid range '99999999999999999998-99999999999999999999' in minutes range in line 1 of crontab: destination is not larger than source", 1, 1),
         ("MON * * * * foo", "Unsupported syntax 'MON' in minutes range in line 1 of crontab: this doesn't appear to be a number, range or wildcard", 1, 1),
         ("# c\n  * * * * JAN foo", "Unsupported syntax 'JAN' in days of week range in line 2 of crontab: this doesn't appear to be a number, range or wildcard", 2, 11),
-        ("* * * * MONDAY foo", "Could not process line '1' of crontab: '* * * * MONDAY foo'", 1, 1),
+        ("* * * * MONDAY foo", "Could not process line '1' of crontab: '* * * * MONDAY foo'; day of week: 'MONDAY' is not a day name (SUN-SAT)", 1, 9),
+        ("0 4 * * mon-fry report", "Could not process line '1' of crontab: '0 4 * * mon-fry report'; day of week: 'fry' is not a day name (SUN-SAT)", 1, 13),
+        ("  0 4 * jam * report", "Could not process line '1' of crontab: '0 4 * jam * report'; month: 'jam' is not a month name (JAN-DEC)", 1, 9),
+        ("0 4x * * * report", "Could not process line '1' of crontab: '0 4x * * * report'; hour: 'x' is not a number", 1, 4),
+        ("0 4 1;2 * * report", "Could not process line '1' of crontab: '0 4 1;2 * * report'; day of month: ';' is not a number, '*', ',', '-' or '/'", 1, 6),
+        ("0 4 * * report", "Could not process line '1' of crontab: '0 4 * * report'; expected five time fields then a task identifier, found 5 part(s)", 1, 15),
+        ("* * * * *", "Could not process line '1' of crontab: '* * * * *'; expected five time fields then a task identifier, found 5 part(s)", 1, 10),
         ("* * * * * foo ?jobKey=a%00b", "Cron item on line 1 of crontab cannot be scheduled: the job key contains a NUL character (\\u0000), which PostgreSQL cannot store.", 1, 15),
         ("* * * * * foo ?jobKey=", "Cron item on line 1 of crontab cannot be scheduled: the job key is empty; PostgreSQL requires 1 to 512 characters.", 1, 15),
         ("* * * * * foo ?jobKey=" + "k" * 513, "Cron item on line 1 of crontab cannot be scheduled: the job key is 513 characters long; at most 512 fit.", 1, 15),
@@ -110,8 +116,9 @@ def test_fields(line: str, minutes, hours, dates, months, dows) -> None:
         ("* * * * * foo {s: 'x\\u0000y'}", "Cron item on line 1 of crontab cannot be scheduled: payload.s contains a NUL character (\\u0000), which PostgreSQL cannot store.", 1, 15),
         ("* * * * * foo {a: [1, NaN]}", "Cron item on line 1 of crontab cannot be scheduled: payload.a[1] is nan, which JSON cannot represent.", 1, 15),
         ("* * * * * foo ?skipDates=2024-02-30", "Options on line 1 of crontab contains invalid value for 'skipDates', value '2024-02-30' is not a list of YYYY-MM-DD dates.", 1, 15),
-        ("@reboot foo", "Could not process line '1' of crontab: '@reboot foo'", 1, 1),
-        ("@Daily foo", "Could not process line '1' of crontab: '@Daily foo'", 1, 1),
+        ("@reboot foo", "Could not process line '1' of crontab: '@reboot foo'; '@reboot' is not a nickname kongtask knows (@yearly, @annually, @monthly, @weekly, @daily, @midnight, @hourly)", 1, 1),
+        ("@Daily foo", "Could not process line '1' of crontab: '@Daily foo'; '@Daily' is not a nickname kongtask knows (@yearly, @annually, @monthly, @weekly, @daily, @midnight, @hourly)", 1, 1),
+        ("@daily", "Could not process line '1' of crontab: '@daily'; a task identifier must follow '@daily'", 1, 7),
         ("* * * * * * foo", "Invalid command specification in line 1 of crontab.", 1, 11),
         ("* * * * * 1foo", "Invalid command specification in line 1 of crontab.", 1, 11),
         ("* * * * * foo {a:1} x", "Invalid command specification in line 1 of crontab.", 1, 11),
@@ -228,6 +235,9 @@ def test_programmatic_items() -> None:
     assert mapped.options.job_key_mode == "replace"
     assert mapped.minutes == (0,)
     assert parse_cron_item({"task": "t", "match": "* * * * *", "pattern": ""}).task == "t"
+    assert mapped.condition_timeout_s == 5.0  # the default deadline
+    timed = parse_cron_item(CronItem("t", "* * * * *", condition=bool, condition_timeout_s=2))
+    assert timed.condition_timeout_s == 2.0
 
 
 @pytest.mark.parametrize(
@@ -236,7 +246,9 @@ def test_programmatic_items() -> None:
         ({"task": "t", "pattern": "* * * * *"}, "Please rename the 'pattern' property to 'match'"),
         ({"task": "t", "match": 5}, "Invalid 'match' configuration"),
         ({"task": "t", "match": " * * * * *"}, "Invalid cron pattern ' * * * * *' in parseCronItem call"),
-        ({"task": "t", "match": "@reboot"}, "Invalid cron pattern '@reboot' in parseCronItem call"),
+        ({"task": "t", "match": "@reboot"}, "Invalid cron pattern '@reboot' in parseCronItem call; '@reboot' is not a nickname kongtask knows (@yearly, @annually, @monthly, @weekly, @daily, @midnight, @hourly)"),
+        ({"task": "t", "match": "0 4 * * mon-fry"}, "Invalid cron pattern '0 4 * * mon-fry' in parseCronItem call; day of week: 'fry' is not a day name (SUN-SAT)"),
+        ({"task": "t", "match": "0 4 * *"}, "Invalid cron pattern '0 4 * *' in parseCronItem call; expected five time fields, found 4 part(s)"),
         ({"task": "t", "match": "* 25 * * *"}, "Too large value '25' in hours range in parseCronItem call: expected values in the range 0-23."),
         ({"task": "", "match": "* * * * *"}, "Invalid 'task' in parseCronItem call: expected a non-empty string"),
         ({"task": "t", "match": "* * * * *", "options": {"maxAttempts": -1}}, "Invalid value for option 'max_attempts' in parseCronItem call: -1 is not compatible with this option."),
@@ -244,6 +256,11 @@ def test_programmatic_items() -> None:
         ({"task": "t", "match": "* * * * *", "options": {"tz": "Nowhere/Land"}}, "Invalid value for option 'tz' in parseCronItem call: 'Nowhere/Land' is not compatible with this option (not a known time zone)."),
         ({"task": "t", "match": "* * * * *", "options": {"colour": 1}}, "Unsupported option 'colour' in parseCronItem call; supported options are: backfill_period, max_attempts, queue_name, priority, job_key, job_key_mode, tz, no_overlap, skip_dates."),
         (CronItem(task="t", match="* * * * *", options=CronItemOptions(queue_name="a b")), "Invalid value for option 'queue_name' in parseCronItem call: 'a b' is not compatible with this option."),
+        ({"task": "t", "match": "* * * * *", "condition_timeout_s": 5}, "Invalid 'condition_timeout_s' in parseCronItem call: there is no condition to time"),
+        (CronItem("t", "* * * * *", condition=bool, condition_timeout_s=0), "Invalid 'condition_timeout_s' in parseCronItem call: expected seconds, more than 0 and at most 30, got 0"),
+        (CronItem("t", "* * * * *", condition=bool, condition_timeout_s=30.5), "Invalid 'condition_timeout_s' in parseCronItem call: expected seconds, more than 0 and at most 30, got 30.5"),
+        (CronItem("t", "* * * * *", condition=bool, condition_timeout_s=float("nan")), "Invalid 'condition_timeout_s' in parseCronItem call: expected seconds, more than 0 and at most 30, got nan"),
+        ({"task": "t", "match": "* * * * *", "condition": bool, "condition_timeout_s": True}, "Invalid 'condition_timeout_s' in parseCronItem call: expected seconds, more than 0 and at most 30, got True"),
     ],
 )  # fmt: skip
 def test_programmatic_errors(item: object, message: str) -> None:
