@@ -320,8 +320,9 @@ class PrivateServer:
         shutil.rmtree(self.root, ignore_errors=True)
 
 
-@pytest.fixture
-def private_server() -> Iterator[PrivateServer]:
+@pytest.fixture(name="private_server")
+def private_server_fixture() -> Iterator[PrivateServer]:
+    """A private PostgreSQL server, started; destroyed after the test."""
     binaries = _postgres_binaries()
     if binaries is None:
         pytest.skip(

@@ -19,7 +19,10 @@ from psycopg.conninfo import make_conninfo
 import kongtask
 import kongtask.metrics
 from kongtask.health import DB_TIMEOUT_S, OpsServer
-from tests.faults.test_cron_faults import PG_BIN, PrivateServer
+from tests.faults.test_cron_faults import (  # noqa: F401  (the fixture)
+    PrivateServer,
+    private_server_fixture,
+)
 from tests.integration.ops_support import add, counts_by_sql, seed_every_state
 from tests.integration.worker_support import wait_until
 
@@ -172,18 +175,6 @@ def test_bad_metrics_port_is_refused_before_anything_starts(db_url: str) -> None
     with pytest.raises(kongtask.ConfigurationError, match="metrics_port must be a TCP port") as e:
         kongtask.Runner(tasks={}, connection_string=db_url, metrics_port=70000)
     assert e.value.name == "metrics_port"
-
-
-@pytest.fixture
-def private_server() -> Iterator[PrivateServer]:
-    if not (PG_BIN / "pg_ctl").exists():
-        pytest.skip(f"no PostgreSQL binaries at {PG_BIN}")
-    server = PrivateServer()
-    try:
-        server.start()
-        yield server
-    finally:
-        server.destroy()
 
 
 def test_readyz_follows_the_database_down_and_up(private_server: PrivateServer) -> None:
