@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import threading
 import time
 import urllib.error
@@ -175,6 +176,32 @@ def test_bad_metrics_port_is_refused_before_anything_starts(db_url: str) -> None
     with pytest.raises(kongtask.ConfigurationError, match="metrics_port must be a TCP port") as e:
         kongtask.Runner(tasks={}, connection_string=db_url, metrics_port=70000)
     assert e.value.name == "metrics_port"
+
+
+#: Nothing listens on port 1: connecting is refused at once.
+_REFUSED = "postgresql://kt@127.0.0.1:1/app"
+
+
+def test_a_taken_metrics_port_is_refused_before_connecting() -> None:
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        runner = kongtask.Runner(tasks={"ok": ok}, connection_string=_REFUSED, metrics_port=port)
+        # Connecting first would have failed with the refused connection instead.
+        with pytest.raises(kongtask.ConfigurationError) as refused:
+            runner.start()
+    assert str(refused.value) == f"metrics_port {port}: address already in use (host 127.0.0.1)"
+    assert refused.value.name == "metrics_port" and refused.value.value == port
+    assert runner.pool_id is None and runner.ops_server is None
+
+
+def test_a_failed_start_gives_the_metrics_port_back() -> None:
+    with socket.create_server(("127.0.0.1", 0)) as probe:
+        port = probe.getsockname()[1]
+    runner = kongtask.Runner(tasks={"ok": ok}, connection_string=_REFUSED, metrics_port=port)
+    with pytest.raises(psycopg.OperationalError):
+        runner.start()
+    with socket.create_server(("127.0.0.1", port)):
+        pass  # free again
 
 
 def test_readyz_follows_the_database_down_and_up(private_server: PrivateServer) -> None:
