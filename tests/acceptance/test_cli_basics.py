@@ -50,6 +50,19 @@ def assert_never_connected(listener: socket.socket) -> None:
         listener.accept()[0].close()
 
 
+def refused_before_connecting(*args: str, cwd: Path) -> list[str]:
+    """Run ``kongtask -c URL ARGS`` in ``cwd``; it must exit 1 without connecting.
+
+    Returns the lines it wrote on stderr (stdout must be empty).
+    """
+    with unanswered_server() as (url, listener):
+        result = kongtask("-c", url, "--connect-timeout", "2", *args, cwd=cwd)
+        assert_never_connected(listener)
+    assert result.returncode == 1, result.stderr
+    assert result.stdout == ""
+    return result.stderr.splitlines()
+
+
 def migrations(conninfo: str, schema: str = "graphile_worker") -> list[tuple[Any, ...]]:
     with psycopg.connect(conninfo) as conn:
         return conn.execute(
@@ -113,12 +126,7 @@ def test_bad_connection_fails_cleanly_without_traceback() -> None:
 
 
 def test_no_tasks_refuses_to_start_and_says_where_it_looked(tmp_path: Path) -> None:
-    with unanswered_server() as (url, listener):
-        result = kongtask("-c", url, "--connect-timeout", "2", cwd=tmp_path)
-        assert_never_connected(listener)
-    assert result.returncode == 1, result.stderr
-    assert result.stdout == ""
-    assert result.stderr.splitlines() == [
+    assert refused_before_connecting(cwd=tmp_path) == [
         f"kongtask: error: no tasks found: looked for {tmp_path / 'tasks'} (a folder) and "
         f"{tmp_path / 'tasks.py'}; give --tasks PATH "
         "(for a cron node without tasks: kongtask cron run --crontab FILE)"
@@ -127,12 +135,9 @@ def test_no_tasks_refuses_to_start_and_says_where_it_looked(tmp_path: Path) -> N
 
 def test_a_crontab_without_tasks_is_refused_too(tmp_path: Path) -> None:
     (tmp_path / "crontab").write_text("* * * * * hello\n")
-    with unanswered_server() as (url, listener):
-        result = kongtask("-c", url, "--connect-timeout", "2", cwd=tmp_path)
-        assert_never_connected(listener)
-    assert result.returncode == 1, result.stderr
-    assert len(result.stderr.splitlines()) == 1, result.stderr
-    assert "no tasks found" in result.stderr and "kongtask cron run" in result.stderr
+    [line] = refused_before_connecting(cwd=tmp_path)
+    assert line.startswith("kongtask: error: no tasks found: looked for ")
+    assert line.endswith("(for a cron node without tasks: kongtask cron run --crontab FILE)")
 
 
 @pytest.mark.parametrize(
@@ -157,13 +162,9 @@ def test_tasks_that_define_nothing_are_refused(
     else:
         path = tmp_path / "tasks.py"
         path.write_text("import os\nLIMIT = 3\n")
-    with unanswered_server() as (url, listener):
-        args = ["-c", url, "--connect-timeout", "2", *(["--tasks", flag] if flag else [])]
-        result = kongtask(*args, cwd=tmp_path)
-        assert_never_connected(listener)
-    assert result.returncode == 1, result.stderr
+    lines = refused_before_connecting(*(["--tasks", flag] if flag else []), cwd=tmp_path)
     shown = path if flag is None else Path(flag)
-    assert result.stderr.splitlines() == [
+    assert lines == [
         f"kongtask: error: no tasks found: {found.format(path=shown)}; "
         "give --tasks PATH (for a cron node without tasks: kongtask cron run --crontab FILE)"
     ]
@@ -171,14 +172,10 @@ def test_tasks_that_define_nothing_are_refused(
 
 def test_a_taken_metrics_port_fails_before_connecting(tmp_path: Path) -> None:
     (tmp_path / "tasks.py").write_text("def hello(payload, helpers):\n    pass\n")
-    with socket.create_server(("127.0.0.1", 0)) as taken, unanswered_server() as (url, db):
+    with socket.create_server(("127.0.0.1", 0)) as taken:
         port = taken.getsockname()[1]
-        result = kongtask(
-            "-c", url, "--connect-timeout", "2", "--metrics-port", str(port), cwd=tmp_path
-        )
-        assert_never_connected(db)
-    assert result.returncode == 1, result.stderr
-    assert result.stderr.splitlines() == [
+        lines = refused_before_connecting("--metrics-port", str(port), cwd=tmp_path)
+    assert lines == [
         f"kongtask: error: --metrics-port {port}: address already in use (host 127.0.0.1)"
     ]
 
@@ -186,12 +183,8 @@ def test_a_taken_metrics_port_fails_before_connecting(tmp_path: Path) -> None:
 def test_a_syntax_error_in_a_tasks_file_names_file_line_and_error(tmp_path: Path) -> None:
     tasks = tmp_path / "tasks.py"
     tasks.write_text("import os\n\ndef hello(payload, helpers:\n    pass\n")
-    with unanswered_server() as (url, listener):
-        result = kongtask("-c", url, "--tasks", str(tasks), cwd=tmp_path)
-        assert_never_connected(listener)
-    assert result.returncode == 1, result.stderr
     # Not a repr of the exception's arguments: "SyntaxError('...', ('/x/tasks.py', 3, ...))".
-    assert result.stderr.splitlines() == [
+    assert refused_before_connecting("--tasks", str(tasks), cwd=tmp_path) == [
         f"kongtask: error: tasks file \"{tasks}\", line 3: '(' was never closed (SyntaxError)"
     ]
 
@@ -200,11 +193,7 @@ def test_an_error_raised_while_importing_tasks_names_the_line(tmp_path: Path) ->
     folder = tmp_path / "tasks"
     folder.mkdir()
     (folder / "hello.py").write_text("import os\nLIMIT = int(os.environ['NO_SUCH_VARIABLE'])\n")
-    with unanswered_server() as (url, listener):
-        result = kongtask("-c", url, cwd=tmp_path)
-        assert_never_connected(listener)
-    assert result.returncode == 1, result.stderr
-    assert result.stderr.splitlines() == [
+    assert refused_before_connecting(cwd=tmp_path) == [
         f'kongtask: error: tasks file "{folder / "hello.py"}", line 2: '
         "KeyError: 'NO_SUCH_VARIABLE'"
     ]
