@@ -21,7 +21,7 @@ from typing import Any, TextIO, cast
 import psycopg
 
 from ._version import __version__
-from .cli_types import positive_seconds
+from .cli_types import ArgumentParser, positive_seconds
 from .errors import KongtaskError
 from .logs import LOG_FORMATS
 from .logs import configure as configure_logs
@@ -62,7 +62,7 @@ def _port(text: str) -> int:
 
 
 def _worker_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="kongtask",
         description=(
             "Run a kongtask worker: a PostgreSQL job queue and cron scheduler that shares "
@@ -208,6 +208,19 @@ def _pop_log_format(args: list[str]) -> tuple[str, list[str]]:
     return fmt, rest
 
 
+#: Runner options set by worker flags: an error about one of them names the flag.
+_FLAG_OF_OPTION = {"metrics_port": "--metrics-port", "metrics_host": "--metrics-host"}
+
+
+def _in_flag_terms(exc: KongtaskError) -> str:
+    """The error's message, naming the flag the user typed rather than the Runner option."""
+    message = str(exc)
+    name = getattr(exc, "name", None)
+    if isinstance(name, str) and name in _FLAG_OF_OPTION and message.startswith(f"{name} "):
+        return _FLAG_OF_OPTION[name] + message[len(name) :]
+    return message
+
+
 def _connection_settings(args: argparse.Namespace) -> ConnectionSettings:
     """The timeouts and pgbouncer mode the flags ask for (kongtask's defaults otherwise)."""
     options: dict[str, Any] = {"pgbouncer": args.pgbouncer}
@@ -244,12 +257,13 @@ def _cleanup(args: argparse.Namespace, task_identifiers: Sequence[str]) -> int:
 
 def _run_worker(args: argparse.Namespace) -> int:
     from .runner import run, run_once
-    from .task_loader import default_tasks_path, load_tasks
+    from .task_loader import default_tasks_path, load_tasks, load_worker_tasks
 
-    tasks_path = args.tasks or default_tasks_path()
-    tasks = load_tasks(tasks_path) if tasks_path is not None else {}
     if args.cleanup:
-        return _cleanup(args, list(tasks))
+        tasks_path = args.tasks or default_tasks_path()
+        return _cleanup(args, list(load_tasks(tasks_path)) if tasks_path is not None else [])
+    # Before anything connects: without tasks there is nothing to run.
+    tasks = load_worker_tasks(args.tasks)
     crontab_file = args.crontab
     if crontab_file is None and Path("crontab").is_file():
         crontab_file = "crontab"
@@ -283,8 +297,6 @@ def _run_worker(args: argparse.Namespace) -> int:
     if args.once:
         run_once(**options)
         return EXIT_OK
-    if not tasks and crontab_file is None:
-        logger.warning("No tasks found (use --tasks PATH); the worker has nothing to run")
     runner = run(install_signal_handlers=True, **options)
     # Wait in short slices so the main thread keeps running signal handlers.
     while not runner.wait(timeout=0.5):
@@ -353,7 +365,7 @@ def _main(args_list: list[str]) -> int:
             return _schema_only(args)
         return _run_worker(args)
     except KongtaskError as exc:
-        print(f"kongtask: error: {exc}", file=sys.stderr)
+        print(f"kongtask: error: {_in_flag_terms(exc)}", file=sys.stderr)
         return EXIT_ERROR
     except psycopg.OperationalError as exc:
         message = str(exc).strip().replace("\n", " ")

@@ -21,7 +21,7 @@ from typing import Any
 
 import psycopg
 
-from .cli_types import positive_seconds
+from .cli_types import ArgumentParser, positive_seconds
 from .settings import ConnectionSettings
 from .sql import Queries
 from .worker_utils import WorkerUtils
@@ -68,7 +68,7 @@ def find_dead_pools(
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="kongtask admin", description="Administer the queue.")
+    parser = ArgumentParser(prog="kongtask admin", description="Administer the queue.")
     parser.add_argument("-c", "--connection", metavar="URL", help="PostgreSQL connection string")
     parser.add_argument("-s", "--schema", metavar="NAME", help="schema holding the queue")
     parser.add_argument(

@@ -12,6 +12,7 @@ import sys
 from collections.abc import Sequence
 from datetime import datetime
 
+from .cli_types import ArgumentParser
 from .timestamps import format_utc
 from .worker_utils import WorkerUtils
 
@@ -29,7 +30,7 @@ def _iso(text: str) -> datetime:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="kongtask cron", description="Manage stored cron items and read the cron history."
     )
     parser.add_argument("-c", "--connection", metavar="URL", help="PostgreSQL connection string")

@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
+from .cli_types import ArgumentParser
 from .cron import next_fire_times
 from .cron.source import CrontabSource
 from .errors import CrontabError
@@ -21,7 +22,7 @@ __all__ = ["main"]
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="kongtask crontab", description="Validate a crontab file or preview its firings."
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

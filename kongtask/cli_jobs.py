@@ -17,6 +17,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from .cli_types import ArgumentParser
 from .cron.options import time_phrase_to_timedelta
 from .cron.source import CrontabSource
 from .cron.types import ParsedCronItem
@@ -208,7 +209,7 @@ def render_job(info: JobInfo) -> str:
 
 
 def _status_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="kongtask status",
         description="Show the queue: jobs per task and named queue by state, locked queues, "
         "live pools and cron items with their last and next firing.",
@@ -234,7 +235,7 @@ def status_main(argv: Sequence[str]) -> int:
 
 
 def _jobs_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="kongtask jobs", description="List and act on jobs.")
+    parser = ArgumentParser(prog="kongtask jobs", description="List and act on jobs.")
     _connection_args(parser)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     listing = commands.add_parser("list", help="list jobs, oldest run_at first")

@@ -21,6 +21,7 @@ or mount :func:`wsgi_app` in a host's WSGI server.
 from __future__ import annotations
 
 import collections
+import errno
 import json
 import logging
 import selectors
@@ -35,6 +36,7 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import psycopg
 
+from .errors import ConfigurationError
 from .settings import DEFAULT_SCHEMA
 from .sql import Queries
 
@@ -501,15 +503,40 @@ class OpsServer:
         """``http://host:port``."""
         return f"http://{self._host}:{self.port}"
 
+    def bind(self) -> Self:
+        """Take the address now, before anything connects; :meth:`start` then serves on it.
+
+        A taken or unusable address raises :class:`ConfigurationError` naming
+        the port (or the host), so a worker fails before it touches the database.
+        """
+        if self._server is not None:
+            return self
+        try:
+            self._server = make_server(
+                self._host,
+                self._port,
+                self._app,
+                server_class=ThreadingWSGIServer,
+                handler_class=QuietHandler,
+            )
+        except OSError as exc:
+            reason = (exc.strerror or str(exc) or type(exc).__name__).lower()
+            if isinstance(exc, socket.gaierror) or exc.errno == errno.EADDRNOTAVAIL:
+                raise ConfigurationError(
+                    f"metrics_host {self._host!r}: {reason}", name="metrics_host", value=self._host
+                ) from None
+            raise ConfigurationError(
+                f"metrics_port {self._port}: {reason} (host {self._host})",
+                name="metrics_port",
+                value=self._port,
+            ) from None
+        return self
+
     def start(self) -> Self:
-        """Bind and serve in the background; stops by itself when its Runner stops."""
-        self._server = make_server(
-            self._host,
-            self._port,
-            self._app,
-            server_class=ThreadingWSGIServer,
-            handler_class=QuietHandler,
-        )
+        """Bind (unless :meth:`bind` did) and serve in the background; stops by itself
+        when its Runner stops."""
+        self.bind()
+        assert self._server is not None
         self._thread = threading.Thread(
             target=self._server.serve_forever,
             kwargs={"poll_interval": 0.2},
@@ -542,7 +569,8 @@ class OpsServer:
         self._stopped.set()
         server = self._server
         if server is not None:
-            server.shutdown()
+            if self._thread is not None:  # shutdown() waits for a serve loop that never ran
+                server.shutdown()
             server.server_close()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(5.0)
@@ -550,7 +578,7 @@ class OpsServer:
             self._on_stop()
 
     def __enter__(self) -> Self:
-        return self.start() if self._server is None else self
+        return self.start() if self._thread is None else self
 
     def __exit__(self, *exc: object) -> None:
         self.stop()

@@ -203,6 +203,21 @@ class Runner:
         if self.settings.once and crontab is not None:
             logger.info("'Run once' mode runs no cron; %s was only checked", crontab.description)
             crontab, cron_items = None, None
+        if self._metrics_port is not None:
+            from .health import OpsServer
+
+            # Made before the actors start, so the metrics count every event;
+            # bound before connecting, so a taken port fails the start with
+            # nothing connected (not even the embedded server started).
+            ops_server = OpsServer.for_runner(
+                self, host=self._metrics_host, port=self._metrics_port
+            )
+            try:
+                ops_server.bind()
+            except BaseException:
+                ops_server.stop()
+                raise
+            self.ops_server = ops_server
         supervisor = Supervisor(
             sender=self,
             settings=self.settings,
@@ -218,14 +233,12 @@ class Runner:
         # The permanent-failure line (kept off the executor's hot path: it is
         # an ordinary receiver of job:failed).
         events.job_failed.connect(_log_giving_up, sender=self)
-        if self._metrics_port is not None:
-            from .health import OpsServer
-
-            # Made before the actors start, so the metrics count every event.
-            self.ops_server = OpsServer.for_runner(
-                self, host=self._metrics_host, port=self._metrics_port
-            )
-        supervisor.start(self.settings.install_signal_handlers is not False)
+        try:
+            supervisor.start(self.settings.install_signal_handlers is not False)
+        except BaseException:
+            if self.ops_server is not None:
+                self.ops_server.stop()  # give the port back
+            raise
         if self.ops_server is not None:
             try:
                 self.ops_server.start()

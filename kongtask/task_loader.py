@@ -14,6 +14,7 @@ import importlib.util
 import inspect
 import re
 import sys
+import traceback
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import ModuleType
@@ -21,7 +22,7 @@ from typing import Any
 
 from .errors import TaskLoadError
 
-__all__ = ["default_tasks_path", "load_tasks"]
+__all__ = ["default_tasks_path", "load_tasks", "load_worker_tasks"]
 
 TaskMap = dict[str, Callable[..., Any]]
 
@@ -37,6 +38,35 @@ def default_tasks_path(cwd: Path | None = None) -> str | None:
         if candidate.exists():
             return str(candidate)
     return None
+
+
+_NO_TASKS_HINT = (
+    "give --tasks PATH (for a cron node without tasks: kongtask cron run --crontab FILE)"
+)
+
+
+def load_worker_tasks(spec: str | None, cwd: Path | None = None) -> TaskMap:
+    """The tasks of a ``kongtask`` worker: ``spec``, else ``./tasks`` or ``./tasks.py``.
+
+    Finding none is an error that says where it looked: a worker with nothing
+    to run would only poll for ever (graphile-worker, too, refuses to start
+    without its tasks folder).
+    """
+    path = spec or default_tasks_path(cwd)
+    if path is None:
+        base = cwd or Path.cwd()
+        raise TaskLoadError(
+            f"no tasks found: looked for {base / 'tasks'} (a folder) and {base / 'tasks.py'}; "
+            + _NO_TASKS_HINT
+        )
+    tasks = load_tasks(path)
+    if not tasks:
+        if Path(path).is_dir():
+            what = f"no .py file defining 'task' in {path}"
+        else:
+            what = f"{path} defines no tasks (neither 'tasks' entries nor public functions)"
+        raise TaskLoadError(f"no tasks found: {what}; {_NO_TASKS_HINT}")
+    return tasks
 
 
 def load_tasks(spec: str) -> TaskMap:
@@ -71,8 +101,27 @@ def _import_file(path: Path, module_name: str) -> ModuleType:
         module_spec.loader.exec_module(module)
     except Exception as exc:
         sys.modules.pop(module_name, None)
-        raise TaskLoadError(f"error while importing {str(path)!r}: {exc!r}") from exc
+        raise TaskLoadError(_import_failure(path, exc)) from exc
     return module
+
+
+def _import_failure(path: Path, exc: Exception) -> str:
+    """One line naming the file, the line and the error, as Python's own report would.
+
+    A syntax error names the file it is in (perhaps a module the tasks file
+    imports); any other error names the line of the tasks file that raised it.
+    """
+    where = f'tasks file "{path}"'
+    if isinstance(exc, SyntaxError):
+        line = f", line {exc.lineno}" if exc.lineno else ""
+        if exc.filename and Path(exc.filename).resolve() != path.resolve():
+            return f'"{exc.filename}"{line} (imported by {where}): {exc.msg} ({type(exc).__name__})'
+        return f"{where}{line}: {exc.msg} ({type(exc).__name__})"
+    frames = traceback.extract_tb(exc.__traceback__)
+    ours = [frame for frame in frames if Path(frame.filename).resolve() == path.resolve()]
+    line = f", line {ours[-1].lineno}" if ours else ""
+    message = " ".join(str(exc).split())
+    return f"{where}{line}: {type(exc).__name__}" + (f": {message}" if message else "")
 
 
 def _tasks_of_module(module: ModuleType, origin: str) -> TaskMap:

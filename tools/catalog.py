@@ -6,7 +6,8 @@ and by people checking a database by hand::
     python tools/catalog.py postgresql://localhost/mydb graphile_worker
 
 The description covers everything a client can observe about the schema except
-function bodies: tables and their columns, constraints, indexes, sequences,
+function bodies: tables and their columns, constraints (a column's plain NOT
+NULL only as its ``not_null`` flag, on every PostgreSQL version), indexes, sequences,
 views, composite types, functions (signature, result, language, volatility,
 ...), row level security, policies, triggers, comments, and the rows of the
 ``migrations`` table (id and breaking, not the timestamp). kongtask's own
@@ -59,12 +60,26 @@ select c.relname,
  order by c.relname, a.attnum
 """
 
+# PostgreSQL 18 records every NOT NULL as a constraint row (contype 'n', named
+# ``<table>_<column>_not_null``); earlier versions only set the column's
+# attnotnull, which the columns already report as ``not_null``. A plain one
+# (validated, inheritable, ``NOT NULL <column>``) says nothing more than that
+# flag, so it is left out and one schema compares equal on every version; a
+# NOT VALID or NO INHERIT one (PostgreSQL 18 only) says more and is kept.
 _CONSTRAINTS = """
 select c.relname, con.conname, con.contype, pg_get_constraintdef(con.oid),
        con.condeferrable, con.condeferred, con.convalidated
   from pg_catalog.pg_constraint as con
   join pg_catalog.pg_class as c on c.oid = con.conrelid
  where c.relnamespace = (select oid from pg_catalog.pg_namespace where nspname = %(nsp)s)
+   and not (
+     con.contype = 'n' and con.convalidated and not con.connoinherit
+     and pg_get_constraintdef(con.oid) = 'NOT NULL ' || (
+       select quote_ident(a.attname)
+         from pg_catalog.pg_attribute as a
+        where a.attrelid = con.conrelid and a.attnum = con.conkey[1] and a.attnotnull
+     )
+   )
  order by c.relname, con.conname
 """
 

@@ -8,6 +8,7 @@ import threading
 from collections.abc import Sequence
 
 from kongtask.cli_jobs import load_cron_items
+from kongtask.cli_types import ArgumentParser
 
 from .server import DashboardServer
 
@@ -15,7 +16,7 @@ __all__ = ["main"]
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="kongtask dashboard",
         description="Serve the web dashboard: queues, tasks, failing jobs, cron and pools, "
         "with actions (retry, fail, remove, reschedule, unlock a dead pool).",

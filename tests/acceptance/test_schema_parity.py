@@ -14,20 +14,17 @@ import subprocess
 import sys
 import textwrap
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
 
 import psycopg
 import pytest
 from psycopg import sql
-from psycopg.conninfo import conninfo_to_dict
 
 from kongtask.migrate import LATEST_MIGRATION, migrate
-from tests.conftest import load_catalog_tool
+from tests.conftest import DatabaseFactory, load_catalog_tool, to_uri
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from nodepeer import require_graphile_worker, run_graphile_worker
@@ -40,27 +37,6 @@ REPO = Path(__file__).resolve().parents[2]
 catalog_tool = load_catalog_tool()
 
 
-def _server_url() -> str:
-    return (
-        os.environ.get("KONGTASK_TEST_DATABASE_URL")
-        or os.environ.get("DATABASE_URL")
-        or "postgresql://postgres@127.0.0.1:5432/test"
-    )
-
-
-def _uri(dbname: str) -> str:
-    """A ``postgresql://`` URI for ``dbname`` on the test server (Node only reads URIs)."""
-    params = conninfo_to_dict(_server_url())
-    user = quote(str(params.get("user", "postgres")), safe="")
-    password = params.get("password")
-    auth = f"{user}:{quote(str(password), safe='')}@" if password else f"{user}@"
-    host = str(params.get("host", "127.0.0.1"))
-    port = str(params.get("port", "5432"))
-    if host.startswith("/"):
-        return f"postgresql://{auth}/{quote(dbname)}?host={quote(host, safe='')}&port={port}"
-    return f"postgresql://{auth}{host}:{port}/{quote(dbname)}"
-
-
 @pytest.fixture(scope="module")
 def node_cli() -> list[str]:
     """graphile-worker 0.17.3's CLI (installed into the test cache on first use)."""
@@ -68,23 +44,22 @@ def node_cli() -> list[str]:
 
 
 @pytest.fixture
-def parity_database() -> Iterator[Callable[[], str]]:
-    """A factory of empty databases (URIs) named ``mig_<hex>``, dropped after the test."""
+def parity_database(databases: DatabaseFactory) -> Iterator[Callable[[], str]]:
+    """A factory of empty databases (URIs) on the test server, dropped after the test.
+
+    The test server is the one every other test uses (the embedded server by
+    default), so both sides are compared on the same PostgreSQL version.
+    """
     created: list[str] = []
 
     def create() -> str:
-        name = f"mig_{uuid.uuid4().hex[:20]}"
-        with psycopg.connect(_server_url(), autocommit=True) as conn:
-            conn.execute(sql.SQL("create database {}").format(sql.Identifier(name)))
-        created.append(name)
-        return _uri(name)
+        conninfo = databases.create(prefix="mig")
+        created.append(conninfo)
+        return to_uri(conninfo)
 
     yield create
-    with psycopg.connect(_server_url(), autocommit=True) as conn:
-        for name in created:
-            conn.execute(
-                sql.SQL("drop database if exists {} with (force)").format(sql.Identifier(name))
-            )
+    for conninfo in created:
+        databases.drop(conninfo)
 
 
 def _node_migrate(url: str, schema: str) -> None:

@@ -1,9 +1,10 @@
 """A real pgbouncer in transaction pooling, started on a free port in front of the test server.
 
 Debian's ``pgbouncer`` package provides the binary; without it the fixture
-skips, saying so. pgbouncer refuses to run as root, so as root it runs as
-the ``postgres`` system user (its files then live in a folder that user can
-read).
+skips, saying so. It reaches the test server over TCP or its unix socket.
+pgbouncer refuses to run as root, so as root it runs as the ``postgres``
+system user, or as the owner of the server's socket folder (its files then
+live in a folder that user can read).
 """
 
 from __future__ import annotations
@@ -76,9 +77,9 @@ def pgbouncer_fixture(server_conninfo: str) -> Iterator[Pgbouncer]:
     if binary is None:
         pytest.skip("pgbouncer is not installed (Debian: apt-get install pgbouncer)")
     params = conninfo_to_dict(server_conninfo)
+    # A host starting with "/" is the folder of a unix socket (the embedded
+    # server's); pgbouncer connects to it the same way.
     host = str(params.get("host") or "127.0.0.1")
-    if host.startswith("/"):
-        pytest.skip("the pgbouncer tests need a test server reached over TCP")
     folder = Path(tempfile.mkdtemp(prefix="kongtask-pgbouncer-"))
     folder.chmod(0o755)
     auth_file = folder / "users.txt"
@@ -98,10 +99,13 @@ def pgbouncer_fixture(server_conninfo: str) -> Iterator[Pgbouncer]:
     log_path = folder / "pgbouncer.log"
     user = None
     if os.geteuid() == 0:
+        # Someone who can reach the server: a unix socket's folder may be private
+        # to its owner (the embedded server's is), TCP is open to the postgres user.
+        name = Path(host).owner() if host.startswith("/") else "postgres"
         try:
-            user = pwd.getpwnam("postgres").pw_name
+            user = pwd.getpwnam(name).pw_name
         except KeyError:
-            pytest.skip("pgbouncer refuses to run as root and there is no postgres user")
+            pytest.skip(f"pgbouncer refuses to run as root and there is no {name} user")
     with log_path.open("wb") as log:
         process = subprocess.Popen(
             [binary, str(config)], stdout=log, stderr=subprocess.STDOUT, user=user

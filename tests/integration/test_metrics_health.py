@@ -21,8 +21,11 @@ from psycopg.conninfo import make_conninfo
 import kongtask
 import kongtask.metrics
 from kongtask.health import DB_TIMEOUT_S, OpsServer, ThreadingWSGIServer
-from tests.faults.tcp_proxy import TcpProxy
-from tests.faults.test_cron_faults import PG_BIN, PrivateServer
+from tests.faults.tcp_proxy import TcpProxy, server_address
+from tests.faults.test_cron_faults import (  # noqa: F401  (the fixture)
+    PrivateServer,
+    private_server_fixture,
+)
 from tests.integration.ops_support import add, counts_by_sql, seed_every_state
 from tests.integration.worker_support import wait_until
 
@@ -177,16 +180,30 @@ def test_bad_metrics_port_is_refused_before_anything_starts(db_url: str) -> None
     assert e.value.name == "metrics_port"
 
 
-@pytest.fixture
-def private_server() -> Iterator[PrivateServer]:
-    if not (PG_BIN / "pg_ctl").exists():
-        pytest.skip(f"no PostgreSQL binaries at {PG_BIN}")
-    server = PrivateServer()
-    try:
-        server.start()
-        yield server
-    finally:
-        server.destroy()
+#: Nothing listens on port 1: connecting is refused at once.
+_REFUSED = "postgresql://kt@127.0.0.1:1/app"
+
+
+def test_a_taken_metrics_port_is_refused_before_connecting() -> None:
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        runner = kongtask.Runner(tasks={"ok": ok}, connection_string=_REFUSED, metrics_port=port)
+        # Connecting first would have failed with the refused connection instead.
+        with pytest.raises(kongtask.ConfigurationError) as refused:
+            runner.start()
+    assert str(refused.value) == f"metrics_port {port}: address already in use (host 127.0.0.1)"
+    assert refused.value.name == "metrics_port" and refused.value.value == port
+    assert runner.pool_id is None and runner.ops_server is None
+
+
+def test_a_failed_start_gives_the_metrics_port_back() -> None:
+    with socket.create_server(("127.0.0.1", 0)) as probe:
+        port = probe.getsockname()[1]
+    runner = kongtask.Runner(tasks={"ok": ok}, connection_string=_REFUSED, metrics_port=port)
+    with pytest.raises(psycopg.OperationalError):
+        runner.start()
+    with socket.create_server(("127.0.0.1", port)):
+        pass  # free again
 
 
 def test_readyz_follows_the_database_down_and_up(private_server: PrivateServer) -> None:
@@ -308,7 +325,7 @@ def test_probes_answer_in_time_while_the_database_is_silent(db_url: str) -> None
     # answered): /healthz must answer from what the process knows, at once, and
     # stay green; /readyz answers 503 within its own database deadline.
     with (
-        TcpProxy("127.0.0.1", 5432) as proxy,
+        TcpProxy(server_address(db_url)) as proxy,
         kongtask.run(
             tasks={"ok": ok},
             connection_string=proxy.through(db_url),

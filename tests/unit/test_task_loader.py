@@ -57,6 +57,21 @@ def test_import_error_is_reported_with_the_file(tmp_path: Path) -> None:
         load_tasks(str(file))
 
 
+def test_a_syntax_error_in_a_module_the_tasks_import_names_that_module(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    helper = tmp_path / "kt_broken_helper_mod.py"
+    helper.write_text("LIMIT = 3\nif LIMIT >\n    pass\n")
+    tasks = tmp_path / "t.py"
+    tasks.write_text("import kt_broken_helper_mod\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(TaskLoadError) as raised:
+        load_tasks(str(tasks))
+    assert str(raised.value) == (
+        f'"{helper}", line 2 (imported by tasks file "{tasks}"): invalid syntax (SyntaxError)'
+    )
+
+
 def test_non_callable_in_mapping(tmp_path: Path) -> None:
     file = tmp_path / "m.py"
     file.write_text("tasks = {'x': 42}\n")
