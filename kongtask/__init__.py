@@ -6,9 +6,9 @@ graphile-worker workers can share one database, one queue and one crontab.
 
 import logging
 
-from . import events
-from ._version import __version__
-from .cron import (
+from kongtask import events
+from kongtask._version import __version__
+from kongtask.cron import (
     CronItem,
     CronItemOptions,
     Firing,
@@ -23,8 +23,10 @@ from .cron import (
     parse_options,
     validate_pattern,
 )
-from .cron.store import CronRun, StoredCronItem
-from .errors import (
+from kongtask.cron.service.store import CronRun, StoredCronItem
+from kongtask.db.conninfo import RedactingFilter, redact
+from kongtask.db.migrate import LATEST_MIGRATION, MigrationResult, migrate
+from kongtask.errors import (
     ConfigurationError,
     CrontabError,
     EmbeddedServerError,
@@ -33,15 +35,14 @@ from .errors import (
     MigrationError,
     TaskLoadError,
 )
-from .helpers import Helpers
-from .job import Job
-from .job_spec import JobSpec
-from .migrate import LATEST_MIGRATION, MigrationResult, migrate
-from .protocols import Clock, TaskHandler
-from .runner import Runner, run, run_once
-from .scheduler import Scheduler
-from .settings import ConnectionSettings, WorkerSettings
-from .worker_utils import (
+from kongtask.helpers import Helpers
+from kongtask.job import Job
+from kongtask.job_spec import JobSpec
+from kongtask.protocols import Clock, TaskHandler
+from kongtask.runner import Runner, run, run_once
+from kongtask.scheduler import Scheduler
+from kongtask.settings import ConnectionSettings, WorkerSettings
+from kongtask.worker_utils import (
     CLEANUP_TASKS,
     WorkerUtils,
     add_job,
@@ -70,6 +71,7 @@ __all__ = [
     "MigrationError",
     "MigrationResult",
     "ParsedCronItem",
+    "RedactingFilter",
     "Runner",
     "Scheduler",
     "StoredCronItem",
@@ -92,6 +94,7 @@ __all__ = [
     "parse_cron_items",
     "parse_crontab",
     "parse_options",
+    "redact",
     "run",
     "run_once",
     "validate_pattern",

@@ -17,14 +17,14 @@ from typing import TYPE_CHECKING, Any
 import psycopg
 from psycopg.rows import dict_row
 
-from .connecting import without_deadline
-from .enqueue import add_job_on, add_jobs_on
-from .errors import KongtaskError
-from .job import Job
-from .job_spec import JobSpec
+from kongtask.db.connecting import without_deadline
+from kongtask.errors import KongtaskError
+from kongtask.job import Job
+from kongtask.job_spec import JobSpec
+from kongtask.jobs.enqueue import add_job_on, add_jobs_on
 
 if TYPE_CHECKING:
-    from .protocols import HelpersContext
+    from kongtask.protocols import HelpersContext
 
 __all__ = ["Helpers"]
 

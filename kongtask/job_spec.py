@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from .errors import InvalidJobError
-from .timestamps import unwritable
-from .validate import check_int, check_text, job_error
+from kongtask.db.timestamps import unwritable
+from kongtask.errors import InvalidJobError
+from kongtask.validate import check_int, check_text, job_error
 
 __all__ = ["JOB_KEY_MODES", "JobSpec", "encode_payload"]
 

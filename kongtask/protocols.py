@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 if TYPE_CHECKING:
     from psycopg_pool import ConnectionPool
 
-    from .helpers import Helpers
-    from .sql import Queries
+    from kongtask.db.statements import Queries
+    from kongtask.helpers import Helpers
 
 __all__ = ["Clock", "HelpersContext", "TaskHandler", "TimerHandle"]
 

@@ -4,10 +4,11 @@ A Runner is configuration until it starts: the constructor validates every
 option (errors name the parameter) and opens nothing. ``start()`` connects,
 migrates and starts the actors in the background; ``stop()`` drains
 gracefully, ``kill()`` forces, ``wait()`` blocks until it has stopped. The
-Runner itself holds no job logic: the actors in :mod:`kongtask.actors` do the
-work and :class:`~kongtask.actors.supervisor.Supervisor` stops exactly what
-it started. Several Runners (different schemas or databases) can share a
-process; each sends its events with itself as the blinker sender.
+Runner itself holds no job logic: the actors in :mod:`kongtask.jobs` and
+:mod:`kongtask.cron.service` do the work and
+:class:`~kongtask.jobs.supervisor.Supervisor` stops exactly what it started.
+Several Runners (different schemas or databases) can share a process; each
+sends its events with itself as the blinker sender.
 """
 
 from __future__ import annotations
@@ -24,20 +25,20 @@ from pathlib import Path
 from types import ModuleType, TracebackType
 from typing import Any, Self
 
-from . import events
-from .actors.probing import probe_actors
-from .actors.supervisor import Supervisor
-from .connection import resolve_schema
-from .cron.source import CrontabSource
-from .cron.types import ParsedCronItem
-from .enqueue import add_job_on, add_jobs_on
-from .errors import ConfigurationError, KongtaskError
-from .job import Job
-from .job_spec import JobSpec
-from .protocols import Clock
-from .scheduler import Scheduler
-from .settings import ConnectionSettings, WorkerSettings
-from .validate import check_clock
+from kongtask import events
+from kongtask.cron.source import CrontabSource
+from kongtask.cron.types import ParsedCronItem
+from kongtask.db.conninfo import resolve_schema
+from kongtask.errors import ConfigurationError, KongtaskError
+from kongtask.job import Job
+from kongtask.job_spec import JobSpec
+from kongtask.jobs.enqueue import add_job_on, add_jobs_on
+from kongtask.jobs.supervisor import Supervisor
+from kongtask.protocols import Clock
+from kongtask.runtime.probing import probe_actors
+from kongtask.scheduler import Scheduler
+from kongtask.settings import ConnectionSettings, WorkerSettings
+from kongtask.validate import check_clock
 
 __all__ = ["Runner", "RunnerLoad", "run", "run_once"]
 
@@ -204,7 +205,7 @@ class Runner:
             logger.info("'Run once' mode runs no cron; %s was only checked", crontab.description)
             crontab, cron_items = None, None
         if self._metrics_port is not None:
-            from .health import OpsServer
+            from kongtask.ops.health import OpsServer
 
             # Made before the actors start, so the metrics count every event;
             # bound before connecting, so a taken port fails the start with
@@ -456,7 +457,7 @@ _worker_logger = logging.getLogger("kongtask.worker")
 
 def _log_giving_up(runner: Runner, *, job: Job, error: Any, **_: Any) -> None:
     """Say plainly that a job used its last attempt and will not run again."""
-    from .actors.executor import error_message
+    from kongtask.jobs.executor import error_message
 
     message = error_message(error) if isinstance(error, BaseException) else str(error)
     _worker_logger.error(
@@ -486,7 +487,7 @@ def run(**options: Any) -> Runner:
     ``graceful_shutdown_abort_timeout_s``, ``install_signal_handlers``,
     ``local_queue_size``, ``local_queue_ttl_s``, ``lock_expiry``, ``clock``,
     ``metrics_port``/``metrics_host`` (serve ``/metrics``, ``/healthz`` and
-    ``/readyz``; see :mod:`kongtask.health`), the
+    ``/readyz``; see :mod:`kongtask.ops.health`), the
     deadlines and liveness options (``connect_timeout_s``, ``statement_timeout_s``,
     ``keepalives_idle_s``, ``keepalives_interval_s``, ``keepalives_count``,
     ``tcp_user_timeout_s``, ``heartbeat_interval_s``, ``pool_dead_after_s``,

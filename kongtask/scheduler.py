@@ -33,16 +33,10 @@ import psycopg
 import pykka
 from psycopg_pool import ConnectionPool
 
-from . import events
-from .actors.clock import SystemClock
-from .actors.cron import CronService
-from .actors.os_signals import SignalHandlers, can_install
-from .actors.publisher import EventBus
-from .connecting import DEFAULT_CONNECTION_SETTINGS, connect, open_pool
-from .connection import open_database, resolve_schema
-from .cron.parser import parse_cron_item
-from .cron.source import CrontabSource, check_unique_identifiers
-from .cron.store import (
+from kongtask import events
+from kongtask.cron.parser import parse_cron_item
+from kongtask.cron.service.cron_service import CronService
+from kongtask.cron.service.store import (
     CronRun,
     ItemLike,
     StoredCronItem,
@@ -54,12 +48,18 @@ from .cron.store import (
     to_parsed_item,
     update_stored_item,
 )
-from .cron.types import CronItem, ParsedCronItem
-from .errors import ConfigurationError, KongtaskError
-from .migrate import migrate
-from .protocols import Clock
-from .sql import CRON_ITEMS_CHANNEL, Queries
-from .validate import check_clock, check_seconds
+from kongtask.cron.source import CrontabSource, check_unique_identifiers
+from kongtask.cron.types import CronItem, ParsedCronItem
+from kongtask.db.connecting import DEFAULT_CONNECTION_SETTINGS, connect, open_pool
+from kongtask.db.conninfo import open_database, resolve_schema
+from kongtask.db.migrate import migrate
+from kongtask.db.statements import CRON_ITEMS_CHANNEL, Queries
+from kongtask.errors import ConfigurationError, KongtaskError
+from kongtask.protocols import Clock
+from kongtask.runtime.clock import SystemClock
+from kongtask.runtime.os_signals import SignalHandlers, can_install
+from kongtask.runtime.publisher import EventBus
+from kongtask.validate import check_clock, check_seconds
 
 __all__ = ["Scheduler"]
 

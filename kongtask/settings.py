@@ -11,8 +11,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import ConfigurationError
-from .validate import check_bool, check_int, check_seconds, check_text
+from kongtask.errors import ConfigurationError
+from kongtask.validate import check_bool, check_int, check_seconds, check_text
 
 __all__ = ["DEFAULT_SCHEMA", "ConnectionSettings", "WorkerSettings", "default_local_queue_size"]
 

@@ -20,15 +20,15 @@ from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from .actors.clock import Timer
-from .connecting import connect
-from .connection import resolve_schema
-from .errors import ConfigurationError
-from .migrate import migrate
-from .sql import Queries
+from kongtask.db.connecting import connect
+from kongtask.db.conninfo import resolve_schema
+from kongtask.db.migrate import migrate
+from kongtask.db.statements import Queries
+from kongtask.errors import ConfigurationError
+from kongtask.runtime.clock import Timer
 
 if TYPE_CHECKING:
-    from .runner import Runner
+    from kongtask.runner import Runner
 
 __all__ = ["ManualClock", "join", "reset_cron_state", "running"]
 
@@ -185,7 +185,7 @@ def running(**options: Any) -> Iterator[Runner]:
             clock.advance(3600)   # its retry is due by the worker's clock
             worker.join()         # and has run
     """
-    from .runner import Runner
+    from kongtask.runner import Runner
 
     options.setdefault("install_signal_handlers", False)
     runner = Runner(**options).start()

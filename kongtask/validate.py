@@ -13,7 +13,7 @@ import math
 from collections.abc import Callable
 from typing import Any
 
-from .errors import ConfigurationError, InvalidJobError, KongtaskError
+from kongtask.errors import ConfigurationError, InvalidJobError, KongtaskError
 
 __all__ = [
     "ErrorFactory",

@@ -18,26 +18,26 @@ from typing import Any, Self
 import psycopg
 from psycopg.rows import dict_row, tuple_row
 
-from . import ops
-from .connecting import DEFAULT_CONNECTION_SETTINGS, connect
-from .connection import open_database, resolve_schema
-from .cron import store as cron_store
-from .cron.store import CronRun, StoredCronItem
-from .cron.types import ParsedCronItem
-from .enqueue import (
+from kongtask.cron.service import store as cron_store
+from kongtask.cron.service.store import CronRun, StoredCronItem
+from kongtask.cron.types import ParsedCronItem
+from kongtask.db.connecting import DEFAULT_CONNECTION_SETTINGS, connect
+from kongtask.db.conninfo import open_database, resolve_schema
+from kongtask.db.migrate import MigrationResult, migrate
+from kongtask.db.statements import Queries
+from kongtask.errors import ConfigurationError, InvalidJobError, KongtaskError
+from kongtask.job import Job
+from kongtask.job_spec import JobSpec
+from kongtask.jobs.enqueue import (
     add_job_on,
     add_job_on_async,
     add_jobs_on,
     add_jobs_on_async,
     jobs_from_query,
 )
-from .errors import ConfigurationError, InvalidJobError, KongtaskError
-from .job import Job
-from .job_spec import JobSpec
-from .migrate import MigrationResult, migrate
-from .ops import JobInfo, PoolInfo, StatusReport
-from .settings import ConnectionSettings
-from .sql import Queries
+from kongtask.ops import status as ops
+from kongtask.ops.status import JobInfo, PoolInfo, StatusReport
+from kongtask.settings import ConnectionSettings
 
 __all__ = [
     "CLEANUP_TASKS",
@@ -376,7 +376,7 @@ class WorkerUtils:
         state: str | None = None,
         limit: int = 100,
     ) -> list[JobInfo]:
-        """Jobs matching the filters (``state`` one of ``kongtask.ops.JOB_STATES``)."""
+        """Jobs matching the filters (``state`` one of ``kongtask.ops.status.JOB_STATES``)."""
         with self.connection() as conn:
             return ops.list_jobs(
                 conn, self._queries, task=task, queue=queue, state=state, limit=limit

@@ -102,7 +102,7 @@ def server_conninfo() -> Iterator[str]:
     if url:
         yield url
         return
-    from kongtask.embedded import EmbeddedPostgres
+    from kongtask.db.embedded import EmbeddedPostgres
 
     server = EmbeddedPostgres()
     try:
@@ -124,7 +124,7 @@ def databases(server_conninfo: str) -> Iterator[DatabaseFactory]:
 @pytest.fixture(scope="session")
 def template_db(databases: DatabaseFactory) -> str:
     """The name of a database migrated once (default schema), used as a template."""
-    from kongtask.migrate import migrate
+    from kongtask.db.migrate import migrate
 
     conninfo = databases.create(prefix="kt_template")
     with psycopg.connect(conninfo, autocommit=True) as conn:

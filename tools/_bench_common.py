@@ -27,7 +27,7 @@ def server_url() -> str:
 @contextmanager
 def scratch_database(server: str) -> Iterator[str]:
     """Create a fresh database (with the schema migrated) and drop it afterwards."""
-    from kongtask.migrate import migrate
+    from kongtask.db.migrate import migrate
 
     name = f"kongtask_bench_{secrets.token_hex(6)}"
     with psycopg.connect(server, autocommit=True) as conn:

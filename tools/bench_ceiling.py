@@ -25,7 +25,7 @@ import psycopg
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from kongtask.sql import Queries
+from kongtask.db.statements import Queries
 from tools._bench_common import (
     enqueue_noop_jobs,
     fresh_jobs_table,

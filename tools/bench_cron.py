@@ -26,10 +26,10 @@ import psycopg
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from kongtask.actors.cron import CronService
 from kongtask.cron import CronIndex, parse_crontab
+from kongtask.cron.service.cron_service import CronService
 from kongtask.cron.source import CrontabSource
-from kongtask.sql import Queries
+from kongtask.db.statements import Queries
 from kongtask.testing import ManualClock
 from tools._bench_common import scratch_database, server_url
 

@@ -2,7 +2,7 @@
 
 Usage: ``python tools/bench_metrics.py [-n JOBS] [--rounds R] [-j N] [--local-queue-size N]``.
 Each round enqueues JOBS no-op jobs and drains them with ``run_once`` twice,
-once plain and once with a ``kongtask.metrics.Metrics`` attached (which makes
+once plain and once with a ``kongtask.ops.metrics.Metrics`` attached (which makes
 the Runner deliver its job events to the counters and histograms), and
 prints the drain rate of each and their ratio; the median ratio is the
 figure to quote.
@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _bench_common import scratch_database, server_url
 
 import kongtask
-from kongtask.metrics import Metrics
+from kongtask.ops.metrics import Metrics
 
 
 def noop(payload: Any, helpers: Any) -> None:

@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from kongtask.migrate import migrate  # noqa: E402
+from kongtask.db.migrate import migrate  # noqa: E402
 from tests.faults.ledger import (  # noqa: E402
     WorkerProcess,
     check_ledger,

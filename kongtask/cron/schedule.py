@@ -12,9 +12,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from .index import CronIndex
-from .matcher import zone
-from .types import ParsedCronItem
+from kongtask.cron.index import CronIndex
+from kongtask.cron.matcher import zone
+from kongtask.cron.types import ParsedCronItem
 
 __all__ = [
     "MINUTE",
@@ -110,7 +110,7 @@ def skip_rule(item: ParsedCronItem, ts: datetime) -> str | None:
 
     ``noOverlap`` needs the database and is decided by the writer; a ``condition``
     is user code, called off the scheduling thread with a deadline (see
-    :mod:`kongtask.actors.cron_conditions`).
+    :mod:`kongtask.cron.service.conditions`).
     """
     if item.options.skip_dates:
         local = ts.astimezone(zone(item.options.tz)) if item.options.tz else ts.astimezone(UTC)

@@ -14,10 +14,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from kongtask.cron.parser import parse_crontab
+from kongtask.cron.types import ParsedCronItem
 from kongtask.errors import ConfigurationError, CrontabError
-
-from .parser import parse_crontab
-from .types import ParsedCronItem
 
 __all__ = ["CrontabSource", "check_unique_identifiers", "read_stable"]
 

@@ -5,7 +5,7 @@ a job key over 512 characters, a priority outside ``smallint``, ``max=0``) would
 its minute's transaction fail every time it is due. The parser rejects such items up
 front with these checks, so ``kongtask crontab check`` and a reload say what is wrong
 and where; the scheduler still isolates an item that fails anyway (see
-``kongtask.actors.cron_writer``).
+``kongtask.cron.service.writer``).
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
-from kongtask.cli_crontab import main
+from kongtask.ops.cli.crontab import main
 from tests.conftest import to_uri
 
 

@@ -18,8 +18,8 @@ import psycopg
 import pytest
 from psycopg.conninfo import conninfo_to_dict
 
-from kongtask import cli
-from kongtask.connection import RedactingFilter, open_database, redact
+from kongtask.db.conninfo import RedactingFilter, open_database, redact
+from kongtask.ops.cli import main as cli
 from tests.conftest import to_uri
 
 PASSWORD = "TopSecret123"

@@ -17,7 +17,7 @@ import psycopg
 import pytest
 
 import kongtask
-from kongtask.dashboard import DashboardServer
+from kongtask.ops.dashboard import DashboardServer
 from tests.integration.ops_support import add, ids_by_sql, seed_every_state
 from tests.integration.worker_support import wait_until
 

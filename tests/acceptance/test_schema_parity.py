@@ -23,7 +23,7 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from kongtask.migrate import LATEST_MIGRATION, migrate
+from kongtask.db.migrate import LATEST_MIGRATION, migrate
 from tests.conftest import DatabaseFactory, load_catalog_tool, to_uri
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))

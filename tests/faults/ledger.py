@@ -119,7 +119,7 @@ import logging
 import sys
 
 import kongtask
-from kongtask.task_loader import load_tasks
+from kongtask.jobs.task_loader import load_tasks
 
 logging.basicConfig(level=logging.INFO, format="[%(name)s] %(levelname)s: %(message)s")
 runner = kongtask.run(

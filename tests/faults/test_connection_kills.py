@@ -19,8 +19,8 @@ from typing import Any
 import psycopg
 import pytest
 
+from kongtask.jobs.task_loader import load_tasks
 from kongtask.runner import Runner
-from kongtask.task_loader import load_tasks
 from tests.conftest import to_uri
 from tests.integration.worker_support import recording
 

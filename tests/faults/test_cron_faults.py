@@ -42,13 +42,13 @@ from psycopg.conninfo import make_conninfo
 
 import kongtask
 from kongtask import events
-from kongtask.actors.cron import CronService
 from kongtask.cron.parser import parse_crontab
 from kongtask.cron.schedule import MINUTE, ceil_minute, cron_timestamp, floor_minute
+from kongtask.cron.service.cron_service import CronService
 from kongtask.cron.source import CrontabSource
-from kongtask.embedded import SYSTEM_USER
-from kongtask.migrate import migrate
-from kongtask.sql import Queries
+from kongtask.db.embedded import SYSTEM_USER
+from kongtask.db.migrate import migrate
+from kongtask.db.statements import Queries
 from kongtask.testing import ManualClock
 from tests.conftest import to_uri
 from tests.cronpeer import (

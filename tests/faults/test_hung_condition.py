@@ -18,8 +18,8 @@ import psycopg
 import pytest
 
 from kongtask import CronItem, Firing, Scheduler
-from kongtask.actors.clock import SystemClock
 from kongtask.cron.schedule import floor_minute
+from kongtask.runtime.clock import SystemClock
 from tests.integration.cron_support import Heard
 
 pytestmark = [pytest.mark.faults, pytest.mark.timeout(240)]

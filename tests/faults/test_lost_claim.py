@@ -25,8 +25,8 @@ import psycopg
 import pytest
 
 from kongtask import Runner, WorkerUtils
-from kongtask.actors.claimer import Claimer, HeldCount
-from kongtask.actors.listener import Listener
+from kongtask.jobs.claimer import Claimer, HeldCount
+from kongtask.jobs.listener import Listener
 from tests.integration.worker_support import wait_until
 
 pytestmark = pytest.mark.faults

@@ -21,7 +21,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from kongtask.cli_admin import find_dead_pools
+from kongtask.ops.cli.admin import find_dead_pools
 from tests.conftest import to_uri
 
 from .ledger import (

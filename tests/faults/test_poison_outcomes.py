@@ -20,7 +20,7 @@ import psycopg
 import pytest
 
 from kongtask import WorkerUtils
-from kongtask.last_error import MAX_LAST_ERROR_CHARS, last_error_text, sanitize_last_error
+from kongtask.jobs.last_error import MAX_LAST_ERROR_CHARS, last_error_text, sanitize_last_error
 from kongtask.runner import Runner
 from tests.integration.worker_support import jobs, recording
 
@@ -194,7 +194,7 @@ def test_refused_outcomes_are_written_job_by_job(
         local_queue_size=total,
         install_signal_handlers=False,
     )
-    caplog.set_level(logging.ERROR, logger="kongtask.actors.completer")
+    caplog.set_level(logging.ERROR, logger="kongtask.jobs.completer")
     with recording(runner) as log, runner:
         assert gate_started.wait(30)
         # Hold the gate job's row so the completer's first statement waits on

@@ -17,8 +17,8 @@ import pytest
 from psycopg import sql
 
 from kongtask import ConfigurationError, WorkerUtils
-from kongtask.connection import check_schema_name, resolve_schema
-from kongtask.migrate import migrate
+from kongtask.db.conninfo import check_schema_name, resolve_schema
+from kongtask.db.migrate import migrate
 from kongtask.runner import Runner, run_once
 from tests.conftest import to_uri
 

@@ -1,7 +1,7 @@
 """Seeding a database with jobs in every state, and counting them back with plain SQL.
 
 The counting queries here are written independently of kongtask's own
-(``JOB_STATE`` in kongtask/sql.py), from graphile-worker's column meanings, so
+(``JOB_STATE`` in kongtask/db/statements.py), from graphile-worker's column meanings, so
 a test comparing the two catches a wrong state rule on either side.
 """
 

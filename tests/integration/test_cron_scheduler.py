@@ -14,9 +14,9 @@ import pytest
 from blinker import NamedSignal
 from psycopg.rows import dict_row
 
-from kongtask.actors.cron import CronService
+from kongtask.cron.service.cron_service import CronService
 from kongtask.cron.source import CrontabSource
-from kongtask.sql import Queries
+from kongtask.db.statements import Queries
 from kongtask.testing import ManualClock
 
 T0 = datetime(2021, 1, 1, 0, 0, tzinfo=UTC)

@@ -19,8 +19,8 @@ import psycopg
 import pytest
 
 from kongtask import ConfigurationError, WorkerUtils
-from kongtask.dashboard import Dashboard, DashboardServer
-from kongtask.dashboard.app import POOL_SIZE
+from kongtask.ops.dashboard import Dashboard, DashboardServer
+from kongtask.ops.dashboard.app import POOL_SIZE
 from tests.integration.ops_support import DEAD_POOL, LIVE_POOL, ids_by_sql, seed_every_state
 from tests.integration.worker_support import wait_until
 

@@ -9,7 +9,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from kongtask.connecting import DeadlineExceeded, connect
+from kongtask.db.connecting import DeadlineExceeded, connect
 from kongtask.runner import Runner
 from kongtask.settings import ConnectionSettings
 from tests.faults.ledger import scalar, wait_until

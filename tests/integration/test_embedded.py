@@ -20,8 +20,8 @@ import psycopg
 import pytest
 
 import kongtask
-from kongtask.connection import open_database
-from kongtask.embedded import EmbeddedPostgres
+from kongtask.db.conninfo import open_database
+from kongtask.db.embedded import EmbeddedPostgres
 from kongtask.errors import EmbeddedServerError
 
 IS_ROOT = os.geteuid() == 0
@@ -211,7 +211,7 @@ def test_root_refuses_a_data_folder_initialized_by_another_user(parent: Path) ->
 CHILD = """
 import json, logging, sys
 from pathlib import Path
-from kongtask.embedded import EmbeddedPostgres
+from kongtask.db.embedded import EmbeddedPostgres
 logging.basicConfig(level=logging.WARNING)
 server = EmbeddedPostgres(Path(sys.argv[1]))
 conninfo = server.start()

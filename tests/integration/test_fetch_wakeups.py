@@ -17,9 +17,9 @@ import psycopg
 import pytest
 
 from kongtask import Runner, WorkerUtils
-from kongtask.actors.claimer import Claimer, HeldCount, InsertNotified, Wake
-from kongtask.actors.fetch_policy import PollDue
-from kongtask.actors.listener import Listener
+from kongtask.jobs.claimer import Claimer, HeldCount, InsertNotified, Wake
+from kongtask.jobs.fetch_policy import PollDue
+from kongtask.jobs.listener import Listener
 
 POLL_S = 60.0  # nothing here may wait for a poll
 
@@ -234,7 +234,7 @@ def test_a_slow_claim_refreshes_the_jobs_statistics(
     db_url: str, db: psycopg.Connection[Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A backlog on a table analyzed while empty makes the claimer analyze it itself."""
-    import kongtask.actors.claimer as claimer_module
+    import kongtask.jobs.claimer as claimer_module
 
     db.execute("analyze graphile_worker._private_jobs")  # statistics of an empty table
     with WorkerUtils(db_url) as utils:

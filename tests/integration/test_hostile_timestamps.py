@@ -26,10 +26,10 @@ from psycopg.conninfo import conninfo_to_dict
 from psycopg_pool import ConnectionPool
 
 from kongtask import InvalidJobError, JobSpec, Runner, WorkerUtils
-from kongtask.cli import main as cli_main
-from kongtask.cli_cron import main as cron_main
-from kongtask.cli_jobs import jobs_main, status_main
-from kongtask.dashboard import DashboardServer
+from kongtask.ops.cli.cron import main as cron_main
+from kongtask.ops.cli.jobs import jobs_main, status_main
+from kongtask.ops.cli.main import main as cli_main
+from kongtask.ops.dashboard import DashboardServer
 from tests.integration.cron_support import T0, NodeFactory, job_minutes
 from tests.integration.ops_support import add
 from tests.integration.test_dashboard_http import Client

@@ -19,8 +19,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from psycopg.conninfo import make_conninfo
 
 import kongtask
-import kongtask.metrics
-from kongtask.health import DB_TIMEOUT_S, OpsServer, ThreadingWSGIServer
+import kongtask.ops.metrics
+from kongtask.ops.health import DB_TIMEOUT_S, OpsServer, ThreadingWSGIServer
 from tests.faults.tcp_proxy import TcpProxy, server_address
 from tests.faults.test_cron_faults import (  # noqa: F401  (the fixture)
     PrivateServer,
@@ -148,7 +148,7 @@ def test_metrics_register_into_a_host_registry(runner: kongtask.Runner) -> None:
     from prometheus_client import generate_latest
 
     registry = CollectorRegistry()
-    metrics = kongtask.metrics.register(registry, runner=runner)
+    metrics = kongtask.ops.metrics.register(registry, runner=runner)
     try:
         runner.add_job("ok")
         runner.join()
@@ -367,7 +367,7 @@ def test_healthz_turns_red_while_a_cron_actor_is_stuck(
     from datetime import UTC, datetime
 
     from kongtask import events
-    from kongtask.actors.cron_writer import CronWriter
+    from kongtask.cron.service.writer import CronWriter
     from kongtask.testing import ManualClock
 
     # A bug outside the database holds the cron writer in its handler.
@@ -481,13 +481,13 @@ def test_queue_depth_series_are_capped_with_many_tasks(
             f"\n10,003 tasks: {len(jobs)} kongtask_jobs series, {len(text)} bytes, {elapsed:.3f} s"
         )
         tasks = {dict(labels)["task"] for labels in jobs}
-        assert len(tasks) == kongtask.metrics.DEPTH_MAX_TASKS + 1
+        assert len(tasks) == kongtask.ops.metrics.DEPTH_MAX_TASKS + 1
         assert {"heavy_a", "heavy_b", "_other"} <= tasks
         assert len(jobs) == len(tasks) * 5  # every state of every series
         assert jobs[(("state", "ready"), ("task", "heavy_a"))] == 5
         assert sum(jobs.values()) == total  # nothing lost in the folding
         # A task literally named "_other" is counted with the folded ones.
-        folded_tasks = 10_002 - kongtask.metrics.DEPTH_MAX_TASKS + 1
+        folded_tasks = 10_002 - kongtask.ops.metrics.DEPTH_MAX_TASKS + 1
         assert jobs[(("state", "ready"), ("task", "_other"))] == 7 + folded_tasks - 1
         assert samples(text)[("kongtask_jobs_other_tasks", ())] == folded_tasks
 
@@ -507,7 +507,7 @@ def test_queue_depth_series_are_capped_with_many_tasks(
 def test_bad_depth_max_tasks_is_refused() -> None:
     for bad in (0, -1, True, 2.5, "100"):
         with pytest.raises(kongtask.ConfigurationError, match="depth_max_tasks") as e:
-            kongtask.metrics.Metrics(depth_max_tasks=bad)
+            kongtask.ops.metrics.Metrics(depth_max_tasks=bad)
         assert e.value.name == "depth_max_tasks"
 
 

@@ -1,4 +1,4 @@
-"""kongtask.migrate against a real PostgreSQL: install, idempotence, refusals, concurrency.
+"""kongtask.db.migrate against a real PostgreSQL: install, idempotence, refusals, concurrency.
 
 Every test gets a brand-new, empty database (``mig_<hex>``) so that migrations
 run from nothing; the shared migrated-template fixtures are not used here.
@@ -18,8 +18,7 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from kongtask.errors import ConfigurationError, MigrationError
-from kongtask.migrate import (
+from kongtask.db.migrate import (
     BREAKING_MIGRATIONS,
     LATEST_MIGRATION,
     MigrationResult,
@@ -27,6 +26,7 @@ from kongtask.migrate import (
     _extra_files,
     migrate,
 )
+from kongtask.errors import ConfigurationError, MigrationError
 from tests.conftest import DatabaseFactory, load_catalog_tool
 
 ODD_SCHEMA = 'My "odd" schema'
@@ -260,7 +260,7 @@ def test_newer_non_breaking_schema_warns_and_continues(
     mig_conn.execute("insert into graphile_worker.migrations (id, breaking) values (20, false)")
     before = _snapshot(mig_conn)
 
-    with caplog.at_level(logging.WARNING, logger="kongtask.migrate"):
+    with caplog.at_level(logging.WARNING, logger="kongtask.db.migrate"):
         result = migrate(mig_conn)
 
     assert result == MigrationResult("graphile_worker", 20, 20, ())

@@ -9,7 +9,7 @@ import psycopg
 import pytest
 
 from kongtask import InvalidJobError, WorkerUtils, parse_crontab
-from kongtask.ops import JOB_STATES
+from kongtask.ops.status import JOB_STATES
 from tests.integration.ops_support import (
     DEAD_POOL,
     LIVE_POOL,

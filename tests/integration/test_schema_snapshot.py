@@ -15,7 +15,7 @@ import json
 
 import psycopg
 
-from kongtask.migrate import migrate
+from kongtask.db.migrate import migrate
 from tests.conftest import REPO, load_catalog_tool
 
 

@@ -9,8 +9,8 @@ import psycopg
 import pytest
 from psycopg import sql
 
+from kongtask.db.migrate import migrate
 from kongtask.errors import ConfigurationError
-from kongtask.migrate import migrate
 from kongtask.runner import Runner
 from kongtask.testing import ManualClock
 

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from kongtask.backoff import backoff_s
+from kongtask.runtime.backoff import backoff_s
 
 
 class _Fixed(random.Random):

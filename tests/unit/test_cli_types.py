@@ -6,7 +6,7 @@ import argparse
 
 import pytest
 
-from kongtask.cli_types import positive_seconds
+from kongtask.ops.cli.arguments import positive_seconds
 
 
 @pytest.mark.parametrize("text", ["0", "-1", "nan", "inf", "ten"])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from psycopg.conninfo import conninfo_to_dict
 
-from kongtask.connecting import guarded_conninfo, prepare_threshold
+from kongtask.db.connecting import guarded_conninfo, prepare_threshold
 from kongtask.settings import ConnectionSettings
 
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import platformdirs
 import pytest
 
-from kongtask import embedded
-from kongtask.connection import (
+from kongtask.db import embedded
+from kongtask.db.conninfo import (
     DEFAULT_SCHEMA,
     describe_conninfo,
     open_database,
@@ -18,7 +18,7 @@ from kongtask.connection import (
     resolve_connection_string,
     resolve_schema,
 )
-from kongtask.embedded import EmbeddedPostgres, default_data_dir
+from kongtask.db.embedded import EmbeddedPostgres, default_data_dir
 from kongtask.errors import ConfigurationError, EmbeddedServerError
 
 URL = "postgresql://alice:s3cret@db.example:5433/jobs"
@@ -114,7 +114,7 @@ def test_describe_conninfo_never_shows_the_password() -> None:
 def test_open_database_yields_configured_string_and_logs_without_password(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    caplog.set_level(logging.INFO, logger="kongtask.connection")
+    caplog.set_level(logging.INFO, logger="kongtask.db.conninfo")
     with open_database(environ={"DATABASE_URL": URL}) as conninfo:
         assert conninfo == URL
     assert "db.example" in caplog.text

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from kongtask.dashboard.app import same_origin_path
-from kongtask.dashboard.server import hide_token
+from kongtask.ops.dashboard.app import same_origin_path
+from kongtask.ops.dashboard.server import hide_token
 
 DEFAULT = "/ops/"
 

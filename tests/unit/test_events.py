@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from kongtask import events
-from kongtask.actors.publisher import EventBus
+from kongtask.runtime.publisher import EventBus
 
 
 def test_one_signal_per_graphile_worker_event_name() -> None:

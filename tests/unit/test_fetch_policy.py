@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from kongtask.actors.fetch_policy import (
+from kongtask.jobs.fetch_policy import (
     Action,
     Answer,
     BufferLow,
@@ -296,6 +296,6 @@ def test_a_claim_while_one_is_held_is_not_idle() -> None:
     ],
 )
 def test_wants_analyze(claim_s: float, since_last_s: float | None, expected: bool) -> None:
-    from kongtask.actors.claimer import wants_analyze
+    from kongtask.jobs.claimer import wants_analyze
 
     assert wants_analyze(claim_s, since_last_s) is expected

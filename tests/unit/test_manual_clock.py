@@ -6,8 +6,8 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from kongtask.actors.clock import SystemClock
 from kongtask.protocols import Clock
+from kongtask.runtime.clock import SystemClock
 from kongtask.testing import ManualClock
 
 

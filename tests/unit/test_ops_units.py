@@ -10,10 +10,10 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from kongtask import ConfigurationError
-from kongtask.cli_jobs import parse_time
-from kongtask.dashboard.chart import ThroughputSampler, render_chart
-from kongtask.dashboard.server import is_loopback
-from kongtask.logs import JsonFormatter, TextFormatter, configure
+from kongtask.ops.cli.jobs import parse_time
+from kongtask.ops.dashboard.chart import ThroughputSampler, render_chart
+from kongtask.ops.dashboard.server import is_loopback
+from kongtask.ops.logs import JsonFormatter, TextFormatter, configure
 
 T0 = datetime(2026, 3, 1, 12, 0, 30, tzinfo=UTC)
 

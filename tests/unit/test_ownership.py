@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from kongtask.actors.ownership import Ownership
+from kongtask.jobs.ownership import Ownership
 
 
 def test_a_fresh_job_of_a_beating_pool_is_not_doubted() -> None:

@@ -10,7 +10,7 @@ from typing import Any
 import pykka
 import pytest
 
-from kongtask.actors.probing import DatabaseWait, probe_actors
+from kongtask.runtime.probing import DatabaseWait, probe_actors
 
 BLOCK = "block"
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 
-from kongtask.actors.clock import SystemClock
+from kongtask.runtime.clock import SystemClock
 
 
 def test_due_timers_run_on_the_clock_actor_in_order() -> None:

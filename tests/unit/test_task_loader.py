@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from kongtask import TaskLoadError
-from kongtask.task_loader import default_tasks_path, load_tasks
+from kongtask.jobs.task_loader import default_tasks_path, load_tasks
 
 
 def test_file_with_tasks_mapping(tmp_path: Path) -> None:

@@ -8,7 +8,7 @@ from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 
-from kongtask.timestamps import (
+from kongtask.db.timestamps import (
     OutOfRangeTimestamp,
     format_utc,
     parse_out_of_range,

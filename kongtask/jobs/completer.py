@@ -1,0 +1,309 @@
+"""The completer: records job outcomes in batched statements.
+
+Executors drop outcomes into an :class:`Outbox` from their own threads; the
+completer actor is woken by one message when the outbox goes from empty to
+busy, and then flushes whatever has piled up, statement after statement,
+until it is empty. Outcomes collect while a statement is in flight, so the
+batch size adapts to load with no fixed delay. Successes become one
+``complete_jobs`` statement, failures one ``fail_jobs`` statement; a
+statement refused for its data is written again job by job, so one job's
+outcome never costs the others theirs (see ``_complete_all``). After each
+batch the completer tells the claimer ``Finished(n, released)``; it decides
+nothing about claiming.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
+
+import psycopg
+import pykka
+
+from kongtask.job import Job
+from kongtask.jobs.claimer import SLOW_STATEMENT_S, SlowStatement
+from kongtask.jobs.context import WorkerContext
+from kongtask.jobs.db_actor import DbActor
+from kongtask.jobs.fetch_policy import Finished
+from kongtask.jobs.last_error import sanitize_last_error
+
+if TYPE_CHECKING:
+    from kongtask.jobs.claimer import Claimer
+
+__all__ = ["FLUSH", "Completer", "Flush", "Outbox"]
+
+logger = logging.getLogger(__name__)
+
+
+class Flush(NamedTuple):
+    """Write every outcome in the outbox (an ``ask`` returns once it is empty)."""
+
+
+FLUSH = Flush()
+
+_T = TypeVar("_T")
+#: An outcome waiting in the outbox: the job, its message, its retry payload.
+_Failure = tuple[Job, str, Any]
+
+
+class Outbox:
+    """Outcomes waiting to be written; filled by executor threads."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.successes: list[Job] = []
+        self.failures: list[tuple[Job, str, Any]] = []
+        self._scheduled = False
+        self.actor: pykka.ActorRef[Completer] | None = None
+
+    def success(self, job: Job) -> None:
+        """Record that ``job`` succeeded."""
+        with self._lock:
+            self.successes.append(job)
+            if self._scheduled:
+                return
+            self._scheduled = True
+        self._wake()
+
+    def failure(self, job: Job, message: str, replacement_payload: Any = None) -> None:
+        """Record that ``job`` failed with ``message`` (and, for batches, its retry payload)."""
+        with self._lock:
+            self.failures.append((job, message, replacement_payload))
+            if self._scheduled:
+                return
+            self._scheduled = True
+        self._wake()
+
+    def _wake(self) -> None:
+        actor = self.actor
+        if actor is not None:
+            actor.tell(FLUSH)
+
+    def take(self) -> tuple[list[Job], list[tuple[Job, str, Any]]]:
+        """Everything recorded so far; clears the scheduled flag when empty."""
+        with self._lock:
+            successes, failures = self.successes, self.failures
+            if not successes and not failures:
+                self._scheduled = False
+            else:
+                self.successes, self.failures = [], []
+            return successes, failures
+
+
+class Completer(DbActor):
+    """Owns the completion connection; message: flush (ask it to wait for a flush)."""
+
+    action = "completeJob"
+    max_attempts = 20
+
+    def __init__(
+        self, ctx: WorkerContext, outbox: Outbox, claimer: pykka.ActorRef[Claimer]
+    ) -> None:
+        super().__init__(ctx)
+        self._outbox = outbox
+        self._claimer = claimer
+
+    def handle(self, message: Any) -> Any:
+        if isinstance(message, Flush):
+            self._flush()
+            return True
+        return None
+
+    def _flush(self) -> None:
+        while True:
+            successes, failures = self._outbox.take()
+            if not successes and not failures:
+                return
+            retried = False
+            if successes:
+                started = time.perf_counter()
+                retried = self._complete_all(successes)
+                seconds = time.perf_counter() - started
+                if seconds >= SLOW_STATEMENT_S and not retried:
+                    self._claimer.tell(SlowStatement(seconds))
+            if failures:
+                retried = self._fail_all(failures) or retried
+            queue_ids = [job.job_queue_id for job in successes if job.job_queue_id is not None]
+            queue_ids += [
+                job.job_queue_id for job, _, _ in failures if job.job_queue_id is not None
+            ]
+            released = bool(queue_ids)
+            if retried and queue_ids:
+                # A try that committed before its connection broke makes the
+                # retry find nothing, so it would not release the queues.
+                self.run(functools.partial(self._release, queue_ids=queue_ids), "Releasing queues")
+            # A released named queue may hold the next runnable job, which a
+            # short claim had to skip: the claimer's policy decides what to do.
+            self._claimer.tell(Finished(len(successes) + len(failures), released))
+
+    # --- statements the database refuses for their data -------------------------
+    #
+    # One job's outcome must never cost the batch: when a batched statement is
+    # refused for a reason about the data (not the connection), the batch is
+    # written again job by job, and a job whose own outcome is still refused
+    # gets a plain message, or in the end is permanently failed, so that no job
+    # is ever left locked and the completer goes on.
+
+    def _complete_all(self, jobs: list[Job]) -> bool:
+        """Complete ``jobs``; True when queues may need an explicit release."""
+
+        def complete(batch: list[Job]) -> None:
+            self.run(functools.partial(self._complete, ids=[job.id for job in batch]), _COMPLETING)
+
+        def remedy(job: Job, refused: BaseException) -> None:
+            # Its row cannot be deleted (a foreign key or trigger of the
+            # application's): keep it from running again, and say why.
+            self._give_up(
+                job,
+                "the job succeeded, but the database refused to delete its row "
+                f"({_describe(refused)}); kongtask failed it permanently so that it does "
+                "not run again",
+            )
+
+        return self._write_each(jobs, complete, remedy, "Completing")
+
+    def _fail_all(self, failures: list[_Failure]) -> bool:
+        """Fail ``failures``; True when queues may need an explicit release."""
+
+        def fail(batch: list[_Failure]) -> None:
+            specs = json.dumps([_fail_spec(*failure) for failure in batch])
+            self.run(functools.partial(self._fail, specs=specs), "Failing jobs")
+
+        def remedy(failure: _Failure, refused: BaseException) -> None:
+            job = failure[0]
+            plain = (
+                f"the database refused to record this job's error ({_describe(refused)}); "
+                "kongtask replaced it with this message"
+            )
+            logger.error("Recording the failure of job %s was refused: %s", job.id, plain)
+            # A plain message, and the payload left as it is.
+            again = self._refusal(lambda: fail([(job, plain, None)]))
+            if again is not None:
+                self._give_up(
+                    job,
+                    "the database refused every attempt to record this job's failure "
+                    f"({_describe(again)}); kongtask failed it permanently",
+                )
+
+        return self._write_each(failures, fail, remedy, "Failing")
+
+    def _write_each(
+        self,
+        items: list[_T],
+        write: Callable[[list[_T]], None],
+        remedy: Callable[[_T, BaseException], None],
+        what: str,
+    ) -> bool:
+        """``write(items)`` in one statement, else item by item, ``remedy`` for refused ones.
+
+        Returns True when a queue may need an explicit release (a retry or a
+        fallback happened).
+        """
+        refused = self._refusal(lambda: write(items))
+        if refused is None:
+            return self.retried
+        if len(items) == 1:
+            remedy(items[0], refused)
+            return True
+        logger.error(
+            "%s %d jobs in one statement was refused (%s); writing them one by one",
+            what,
+            len(items),
+            _describe(refused),
+        )
+        for item in items:
+            alone = self._refusal(functools.partial(write, [item]))
+            if alone is not None:
+                remedy(item, alone)
+        return True
+
+    @staticmethod
+    def _refusal(write: Callable[[], None]) -> BaseException | None:
+        """Run ``write``; return the exception if the database refused its data, else None.
+
+        Any other exception (a lost connection that retries could not cure, a
+        bug) propagates and is fatal, as before.
+        """
+        try:
+            write()
+        except Exception as exc:
+            if not _refused_for_its_data(exc):
+                raise
+            return exc
+        return None
+
+    def _give_up(self, job: Job, message: str) -> None:
+        """Permanently fail ``job`` (unlocking it and its queue) with ``message``."""
+        logger.error("Permanently failing job %s: %s", job.id, message)
+        params = {"id": job.id, "message": sanitize_last_error(message)}
+        refused = self._refusal(
+            lambda: self.run(
+                functools.partial(self._permanently_fail, params=params), "Failing a job"
+            )
+        )
+        if refused is not None:
+            # Nothing else can be written for it; the stale-lock sweep will free it.
+            logger.critical(
+                "The database refused to fail job %s in any way (%s); it stays locked by %s "
+                "until the stale-lock sweep",
+                job.id,
+                _describe(refused),
+                self.ctx.pool_id,
+            )
+
+    def _permanently_fail(self, conn: psycopg.Connection[Any], params: dict[str, Any]) -> None:
+        conn.execute(
+            self.ctx.queries.permanently_fail_held_job, {**params, "pool_id": self.ctx.pool_id}
+        )
+
+    def _complete(self, conn: psycopg.Connection[Any], ids: list[int]) -> None:
+        conn.execute(self.ctx.queries.complete_jobs, {"ids": ids, "pool_id": self.ctx.pool_id})
+
+    def _release(self, conn: psycopg.Connection[Any], queue_ids: list[int]) -> None:
+        params = {"queue_ids": queue_ids, "pool_id": self.ctx.pool_id}
+        conn.execute(self.ctx.queries.release_queues, params)
+
+    def _fail(self, conn: psycopg.Connection[Any], specs: str) -> None:
+        conn.execute(self.ctx.queries.fail_jobs, {"specs": specs, "pool_id": self.ctx.pool_id})
+
+
+_COMPLETING = "Completing jobs"
+
+# SQLSTATE classes meaning "this statement's data is refused": data exception,
+# integrity constraint violation, program limit exceeded.
+_DATA_SQLSTATE_CLASSES = frozenset({"22", "23", "54"})
+
+
+def _refused_for_its_data(exc: BaseException) -> bool:
+    """True when ``exc`` is about the values written, not the connection or a bug.
+
+    Besides the SQLSTATE classes above that covers an exception raised by a
+    trigger (P0001) and the client refusing to encode a parameter (a NUL, a
+    lone surrogate, a value JSON cannot carry).
+    """
+    if isinstance(exc, psycopg.Error):
+        state = exc.sqlstate
+        if state is None:
+            return isinstance(exc, psycopg.DataError)
+        return state[:2] in _DATA_SQLSTATE_CLASSES or state == "P0001"
+    return isinstance(exc, ValueError | TypeError | RecursionError)
+
+
+def _describe(exc: BaseException) -> str:
+    """A short, safe description of a refusal: SQLSTATE or type, and the first line."""
+    state = getattr(exc, "sqlstate", None)
+    first = sanitize_last_error(str(exc).strip().split("\n", 1)[0])[:300]
+    return f"{state or type(exc).__name__}: {first}" if first else (state or type(exc).__name__)
+
+
+def _fail_spec(job: Job, message: str, payload: Any) -> dict[str, Any]:
+    # A JSON null would replace the payload with null: leave the key out instead.
+    spec: dict[str, Any] = {"id": job.id, "message": sanitize_last_error(message)}
+    if payload is not None:
+        spec["payload"] = payload
+    return spec

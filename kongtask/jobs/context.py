@@ -1,0 +1,72 @@
+"""The state one Runner's actors share: settings, the pool, the queue, the bus.
+
+It is built by the Runner at start and handed to each actor; it holds no job
+logic. Keeping it in one object (rather than module globals) is what lets
+several Runners live in one process without touching each other.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from psycopg_pool import ConnectionPool
+
+from kongtask.cron.service.outcomes import OutcomeRecorder
+from kongtask.db.statements import Queries
+from kongtask.jobs.local_queue import LocalQueue
+from kongtask.jobs.ownership import Ownership
+from kongtask.protocols import Clock
+from kongtask.runtime.publisher import EventBus
+from kongtask.settings import WorkerSettings
+
+__all__ = ["WorkerContext", "new_pool_id", "new_worker_id"]
+
+logger = logging.getLogger(__name__)
+
+
+def new_pool_id(once: bool = False) -> str:
+    """A fresh pool id: ``pool-`` (or ``otpool-`` for run-once) and 18 hex digits."""
+    return ("otpool-" if once else "pool-") + secrets.token_hex(9)
+
+
+def new_worker_id() -> str:
+    """A fresh worker id: ``worker-`` and 18 hex digits."""
+    return "worker-" + secrets.token_hex(9)
+
+
+@dataclass(eq=False)
+class WorkerContext:
+    """Everything a Runner's actors share (one per Runner)."""
+
+    settings: WorkerSettings
+    queries: Queries
+    pool_id: str
+    conninfo: str
+    pool: ConnectionPool[Any]
+    tasks: Mapping[str, Callable[..., Any]]
+    clock: Clock
+    bus: EventBus
+    queue: LocalQueue
+    #: Reports a failure nothing can recover from; the Runner shuts down loudly.
+    fatal: Callable[[str, BaseException], None]
+    #: Asks the Runner to begin a graceful shutdown with a message.
+    request_shutdown: Callable[[str], None]
+    no_log_success: bool = False
+    task_ids: dict[int, str] = field(default_factory=dict)
+    queue_names: dict[int, str] = field(default_factory=dict)
+    stopping: bool = False
+    #: Set by a forced shutdown: database retries stop waiting and give up.
+    give_up: threading.Event = field(default_factory=threading.Event)
+    #: Told when a cron job starts and finishes (kongtask's cron history), if set.
+    cron_outcomes: OutcomeRecorder | None = None
+    #: Whether buffered jobs may have been taken from this pool (heartbeats feed it).
+    ownership: Ownership = field(init=False)
+
+    def __post_init__(self) -> None:
+        settings = self.settings
+        self.ownership = Ownership(settings.heartbeat_interval_s, settings.pool_dead_after_s)

@@ -1,0 +1,207 @@
+"""Adding jobs over a given connection: the one implementation behind every ``add_job``.
+
+``WorkerUtils``, ``Runner`` and a handler's ``helpers`` only differ in where
+their connection comes from; validation, the statements and the handling of
+graphile-worker's quirks live here once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import psycopg
+from psycopg.rows import tuple_row
+
+from kongtask.db.statements import Queries
+from kongtask.errors import InvalidJobError, KongtaskError
+from kongtask.job import Job
+from kongtask.job_spec import JobSpec
+
+__all__ = [
+    "add_job_on",
+    "add_job_on_async",
+    "add_jobs_on",
+    "add_jobs_on_async",
+    "jobs_from_query",
+    "jobs_from_query_async",
+]
+
+logger = logging.getLogger(__name__)
+
+# add_job can return an all-NULL row when a concurrent worker locked the keyed
+# job between the function's eviction step and its upsert (graphile-worker
+# #580); a retry evicts the locked job and inserts a new one.
+_ADD_JOB_RACE_RETRIES = 5
+
+
+def jobs_from_query(
+    conn: psycopg.Connection[Any], queries: Queries, query: Any, params: Mapping[str, Any]
+) -> list[Job]:
+    """Run a statement returning ``JOB_COLUMNS`` rows and build ``Job`` records.
+
+    Rows of all NULLs (what the SQL functions return for "nothing") are
+    skipped. A task row created by the very statement that returned the job is
+    invisible to that statement's join, so such identifiers are looked up
+    afterwards, in a second (rarely needed) round trip. The cursor always
+    yields tuples, whatever row factory a borrowed connection was given.
+    """
+    with conn.cursor(row_factory=tuple_row) as cursor:
+        rows = _found(cursor.execute(query, params).fetchall())
+        missing = _missing_task_ids(rows)
+        names: dict[int, str] = {}
+        if missing:
+            names = dict(cursor.execute(queries.task_identifiers, {"ids": missing}).fetchall())
+    return _jobs_from_rows(rows, names)
+
+
+async def jobs_from_query_async(
+    conn: psycopg.AsyncConnection[Any], queries: Queries, query: Any, params: Mapping[str, Any]
+) -> list[Job]:
+    """:func:`jobs_from_query` over an ``AsyncConnection``."""
+    async with conn.cursor(row_factory=tuple_row) as cursor:
+        rows = _found(await (await cursor.execute(query, params)).fetchall())
+        missing = _missing_task_ids(rows)
+        names: dict[int, str] = {}
+        if missing:
+            await cursor.execute(queries.task_identifiers, {"ids": missing})
+            names = dict(await cursor.fetchall())
+    return _jobs_from_rows(rows, names)
+
+
+def _found(rows: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+    return [row for row in rows if row[0] is not None]
+
+
+def _missing_task_ids(rows: list[tuple[Any, ...]]) -> list[int]:
+    return sorted({row[2] for row in rows if row[3] is None})
+
+
+def _jobs_from_rows(rows: list[tuple[Any, ...]], names: Mapping[int, str]) -> list[Job]:
+    """Build ``Job`` records; payloads arrive as text and are decoded by one ``json.loads``."""
+    if not rows:
+        return []
+    payloads = json.loads("[" + ",".join(row[4] for row in rows) + "]")
+    make = Job.from_values
+    return [
+        make(
+            (row[0], row[1], row[2], names[row[2]] if row[3] is None else row[3], payload, *row[5:])
+        )
+        for row, payload in zip(rows, payloads, strict=True)
+    ]
+
+
+def add_job_on(conn: psycopg.Connection[Any], queries: Queries, spec: JobSpec) -> Job:
+    """Add one job (or update the job holding its key) through the schema's ``add_job``."""
+    params = _add_job_params(spec)
+    for _ in range(_ADD_JOB_RACE_RETRIES):
+        jobs = jobs_from_query(conn, queries, queries.add_job, params)
+        if jobs:
+            return jobs[0]
+        logger.debug("add_job lost a race on job_key %r; retrying", spec.job_key)
+    raise _lost_race(spec)
+
+
+async def add_job_on_async(
+    conn: psycopg.AsyncConnection[Any], queries: Queries, spec: JobSpec
+) -> Job:
+    """:func:`add_job_on` over an ``AsyncConnection``."""
+    params = _add_job_params(spec)
+    for _ in range(_ADD_JOB_RACE_RETRIES):
+        jobs = await jobs_from_query_async(conn, queries, queries.add_job, params)
+        if jobs:
+            return jobs[0]
+        logger.debug("add_job lost a race on job_key %r; retrying", spec.job_key)
+    raise _lost_race(spec)
+
+
+def _add_job_params(spec: JobSpec) -> dict[str, Any]:
+    return {
+        "identifier": spec.identifier,
+        "payload": spec.payload_json,
+        "queue_name": spec.queue_name,
+        "run_at": spec.run_at,
+        "max_attempts": spec.max_attempts,
+        "job_key": spec.job_key,
+        "priority": spec.priority,
+        "flags": list(spec.flags) if spec.flags is not None else None,
+        "job_key_mode": spec.job_key_mode,
+    }
+
+
+def _lost_race(spec: JobSpec) -> KongtaskError:
+    return KongtaskError(
+        f"add_job could not add job with job_key {spec.job_key!r}: the keyed job "
+        f"was locked concurrently {_ADD_JOB_RACE_RETRIES} times"
+    )
+
+
+def add_jobs_on(
+    conn: psycopg.Connection[Any],
+    queries: Queries,
+    specs: Iterable[JobSpec | Mapping[str, Any]],
+    *,
+    job_key_preserve_run_at: bool = False,
+) -> list[Job]:
+    """Add many jobs in one ``add_jobs`` statement; returns them in input order.
+
+    ``job_key_mode`` is not allowed per spec (graphile-worker's ``add_jobs``
+    has one mode for the call: replace, or preserve_run_at when
+    ``job_key_preserve_run_at`` is true), and one key may appear only once.
+    Everything is checked before the database is touched.
+    """
+    params = _add_jobs_params(specs, job_key_preserve_run_at)
+    return jobs_from_query(conn, queries, queries.add_jobs, params) if params else []
+
+
+async def add_jobs_on_async(
+    conn: psycopg.AsyncConnection[Any],
+    queries: Queries,
+    specs: Iterable[JobSpec | Mapping[str, Any]],
+    *,
+    job_key_preserve_run_at: bool = False,
+) -> list[Job]:
+    """:func:`add_jobs_on` over an ``AsyncConnection``."""
+    params = _add_jobs_params(specs, job_key_preserve_run_at)
+    if not params:
+        return []
+    return await jobs_from_query_async(conn, queries, queries.add_jobs, params)
+
+
+def _add_jobs_params(
+    specs: Iterable[JobSpec | Mapping[str, Any]], job_key_preserve_run_at: bool
+) -> dict[str, Any] | None:
+    """Check a batch of specs and return the ``add_jobs`` parameters (``None`` if empty)."""
+    if not isinstance(job_key_preserve_run_at, bool):
+        raise InvalidJobError(
+            "job_key_preserve_run_at must be a bool",
+            field="job_key_preserve_run_at",
+            value=job_key_preserve_run_at,
+        )
+    checked = [JobSpec.coerce(spec, index) for index, spec in enumerate(specs)]
+    keys: set[str] = set()
+    for index, spec in enumerate(checked):
+        if spec.job_key_mode is not None:
+            raise InvalidJobError(
+                f"job spec at index {index} sets job_key_mode; add_jobs takes "
+                "job_key_preserve_run_at for the whole call instead",
+                field="job_key_mode",
+                value=spec.job_key_mode,
+            )
+        if spec.job_key is not None:
+            if spec.job_key in keys:
+                raise InvalidJobError(
+                    f"job_key {spec.job_key!r} appears more than once in one add_jobs "
+                    f"call (again at index {index})",
+                    field="job_key",
+                    value=spec.job_key,
+                )
+            keys.add(spec.job_key)
+    if not checked:
+        return None
+    return {
+        "specs": "[" + ",".join([spec.json_spec_text() for spec in checked]) + "]",
+        "preserve_run_at": job_key_preserve_run_at,
+    }

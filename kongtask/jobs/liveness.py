@@ -1,0 +1,206 @@
+"""Pool liveness: this pool's heartbeat, and the release of pools that died without a word.
+
+Every kongtask pool has a row in ``_kongtask_pools``, inserted before it
+claims anything and deleted on a clean stop. Every ``heartbeat_interval_s``
+the pool moves its ``last_seen`` to the database's ``now()`` (never the local
+clock, so a skewed host cannot fake a death) and then releases every pool
+whose heartbeat is older than ``pool_dead_after_s``: their jobs and named
+queues go back to the queue, a job that was running there as a crash suspect
+is counted as having crashed it, and one that crashed ``crash_quarantine_after``
+workers is failed for good (:mod:`kongtask.jobs.quarantine`). A pool that
+was SIGKILLed is so released within ``pool_dead_after_s`` plus one interval.
+Node pools keep no row and are left to the 4-hour stale-lock sweep.
+
+The heartbeat runs on real time even when the Runner has a ``ManualClock``:
+the database's clock, which judges it, does not stop for a test.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from collections.abc import Callable
+from typing import Any
+
+import psycopg
+
+from kongtask._version import __version__
+from kongtask.jobs.context import WorkerContext
+from kongtask.jobs.db_actor import DbActor
+from kongtask.runtime.clock import SystemClock, Timer
+
+__all__ = [
+    "BEAT",
+    "DEREGISTER",
+    "QUARANTINED_MESSAGE",
+    "REGISTER",
+    "SUSPECT_PREFIX",
+    "Liveness",
+]
+
+logger = logging.getLogger(__name__)
+
+REGISTER = "register"
+BEAT = "beat"
+DEREGISTER = "deregister"
+
+#: How ``last_error`` starts for a job released from a dead pool (a crash suspect).
+SUSPECT_PREFIX = "kongtask: the worker pool holding this job died"
+#: ``format()`` text for a suspect's ``last_error``; ``%s`` is the dead pool's id.
+SUSPECT_MESSAGE = (
+    SUSPECT_PREFIX + " (pool %s sent no heartbeat for too long); the job was given back and "
+    "runs next as a crash suspect"
+)
+#: ``format()`` text for a quarantined job: the crash count, then the last dead pool.
+QUARANTINED_MESSAGE = (
+    "kongtask: quarantined: this job was running when its worker process died, %s times "
+    "(last in pool %s); failed for good so it cannot take more workers down "
+    "(crash_quarantine_after)"
+)
+
+
+class Liveness(DbActor):
+    """Registers the pool, beats, releases dead pools, deregisters on a clean stop."""
+
+    action = "liveness"
+    max_attempts = 3
+
+    def __init__(self, ctx: WorkerContext, nudge: Callable[[], None]) -> None:
+        super().__init__(ctx)
+        self._nudge = nudge
+        self._clock = SystemClock(name=f"kongtask-heartbeat-{ctx.pool_id}")
+        self._timer: Timer | None = None
+        self._active = True
+
+    def handle(self, message: Any) -> Any:
+        if message == REGISTER:
+            self._register()
+            self._release_dead()
+            self._schedule()
+            return True
+        if message == BEAT:
+            self._timer = None
+            if self._active:
+                self._beat()
+                self._schedule()
+        if message == DEREGISTER:
+            self._active = False
+            self._cancel()
+            try:
+                self.run(
+                    lambda conn: conn.execute(self.ctx.queries.deregister_pool, self._ids()),
+                    "Removing the pool's liveness record",
+                )
+            except psycopg.Error as exc:
+                # The record then ages out: other pools release what is left in time.
+                logger.warning(
+                    "Could not remove the liveness record of %s: %s", self.ctx.pool_id, exc
+                )
+        return None
+
+    def on_stop(self) -> None:
+        self._active = False
+        self._cancel()
+        self._clock.close()
+        super().on_stop()
+
+    def _ids(self) -> dict[str, Any]:
+        return {"pool_id": self.ctx.pool_id}
+
+    def _schedule(self) -> None:
+        if self._active and self._timer is None:
+            ref = self.actor_ref
+            self._timer = self._clock.call_later(
+                self.ctx.settings.heartbeat_interval_s, lambda: ref.tell(BEAT)
+            )
+
+    def _cancel(self) -> None:
+        timer, self._timer = self._timer, None
+        if timer is not None:
+            timer.cancel()
+
+    def _register(self) -> None:
+        ctx = self.ctx
+        params = {
+            "pool_id": ctx.pool_id,
+            "hostname": socket.gethostname(),
+            "pid": os.getpid(),
+            "concurrency": ctx.settings.concurrency,
+            "version": __version__,
+        }
+        sent_at = ctx.ownership.now()
+        self.run(
+            lambda conn: conn.execute(ctx.queries.register_pool, params),
+            "Registering the pool's liveness record",
+        )
+        ctx.ownership.beat(sent_at)
+
+    def _beat(self) -> None:
+        ownership = self.ctx.ownership
+        try:
+            # Sent no earlier than this: last_seen is at least this recent.
+            sent_at = ownership.now()
+            alive = self.run(
+                lambda conn: conn.execute(self.ctx.queries.heartbeat, self._ids()).fetchone(),
+                "Heartbeat",
+            )
+            if alive is None:
+                # Before registering again: jobs claimed until now may be another pool's.
+                ownership.lost(ownership.now())
+                logger.warning(
+                    "Pool %s was declared dead by another pool (no heartbeat for over %g s); "
+                    "its jobs were given back: the one(s) running may run twice, the ones "
+                    "not started are dropped. Registering again.",
+                    self.ctx.pool_id,
+                    self.ctx.settings.pool_dead_after_s,
+                )
+                self._register()
+            else:
+                ownership.beat(sent_at)
+            self._release_dead()
+        except psycopg.Error as exc:
+            logger.error("Heartbeat of pool %s failed: %s", self.ctx.pool_id, exc)
+        finally:
+            # Between beats the connection goes back to the pool for others.
+            self._drop_connection(broken=False)
+
+    def _release_dead(self) -> None:
+        ctx = self.ctx
+        settings = ctx.settings
+        params = {
+            "dead_after_s": settings.pool_dead_after_s,
+            "quarantine_after": settings.crash_quarantine_after,
+            "suspect_message": SUSPECT_MESSAGE,
+            "quarantined_message": QUARANTINED_MESSAGE,
+        }
+
+        def release(conn: psycopg.Connection[Any]) -> Any:
+            return conn.execute(ctx.queries.release_dead_pools, params).fetchone()
+
+        try:
+            row = self.run(release, "Releasing dead pools")
+        except psycopg.Error as exc:
+            logger.error("Releasing dead pools failed (trying again next beat): %s", exc)
+            return
+        if row is None or not row[0]:
+            return
+        pools, jobs, queues, quarantined = row
+        logger.warning(
+            "Released %d job(s) and %d named queue(s) held by %d dead pool(s) (no heartbeat "
+            "for over %g s): %s",
+            jobs,
+            queues,
+            len(pools),
+            settings.pool_dead_after_s,
+            ", ".join(pools),
+        )
+        if quarantined:
+            logger.error(
+                "Quarantined job(s) %s: each was running when its worker died %d times; "
+                "failed for good",
+                ", ".join(str(job_id) for job_id in quarantined),
+                settings.crash_quarantine_after,
+            )
+        # Released jobs may be runnable right away.
+        self._nudge()

@@ -1,0 +1,4 @@
+"""The ``kongtask`` command line.
+
+Internal: import the public API from :mod:`kongtask`; these modules may change.
+"""

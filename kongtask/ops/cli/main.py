@@ -1,0 +1,386 @@
+"""The ``kongtask`` command: run a worker, migrate, check crontabs, administer.
+
+``kongtask [flags]`` runs a worker with graphile-worker's flags. Command
+groups sit beside it: ``kongtask crontab check|next FILE``,
+``kongtask cron add|update|remove|list|history|run``, ``kongtask admin ...``,
+``kongtask status``, ``kongtask jobs ...`` and ``kongtask dashboard``. Every
+failure ends with a one-line message on stderr and a non-zero exit code, never
+a traceback, for errors we anticipate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, TextIO, cast
+
+import psycopg
+
+from kongtask._version import __version__
+from kongtask.errors import KongtaskError
+from kongtask.ops.cli.arguments import ArgumentParser, positive_seconds
+from kongtask.ops.logs import LOG_FORMATS
+from kongtask.ops.logs import configure as configure_logs
+from kongtask.settings import ConnectionSettings
+
+__all__ = ["main"]
+
+logger = logging.getLogger("kongtask.ops.cli.main")
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+
+
+def _positive_int(flag: str) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{flag} expects an integer, got {text!r}") from None
+        if value < 1:
+            raise argparse.ArgumentTypeError(f"{flag} must be at least 1, got {value}")
+        return value
+
+    return parse
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expects a port number, got {text!r}") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(
+            f"must be a port number (0-65535; 0: any free port), got {value}"
+        )
+    return value
+
+
+def _worker_parser() -> argparse.ArgumentParser:
+    parser = ArgumentParser(
+        prog="kongtask",
+        description=(
+            "Run a kongtask worker: a PostgreSQL job queue and cron scheduler that shares "
+            "its database with graphile-worker. Other commands: 'kongtask crontab --help', "
+            "'kongtask cron --help', 'kongtask admin --help', 'kongtask status --help', "
+            "'kongtask jobs --help', 'kongtask dashboard --help'."
+        ),
+        allow_abbrev=False,
+    )
+    parser.add_argument(
+        "-c",
+        "--connection",
+        metavar="URL",
+        help="PostgreSQL connection string (default: $DATABASE_URL, then PG* variables "
+        "when PGDATABASE is set, then the embedded server)",
+    )
+    parser.add_argument(
+        "-s",
+        "--schema",
+        metavar="NAME",
+        help="schema holding the queue (default: $GRAPHILE_WORKER_SCHEMA or graphile_worker)",
+    )
+    parser.add_argument("--schema-only", action="store_true", help="migrate the schema, then exit")
+    parser.add_argument("--once", action="store_true", help="run every job runnable now, then exit")
+    parser.add_argument(
+        "--tasks",
+        metavar="PATH",
+        help="task handlers: a .py file, a dotted module, or a folder of .py files "
+        "(default: ./tasks if present)",
+    )
+    parser.add_argument(
+        "-j",
+        "--jobs",
+        type=_positive_int("--jobs"),
+        default=None,
+        metavar="N",
+        help="number of jobs to run concurrently (default 1)",
+    )
+    parser.add_argument(
+        "--poll-interval",
+        type=_positive_int("--poll-interval"),
+        default=None,
+        metavar="MS",
+        help="how long to wait between polls for jobs when LISTEN is quiet (default 2000)",
+    )
+    parser.add_argument(
+        "-m",
+        "--max-pool-size",
+        type=_positive_int("--max-pool-size"),
+        default=None,
+        metavar="N",
+        help="maximum number of database connections (default 10)",
+    )
+    parser.add_argument(
+        "--local-queue-size",
+        type=_positive_int("--local-queue-size"),
+        default=None,
+        metavar="N",
+        help="how many jobs to claim ahead into the local buffer (default max(4 x jobs, 16))",
+    )
+    parser.add_argument(
+        "--no-prepared-statements",
+        action="store_true",
+        help="don't use prepared statements (for pgBouncer in transaction mode)",
+    )
+    parser.add_argument(
+        "--pgbouncer",
+        action="store_true",
+        help="the connection goes through pgbouncer in transaction pooling: no prepared "
+        "statements, and LISTEN only on --listen-connection (else poll, with a warning)",
+    )
+    parser.add_argument(
+        "--listen-connection",
+        metavar="URL",
+        help="a direct PostgreSQL connection for LISTEN (when -c goes through pgbouncer)",
+    )
+    parser.add_argument(
+        "--connect-timeout",
+        type=positive_seconds("--connect-timeout"),
+        default=None,
+        metavar="SECONDS",
+        help="give up opening a database connection after this long (default 10)",
+    )
+    parser.add_argument(
+        "--statement-timeout",
+        type=positive_seconds("--statement-timeout"),
+        default=None,
+        metavar="SECONDS",
+        help="close a connection whose answer to one of kongtask's own statements takes "
+        "longer than this, and retry on a new one (default 30)",
+    )
+    parser.add_argument(
+        "--crontab", metavar="FILE", help="crontab file (default: ./crontab if present)"
+    )
+    parser.add_argument(
+        "--cleanup",
+        metavar="TASKS",
+        help="run cleanup tasks (comma separated: GC_TASK_IDENTIFIERS, GC_JOB_QUEUES, "
+        "DELETE_PERMAFAILED_JOBS), then exit",
+    )
+    parser.add_argument(
+        "--metrics-port",
+        type=_port,
+        default=None,
+        metavar="PORT",
+        help="serve Prometheus /metrics and the /healthz and /readyz probes on this port "
+        "(0: any free port, logged at start; needs the 'metrics' extra)",
+    )
+    parser.add_argument(
+        "--metrics-host",
+        default="127.0.0.1",
+        metavar="HOST",
+        help="address for --metrics-port (default 127.0.0.1; 0.0.0.0 for every interface)",
+    )
+    parser.add_argument(
+        "--log-format",
+        choices=LOG_FORMATS,
+        default="text",
+        help="log lines as timestamped text or as JSON lines (default text; "
+        "also $KONGTASK_LOG_FORMAT); works with every command",
+    )
+    parser.add_argument("--version", action="version", version=f"kongtask {__version__}")
+    return parser
+
+
+def _configure_logging(fmt: str = "text") -> None:
+    debug = bool(os.environ.get("GRAPHILE_LOGGER_DEBUG") or os.environ.get("KONGTASK_DEBUG"))
+    configure_logs(fmt, level=logging.DEBUG if debug else logging.INFO)
+
+
+def _pop_log_format(args: list[str]) -> tuple[str, list[str]]:
+    """Take ``--log-format X`` out of the arguments (any command accepts it)."""
+    fmt = os.environ.get("KONGTASK_LOG_FORMAT") or "text"
+    rest: list[str] = []
+    items = iter(args)
+    for arg in items:
+        if arg == "--log-format":
+            fmt = next(items, "")
+        elif arg.startswith("--log-format="):
+            fmt = arg.partition("=")[2]
+        else:
+            rest.append(arg)
+    return fmt, rest
+
+
+#: Runner options set by worker flags: an error about one of them names the flag.
+_FLAG_OF_OPTION = {"metrics_port": "--metrics-port", "metrics_host": "--metrics-host"}
+
+
+def _in_flag_terms(exc: KongtaskError) -> str:
+    """The error's message, naming the flag the user typed rather than the Runner option."""
+    message = str(exc)
+    name = getattr(exc, "name", None)
+    if isinstance(name, str) and name in _FLAG_OF_OPTION and message.startswith(f"{name} "):
+        return _FLAG_OF_OPTION[name] + message[len(name) :]
+    return message
+
+
+def _connection_settings(args: argparse.Namespace) -> ConnectionSettings:
+    """The timeouts and pgbouncer mode the flags ask for (kongtask's defaults otherwise)."""
+    options: dict[str, Any] = {"pgbouncer": args.pgbouncer}
+    if args.connect_timeout is not None:
+        options["connect_timeout_s"] = args.connect_timeout
+    if args.statement_timeout is not None:
+        options["statement_timeout_s"] = args.statement_timeout
+    return ConnectionSettings(**options)
+
+
+def _schema_only(args: argparse.Namespace) -> int:
+    from kongtask.worker_utils import WorkerUtils
+
+    with WorkerUtils(
+        args.connection, schema=args.schema, connection_settings=_connection_settings(args)
+    ):
+        pass
+    print("Schema updated")
+    return EXIT_OK
+
+
+def _cleanup(args: argparse.Namespace, task_identifiers: Sequence[str]) -> int:
+    from kongtask.worker_utils import WorkerUtils
+
+    tasks = [name.strip() for name in args.cleanup.split(",") if name.strip()]
+    with WorkerUtils(
+        args.connection, schema=args.schema, connection_settings=_connection_settings(args)
+    ) as utils:
+        removed = utils.cleanup(tasks, task_identifiers_to_keep=task_identifiers)
+    for name, count in removed.items():
+        print(f"{name}: removed {count} row(s)")
+    return EXIT_OK
+
+
+def _run_worker(args: argparse.Namespace) -> int:
+    from kongtask.jobs.task_loader import default_tasks_path, load_tasks, load_worker_tasks
+    from kongtask.runner import run, run_once
+
+    if args.cleanup:
+        tasks_path = args.tasks or default_tasks_path()
+        return _cleanup(args, list(load_tasks(tasks_path)) if tasks_path is not None else [])
+    # Before anything connects: without tasks there is nothing to run.
+    tasks = load_worker_tasks(args.tasks)
+    crontab_file = args.crontab
+    if crontab_file is None and Path("crontab").is_file():
+        crontab_file = "crontab"
+    options: dict[str, object] = {
+        "tasks": tasks,
+        "connection_string": args.connection,
+        "schema": args.schema,
+        "prepared_statements": not args.no_prepared_statements,
+    }
+    if args.jobs is not None:
+        options["concurrency"] = args.jobs
+    if args.poll_interval is not None:
+        options["poll_interval_s"] = args.poll_interval / 1000
+    if args.max_pool_size is not None:
+        options["max_pool_size"] = args.max_pool_size
+    if args.local_queue_size is not None:
+        options["local_queue_size"] = args.local_queue_size
+    if args.metrics_port is not None:
+        options["metrics_port"] = args.metrics_port
+        options["metrics_host"] = args.metrics_host
+    if args.pgbouncer:
+        options["pgbouncer"] = True
+    if args.listen_connection is not None:
+        options["listen_connection_string"] = args.listen_connection
+    if args.connect_timeout is not None:
+        options["connect_timeout_s"] = args.connect_timeout
+    if args.statement_timeout is not None:
+        options["statement_timeout_s"] = args.statement_timeout
+    if crontab_file is not None:
+        options["crontab_file"] = crontab_file  # --once checks it without scheduling
+    if args.once:
+        run_once(**options)
+        return EXIT_OK
+    runner = run(install_signal_handlers=True, **options)
+    # Wait in short slices so the main thread keeps running signal handlers.
+    while not runner.wait(timeout=0.5):
+        pass
+    return EXIT_OK
+
+
+#: Command groups beside the worker: ``kongtask GROUP ...``.
+GROUPS = ("crontab", "cron", "admin", "status", "jobs", "dashboard")
+
+
+def _dispatch_group(name: str, argv: Sequence[str]) -> int:
+    if name in ("status", "jobs"):
+        from kongtask.ops.cli.jobs import jobs_main, status_main
+
+        return status_main(argv) if name == "status" else jobs_main(argv)
+    if name == "dashboard":
+        from kongtask.ops.dashboard.cli import main as dashboard_main
+
+        return dashboard_main(argv)
+    if name == "crontab":
+        from kongtask.ops.cli.crontab import main as crontab_main
+
+        return crontab_main(argv)
+    if name == "cron":
+        from kongtask.ops.cli.cron import main as cron_main
+
+        return cron_main(argv)
+    from kongtask.ops.cli.admin import main as admin_main
+
+    return admin_main(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``kongtask`` console script; returns the exit code.
+
+    Everything it prints goes through :class:`kongtask.db.conninfo.RedactingStream`,
+    which knows the passwords of the command line and the environment.
+    """
+    from kongtask.db.conninfo import RedactingStream, connection_secrets
+
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    secrets = connection_secrets(args_list)
+    stdout, stderr = sys.stdout, sys.stderr
+    sys.stdout = cast(TextIO, RedactingStream(stdout, secrets))
+    sys.stderr = cast(TextIO, RedactingStream(stderr, secrets))
+    try:
+        return _main(args_list)
+    finally:
+        sys.stdout, sys.stderr = stdout, stderr
+
+
+def _main(args_list: list[str]) -> int:
+    log_format, args_list = _pop_log_format(args_list)
+    try:
+        _configure_logging(log_format)
+        if args_list and args_list[0] in GROUPS:
+            return _dispatch_group(args_list[0], args_list[1:])
+        parser = _worker_parser()
+        args = parser.parse_args(args_list)
+        if args.once and args.schema_only:
+            parser.error("Cannot specify both --once and --schema-only")
+        if args.schema_only and args.cleanup:
+            parser.error("Cannot specify both --cleanup and --schema-only")
+        if args.schema_only:
+            return _schema_only(args)
+        return _run_worker(args)
+    except KongtaskError as exc:
+        print(f"kongtask: error: {_in_flag_terms(exc)}", file=sys.stderr)
+        return EXIT_ERROR
+    except psycopg.OperationalError as exc:
+        message = str(exc).strip().replace("\n", " ")
+        print(f"kongtask: error: database connection failed: {message}", file=sys.stderr)
+        return EXIT_ERROR
+    except psycopg.Error as exc:
+        print(f"kongtask: error: database error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # unforeseen: one line (the traceback with KONGTASK_DEBUG)
+        logger.debug("Unexpected error", exc_info=True)
+        print(f"kongtask: error: unexpected {type(exc).__name__}: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
