@@ -90,9 +90,11 @@ def test_next_prints_zone_and_utc(tmp_path: Path, capsys: object) -> None:
 def test_once_refuses_a_bad_crontab(tmp_path: Path, db_url: str) -> None:
     crontab = tmp_path / "bad_crontab"
     crontab.write_text("0 4 * * mon-fry report\n")
+    tasks = tmp_path / "tasks.py"  # the worker has tasks: only the crontab is wrong
+    tasks.write_text("def report(payload, helpers):\n    pass\n")
     result = subprocess.run(
-        [sys.executable, "-m", "kongtask", "-c", to_uri(db_url), "--once", "--crontab",
-         str(crontab)],
+        [sys.executable, "-m", "kongtask", "-c", to_uri(db_url), "--once", "--tasks",
+         str(tasks), "--crontab", str(crontab)],
         capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip
     assert result.returncode == 1, result.stderr
