@@ -117,8 +117,10 @@ RUNNER_OPTIONS: frozenset[str] = RunnerOptions.__required_keys__ | RunnerOptions
 class Runner:
     """A worker pool processing jobs in the background; see :func:`run`.
 
-    Use it as a context manager (start on enter, graceful stop on exit) or
-    call :meth:`start` and later :meth:`stop`.
+    Takes the keyword options of :class:`RunnerOptions`: the settings as
+    ``settings=``/``connection=``/``ops=`` objects or field by field. Use it
+    as a context manager (start on enter, graceful stop on exit) or call
+    :meth:`start` and later :meth:`stop`.
     """
 
     def __init__(self, **options: Unpack[RunnerOptions]) -> None:
