@@ -39,9 +39,9 @@ from kongtask.helpers import Helpers
 from kongtask.job import Job
 from kongtask.job_spec import JobSpec
 from kongtask.protocols import Clock, TaskHandler
-from kongtask.runner import Runner, run, run_once
+from kongtask.runner import Runner, RunnerOptions, run, run_once
 from kongtask.scheduler import Scheduler
-from kongtask.settings import ConnectionSettings, WorkerSettings
+from kongtask.settings import ConnectionSettings, OpsSettings, WorkerSettings
 from kongtask.worker_utils import (
     CLEANUP_TASKS,
     WorkerUtils,
@@ -70,9 +70,11 @@ __all__ = [
     "KongtaskError",
     "MigrationError",
     "MigrationResult",
+    "OpsSettings",
     "ParsedCronItem",
     "RedactingFilter",
     "Runner",
+    "RunnerOptions",
     "Scheduler",
     "StoredCronItem",
     "TaskHandler",

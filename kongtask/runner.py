@@ -13,22 +13,21 @@ sends its events with itself as the blinker sender.
 
 from __future__ import annotations
 
-import importlib.util
+import difflib
 import inspect
 import logging
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from datetime import datetime
 from pathlib import Path
 from types import ModuleType, TracebackType
-from typing import Any, Self
+from typing import Any, Self, TypedDict, TypeVar, Unpack
 
 from kongtask import events
 from kongtask.cron.source import CrontabSource
 from kongtask.cron.types import ParsedCronItem
-from kongtask.db.conninfo import resolve_schema
 from kongtask.errors import ConfigurationError, KongtaskError
 from kongtask.job import Job
 from kongtask.job_spec import JobSpec
@@ -37,126 +36,120 @@ from kongtask.jobs.supervisor import Supervisor
 from kongtask.protocols import Clock
 from kongtask.runtime.probing import probe_actors
 from kongtask.scheduler import Scheduler
-from kongtask.settings import ConnectionSettings, WorkerSettings
-from kongtask.validate import check_clock
+from kongtask.settings import ConnectionSettings, OpsSettings, WorkerSettings
+from kongtask.validate import check_clock, check_connection_string
 
-__all__ = ["Runner", "RunnerLoad", "run", "run_once"]
+__all__ = ["RUNNER_OPTIONS", "Runner", "RunnerLoad", "RunnerOptions", "run", "run_once"]
 
 logger = logging.getLogger(__name__)
 
 _MAX_TASK_IDENTIFIER_LENGTH = 128
 
+_S = TypeVar("_S", WorkerSettings, ConnectionSettings, OpsSettings)
+
+
+class _RequiredRunnerOptions(TypedDict):
+    #: Task identifier -> ``handler(payload, helpers)``.
+    tasks: Mapping[str, Callable[..., Any]]
+
+
+class RunnerOptions(_RequiredRunnerOptions, total=False):
+    """The keyword options of :class:`Runner`, :func:`run`, :func:`run_once` and
+    :func:`kongtask.testing.running`, one definition for all four.
+
+    Besides ``tasks`` (required) and the connection, clock and crontab
+    options, the settings come either grouped (``settings``, ``connection``,
+    ``ops``) or one by one under their field names, which build the groups;
+    each field's default and rule are those of its dataclass
+    (:class:`~kongtask.settings.WorkerSettings`,
+    :class:`~kongtask.settings.ConnectionSettings`,
+    :class:`~kongtask.settings.OpsSettings`). A field given both ways is refused.
+    """
+
+    #: Else ``DATABASE_URL``, the ``PG*`` variables, or the embedded server.
+    connection_string: str | None
+    #: A direct connection for LISTEN when ``connection_string`` goes through pgbouncer.
+    listen_connection_string: str | None
+    clock: Clock | None
+    #: The crontab as text, as a file (re-read on SIGHUP) or as parsed items: one of them.
+    crontab: str | None
+    crontab_file: str | Path | None
+    cron_items: Sequence[ParsedCronItem] | None
+    # The groups.
+    settings: WorkerSettings
+    connection: ConnectionSettings
+    ops: OpsSettings
+    # WorkerSettings, one by one (``schema=None`` means its default).
+    schema: str | None
+    concurrency: int
+    poll_interval_s: float
+    forbidden_flags: Sequence[str] | None
+    max_pool_size: int
+    prepared_statements: bool
+    graceful_shutdown_abort_timeout_s: float
+    install_signal_handlers: bool | None
+    local_queue_size: int | None
+    local_queue_ttl_s: float
+    min_reset_locked_interval_s: float
+    max_reset_locked_interval_s: float
+    lock_expiry: str
+    once: bool
+    heartbeat_interval_s: float
+    pool_dead_after_s: float
+    crash_quarantine_after: int
+    # ConnectionSettings, one by one.
+    connect_timeout_s: float
+    statement_timeout_s: float | None
+    keepalives_idle_s: int
+    keepalives_interval_s: int
+    keepalives_count: int
+    tcp_user_timeout_s: float
+    pgbouncer: bool
+    # OpsSettings, one by one: serve /metrics, /healthz and /readyz (kongtask.ops.health).
+    metrics_port: int | None
+    metrics_host: str
+
+
+#: Every option name :class:`RunnerOptions` lists.
+RUNNER_OPTIONS: frozenset[str] = RunnerOptions.__required_keys__ | RunnerOptions.__optional_keys__
+
 
 class Runner:
     """A worker pool processing jobs in the background; see :func:`run`.
 
-    Use it as a context manager (start on enter, graceful stop on exit) or
-    call :meth:`start` and later :meth:`stop`.
+    Takes the keyword options of :class:`RunnerOptions`: the settings as
+    ``settings=``/``connection=``/``ops=`` objects or field by field. Use it
+    as a context manager (start on enter, graceful stop on exit) or call
+    :meth:`start` and later :meth:`stop`.
     """
 
-    def __init__(
-        self,
-        *,
-        tasks: Mapping[str, Callable[..., Any]],
-        connection_string: str | None = None,
-        schema: str | None = None,
-        concurrency: int = 1,
-        poll_interval_s: float = 2.0,
-        forbidden_flags: Sequence[str] | None = None,
-        max_pool_size: int = 10,
-        prepared_statements: bool = True,
-        graceful_shutdown_abort_timeout_s: float = 5.0,
-        install_signal_handlers: bool | None = None,
-        local_queue_size: int | None = None,
-        local_queue_ttl_s: float = 300.0,
-        min_reset_locked_interval_s: float = 480.0,
-        max_reset_locked_interval_s: float = 600.0,
-        lock_expiry: str = "4 hours",
-        clock: Clock | None = None,
-        crontab: str | None = None,
-        crontab_file: str | Path | None = None,
-        cron_items: Sequence[ParsedCronItem] | None = None,
-        once: bool = False,
-        metrics_port: int | None = None,
-        metrics_host: str = "127.0.0.1",
-        listen_connection_string: str | None = None,
-        pgbouncer: bool = False,
-        connect_timeout_s: float = 10.0,
-        statement_timeout_s: float | None = 30.0,
-        keepalives_idle_s: int = 10,
-        keepalives_interval_s: int = 5,
-        keepalives_count: int = 3,
-        tcp_user_timeout_s: float = 30.0,
-        heartbeat_interval_s: float = 10.0,
-        pool_dead_after_s: float = 60.0,
-        crash_quarantine_after: int = 3,
-    ) -> None:
-        self._tasks = _check_tasks(tasks)
-        if metrics_port is not None and (
-            isinstance(metrics_port, bool)
-            or not isinstance(metrics_port, int)
-            or not 0 <= metrics_port <= 65535
-        ):
+    def __init__(self, **options: Unpack[RunnerOptions]) -> None:
+        _check_option_names(options)
+        if "tasks" not in options:
             raise ConfigurationError(
-                f"metrics_port must be a TCP port number (0-65535) or None, got {metrics_port!r}",
-                name="metrics_port",
-                value=metrics_port,
+                "tasks is required: a mapping of task identifier to handler", name="tasks"
             )
-        if metrics_port is not None and importlib.util.find_spec("prometheus_client") is None:
-            raise ConfigurationError(
-                "metrics_port needs the prometheus_client package: pip install 'kongtask[metrics]'",
-                name="metrics_port",
-                value=metrics_port,
-            )
-        self._metrics_port = metrics_port
-        self._metrics_host = metrics_host
+        self._tasks = _check_tasks(options["tasks"])
+        #: The ops server's settings (``metrics_port``/``metrics_host``).
+        self.ops_settings = _settings_of(options, "ops", OpsSettings)
+        self._metrics_port = self.ops_settings.metrics_port
+        self._metrics_host = self.ops_settings.metrics_host
         self.ops_server: Any = None
-        if connection_string is not None and not isinstance(connection_string, str):
-            raise ConfigurationError(
-                "connection_string must be a string or None",
-                name="connection_string",
-                value=connection_string,
-            )
+        connection_string = options.get("connection_string")
+        check_connection_string(connection_string)
+        clock = options.get("clock")
         check_clock(clock)
         self._crontab = CrontabSource.of(
-            crontab=crontab, crontab_file=crontab_file, cron_items=cron_items
+            crontab=options.get("crontab"),
+            crontab_file=options.get("crontab_file"),
+            cron_items=options.get("cron_items"),
         )
-        self.settings = WorkerSettings(
-            schema=resolve_schema(schema),
-            concurrency=concurrency,
-            poll_interval_s=poll_interval_s,
-            forbidden_flags=forbidden_flags,  # type: ignore[arg-type]  # normalised to a tuple
-            max_pool_size=max_pool_size,
-            prepared_statements=prepared_statements,
-            graceful_shutdown_abort_timeout_s=graceful_shutdown_abort_timeout_s,
-            install_signal_handlers=install_signal_handlers,
-            local_queue_size=local_queue_size,
-            local_queue_ttl_s=local_queue_ttl_s,
-            min_reset_locked_interval_s=min_reset_locked_interval_s,
-            max_reset_locked_interval_s=max_reset_locked_interval_s,
-            lock_expiry=lock_expiry,
-            once=once,
-            connection=ConnectionSettings(
-                pgbouncer=pgbouncer,
-                connect_timeout_s=connect_timeout_s,
-                statement_timeout_s=statement_timeout_s,
-                keepalives_idle_s=keepalives_idle_s,
-                keepalives_interval_s=keepalives_interval_s,
-                keepalives_count=keepalives_count,
-                tcp_user_timeout_s=tcp_user_timeout_s,
-            ),
-            heartbeat_interval_s=heartbeat_interval_s,
-            pool_dead_after_s=pool_dead_after_s,
-            crash_quarantine_after=crash_quarantine_after,
+        #: The pool's settings, its connection settings included.
+        self.settings = _worker_settings(options)
+        listen_connection_string = options.get("listen_connection_string")
+        check_connection_string(
+            listen_connection_string, name="listen_connection_string", allow_empty=False
         )
-        if listen_connection_string is not None and (
-            not isinstance(listen_connection_string, str) or not listen_connection_string
-        ):
-            raise ConfigurationError(
-                "listen_connection_string must be a non-empty connection string or None",
-                name="listen_connection_string",
-                value=None,  # it may hold a password
-            )
         self._listen_connection_string = listen_connection_string
         self._connection_string = connection_string
         self._clock = clock
@@ -477,38 +470,100 @@ def _log_giving_up(runner: Runner, *, job: Job, error: Any, **_: Any) -> None:
     )
 
 
-def run(**options: Any) -> Runner:
+def run(**options: Unpack[RunnerOptions]) -> Runner:
     """Start a worker in the background and return its :class:`Runner` at once.
 
-    Options (all keyword-only): ``tasks`` (identifier -> ``handler(payload,
-    helpers)``), ``connection_string`` (else ``DATABASE_URL``, ``PG*``, or the
-    embedded server), ``schema``, ``concurrency``, ``poll_interval_s``,
-    ``forbidden_flags``, ``max_pool_size``, ``prepared_statements``,
-    ``graceful_shutdown_abort_timeout_s``, ``install_signal_handlers``,
-    ``local_queue_size``, ``local_queue_ttl_s``, ``lock_expiry``, ``clock``,
-    ``metrics_port``/``metrics_host`` (serve ``/metrics``, ``/healthz`` and
-    ``/readyz``; see :mod:`kongtask.ops.health`), the
-    deadlines and liveness options (``connect_timeout_s``, ``statement_timeout_s``,
-    ``keepalives_idle_s``, ``keepalives_interval_s``, ``keepalives_count``,
-    ``tcp_user_timeout_s``, ``heartbeat_interval_s``, ``pool_dead_after_s``,
-    ``crash_quarantine_after``), ``pgbouncer`` and ``listen_connection_string``, and
-    the crontab as one of ``crontab`` (text), ``crontab_file`` (a path; SIGHUP
-    and :meth:`Runner.reload_crontab` re-read it) or ``cron_items`` (from
-    :func:`kongtask.parse_cron_items`). The schema is migrated first.
+    Takes the options of :class:`RunnerOptions` (all keyword-only): ``tasks``,
+    ``connection_string`` and the rest, either one by one or grouped as
+    ``settings=WorkerSettings(...)``, ``connection=ConnectionSettings(...)``
+    and ``ops=OpsSettings(...)``. An unknown option is a
+    :class:`~kongtask.errors.ConfigurationError` naming it. The schema is
+    migrated first.
     """
     return Runner(**options).start()
 
 
-def run_once(**options: Any) -> Runner:
+def run_once(**options: Unpack[RunnerOptions]) -> Runner:
     """Run every job that is runnable now, then stop; returns the stopped Runner.
 
     Takes the options of :func:`run`. Like graphile-worker's ``--once``, it
     neither listens for new jobs nor sweeps stale locks, and runs no cron (a
     crontab given is still parsed: a bad one fails the start with its line).
     """
-    runner = Runner(once=True, **options).start()
+    settings = options.get("settings")
+    if isinstance(settings, WorkerSettings):
+        options["settings"] = replace(settings, once=True)
+    else:
+        options["once"] = True
+    runner = Runner(**options).start()
     runner.wait()
     return runner
+
+
+def _check_option_names(options: Mapping[str, Any]) -> None:
+    """Refuse an option :class:`RunnerOptions` does not list, naming it and its close matches."""
+    known = sorted(RUNNER_OPTIONS)
+    for name in options:
+        if name in RUNNER_OPTIONS:
+            continue
+        close = difflib.get_close_matches(name, known, n=3)
+        hint = (
+            f"did you mean {' or '.join(close)}?"
+            if close
+            else f"the options are {', '.join(known)}"
+        )
+        raise ConfigurationError(f"unknown option {name!r}; {hint}", name=name)
+
+
+def _settings_of(options: Mapping[str, Any], key: str, kind: type[_S]) -> _S:
+    """The settings object given as ``key=``, else one built from its fields given one by one.
+
+    Giving both (``ops=OpsSettings(...)`` and ``metrics_port=``) is refused
+    rather than one silently winning over the other.
+    """
+    names = {f.name for f in fields(kind)} - {"connection"}
+    loose = {name: options[name] for name in sorted(names) if name in options}
+    given = options.get(key)
+    if given is None:
+        return kind(**loose)
+    if not isinstance(given, kind):
+        raise ConfigurationError(
+            f"{key} must be a kongtask.{kind.__name__}, got {type(given).__name__}",
+            name=key,
+            value=given,
+        )
+    if loose:
+        raise ConfigurationError(
+            f"{', '.join(loose)} given beside {key}=; set "
+            f"{'it' if len(loose) == 1 else 'them'} in the {kind.__name__} instead",
+            name=next(iter(loose)),
+            value=None,
+        )
+    return given
+
+
+def _worker_settings(options: Mapping[str, Any]) -> WorkerSettings:
+    """The :class:`WorkerSettings` the options describe, with their :class:`ConnectionSettings`."""
+    if options.get("schema", 0) is None:
+        # schema=None means the default (GRAPHILE_WORKER_SCHEMA, else graphile_worker).
+        options = {name: value for name, value in options.items() if name != "schema"}
+    connection = _settings_of(options, "connection", ConnectionSettings)
+    settings = _settings_of(options, "settings", WorkerSettings)
+    if "settings" not in options or options["settings"] is None:
+        return replace(settings, connection=connection)
+    connection_given = "connection" in options or any(
+        f.name in options for f in fields(ConnectionSettings)
+    )
+    if not connection_given or settings.connection == connection:
+        return settings
+    if settings.connection != ConnectionSettings():
+        raise ConfigurationError(
+            "connection settings given both in settings=WorkerSettings(connection=...) and "
+            "beside it; give them once",
+            name="connection",
+            value=None,
+        )
+    return replace(settings, connection=connection)
 
 
 def _warn_unserved_tasks(

@@ -59,7 +59,7 @@ from kongtask.protocols import Clock
 from kongtask.runtime.clock import SystemClock
 from kongtask.runtime.os_signals import SignalHandlers, can_install
 from kongtask.runtime.publisher import EventBus
-from kongtask.validate import check_clock, check_seconds
+from kongtask.validate import check_clock, check_connection_string, check_seconds
 
 __all__ = ["Scheduler"]
 
@@ -99,12 +99,7 @@ class Scheduler:
         history_retention: timedelta = timedelta(days=30),
         node_name: str | None = None,
     ) -> None:
-        if connection_string is not None and not isinstance(connection_string, str):
-            raise ConfigurationError(
-                "connection_string must be a string or None",
-                name="connection_string",
-                value=connection_string,
-            )
+        check_connection_string(connection_string)
         if pool is not None and connection_string is not None:
             raise ConfigurationError(
                 "give connection_string or pool, not both", name="pool", value=pool

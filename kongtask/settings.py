@@ -1,11 +1,14 @@
-"""The validated options of one worker, as a frozen dataclass.
+"""The validated options of one worker, as frozen dataclasses.
 
-Every option is checked here, with a message naming the parameter, so the
-Runner can trust its settings and a bad value fails before anything starts.
+:class:`WorkerSettings` (the pool), :class:`ConnectionSettings` (how every
+connection is guarded) and :class:`OpsSettings` (the ops server). Every option
+is checked here, with a message naming the parameter, so the Runner can trust
+its settings and a bad value fails before anything starts.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -14,7 +17,13 @@ from typing import Any
 from kongtask.errors import ConfigurationError
 from kongtask.validate import check_bool, check_int, check_seconds, check_text
 
-__all__ = ["DEFAULT_SCHEMA", "ConnectionSettings", "WorkerSettings", "default_local_queue_size"]
+__all__ = [
+    "DEFAULT_SCHEMA",
+    "ConnectionSettings",
+    "OpsSettings",
+    "WorkerSettings",
+    "default_local_queue_size",
+]
 
 DEFAULT_SCHEMA = "graphile_worker"
 
@@ -75,16 +84,63 @@ class ConnectionSettings:
         check_bool("pgbouncer", self.pgbouncer)
 
 
+def _default_schema() -> str:
+    """``GRAPHILE_WORKER_SCHEMA`` if set, else :data:`DEFAULT_SCHEMA` (read at construction)."""
+    # Imported here: kongtask.db.conninfo imports DEFAULT_SCHEMA from this module.
+    from kongtask.db.conninfo import resolve_schema
+
+    return resolve_schema()
+
+
+def _check_schema(schema: object) -> None:
+    """The schema rule of :func:`kongtask.db.conninfo.check_schema_name`."""
+    from kongtask.db.conninfo import check_schema_name
+
+    check_schema_name(schema)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class OpsSettings:
+    """The Runner's ops server: ``/metrics``, ``/healthz`` and ``/readyz``.
+
+    Served on ``metrics_host:metrics_port`` when ``metrics_port`` is set (``0``
+    picks a free port); ``None`` serves nothing. The server needs the
+    ``prometheus_client`` package (``pip install 'kongtask[metrics]'``).
+    """
+
+    metrics_port: int | None = None
+    metrics_host: str = "127.0.0.1"
+
+    def __post_init__(self) -> None:
+        port = self.metrics_port
+        if port is not None and (
+            isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535
+        ):
+            raise ConfigurationError(
+                f"metrics_port must be a TCP port number (0-65535) or None, got {port!r}",
+                name="metrics_port",
+                value=port,
+            )
+        if port is not None and importlib.util.find_spec("prometheus_client") is None:
+            raise ConfigurationError(
+                "metrics_port needs the prometheus_client package: pip install 'kongtask[metrics]'",
+                name="metrics_port",
+                value=port,
+            )
+        check_text("metrics_host", self.metrics_host, max_length=253)
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class WorkerSettings:
     """What a Runner needs to know besides its tasks and its database.
 
-    Durations are in seconds (``_s``). ``lock_expiry`` is a PostgreSQL
-    interval (``"4 hours"`` like graphile-worker); it is configurable so tests
-    can exercise the stale-lock sweep.
+    Durations are in seconds (``_s``). ``schema`` defaults to
+    ``GRAPHILE_WORKER_SCHEMA``, else ``graphile_worker``. ``lock_expiry`` is a
+    PostgreSQL interval (``"4 hours"`` like graphile-worker); it is
+    configurable so tests can exercise the stale-lock sweep.
     """
 
-    schema: str = DEFAULT_SCHEMA
+    schema: str = field(default_factory=_default_schema)
     concurrency: int = 1
     poll_interval_s: float = 2.0
     forbidden_flags: tuple[str, ...] | None = None
@@ -108,7 +164,7 @@ class WorkerSettings:
     connection: ConnectionSettings = field(default_factory=lambda: ConnectionSettings())
 
     def __post_init__(self) -> None:
-        check_text("schema", self.schema, max_length=63)
+        _check_schema(self.schema)
         check_int("concurrency", self.concurrency, 1, 10_000)
         check_seconds("poll_interval_s", self.poll_interval_s, allow_minimum=False)
         if self.forbidden_flags is not None:

@@ -17,18 +17,19 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Unpack
 
 from kongtask.db.connecting import connect
 from kongtask.db.conninfo import resolve_schema
 from kongtask.db.migrate import migrate
 from kongtask.db.statements import Queries
-from kongtask.errors import ConfigurationError
 from kongtask.runtime.clock import Timer
+from kongtask.validate import check_connection_string
 
 if TYPE_CHECKING:
-    from kongtask.runner import Runner
+    from kongtask.runner import Runner, RunnerOptions
 
 __all__ = ["ManualClock", "join", "reset_cron_state", "running"]
 
@@ -148,12 +149,7 @@ def reset_cron_state(connection_string: str, *, schema: str | None = None) -> No
     that production cron nodes use. The schema is migrated first if needed, as a
     Runner's start would; stored cron items (``add_cron_item``) and jobs stay.
     """
-    if not isinstance(connection_string, str):
-        raise ConfigurationError(
-            f"connection_string must be a string, got {type(connection_string).__name__}",
-            name="connection_string",
-            value=None,  # it may hold a password
-        )
+    check_connection_string(connection_string, allow_none=False)
     name = resolve_schema(schema)
     with connect(connection_string) as conn:
         migrate(conn, name)
@@ -162,11 +158,11 @@ def reset_cron_state(connection_string: str, *, schema: str | None = None) -> No
 
 
 @contextmanager
-def running(**options: Any) -> Iterator[Runner]:
+def running(**options: Unpack[RunnerOptions]) -> Iterator[Runner]:
     """A started Runner for the ``with`` block (a pytest fixture's body); stopped after.
 
     Takes the options of :func:`kongtask.run`; signal handlers are left alone
-    unless ``install_signal_handlers`` says otherwise. The Runner is stopped
+    unless ``install_signal_handlers`` (or ``settings``) says otherwise. The Runner is stopped
     gracefully on the way out and any fatal error it met is raised then, so a
     test cannot pass over a worker that died. The pattern::
 
@@ -187,7 +183,11 @@ def running(**options: Any) -> Iterator[Runner]:
     """
     from kongtask.runner import Runner
 
-    options.setdefault("install_signal_handlers", False)
+    settings = options.get("settings")
+    if settings is None:
+        options.setdefault("install_signal_handlers", False)
+    elif settings.install_signal_handlers is None:
+        options["settings"] = replace(settings, install_signal_handlers=False)
     runner = Runner(**options).start()
     try:
         yield runner

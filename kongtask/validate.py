@@ -19,6 +19,7 @@ __all__ = [
     "ErrorFactory",
     "check_bool",
     "check_clock",
+    "check_connection_string",
     "check_int",
     "check_seconds",
     "check_text",
@@ -112,6 +113,31 @@ def check_text(
             name,
             value,
         )
+
+
+def check_connection_string(
+    value: Any,
+    *,
+    name: str = "connection_string",
+    allow_none: bool = True,
+    allow_empty: bool = True,
+    alternatives: tuple[str, ...] = (),
+) -> None:
+    """A connection string (``None`` passes if ``allow_none``); ``alternatives`` names the
+    other kinds the caller takes, such as ``"a psycopg.Connection"``, for the message.
+
+    The error never carries the value: a connection string may hold a password.
+    """
+    if value is None and allow_none:
+        return
+    if isinstance(value, str) and (value or allow_empty):
+        return
+    kinds = ["a string" if allow_empty else "a non-empty connection string", *alternatives]
+    if allow_none:
+        kinds.append("None")
+    expected = kinds[0] if len(kinds) == 1 else f"{', '.join(kinds[:-1])} or {kinds[-1]}"
+    got = "an empty string" if value == "" else type(value).__name__
+    raise ConfigurationError(f"{name} must be {expected}, got {got}", name=name, value=None)
 
 
 def check_clock(clock: Any) -> None:

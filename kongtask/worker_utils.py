@@ -38,6 +38,7 @@ from kongtask.jobs.enqueue import (
 from kongtask.ops import status as ops
 from kongtask.ops.status import JobInfo, PoolInfo, StatusReport
 from kongtask.settings import ConnectionSettings
+from kongtask.validate import check_connection_string
 
 __all__ = [
     "CLEANUP_TASKS",
@@ -89,12 +90,7 @@ class WorkerUtils:
             connection, connection_string = connection_string, None
         if connection is not None:
             check_connection(connection, connection_string)
-        if connection_string is not None and not isinstance(connection_string, str):
-            raise ConfigurationError(
-                "connection_string must be a string, a psycopg.Connection or None",
-                name="connection_string",
-                value=connection_string,
-            )
+        check_connection_string(connection_string, alternatives=("a psycopg.Connection",))
         if connection_settings is not None and not isinstance(
             connection_settings, ConnectionSettings
         ):

@@ -299,15 +299,16 @@ class ThreadingWSGIServer(WSGIServer):
         self._closing = threading.Event()
         self._wake_read, self._wake_write = socket.socketpair()
         self._wake_write.setblocking(False)
+        # Made before binding: a failed bind calls server_close, which looks at it.
+        self._watcher = threading.Thread(
+            target=self._watch, name="kongtask-http-waiting", daemon=True
+        )
         try:
             super().__init__(*args, **kwargs)
         except BaseException:
             self._wake_read.close()
             self._wake_write.close()
             raise
-        self._watcher = threading.Thread(
-            target=self._watch, name="kongtask-http-waiting", daemon=True
-        )
         self._watcher.start()
 
     def process_request(self, request: Any, client_address: Any) -> None:
@@ -399,7 +400,7 @@ class ThreadingWSGIServer(WSGIServer):
         """Close the socket, the waiting connections and the queued ones."""
         self._closing.set()
         self._wake()
-        if self._watcher is not threading.current_thread():
+        if self._watcher.is_alive() and self._watcher is not threading.current_thread():
             self._watcher.join(5.0)
         with self._lock:
             pending = [conn for conn, _ in self._incoming] + [conn for conn, _ in self._ready]

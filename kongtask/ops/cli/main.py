@@ -257,7 +257,7 @@ def _cleanup(args: argparse.Namespace, task_identifiers: Sequence[str]) -> int:
 
 def _run_worker(args: argparse.Namespace) -> int:
     from kongtask.jobs.task_loader import default_tasks_path, load_tasks, load_worker_tasks
-    from kongtask.runner import run, run_once
+    from kongtask.runner import RunnerOptions, run, run_once
 
     if args.cleanup:
         tasks_path = args.tasks or default_tasks_path()
@@ -267,7 +267,7 @@ def _run_worker(args: argparse.Namespace) -> int:
     crontab_file = args.crontab
     if crontab_file is None and Path("crontab").is_file():
         crontab_file = "crontab"
-    options: dict[str, object] = {
+    options: RunnerOptions = {
         "tasks": tasks,
         "connection_string": args.connection,
         "schema": args.schema,
@@ -297,7 +297,8 @@ def _run_worker(args: argparse.Namespace) -> int:
     if args.once:
         run_once(**options)
         return EXIT_OK
-    runner = run(install_signal_handlers=True, **options)
+    options["install_signal_handlers"] = True
+    runner = run(**options)
     # Wait in short slices so the main thread keeps running signal handlers.
     while not runner.wait(timeout=0.5):
         pass
