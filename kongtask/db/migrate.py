@@ -418,11 +418,15 @@ def _attempt(conn: psycopg.Connection[Any], schema: str, last_seen: int | None) 
         return MigrationResult(schema, latest, applied[-1], applied, _apply_extras(cur, schema))
 
 
+# Our own generator: kongtask never moves the application's global random state.
+_JITTER = random.Random()
+
+
 def _retry_delays() -> Iterator[float]:
     """Pauses between attempts after a clash: 0.4-0.6 s each, until the deadline."""
     deadline = time.monotonic() + _CLASH_RETRY_DEADLINE_S
     while time.monotonic() < deadline:
-        yield random.uniform(0.4, 0.6)
+        yield _JITTER.uniform(0.4, 0.6)
 
 
 def migrate(conn: psycopg.Connection[Any], schema: str = DEFAULT_SCHEMA) -> MigrationResult:

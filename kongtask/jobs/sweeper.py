@@ -31,6 +31,9 @@ __all__ = ["Sweeper"]
 
 logger = logging.getLogger(__name__)
 
+# Our own generator: kongtask never moves the application's global random state.
+_JITTER = random.Random()
+
 SWEEP = "sweep"
 STOP_TIMERS = "stop_timers"
 
@@ -49,7 +52,7 @@ class Sweeper(DbActor):
 
     def on_start(self) -> None:
         settings = self.ctx.settings
-        first = random.random() * min(60.0, settings.max_reset_locked_interval_s)
+        first = _JITTER.random() * min(60.0, settings.max_reset_locked_interval_s)
         self._schedule(first)
 
     def handle(self, message: Any) -> Any:
@@ -71,7 +74,7 @@ class Sweeper(DbActor):
     def _next_delay_s(self) -> float:
         settings = self.ctx.settings
         low, high = settings.min_reset_locked_interval_s, settings.max_reset_locked_interval_s
-        return math.ceil((low + random.random() * (high - low)) * 1000) / 1000
+        return math.ceil((low + _JITTER.random() * (high - low)) * 1000) / 1000
 
     def _sweep(self) -> None:
         ctx = self.ctx

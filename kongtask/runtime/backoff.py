@@ -14,6 +14,10 @@ import random
 __all__ = ["backoff_s"]
 
 
+# Our own generator: kongtask never moves the application's global random state.
+_JITTER = random.Random()
+
+
 def backoff_s(
     attempt: int,
     *,
@@ -27,4 +31,4 @@ def backoff_s(
         grown = base_s * factor ** max(0, attempt)
     except OverflowError:
         grown = cap_s
-    return min(grown, cap_s) * (0.5 + (rng or random).random())
+    return min(grown, cap_s) * (0.5 + (rng or _JITTER).random())
