@@ -16,14 +16,20 @@ import time
 import weakref
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import pykka
 
-__all__ = ["PROBE", "DatabaseWait", "probe_actors"]
+__all__ = ["PROBE", "DatabaseWait", "Probe", "probe_actors"]
 
-#: Actors answer None to a message they do not know: a cheap "are you there?".
-PROBE = "kongtask:probe"
+
+@dataclass(frozen=True, slots=True)
+class Probe:
+    """A cheap "are you there?": every actor's base answers it between two messages."""
+
+
+PROBE = Probe()
 
 # How long answers are awaited before a silent actor's database mark is read;
 # a healthy actor answers within microseconds, a quick statement within this.
