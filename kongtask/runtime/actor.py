@@ -3,8 +3,8 @@
 Every actor subclasses :class:`Actor` and implements :meth:`Actor.handle`,
 which receives only the frozen dataclasses or NamedTuples defined beside it
 and dispatches them with ``match``. The base answers the liveness
-:data:`~kongtask.runtime.probing.PROBE` itself, so a probe never reaches a
-handler, and guards ``handle`` with the class's :class:`ErrorPolicy`: what an
+:class:`Probe` (:func:`~kongtask.runtime.probing.probe_actors`) itself, so a
+probe never reaches a handler, and guards ``handle`` with the class's :class:`ErrorPolicy`: what an
 exception escaping a handler means is declared once per actor, never left to
 pykka (which would log it and, for a ``tell``, stop the actor silently).
 """
@@ -13,15 +13,22 @@ from __future__ import annotations
 
 import enum
 import logging
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import pykka
 
-from kongtask.runtime.probing import Probe
-
-__all__ = ["Actor", "ErrorPolicy"]
+__all__ = ["PROBE", "Actor", "ErrorPolicy", "Probe"]
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Probe:
+    """A cheap "are you there?": answered True by every actor between two messages."""
+
+
+PROBE = Probe()
 
 
 class ErrorPolicy(enum.Enum):

@@ -16,20 +16,13 @@ import time
 import weakref
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Any
 
 import pykka
 
-__all__ = ["PROBE", "DatabaseWait", "Probe", "probe_actors"]
+from kongtask.runtime.actor import PROBE
 
-
-@dataclass(frozen=True, slots=True)
-class Probe:
-    """A cheap "are you there?": every actor's base answers it between two messages."""
-
-
-PROBE = Probe()
+__all__ = ["PROBE", "DatabaseWait", "probe_actors"]
 
 # How long answers are awaited before a silent actor's database mark is read;
 # a healthy actor answers within microseconds, a quick statement within this.
