@@ -57,8 +57,8 @@ class Completer(DbActor):
     def __init__(self, ctx: WorkerContext, outbox: Outbox, claimer: pykka.ActorRef[Any]) -> None:
         super().__init__(ctx)
         self._outbox = outbox
-        # Told Finished and SlowStatement; the claimer is typed Any so this
-        # module need not import it (it imports the outbox, this the claimer's messages).
+        # Told Finished and SlowStatement. Typed Any: importing the claimer
+        # here would make the claimer and the completer import each other.
         self._claimer = claimer
 
     def handle(self, message: Flush) -> Any:
