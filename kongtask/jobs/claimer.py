@@ -35,7 +35,7 @@ import threading
 import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import Any, NamedTuple
 
 import psycopg
 
@@ -60,11 +60,10 @@ from kongtask.jobs.fetch_policy import (
     Wake,
 )
 from kongtask.jobs.local_queue import Stamped
+from kongtask.jobs.outbox import Outbox
+from kongtask.jobs.slow_statement import SLOW_STATEMENT_S, SlowStatement
 from kongtask.protocols import TimerHandle
 from kongtask.runtime.clock import SystemClock
-
-if TYPE_CHECKING:
-    from kongtask.jobs.completer import Outbox
 
 __all__ = [
     "BufferLow",
@@ -76,7 +75,6 @@ __all__ = [
     "InsertNotified",
     "JoinRequest",
     "Shutdown",
-    "SlowStatement",
     "Wake",
 ]
 
@@ -97,12 +95,6 @@ class HeldCount(NamedTuple):
     """Ask how many jobs this pool holds (claimed, not yet recorded)."""
 
 
-class SlowStatement(NamedTuple):
-    """The completer's statement took ``seconds``: the jobs table's statistics may be stale."""
-
-    seconds: float
-
-
 class Confirm(NamedTuple):
     """Does this pool still hold ``job``? Answers True or False.
 
@@ -119,8 +111,6 @@ ClaimerMessage = FetchEvent | TtlDue | JoinRequest | HeldCount | SlowStatement |
 _EPOCH = datetime.min.replace(tzinfo=UTC)
 _JOB_FIELDS = dataclasses.fields(Job)
 
-#: A claim or complete this slow suggests a plan made from stale statistics (ANALYZE_JOBS).
-SLOW_STATEMENT_S = 0.1
 #: At most one analyze of our own per this many seconds.
 ANALYZE_EVERY_S = 10.0
 
@@ -173,25 +163,27 @@ class Claimer(DbActor):
         # A clock of the caller's (a test's ManualClock) also decides readiness.
         self._clock_now = None if isinstance(ctx.clock, SystemClock) else ctx.clock.now
 
-    def handle(self, message: Any) -> Any:
-        if isinstance(message, TtlDue):
-            self._expire()
-        elif isinstance(message, JoinRequest):
-            self._joins.append(message.done)
-            self.policy.joins = len(self._joins)
-            self._step(Wake())
-        elif isinstance(message, HeldCount):
-            return self.policy.held
-        elif isinstance(message, SlowStatement):
-            self._maybe_analyze(message.seconds)
-        elif isinstance(message, Confirm):
-            return self._confirm(message)
-        elif isinstance(message, Shutdown):
-            return self._shutdown()
-        else:
-            if isinstance(message, PollDue):
+    def handle(self, message: ClaimerMessage) -> Any:
+        match message:
+            case TtlDue():
+                self._expire()
+            case JoinRequest(done):
+                self._joins.append(done)
+                self.policy.joins = len(self._joins)
+                self._step(Wake())
+            case HeldCount():
+                return self.policy.held
+            case SlowStatement(seconds):
+                self._maybe_analyze(seconds)
+            case Confirm():
+                return self._confirm(message)
+            case Shutdown():
+                return self._shutdown()
+            case PollDue():
                 self._poll_timer = None
-            self._step(message)
+                self._step(message)
+            case _:
+                self._step(message)
         return None
 
     # --- the policy loop --------------------------------------------------------
@@ -229,9 +221,10 @@ class Claimer(DbActor):
         known_at = ctx.ownership.now()
         try:
             started = time.perf_counter()
-            jobs, seen = self.run(lambda conn: self._claim(conn, want), "Claiming jobs")
+            claim = self.run_noting_retries(lambda conn: self._claim(conn, want), "Claiming jobs")
             claim_s = time.perf_counter() - started
-            if self.retried:
+            jobs, seen = claim.value
+            if claim.retried:
                 adopted = self.run(lambda conn: self._orphans(conn, jobs), "Adopting claimed jobs")
             else:  # (a retried claim's time includes its back-off)
                 self._maybe_analyze(claim_s)

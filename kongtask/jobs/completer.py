@@ -17,25 +17,22 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import threading
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import psycopg
 import pykka
 
 from kongtask.job import Job
-from kongtask.jobs.claimer import SLOW_STATEMENT_S, SlowStatement
 from kongtask.jobs.context import WorkerContext
 from kongtask.jobs.db_actor import DbActor
 from kongtask.jobs.fetch_policy import Finished
 from kongtask.jobs.last_error import sanitize_last_error
+from kongtask.jobs.outbox import Outbox
+from kongtask.jobs.slow_statement import SLOW_STATEMENT_S, SlowStatement
 
-if TYPE_CHECKING:
-    from kongtask.jobs.claimer import Claimer
-
-__all__ = ["FLUSH", "Completer", "Flush", "Outbox"]
+__all__ = ["FLUSH", "Completer", "Flush"]
 
 logger = logging.getLogger(__name__)
 
@@ -51,67 +48,24 @@ _T = TypeVar("_T")
 _Failure = tuple[Job, str, Any]
 
 
-class Outbox:
-    """Outcomes waiting to be written; filled by executor threads."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self.successes: list[Job] = []
-        self.failures: list[tuple[Job, str, Any]] = []
-        self._scheduled = False
-        self.actor: pykka.ActorRef[Completer] | None = None
-
-    def success(self, job: Job) -> None:
-        """Record that ``job`` succeeded."""
-        with self._lock:
-            self.successes.append(job)
-            if self._scheduled:
-                return
-            self._scheduled = True
-        self._wake()
-
-    def failure(self, job: Job, message: str, replacement_payload: Any = None) -> None:
-        """Record that ``job`` failed with ``message`` (and, for batches, its retry payload)."""
-        with self._lock:
-            self.failures.append((job, message, replacement_payload))
-            if self._scheduled:
-                return
-            self._scheduled = True
-        self._wake()
-
-    def _wake(self) -> None:
-        actor = self.actor
-        if actor is not None:
-            actor.tell(FLUSH)
-
-    def take(self) -> tuple[list[Job], list[tuple[Job, str, Any]]]:
-        """Everything recorded so far; clears the scheduled flag when empty."""
-        with self._lock:
-            successes, failures = self.successes, self.failures
-            if not successes and not failures:
-                self._scheduled = False
-            else:
-                self.successes, self.failures = [], []
-            return successes, failures
-
-
 class Completer(DbActor):
     """Owns the completion connection; message: flush (ask it to wait for a flush)."""
 
     action = "completeJob"
     max_attempts = 20
 
-    def __init__(
-        self, ctx: WorkerContext, outbox: Outbox, claimer: pykka.ActorRef[Claimer]
-    ) -> None:
+    def __init__(self, ctx: WorkerContext, outbox: Outbox, claimer: pykka.ActorRef[Any]) -> None:
         super().__init__(ctx)
         self._outbox = outbox
+        # Told Finished and SlowStatement. Typed Any: importing the claimer
+        # here would make the claimer and the completer import each other.
         self._claimer = claimer
 
-    def handle(self, message: Any) -> Any:
-        if isinstance(message, Flush):
-            self._flush()
-            return True
+    def handle(self, message: Flush) -> Any:
+        match message:
+            case Flush():
+                self._flush()
+                return True
         return None
 
     def _flush(self) -> None:
@@ -152,8 +106,9 @@ class Completer(DbActor):
     def _complete_all(self, jobs: list[Job]) -> bool:
         """Complete ``jobs``; True when queues may need an explicit release."""
 
-        def complete(batch: list[Job]) -> None:
-            self.run(functools.partial(self._complete, ids=[job.id for job in batch]), _COMPLETING)
+        def complete(batch: list[Job]) -> bool:
+            complete_ids = functools.partial(self._complete, ids=[job.id for job in batch])
+            return self.run_noting_retries(complete_ids, _COMPLETING).retried
 
         def remedy(job: Job, refused: BaseException) -> None:
             # Its row cannot be deleted (a foreign key or trigger of the
@@ -170,9 +125,10 @@ class Completer(DbActor):
     def _fail_all(self, failures: list[_Failure]) -> bool:
         """Fail ``failures``; True when queues may need an explicit release."""
 
-        def fail(batch: list[_Failure]) -> None:
+        def fail(batch: list[_Failure]) -> bool:
             specs = json.dumps([_fail_spec(*failure) for failure in batch])
-            self.run(functools.partial(self._fail, specs=specs), "Failing jobs")
+            fail_specs = functools.partial(self._fail, specs=specs)
+            return self.run_noting_retries(fail_specs, "Failing jobs").retried
 
         def remedy(failure: _Failure, refused: BaseException) -> None:
             job = failure[0]
@@ -195,18 +151,24 @@ class Completer(DbActor):
     def _write_each(
         self,
         items: list[_T],
-        write: Callable[[list[_T]], None],
+        write: Callable[[list[_T]], bool],
         remedy: Callable[[_T, BaseException], None],
         what: str,
     ) -> bool:
         """``write(items)`` in one statement, else item by item, ``remedy`` for refused ones.
 
-        Returns True when a queue may need an explicit release (a retry or a
-        fallback happened).
+        ``write`` returns whether its statement needed a retry. Returns True when
+        a queue may need an explicit release (a retry or a fallback happened).
         """
-        refused = self._refusal(lambda: write(items))
+        retried = False
+
+        def write_all() -> None:
+            nonlocal retried
+            retried = write(items)
+
+        refused = self._refusal(write_all)
         if refused is None:
-            return self.retried
+            return retried
         if len(items) == 1:
             remedy(items[0], refused)
             return True
@@ -223,7 +185,7 @@ class Completer(DbActor):
         return True
 
     @staticmethod
-    def _refusal(write: Callable[[], None]) -> BaseException | None:
+    def _refusal(write: Callable[[], object]) -> BaseException | None:
         """Run ``write``; return the exception if the database refused its data, else None.
 
         Any other exception (a lost connection that retries could not cure, a

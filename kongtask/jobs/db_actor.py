@@ -3,8 +3,8 @@
 The connection is taken from the Runner's pool when first needed and kept;
 a statement that fails with a transient error is retried after a jittered
 delay, on a fresh connection if the old one broke. Any other exception inside
-a message handler is reported to the Runner (which shuts down loudly) rather
-than silently killing the actor, as pykka would.
+a message handler is reported to the Runner (which shuts down loudly): the
+error policy of these actors is :attr:`ErrorPolicy.FATAL`.
 """
 
 from __future__ import annotations
@@ -12,16 +12,16 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any, Generic, NamedTuple, TypeVar
 
 import psycopg
-import pykka
 
 from kongtask.jobs.context import WorkerContext
+from kongtask.runtime.actor import Actor, ErrorPolicy
 from kongtask.runtime.probing import DatabaseWait
 from kongtask.runtime.retry import is_connection_error, is_transient, retry_delay_s
 
-__all__ = ["DbActor"]
+__all__ = ["DbActor", "Ran"]
 
 logger = logging.getLogger(__name__)
 
@@ -30,10 +30,19 @@ T = TypeVar("T")
 _POOL_TIMEOUT_S = 30.0
 
 
-class DbActor(pykka.ThreadingActor):
-    """A pykka actor owning one pooled connection; subclasses implement ``handle``."""
+class Ran(NamedTuple, Generic[T]):
+    """What :meth:`DbActor.run_noting_retries` gives: the statement's result, and
+    whether it needed more than one try (a try that committed before its
+    connection broke leaves the retry nothing to do)."""
 
-    use_daemon_thread = True
+    value: T
+    retried: bool
+
+
+class DbActor(Actor):
+    """An actor owning one pooled connection; subclasses implement ``handle``."""
+
+    error_policy = ErrorPolicy.FATAL
     #: The action name reported with a fatal error (``claim``, ``complete``, …).
     action = "database"
     #: How many times a transient failure is retried before it counts as fatal.
@@ -43,23 +52,13 @@ class DbActor(pykka.ThreadingActor):
         super().__init__()
         self.ctx = ctx
         self._conn: psycopg.Connection[Any] | None = None
-        #: True when the last ``run`` needed more than one try.
-        self.retried = False
         # Marks run()'s statements and retries, so a liveness probe left
         # unanswered meanwhile sees a database wait, not a stuck actor.
         self._database_wait = DatabaseWait.of(self)
 
-    def on_receive(self, message: Any) -> Any:
-        try:
-            return self.handle(message)
-        except Exception as exc:
-            logger.exception("%s actor of %s failed", self.action, self.ctx.pool_id)
-            self.ctx.fatal(self.action, exc)
-            return None
-
-    def handle(self, message: Any) -> Any:
-        """Process one message (override)."""
-        raise NotImplementedError
+    def fatal(self, message: Any, error: Exception) -> None:
+        logger.exception("%s actor of %s failed", self.action, self.ctx.pool_id)
+        self.ctx.fatal(self.action, error)
 
     def on_failure(
         self,
@@ -77,15 +76,21 @@ class DbActor(pykka.ThreadingActor):
     def run(self, statement: Callable[[psycopg.Connection[Any]], T], what: str) -> T:
         """Run ``statement(conn)``, retrying transient failures with back-off."""
         with self._database_wait():
+            return self._run(statement, what).value
+
+    def run_noting_retries(
+        self, statement: Callable[[psycopg.Connection[Any]], T], what: str
+    ) -> Ran[T]:
+        """As :meth:`run`, and say whether the statement needed more than one try."""
+        with self._database_wait():
             return self._run(statement, what)
 
-    def _run(self, statement: Callable[[psycopg.Connection[Any]], T], what: str) -> T:
+    def _run(self, statement: Callable[[psycopg.Connection[Any]], T], what: str) -> Ran[T]:
         attempt = 0
-        self.retried = False
         while True:
             try:
                 conn = self._connection()
-                return statement(conn)
+                return Ran(statement(conn), attempt > 0)
             except Exception as exc:
                 if not is_transient(exc) or attempt + 1 >= self.max_attempts:
                     raise
@@ -104,7 +109,6 @@ class DbActor(pykka.ThreadingActor):
                 )
                 self.ctx.give_up.wait(delay)
                 attempt += 1
-                self.retried = True
 
     def _connection(self) -> psycopg.Connection[Any]:
         conn = self._conn

@@ -21,9 +21,9 @@ from kongtask import events
 from kongtask.cron.service.outcomes import is_cron_job
 from kongtask.helpers import Helpers
 from kongtask.job import Job
-from kongtask.jobs.completer import Outbox
 from kongtask.jobs.context import WorkerContext, new_worker_id
 from kongtask.jobs.last_error import last_error_text
+from kongtask.jobs.outbox import Outbox
 
 __all__ = ["ExecutorPool"]
 

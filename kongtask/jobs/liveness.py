@@ -21,6 +21,7 @@ import logging
 import os
 import socket
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import psycopg
@@ -31,19 +32,34 @@ from kongtask.jobs.db_actor import DbActor
 from kongtask.runtime.clock import SystemClock, Timer
 
 __all__ = [
-    "BEAT",
-    "DEREGISTER",
     "QUARANTINED_MESSAGE",
-    "REGISTER",
     "SUSPECT_PREFIX",
+    "Beat",
+    "Deregister",
     "Liveness",
+    "LivenessMessage",
+    "Register",
 ]
 
 logger = logging.getLogger(__name__)
 
-REGISTER = "register"
-BEAT = "beat"
-DEREGISTER = "deregister"
+
+@dataclass(frozen=True, slots=True)
+class Register:
+    """Insert the pool's liveness record, release dead pools, start beating (answers True)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Beat:
+    """The heartbeat timer fired: move ``last_seen`` and release dead pools."""
+
+
+@dataclass(frozen=True, slots=True)
+class Deregister:
+    """A clean stop: stop beating and delete the pool's liveness record."""
+
+
+LivenessMessage = Register | Beat | Deregister
 
 #: How ``last_error`` starts for a job released from a dead pool (a crash suspect).
 SUSPECT_PREFIX = "kongtask: the worker pool holding this job died"
@@ -73,30 +89,31 @@ class Liveness(DbActor):
         self._timer: Timer | None = None
         self._active = True
 
-    def handle(self, message: Any) -> Any:
-        if message == REGISTER:
-            self._register()
-            self._release_dead()
-            self._schedule()
-            return True
-        if message == BEAT:
-            self._timer = None
-            if self._active:
-                self._beat()
+    def handle(self, message: LivenessMessage) -> Any:
+        match message:
+            case Register():
+                self._register()
+                self._release_dead()
                 self._schedule()
-        if message == DEREGISTER:
-            self._active = False
-            self._cancel()
-            try:
-                self.run(
-                    lambda conn: conn.execute(self.ctx.queries.deregister_pool, self._ids()),
-                    "Removing the pool's liveness record",
-                )
-            except psycopg.Error as exc:
-                # The record then ages out: other pools release what is left in time.
-                logger.warning(
-                    "Could not remove the liveness record of %s: %s", self.ctx.pool_id, exc
-                )
+                return True
+            case Beat():
+                self._timer = None
+                if self._active:
+                    self._beat()
+                    self._schedule()
+            case Deregister():
+                self._active = False
+                self._cancel()
+                try:
+                    self.run(
+                        lambda conn: conn.execute(self.ctx.queries.deregister_pool, self._ids()),
+                        "Removing the pool's liveness record",
+                    )
+                except psycopg.Error as exc:
+                    # The record then ages out: other pools release what is left in time.
+                    logger.warning(
+                        "Could not remove the liveness record of %s: %s", self.ctx.pool_id, exc
+                    )
         return None
 
     def on_stop(self) -> None:
@@ -112,7 +129,7 @@ class Liveness(DbActor):
         if self._active and self._timer is None:
             ref = self.actor_ref
             self._timer = self._clock.call_later(
-                self.ctx.settings.heartbeat_interval_s, lambda: ref.tell(BEAT)
+                self.ctx.settings.heartbeat_interval_s, lambda: ref.tell(Beat())
             )
 
     def _cancel(self) -> None:

@@ -47,14 +47,15 @@ from kongtask.jobs.claimer import (
     Shutdown,
     Wake,
 )
-from kongtask.jobs.completer import FLUSH, Completer, Outbox
+from kongtask.jobs.completer import FLUSH, Completer
 from kongtask.jobs.context import WorkerContext, new_pool_id
 from kongtask.jobs.executor import ExecutorPool
 from kongtask.jobs.listener import Listener
-from kongtask.jobs.liveness import DEREGISTER, REGISTER, Liveness
+from kongtask.jobs.liveness import Deregister, Liveness, Register
 from kongtask.jobs.local_queue import LocalQueue
+from kongtask.jobs.outbox import Outbox
 from kongtask.jobs.quarantine import CrashGuard
-from kongtask.jobs.sweeper import STOP_TIMERS, Sweeper
+from kongtask.jobs.sweeper import StopTimers, Sweeper
 from kongtask.protocols import Clock
 from kongtask.runtime.clock import SystemClock
 from kongtask.runtime.os_signals import SignalHandlers, can_install
@@ -188,12 +189,11 @@ class Supervisor:
         # The liveness record exists before anything is claimed, so a pool id
         # seen in locked_by without a live record always means a dead pool.
         self._liveness = Liveness.start(ctx, self._nudge)
-        if self._liveness.ask(REGISTER, timeout=_POOL_OPEN_TIMEOUT_S) is not True:
+        if self._liveness.ask(Register(), timeout=_POOL_OPEN_TIMEOUT_S) is not True:
             raise KongtaskError(f"pool {self.pool_id} could not register its liveness record")
-        outbox = Outbox()
+        outbox = Outbox(wake=self._flush_outcomes)
         self._claimer = Claimer.start(ctx, outbox)
         self._completer = Completer.start(ctx, outbox, self._claimer)
-        outbox.actor = self._completer
         self._outbox = outbox
         if not settings.once:
             self._start_listener(ctx, conninfo)
@@ -273,6 +273,12 @@ class Supervisor:
     def _nudge(self) -> None:
         if self._claimer is not None:
             self._claimer.tell(Wake())
+
+    def _flush_outcomes(self) -> None:
+        # The outbox went from empty to busy (the claimer can fill it only
+        # once the completer exists: it claims after the first nudge).
+        if self._completer is not None:
+            self._completer.tell(FLUSH)
 
     def _insert_notified(self) -> None:
         if self._claimer is not None:
@@ -410,7 +416,7 @@ class Supervisor:
             if self._listener is not None:
                 self._listener.stop(_STEP_TIMEOUT_S)
             if self._sweeper is not None:
-                self._sweeper.tell(STOP_TIMERS)
+                self._sweeper.tell(StopTimers())
             self._ask(self._claimer, Shutdown())
             self._executors.release()
             forceful = self._wait_for_workers(forceful)
@@ -428,7 +434,7 @@ class Supervisor:
                     ", ".join(str(job.id) for job in force_failed),
                 )
             self._ask(self._completer, FLUSH)
-            self._ask(self._liveness, DEREGISTER)
+            self._ask(self._liveness, Deregister())
             for worker_id in self._executors.still_running_ids():
                 self.bus.emit(events.worker_stop, worker_id=worker_id, error=None)
         except Exception as exc:

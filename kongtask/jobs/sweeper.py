@@ -18,6 +18,7 @@ import logging
 import math
 import random
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import psycopg
@@ -27,19 +28,29 @@ from kongtask.jobs.context import WorkerContext
 from kongtask.jobs.db_actor import DbActor
 from kongtask.protocols import TimerHandle
 
-__all__ = ["Sweeper"]
+__all__ = ["StopTimers", "Sweep", "Sweeper", "SweeperMessage"]
 
 logger = logging.getLogger(__name__)
 
 # Our own generator: kongtask never moves the application's global random state.
 _JITTER = random.Random()
 
-SWEEP = "sweep"
-STOP_TIMERS = "stop_timers"
+
+@dataclass(frozen=True, slots=True)
+class Sweep:
+    """The sweep timer fired: sweep now, then schedule the next sweep."""
+
+
+@dataclass(frozen=True, slots=True)
+class StopTimers:
+    """The pool is stopping: cancel the next sweep and schedule no more."""
+
+
+SweeperMessage = Sweep | StopTimers
 
 
 class Sweeper(DbActor):
-    """Runs the sweep on ``sweep`` messages and schedules the next one."""
+    """Runs the sweep on :class:`Sweep` messages and schedules the next one."""
 
     action = "resetLocked"
     max_attempts = 10
@@ -55,21 +66,22 @@ class Sweeper(DbActor):
         first = _JITTER.random() * min(60.0, settings.max_reset_locked_interval_s)
         self._schedule(first)
 
-    def handle(self, message: Any) -> Any:
-        if message == SWEEP:
-            self._timer = None
-            if self._active:
-                self._sweep()
-        elif message == STOP_TIMERS:
-            self._active = False
-            if self._timer is not None:
-                self._timer.cancel()
+    def handle(self, message: SweeperMessage) -> Any:
+        match message:
+            case Sweep():
                 self._timer = None
+                if self._active:
+                    self._sweep()
+            case StopTimers():
+                self._active = False
+                if self._timer is not None:
+                    self._timer.cancel()
+                    self._timer = None
         return None
 
     def _schedule(self, delay_s: float) -> None:
         ref = self.actor_ref
-        self._timer = self.ctx.clock.call_later(delay_s, lambda: ref.tell(SWEEP))
+        self._timer = self.ctx.clock.call_later(delay_s, lambda: ref.tell(Sweep()))
 
     def _next_delay_s(self) -> float:
         settings = self.ctx.settings

@@ -27,6 +27,8 @@ from datetime import UTC, datetime
 
 import pykka
 
+from kongtask.runtime.actor import Actor, ErrorPolicy
+
 __all__ = ["ClockActor", "SystemClock", "Tick", "Timer"]
 
 logger = logging.getLogger(__name__)
@@ -63,10 +65,11 @@ class Tick:
     timer: Timer
 
 
-class ClockActor(pykka.ThreadingActor):
+class ClockActor(Actor):
     """Runs due timers' callbacks, one ``Tick`` message each, in deadline order."""
 
-    use_daemon_thread = True
+    # Timer.fire logs a callback's error itself; one timer never stops the others.
+    error_policy = ErrorPolicy.LOG_AND_CONTINUE
 
     def __init__(self, started: Callable[[threading.Thread], None]) -> None:
         super().__init__()
@@ -75,9 +78,10 @@ class ClockActor(pykka.ThreadingActor):
     def on_start(self) -> None:
         self._started(threading.current_thread())
 
-    def on_receive(self, message: object) -> None:
-        if isinstance(message, Tick):
-            message.timer.fire()  # logs, never raises
+    def handle(self, message: Tick) -> None:
+        match message:
+            case Tick(timer):
+                timer.fire()  # logs, never raises
 
 
 class SystemClock:

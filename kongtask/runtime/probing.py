@@ -20,10 +20,9 @@ from typing import Any
 
 import pykka
 
-__all__ = ["PROBE", "DatabaseWait", "probe_actors"]
+from kongtask.runtime.actor import PROBE
 
-#: Actors answer None to a message they do not know: a cheap "are you there?".
-PROBE = "kongtask:probe"
+__all__ = ["PROBE", "DatabaseWait", "probe_actors"]
 
 # How long answers are awaited before a silent actor's database mark is read;
 # a healthy actor answers within microseconds, a quick statement within this.

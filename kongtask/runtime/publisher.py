@@ -13,31 +13,42 @@ from __future__ import annotations
 import logging
 import threading
 from collections import deque
+from dataclasses import dataclass
 from typing import Any
 
 import pykka
 from blinker import NamedSignal
 
-__all__ = ["EventBus", "EventPublisher"]
+from kongtask.runtime.actor import Actor, ErrorPolicy
+
+__all__ = ["Drain", "EventBus", "EventPublisher"]
 
 logger = logging.getLogger(__name__)
 
-_DRAIN = "drain"
+
+@dataclass(frozen=True, slots=True)
+class Drain:
+    """Deliver every queued event (an ``ask`` returns once they are delivered)."""
 
 
-class EventPublisher(pykka.ThreadingActor):
+_DRAIN = Drain()
+
+
+class EventPublisher(Actor):
     """Sends queued events to their receivers, in the order they were emitted."""
 
-    use_daemon_thread = True
+    # Each receiver is guarded in _deliver; nothing else here can fail.
+    error_policy = ErrorPolicy.LOG_AND_CONTINUE
 
     def __init__(self, bus: EventBus) -> None:
         super().__init__()
         self._bus = bus
 
-    def on_receive(self, message: Any) -> Any:
-        if message == _DRAIN:
-            self._bus.deliver_all()
-            return True
+    def handle(self, message: Drain) -> Any:
+        match message:
+            case Drain():
+                self._bus.deliver_all()
+                return True
         return None
 
     def on_stop(self) -> None:

@@ -15,9 +15,9 @@ from typing import Any
 import pykka
 
 from kongtask.cron.service.loader import (
-    GET_ITEMS,
-    RELOAD,
     CrontabLoader,
+    GetItems,
+    Reload,
     SetCodeItems,
     SetStoredItems,
     merge,
@@ -112,7 +112,7 @@ class CronService:
 
     def reload(self, timeout_s: float | None = 30.0) -> bool:
         """Re-read the crontab; ``False`` (and the old schedule kept) if it fails to load."""
-        return bool(self._ask(RELOAD, timeout_s, False))
+        return bool(self._ask(Reload(), timeout_s, False))
 
     def set_code_items(self, items: Sequence[ParsedCronItem], timeout_s: float = 30.0) -> bool:
         """Replace the programmatic items; ``False`` (nothing changed) on a clash."""
@@ -124,14 +124,14 @@ class CronService:
 
     def items(self, timeout_s: float = 30.0) -> list[ParsedCronItem]:
         """The live items."""
-        return list(self._ask(GET_ITEMS, timeout_s, []))
+        return list(self._ask(GetItems(), timeout_s, []))
 
     def request_reload(self) -> None:
         """Ask for a reload without waiting (safe from a signal-handling thread)."""
         loader = self._loader
         if loader is not None:
             try:
-                loader.tell(RELOAD)
+                loader.tell(Reload())
             except pykka.ActorDeadError:
                 pass
 

@@ -23,13 +23,29 @@ from kongtask.cron.service.matcher_actor import SetItems
 from kongtask.cron.source import CrontabSource
 from kongtask.cron.types import ParsedCronItem
 from kongtask.errors import CrontabError
+from kongtask.runtime.actor import Actor, ErrorPolicy
 
-__all__ = ["GET_ITEMS", "RELOAD", "CrontabLoader", "SetCodeItems", "SetStoredItems", "merge"]
+__all__ = [
+    "CrontabLoader",
+    "GetItems",
+    "LoaderMessage",
+    "Reload",
+    "SetCodeItems",
+    "SetStoredItems",
+    "merge",
+]
 
 logger = logging.getLogger("kongtask.cron")
 
-RELOAD = "reload"
-GET_ITEMS = "get_items"
+
+@dataclass(frozen=True, slots=True)
+class Reload:
+    """Re-read the crontab (answers False, the schedule unchanged, if it cannot be loaded)."""
+
+
+@dataclass(frozen=True, slots=True)
+class GetItems:
+    """Answer the live items, as a list."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +60,9 @@ class SetStoredItems:
     """The database's stored items as last read (only changes are applied)."""
 
     items: tuple[ParsedCronItem, ...]
+
+
+LoaderMessage = Reload | GetItems | SetCodeItems | SetStoredItems
 
 
 def merge(
@@ -70,10 +89,11 @@ def merge(
     return live, clashes
 
 
-class CrontabLoader(pykka.ThreadingActor):
+class CrontabLoader(Actor):
     """Owns the crontab source, the three item lists and the merged live set."""
 
-    use_daemon_thread = True
+    # A change that fails keeps the previous schedule (see recover).
+    error_policy = ErrorPolicy.RECOVER
 
     def __init__(
         self,
@@ -95,23 +115,25 @@ class CrontabLoader(pykka.ThreadingActor):
         self._emit = emit
         self._reported_clashes: frozenset[str] = frozenset()
 
-    def on_receive(self, message: Any) -> Any:
-        try:
-            if message == RELOAD:
+    def handle(self, message: LoaderMessage) -> Any:
+        match message:
+            case Reload():
                 return self._reload()
-            if message == GET_ITEMS:
+            case GetItems():
                 return list(self._live)
-            if isinstance(message, SetCodeItems):
-                return self._apply(code=list(message.items), description="cron items")
-            if isinstance(message, SetStoredItems):
-                if list(message.items) == self._stored:
+            case SetCodeItems(items):
+                return self._apply(code=list(items), description="cron items")
+            case SetStoredItems(items):
+                if list(items) == self._stored:
                     return True
-                return self._apply(stored=list(message.items), description="stored cron items")
-        except Exception as exc:  # never let a reload kill the actor
-            logger.exception("Cron items could not be changed; keeping the previous schedule")
-            self._emit(events.cron_reload_failed, error=exc, source="cron items")
-            return False
+                return self._apply(stored=list(items), description="stored cron items")
         return None
+
+    def recover(self, message: Any, error: Exception) -> bool:
+        # Never let a reload kill the actor: nothing changed, the old schedule runs on.
+        logger.exception("Cron items could not be changed; keeping the previous schedule")
+        self._emit(events.cron_reload_failed, error=error, source="cron items")
+        return False
 
     def _reload(self) -> bool:
         if self._source is None:

@@ -57,6 +57,7 @@ from kongtask.cron.service.writer import (
 )
 from kongtask.cron.types import ParsedCronItem
 from kongtask.protocols import Clock, TimerHandle
+from kongtask.runtime.actor import Actor, ErrorPolicy
 from kongtask.runtime.backoff import backoff_s
 
 __all__ = ["CronMatcher", "SetItems"]
@@ -87,11 +88,15 @@ class SetItems:
 
 @dataclass(frozen=True, slots=True)
 class _Tick:
+    """The minute timer fired (ignored unless ``generation`` is the current one)."""
+
     generation: int
 
 
 @dataclass(frozen=True, slots=True)
 class _Retry:
+    """The back-off after a failure is over: send the step in flight again."""
+
     generation: int
 
 
@@ -101,6 +106,10 @@ class _Decided:
 
     generation: int
     verdicts: dict[FiringKey, Verdict]
+
+
+#: What the matcher receives: its own timers, the writer's answers, the loader's items.
+MatcherMessage = _Tick | _Retry | _Decided | SetItems | Registered | Scheduled | WriteFailed
 
 
 @dataclass(slots=True)
@@ -210,10 +219,11 @@ class CronProgress:
         return True
 
 
-class CronMatcher(pykka.ThreadingActor):
+class CronMatcher(Actor):
     """Decides which cron firings happen, and when; see the module docstring."""
 
-    use_daemon_thread = True
+    # A bug must not leave a zombie timeline: the failed step is retried (see recover).
+    error_policy = ErrorPolicy.RECOVER
 
     def __init__(
         self,
@@ -279,44 +289,41 @@ class CronMatcher(pykka.ThreadingActor):
 
     # --- messages -----------------------------------------------------------
 
-    def on_receive(self, message: Any) -> Any:
-        try:
-            self._dispatch(message)
-        except Exception:
-            # A bug here must not leave a zombie: log it and try the same step again.
-            logger.exception("Cron matcher failed handling %r; retrying", message)
-            self._after_failure("matcher", RuntimeError("internal error"))
-        return None
+    def handle(self, message: MatcherMessage) -> None:
+        match message:
+            case _Tick(generation):
+                if generation == self._generation and self._state == "running":
+                    self._tick()
+            case Registered(known, generation):
+                if generation == self._generation and self._state == "registering":
+                    self._in_flight = None
+                    self._failures = 0
+                    self._begin_backfill(known)
+            case Scheduled():
+                if message.generation == self._generation and self._in_flight is not None:
+                    self._on_scheduled(message)
+            case _Decided(generation, verdicts):
+                if generation == self._generation:
+                    self._on_decided(verdicts)
+            case WriteFailed(stage, error, generation):
+                if generation == _RELOAD_GENERATION:
+                    logger.warning("Could not register reloaded cron items: %s", error)
+                elif generation == self._generation:
+                    self._after_failure(stage, error)
+            case _Retry(generation):
+                if generation != self._generation:
+                    return
+                if self._in_flight is not None:
+                    self._send(self._in_flight)
+                elif self._state == "running":
+                    self._arm()
+            case SetItems(items):
+                self._set_items(items)
 
-    def _dispatch(self, message: Any) -> None:
-        if isinstance(message, _Tick):
-            if message.generation == self._generation and self._state == "running":
-                self._tick()
-        elif isinstance(message, Registered):
-            if message.generation == self._generation and self._state == "registering":
-                self._in_flight = None
-                self._failures = 0
-                self._begin_backfill(message.known)
-        elif isinstance(message, Scheduled):
-            if message.generation == self._generation and self._in_flight is not None:
-                self._on_scheduled(message)
-        elif isinstance(message, _Decided):
-            if message.generation == self._generation:
-                self._on_decided(message.verdicts)
-        elif isinstance(message, WriteFailed):
-            if message.generation == _RELOAD_GENERATION:
-                logger.warning("Could not register reloaded cron items: %s", message.error)
-            elif message.generation == self._generation:
-                self._after_failure(message.stage, message.error)
-        elif isinstance(message, _Retry):
-            if message.generation != self._generation:
-                return
-            if self._in_flight is not None:
-                self._send(self._in_flight)
-            elif self._state == "running":
-                self._arm()
-        elif isinstance(message, SetItems):
-            self._set_items(message.items)
+    def recover(self, message: Any, error: Exception) -> None:
+        # A bug here must not leave a zombie: log it and try the same step again.
+        logger.exception("Cron matcher failed handling %r; retrying", message)
+        self._after_failure("matcher", RuntimeError("internal error"))
 
     # --- startup: registration and backfill -----------------------------------
 

@@ -33,6 +33,7 @@ from kongtask.cron.schedule import MINUTE, KnownCrontab, ceil_minute
 from kongtask.cron.types import ParsedCronItem
 from kongtask.db.statements import Queries
 from kongtask.db.timestamps import tolerate_timestamps
+from kongtask.runtime.actor import Actor, ErrorPolicy
 from kongtask.runtime.probing import DatabaseWait
 
 __all__ = [
@@ -137,10 +138,11 @@ class _Outcome:
         self.job_ids: dict[tuple[str, datetime], int] = {}
 
 
-class CronWriter(pykka.ThreadingActor):
+class CronWriter(Actor):
     """Runs the cron statements (see ``kongtask.db.statements``) for one scheduler."""
 
-    use_daemon_thread = True
+    # A failed statement is the sender's to retry: it gets WriteFailed (see recover).
+    error_policy = ErrorPolicy.RECOVER
 
     def __init__(self, connect: ConnectionFactory, queries: Queries, node: str = "") -> None:
         super().__init__()
@@ -156,30 +158,31 @@ class CronWriter(pykka.ThreadingActor):
         with self._database_wait(), self._connect() as conn:
             yield conn
 
-    def on_receive(self, message: Any) -> Any:
-        try:
-            if isinstance(message, Register):
-                known = self._register(message.identifiers, message.now)
-                message.reply_to.tell(Registered(known, message.generation))
-            elif isinstance(message, Schedule):
-                outcome = self._schedule(message.planned)
-                message.reply_to.tell(
+    def handle(self, message: Register | Schedule) -> None:
+        match message:
+            case Register(identifiers, now, generation, reply_to):
+                known = self._register(identifiers, now)
+                reply_to.tell(Registered(known, generation))
+            case Schedule(planned, _, generation, reply_to):
+                outcome = self._schedule(planned)
+                reply_to.tell(
                     Scheduled(
                         tuple(outcome.scheduled),
-                        message.generation,
+                        generation,
                         tuple(outcome.skipped),
                         tuple(outcome.failed),
                         outcome.job_ids,
                     )
                 )
-        except Exception as exc:  # reported, never allowed to kill the actor
-            stage = "register" if isinstance(message, Register) else "schedule"
-            logger.debug("cron %s failed: %r", stage, exc)
-            try:
-                message.reply_to.tell(WriteFailed(stage, exc, message.generation))
-            except pykka.ActorDeadError:
-                pass
-        return None
+
+    def recover(self, message: Register | Schedule, error: Exception) -> None:
+        # Reported to the sender, never allowed to kill the actor.
+        stage = "register" if isinstance(message, Register) else "schedule"
+        logger.debug("cron %s failed: %r", stage, error)
+        try:
+            message.reply_to.tell(WriteFailed(stage, error, message.generation))
+        except pykka.ActorDeadError:
+            pass
 
     # --- registration -------------------------------------------------------------
 
