@@ -18,7 +18,7 @@ import psycopg
 import pykka
 
 from kongtask.jobs.context import WorkerContext
-from kongtask.runtime.probing import DatabaseWait
+from kongtask.runtime.probing import DatabaseWait, Probe
 from kongtask.runtime.retry import is_connection_error, is_transient, retry_delay_s
 
 __all__ = ["DbActor"]
@@ -50,6 +50,8 @@ class DbActor(pykka.ThreadingActor):
         self._database_wait = DatabaseWait.of(self)
 
     def on_receive(self, message: Any) -> Any:
+        if isinstance(message, Probe):
+            return None  # answered here: a probe never reaches handle() (or a policy)
         try:
             return self.handle(message)
         except Exception as exc:

@@ -94,6 +94,10 @@ class ExecutorPool:
             )
         return ids
 
+    def threads(self) -> list[tuple[str, threading.Thread]]:
+        """Each worker id with its thread (for the health probe)."""
+        return list(zip(self.worker_ids, self._threads, strict=False))
+
     def running(self) -> list[Helpers]:
         """The helpers of every job running right now."""
         return [helpers for helpers in self._running if helpers is not None]

@@ -45,7 +45,6 @@ class Sweeper(DbActor):
         super().__init__(ctx)
         self._nudge = nudge
         self._timer: TimerHandle | None = None
-        self._active = True
 
     def on_start(self) -> None:
         settings = self.ctx.settings
@@ -55,13 +54,11 @@ class Sweeper(DbActor):
     def handle(self, message: Any) -> Any:
         if message == SWEEP:
             self._timer = None
-            if self._active:
+            if not self.ctx.stopping:
                 self._sweep()
-        elif message == STOP_TIMERS:
-            self._active = False
-            if self._timer is not None:
-                self._timer.cancel()
-                self._timer = None
+        elif message == STOP_TIMERS and self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         return None
 
     def _schedule(self, delay_s: float) -> None:
@@ -102,5 +99,5 @@ class Sweeper(DbActor):
         finally:
             # The sweep borrows a connection only while it runs.
             self._drop_connection(broken=False)
-        if self._active:
+        if not self.ctx.stopping:
             self._schedule(delay)

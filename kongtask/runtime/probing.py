@@ -16,14 +16,21 @@ import time
 import weakref
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import pykka
 
-__all__ = ["PROBE", "DatabaseWait", "probe_actors"]
+__all__ = ["PROBE", "DatabaseWait", "Probe", "probe_actors"]
 
-#: Actors answer None to a message they do not know: a cheap "are you there?".
-PROBE = "kongtask:probe"
+
+@dataclass(frozen=True, slots=True)
+class Probe:
+    """ "Are you there?": an actor answers it between two messages, touching nothing."""
+
+
+#: The one probe message (actors answer None to it, before their own handlers).
+PROBE = Probe()
 
 # How long answers are awaited before a silent actor's database mark is read;
 # a healthy actor answers within microseconds, a quick statement within this.
