@@ -5,8 +5,10 @@ option (errors name the parameter) and opens nothing. ``start()`` connects,
 migrates and starts the actors in the background; ``stop()`` drains
 gracefully, ``kill()`` forces, ``wait()`` blocks until it has stopped. The
 Runner itself holds no job logic: the actors in :mod:`kongtask.jobs` and
-:mod:`kongtask.cron.service` do the work and
-:class:`~kongtask.jobs.supervisor.Supervisor` stops exactly what it started.
+:mod:`kongtask.cron.service` do the work. A Runner is a
+:class:`~kongtask.runtime.host.Host` (pool, bus, clock, signals, run state,
+control loop) running the :class:`~kongtask.jobs.supervisor.JobService` and,
+with a crontab, the cron service; each stops exactly what it started.
 Several Runners (different schemas or databases) can share a process; each
 sends its events with itself as the blinker sender.
 """
