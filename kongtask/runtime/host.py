@@ -345,7 +345,9 @@ class Host:
         self._teardown()
 
     def _teardown(self) -> None:
-        """Release exactly what this run opened, newest first; never raises."""
+        """Release exactly what this run opened, newest first; never raises (and once)."""
+        if self.status.stopped:
+            return
         self.status.advance(RunState.DRAINING)
         for service in reversed(self._services):
             try:
