@@ -41,7 +41,6 @@ class Helpers:
         "_abort_requested",
         "_ctx",
         "_logger",
-        "abandoned",
         "job",
         "worker_id",
     )
@@ -55,8 +54,6 @@ class Helpers:
         # look at it.
         self._abort_event: threading.Event | None = None
         self._abort_requested = False
-        #: True once the job was failed back by a shutdown; its outcome is ignored.
-        self.abandoned = False
         self._logger: logging.LoggerAdapter[logging.Logger] | None = None
 
     @property

@@ -5,8 +5,10 @@ option (errors name the parameter) and opens nothing. ``start()`` connects,
 migrates and starts the actors in the background; ``stop()`` drains
 gracefully, ``kill()`` forces, ``wait()`` blocks until it has stopped. The
 Runner itself holds no job logic: the actors in :mod:`kongtask.jobs` and
-:mod:`kongtask.cron.service` do the work and
-:class:`~kongtask.jobs.supervisor.Supervisor` stops exactly what it started.
+:mod:`kongtask.cron.service` do the work. A Runner is a
+:class:`~kongtask.runtime.host.Host` (pool, bus, clock, signals, run state,
+control loop) running the :class:`~kongtask.jobs.supervisor.JobService` and,
+with a crontab, the cron service; each stops exactly what it started.
 Several Runners (different schemas or databases) can share a process; each
 sends its events with itself as the blinker sender.
 """
@@ -17,24 +19,29 @@ import difflib
 import inspect
 import logging
 import os
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, fields, replace
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import ModuleType, TracebackType
 from typing import Any, Self, TypedDict, TypeVar, Unpack
 
 from kongtask import events
+from kongtask.cron.service.scheduling import SchedulingService
 from kongtask.cron.source import CrontabSource
 from kongtask.cron.types import ParsedCronItem
 from kongtask.errors import ConfigurationError, KongtaskError
 from kongtask.job import Job
 from kongtask.job_spec import JobSpec
+from kongtask.jobs.context import WorkerContext, new_pool_id
 from kongtask.jobs.enqueue import add_job_on, add_jobs_on
-from kongtask.jobs.supervisor import Supervisor
+from kongtask.jobs.supervisor import JobService
 from kongtask.protocols import Clock
-from kongtask.runtime.probing import probe_actors
+from kongtask.runtime.control import Kill, Stop
+from kongtask.runtime.host import Host
+from kongtask.runtime.parts import Part, probe_parts
 from kongtask.scheduler import Scheduler
 from kongtask.settings import ConnectionSettings, OpsSettings, WorkerSettings
 from kongtask.validate import check_clock, check_connection_string
@@ -153,7 +160,7 @@ class Runner:
         self._listen_connection_string = listen_connection_string
         self._connection_string = connection_string
         self._clock = clock
-        self._supervisor: Supervisor | None = None
+        self._run: _Run | None = None
 
     # --- identity ---------------------------------------------------------------------
 
@@ -166,26 +173,23 @@ class Runner:
     @property
     def pool_id(self) -> str | None:
         """This run's pool id (``pool-…``/``otpool-…``, stored in ``locked_by``), once started."""
-        return self._supervisor.pool_id if self._supervisor is not None else None
+        return self._run.jobs.pool_id if self._run is not None else None
 
     @property
     def worker_ids(self) -> list[str]:
         """The ids of this run's executors, once started."""
-        supervisor = self._supervisor
-        if supervisor is None or supervisor._executors is None:
-            return []
-        return list(supervisor._executors.worker_ids)
+        return self._run.jobs.worker_ids if self._run is not None else []
 
     @property
     def running(self) -> bool:
         """True between a successful start and the end of the shutdown."""
-        return self._supervisor is not None and not self._supervisor.done.is_set()
+        return self._run is not None and not self._run.host.status.stopped
 
     # --- lifecycle --------------------------------------------------------------------
 
     def start(self) -> Self:
         """Connect, migrate, start the actors and return at once (raises if that fails)."""
-        if self._supervisor is not None:
+        if self._run is not None:
             raise KongtaskError("this Runner was already started; make a new one to run again")
         # Parse the crontab before connecting: a bad line fails the start with
         # its line number and nothing is touched (not even the migrations).
@@ -212,23 +216,37 @@ class Runner:
                 ops_server.stop()
                 raise
             self.ops_server = ops_server
-        supervisor = Supervisor(
-            sender=self,
+        pool_id = new_pool_id(self.settings.once)
+        host = Host(sender=self, name=pool_id, clock=self._clock)
+        jobs = JobService(
             settings=self.settings,
             tasks=self._tasks,
-            connection_string=self._connection_string,
-            clock=self._clock,
-            crontab=crontab,
-            cron_items=cron_items,
             no_log_success=bool(os.environ.get("NO_LOG_SUCCESS")),
             listen_connection_string=self._listen_connection_string,
+            pool_id=pool_id,
         )
-        self._supervisor = supervisor
+        cron = self._cron_service(crontab, cron_items, pool_id)
+        self._run = _Run(host, jobs, cron, Scheduler._view(host, cron) if cron else None)
         # The permanent-failure line (kept off the executor's hot path: it is
         # an ordinary receiver of job:failed).
         events.job_failed.connect(_log_giving_up, sender=self)
+        settings = self.settings
         try:
-            supervisor.start(self.settings.install_signal_handlers is not False)
+            try:
+                host.open_database(
+                    self._connection_string,
+                    schema=settings.schema,
+                    settings=settings.connection,
+                    pool_name=pool_id,
+                    min_size=2,
+                    max_size=settings.max_pool_size,
+                    prepared_statements=settings.prepared_statements,
+                )
+            except BaseException:
+                host.close()
+                raise
+            services: list[Any] = [jobs] if cron is None else [jobs, cron]
+            host.start(services, install_signals=settings.install_signal_handlers is not False)
         except BaseException:
             if self.ops_server is not None:
                 self.ops_server.stop()  # give the port back
@@ -240,6 +258,32 @@ class Runner:
                 self.kill()
                 raise
         return self
+
+    def _cron_service(
+        self,
+        crontab: CrontabSource | None,
+        items: list[ParsedCronItem] | None,
+        pool_id: str,
+    ) -> SchedulingService | None:
+        """The cron service of this run's crontab, on the Runner's pool, bus and clock."""
+        if crontab is None:
+            return None
+        code = list(crontab.items) if crontab.items is not None else []
+        file_or_text = None if crontab.items is not None else crontab
+        return SchedulingService(
+            schema=self.settings.schema,
+            source=file_or_text,
+            items=items if file_or_text is not None else None,
+            code_items=code,
+            backfill_on_start=True,
+            clock_skew_tolerance_s=10.0,
+            stored_items=True,
+            check_interval_s=10.0,
+            history_retention=timedelta(days=30),
+            node_name=pool_id,
+            log=logging.getLogger("kongtask.cron"),
+            announce_signals=False,
+        )
 
     def reload_crontab(self, timeout: float | None = 30.0) -> bool:
         """Re-read the crontab file now (what SIGHUP does); True if the new one took effect.
@@ -253,10 +297,10 @@ class Runner:
     @property
     def scheduler(self) -> Scheduler:
         """The :class:`kongtask.Scheduler` running this Runner's crontab."""
-        supervisor = self._supervisor
-        if supervisor is None or supervisor.cron is None:
+        run = self._run
+        if run is None or run.scheduler is None or run.host.status.stopped:
             raise KongtaskError("this Runner has no crontab (or is not running)")
-        return supervisor.cron
+        return run.scheduler
 
     def get_cron_items(self) -> list[ParsedCronItem]:
         """The cron items being scheduled now (see :meth:`Scheduler.get_cron_items`)."""
@@ -274,16 +318,16 @@ class Runner:
         ``graceful_shutdown_abort_timeout_s`` to finish, then their abort
         events are set and they are failed back so they retry.
         """
-        if self._supervisor is None:
+        if self._run is None:
             return True
-        self._supervisor.stop()
+        self._run.host.send(Stop())
         return self.wait(timeout)
 
     def kill(self, timeout: float | None = None) -> bool:
         """Stop now: running jobs are failed back at once (they retry later)."""
-        if self._supervisor is None:
+        if self._run is None:
             return True
-        self._supervisor.kill()
+        self._run.host.send(Kill())
         return self.wait(timeout)
 
     def wait(self, timeout: float | None = None) -> bool:
@@ -291,24 +335,33 @@ class Runner:
 
         Raises :class:`KongtaskError` if it stopped because of a fatal error.
         """
-        supervisor = self._supervisor
-        if supervisor is None:
+        run = self._run
+        if run is None:
             return True
-        if not supervisor.done.wait(timeout):
+        host = run.host
+        if not host.status.wait_stopped(timeout):
             return False
-        supervisor.restore_signals()
-        supervisor.check()
+        host.restore_signals()
+        if host.error is not None:
+            raise KongtaskError(f"worker pool {host.name} failed: {host.error}") from host.error
         return True
 
     def join(self, timeout: float = 30.0) -> None:
         """Wait until every job runnable by the Runner's clock has been run and recorded,
         cron jobs of minutes already passed included (raises TimeoutError)."""
-        if self._supervisor is None:
+        run = self._run
+        if run is None:
             raise KongtaskError("the Runner has not been started")
-        self._supervisor.join(timeout)
+        if run.host.status.stopped:
+            return
+        # Real time even with a manual clock: a test's handlers run on real threads.
+        deadline = time.monotonic() + timeout
+        if run.cron is not None and not run.cron.wait_caught_up(timeout):
+            raise TimeoutError(f"cron had not caught up with its clock after {timeout}s")
+        run.jobs.join(max(0.0, deadline - time.monotonic()))
 
     def __enter__(self) -> Self:
-        if self._supervisor is None:
+        if self._run is None:
             self.start()
         return self
 
@@ -365,61 +418,48 @@ class Runner:
 
     def load(self) -> RunnerLoad | None:
         """How busy the executors and the local queue are right now; ``None`` unless running."""
-        supervisor = self._supervisor
-        if supervisor is None or supervisor.ctx is None or supervisor.done.is_set():
+        run = self._run
+        if run is None or run.jobs.ctx is None or run.host.status.stopped:
             return None
-        executors = supervisor._executors
-        queue = supervisor.ctx.queue
+        queue = run.jobs.ctx.queue
         return RunnerLoad(
             concurrency=self.settings.concurrency,
-            executors_busy=len(executors.running()) if executors is not None else 0,
+            executors_busy=run.jobs.executors_busy,
             local_queue_jobs=len(queue),
             local_queue_size=queue.size,
         )
 
+    def parts(self) -> list[Part]:
+        """Every actor and thread group of this run (the publisher, the job path's, cron's),
+        each with a name, a probe and stats; empty unless running."""
+        run = self._run
+        return run.host.parts() if run is not None else []
+
     def probe(self, timeout_s: float = 0.5) -> dict[str, dict[str, Any]]:
-        """Ask every actor (cron's too) to answer within ``timeout_s``; check every executor thread.
+        """Ask every part (cron's too) to answer within ``timeout_s``.
 
         Returns part name -> ``{"ok": bool, ...}``: ``error`` says why a part
-        is not ok (a stuck or stopped actor, ended executor threads);
-        ``waiting`` marks an actor inside a database call, which is not stuck.
-        Never waits on the database. Empty unless running.
+        is not ok (a stuck or stopped actor, ended threads); ``waiting`` marks
+        an actor inside a database call, which is not stuck. Never waits on
+        the database. Empty unless running.
         """
-        supervisor = self._supervisor
-        if supervisor is None or supervisor.done.is_set():
-            return {}
-        parts: dict[str, Any] = {
-            "claimer": supervisor._claimer,
-            "completer": supervisor._completer,
-            "sweeper": supervisor._sweeper,
-            "liveness": supervisor._liveness,
-            "publisher": supervisor.bus._actor,
-        }
-        if supervisor.cron is not None:
-            parts.update(supervisor.cron.parts())
-        result = probe_actors(parts, timeout_s)
-        executors = supervisor._executors
-        if executors is not None:
-            dead = [
-                worker_id
-                for worker_id, thread in zip(executors.worker_ids, executors._threads, strict=False)
-                if not thread.is_alive()
-            ]
-            result["executors"] = (
-                {"ok": False, "error": f"executor threads ended: {', '.join(dead)}"}
-                if dead
-                else {"ok": True}
-            )
-        return result
+        return probe_parts(self.parts(), timeout_s)
+
+    def now(self) -> datetime:
+        """The time by this Runner's clock (a test's ManualClock), else the system's."""
+        return self._clock.now() if self._clock is not None else datetime.now(UTC)
+
+    def cron_lag_s(self) -> float | None:
+        """How far this Runner's cron is behind (see :meth:`Scheduler.lag_s`); ``None``
+        without a crontab or when not running."""
+        run = self._run
+        return run.cron.lag_s() if run is not None and run.cron is not None else None
 
     @property
     def listening(self) -> bool | None:
         """True while LISTEN is connected; ``None`` when this Runner does not listen (run once)."""
-        supervisor = self._supervisor
-        listener = supervisor._listener if supervisor is not None else None
-        if listener is None:
-            return None
-        return listener.connected.is_set()
+        run = self._run
+        return run.jobs.listening if run is not None else None
 
     @contextmanager
     def connection(self, timeout_s: float = 5.0) -> Iterator[Any]:
@@ -428,11 +468,22 @@ class Runner:
         with ctx.pool.connection(timeout=timeout_s) as conn:
             yield conn
 
-    def _context(self) -> Any:
-        supervisor = self._supervisor
-        if supervisor is None or supervisor.ctx is None or supervisor.done.is_set():
+    def _context(self) -> WorkerContext:
+        run = self._run
+        if run is None or run.jobs.ctx is None or run.host.status.stopped:
             raise KongtaskError("the Runner is not running; start it first")
-        return supervisor.ctx
+        return run.jobs.ctx
+
+
+@dataclass(frozen=True, slots=True)
+class _Run:
+    """One start of a Runner: its host, its job service, its cron service and that
+    service's Scheduler view."""
+
+    host: Host
+    jobs: JobService
+    cron: SchedulingService | None
+    scheduler: Scheduler | None
 
 
 @dataclass(frozen=True, slots=True)

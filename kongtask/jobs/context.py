@@ -21,6 +21,7 @@ from kongtask.db.statements import Queries
 from kongtask.jobs.local_queue import LocalQueue
 from kongtask.jobs.ownership import Ownership
 from kongtask.protocols import Clock
+from kongtask.runtime.host import RunStatus
 from kongtask.runtime.publisher import EventBus
 from kongtask.settings import WorkerSettings
 
@@ -56,12 +57,11 @@ class WorkerContext:
     fatal: Callable[[str, BaseException], None]
     #: Asks the Runner to begin a graceful shutdown with a message.
     request_shutdown: Callable[[str], None]
+    #: The run state, owned by the host: read here, never written.
+    run: RunStatus
     no_log_success: bool = False
     task_ids: dict[int, str] = field(default_factory=dict)
     queue_names: dict[int, str] = field(default_factory=dict)
-    stopping: bool = False
-    #: Set by a forced shutdown: database retries stop waiting and give up.
-    give_up: threading.Event = field(default_factory=threading.Event)
     #: Told when a cron job starts and finishes (kongtask's cron history), if set.
     cron_outcomes: OutcomeRecorder | None = None
     #: Whether buffered jobs may have been taken from this pool (heartbeats feed it).
@@ -70,3 +70,13 @@ class WorkerContext:
     def __post_init__(self) -> None:
         settings = self.settings
         self.ownership = Ownership(settings.heartbeat_interval_s, settings.pool_dead_after_s)
+
+    @property
+    def stopping(self) -> bool:
+        """True once the run has begun to end (the host's run state says so)."""
+        return self.run.ending
+
+    @property
+    def give_up(self) -> threading.Event:
+        """Set once the run aborts: database retries stop waiting and give up."""
+        return self.run.aborting

@@ -48,6 +48,8 @@ class ExecutorPool:
         count = ctx.settings.concurrency
         self.worker_ids = [new_worker_id() for _ in range(count)]
         self._running: list[Helpers | None] = [None] * count
+        # The runs a shutdown failed back: their outcome is ignored when they end.
+        self._abandoned: set[int] = set()
         self._threads: list[threading.Thread] = []
         self._stopped = threading.Condition()
         self._alive = 0
@@ -94,6 +96,10 @@ class ExecutorPool:
             )
         return ids
 
+    def threads(self) -> list[tuple[str, threading.Thread]]:
+        """Each worker id with its thread (for the health probe)."""
+        return list(zip(self.worker_ids, self._threads, strict=False))
+
     def running(self) -> list[Helpers]:
         """The helpers of every job running right now."""
         return [helpers for helpers in self._running if helpers is not None]
@@ -106,7 +112,7 @@ class ExecutorPool:
         """
         jobs = []
         for helpers in self.running():
-            helpers.abandoned = True
+            self._abandoned.add(id(helpers))
             helpers.request_abort()
             jobs.append(helpers.job)
         return jobs
@@ -192,7 +198,9 @@ class ExecutorPool:
             error = exc
         duration_ms = (time.perf_counter() - started) * 1000.0
         self._running[index] = None
-        if helpers.abandoned:
+        if self._abandoned and id(helpers) in self._abandoned:
+            # Discarded now: the id of a Helpers that ended may be reused by a later one.
+            self._abandoned.discard(id(helpers))
             logger.warning(
                 "Task %s (%s) finished after a shutdown failed it back; ignoring the outcome",
                 job.id,

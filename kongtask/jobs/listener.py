@@ -26,6 +26,7 @@ from kongtask.db.connecting import connect
 from kongtask.db.migrate import LATEST_MIGRATION
 from kongtask.jobs.context import WorkerContext
 from kongtask.runtime.backoff import backoff_s
+from kongtask.runtime.parts import Part, ThreadsPart
 
 __all__ = ["Listener"]
 
@@ -52,6 +53,10 @@ class Listener:
             target=self._run, name=f"kongtask-listen-{ctx.pool_id}", daemon=True
         )
         self.connected = threading.Event()
+
+    def part(self) -> Part:
+        """The listening thread as a part: healthy while it runs (reconnecting included)."""
+        return ThreadsPart("listener", lambda: [("listen", self._thread)])
 
     def start(self) -> None:
         """Start listening in the background (emits the first ``pool:listen:connecting``)."""

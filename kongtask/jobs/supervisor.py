@@ -1,39 +1,28 @@
-"""The supervisor: starts a Runner's actors in order and stops exactly those.
+"""The job service: starts a Runner's job actors in order and stops exactly those.
 
-Everything that can end a run arrives on one control queue: ``stop()``,
-``kill()``, OS signals, "run once is done", a breaking migration, or a fatal
-error from an actor. One daemon thread reads it and runs the shutdown:
-stop claiming and give back buffered jobs, let running jobs finish until the
-abort timeout, then set their abort events and fail them back so they retry,
-flush the outcomes, and release the pool. A second stop signal (or
+It runs on a :class:`~kongtask.runtime.host.Host`, which owns the pool, the
+bus, the clock, the signals, the run state and the control loop. When the run
+ends the host tells this service why; the service then stops claiming and
+gives back buffered jobs, lets running jobs finish until the abort timeout,
+then sets their abort events and fails them back so they retry, flushes the
+outcomes and removes the liveness record. A second stop signal (or
 ``kill()``) cuts the wait short.
 """
 
 from __future__ import annotations
 
 import logging
-import queue
 import signal
 import threading
 from collections.abc import Callable, Mapping
-from contextlib import ExitStack
 from typing import Any
 
 import pykka
 from psycopg import errors as pg_errors
-from psycopg_pool import ConnectionPool
 
 from kongtask import events
 from kongtask.cron.service.outcomes import OutcomeRecorder
-from kongtask.cron.source import CrontabSource
-from kongtask.cron.types import ParsedCronItem
-from kongtask.db.connecting import (
-    connect,
-    guarded_conninfo,
-    open_pool,
-)
-from kongtask.db.conninfo import open_database
-from kongtask.db.migrate import migrate
+from kongtask.db.connecting import guarded_conninfo
 from kongtask.db.statements import Queries
 from kongtask.errors import KongtaskError
 from kongtask.job import Job
@@ -56,14 +45,20 @@ from kongtask.jobs.local_queue import LocalQueue
 from kongtask.jobs.outbox import Outbox
 from kongtask.jobs.quarantine import CrashGuard
 from kongtask.jobs.sweeper import StopTimers, Sweeper
-from kongtask.protocols import Clock
-from kongtask.runtime.clock import SystemClock
-from kongtask.runtime.os_signals import SignalHandlers, can_install
-from kongtask.runtime.publisher import EventBus
-from kongtask.scheduler import Scheduler
+from kongtask.runtime.control import (
+    ControlMessage,
+    Fatal,
+    Kill,
+    OsSignal,
+    ShutdownRequested,
+    Stop,
+    WorkersStopped,
+)
+from kongtask.runtime.host import Host
+from kongtask.runtime.parts import ActorPart, Part, ThreadsPart
 from kongtask.settings import WorkerSettings
 
-__all__ = ["Supervisor"]
+__all__ = ["FORCEFUL_MESSAGE", "GRACEFUL_MESSAGE", "JobService"]
 
 logger = logging.getLogger(__name__)
 
@@ -72,8 +67,6 @@ _POOL_OPEN_TIMEOUT_S = 30.0
 #: flush outcomes, remove the liveness record, stop the actors) gets this long
 #: in all; an actor stuck on a silent connection costs at most its share.
 SHUTDOWN_GRACE_S = 5.0
-#: No single step of that may take longer than this.
-_STEP_TIMEOUT_S = 2.0
 # What prepared statements do behind pgbouncer in transaction pooling.
 _PREPARED_STATEMENT_ERRORS = (
     pg_errors.DuplicatePreparedStatement,
@@ -83,77 +76,48 @@ GRACEFUL_MESSAGE = "Worker pool is shutting down gracefully"
 FORCEFUL_MESSAGE = "Forced worker shutdown"
 
 
-class Supervisor:
-    """Owns one run: its resources, actors, threads and the shutdown sequence."""
+class JobService:
+    """The job path of one run: its actors, executors and threads, and their shutdown."""
+
+    name = "jobs"
 
     def __init__(
         self,
         *,
-        sender: Any,
         settings: WorkerSettings,
         tasks: Mapping[str, Callable[..., Any]],
-        connection_string: str | None,
-        clock: Clock | None,
-        crontab: CrontabSource | None,
-        cron_items: list[ParsedCronItem] | None = None,
         no_log_success: bool,
         listen_connection_string: str | None = None,
+        pool_id: str | None = None,
     ) -> None:
         self.settings = settings
-        self.pool_id = new_pool_id(settings.once)
-        self._sender = sender
-        self._tasks = dict(tasks)
-        self._connection_string = connection_string
+        self.pool_id = pool_id or new_pool_id(settings.once)
         self._listen_connection_string = listen_connection_string
         self._guard = CrashGuard()
-        self._tasks = {name: self._guard.wrap(handler) for name, handler in self._tasks.items()}
-        self._liveness: pykka.ActorRef[Liveness] | None = None
-        self._shutdown_deadline: float | None = None
-        self._own_clock = clock is None
-        self._clock: Clock = (
-            clock if clock is not None else SystemClock(name=f"kongtask-clock-{self.pool_id}")
-        )
-        self._crontab = crontab
-        self._cron_items = cron_items
-        self.cron: Scheduler | None = None
+        self._tasks = {name: self._guard.wrap(handler) for name, handler in tasks.items()}
         self._no_log_success = no_log_success
-        self._control: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
-        self._stack = ExitStack()
-        self._signals: SignalHandlers | None = None
-        self._thread: threading.Thread | None = None
-        self.done = threading.Event()
-        self.error: BaseException | None = None
+        self._host: Host | None = None
         self.ctx: WorkerContext | None = None
-        self.bus = EventBus(sender)
+        self._liveness: pykka.ActorRef[Liveness] | None = None
         self._claimer: pykka.ActorRef[Claimer] | None = None
         self._completer: pykka.ActorRef[Completer] | None = None
         self._sweeper: pykka.ActorRef[Sweeper] | None = None
         self._executors: ExecutorPool | None = None
         self._listener: Listener | None = None
-        self._shutting_down = False
+        self._outcomes: OutcomeRecorder | None = None
+        self._outbox: Outbox | None = None
+        self._message = GRACEFUL_MESSAGE
+        self._forceful = False
 
     # --- starting -------------------------------------------------------------------
 
-    def start(self, install_signals: bool) -> None:
-        """Connect, migrate and start every actor; raises (having cleaned up) on failure."""
-        try:
-            self._start(install_signals)
-        except BaseException:
-            self._teardown()
-            raise
-
-    def _start(self, install_signals: bool) -> None:
+    def start(self, host: Host) -> None:
+        """Start every job actor on ``host``'s pool and bus; raises on failure (the host
+        then closes this service)."""
+        self._host = host
         settings = self.settings
-        options = settings.connection
-        conninfo = self._stack.enter_context(open_database(self._connection_string))
-        with connect(conninfo, options) as conn:
-            migrate(conn, settings.schema)
-        # Every session of this run announces the pool id as its application_name
-        # (for the operator's eye; liveness itself is the _kongtask_pools record).
-        conninfo = guarded_conninfo(conninfo, options, application_name=self.pool_id)
-        pool = self._open_pool(conninfo)
-        self.bus.start()
-        self._stack.callback(self.bus.stop)
+        pool, conninfo = host.pool, host.conninfo
+        assert pool is not None and conninfo is not None, "the host opens the pool first"
 
         def buffer_low() -> None:
             if self._claimer is not None:
@@ -167,11 +131,12 @@ class Supervisor:
             conninfo=conninfo,
             pool=pool,
             tasks=self._tasks,
-            clock=self._clock,
-            bus=self.bus,
+            clock=host.clock,
+            bus=host.bus,
             queue=local_queue,
             fatal=self._fatal,
-            request_shutdown=lambda message: self._control.put(("shutdown", message)),
+            request_shutdown=host.request_shutdown,
+            run=host.status,
             no_log_success=self._no_log_success,
         )
         self._guard.ctx = ctx
@@ -185,7 +150,7 @@ class Supervisor:
                 settings.local_queue_size,
                 settings.concurrency,
             )
-        self.bus.emit(events.pool_create, pool_id=self.pool_id)
+        host.bus.emit(events.pool_create, pool_id=self.pool_id)
         # The liveness record exists before anything is claimed, so a pool id
         # seen in locked_by without a live record always means a dead pool.
         self._liveness = Liveness.start(ctx, self._nudge)
@@ -201,56 +166,23 @@ class Supervisor:
         # (the executors report them directly, for cron jobs only).
         outcomes = OutcomeRecorder(connect=pool.connection, queries=ctx.queries)
         outcomes.start()
-        self._stack.callback(outcomes.stop)
+        self._outcomes = outcomes
         ctx.cron_outcomes = outcomes
         self._executors = ExecutorPool(
-            ctx, outbox, on_all_stopped=self._workers_stopped, confirm=self._confirm
+            ctx,
+            outbox,
+            on_all_stopped=lambda: host.send(WorkersStopped()),
+            confirm=self._confirm,
         )
         self._executors.start()
         if not settings.once:
             self._sweeper = Sweeper.start(ctx, self._nudge)
-        self._thread = threading.Thread(
-            target=self._supervise, name=f"kongtask-supervisor-{self.pool_id}", daemon=True
-        )
-        self._thread.start()
-        if install_signals and can_install():
-            self._signals = SignalHandlers(self._control)
-            self._signals.install()
-        if self._crontab is not None:
-            # The Runner's cron part is a kongtask.Scheduler on this pool and bus.
-            self.cron = Scheduler._embed(
-                pool=pool,
-                schema=settings.schema,
-                source=self._crontab,
-                items=self._cron_items,
-                clock=self._clock,
-                emit=self.bus.emit,
-                node_name=self.pool_id,
-            )
-            self.cron.start()
         self._nudge()
         logger.info(
             "Worker connected and looking for jobs... (pool %s, task names: %s)",
             self.pool_id,
             ", ".join(f"'{name}'" for name in self._tasks) or "none",
         )
-        self.bus.flush()
-
-    def _open_pool(self, conninfo: str) -> ConnectionPool[Any]:
-        """The run's connection pool: deadlines on every statement, a check on every checkout."""
-        settings = self.settings
-        pool = open_pool(
-            conninfo,
-            settings.connection,
-            name=self.pool_id,
-            min_size=2,
-            max_size=settings.max_pool_size,
-            deadline_s=settings.statement_timeout_s,
-            prepared_statements=settings.prepared_statements,
-            open_timeout_s=_POOL_OPEN_TIMEOUT_S,
-        )
-        self._stack.callback(lambda: pool.close(timeout=self._step_timeout()))
-        return pool
 
     def _start_listener(self, ctx: WorkerContext, conninfo: str) -> None:
         """LISTEN on the listen connection if given, else the main one (not through pgbouncer)."""
@@ -305,124 +237,125 @@ class Supervisor:
             )
             return True
 
-    # --- control --------------------------------------------------------------------
+    # --- what others read -------------------------------------------------------------
 
-    def stop(self) -> None:
-        """Begin a graceful shutdown (emits ``stop``)."""
-        self._control.put(("stop", None))
+    @property
+    def worker_ids(self) -> list[str]:
+        """The ids of the executors, once started."""
+        return list(self._executors.worker_ids) if self._executors is not None else []
 
-    def kill(self) -> None:
-        """Begin (or escalate to) a forceful shutdown."""
-        self._control.put(("kill", FORCEFUL_MESSAGE))
+    @property
+    def executors_busy(self) -> int:
+        """How many executors are running a job now."""
+        return len(self._executors.running()) if self._executors is not None else 0
+
+    @property
+    def listening(self) -> bool | None:
+        """True while LISTEN is connected; None when this service does not listen."""
+        listener = self._listener
+        return None if listener is None else listener.connected.is_set()
+
+    def parts(self) -> list[Part]:
+        """The claimer, completer, sweeper, liveness actors, the listener and the executors."""
+        parts: list[Part] = [
+            ActorPart(name, ref)
+            for name, ref in (
+                ("claimer", self._claimer),
+                ("completer", self._completer),
+                ("sweeper", self._sweeper),
+                ("liveness", self._liveness),
+            )
+            if ref is not None
+        ]
+        if self._listener is not None:
+            parts.append(self._listener.part())
+        if self._outcomes is not None:
+            parts.append(self._outcomes.part())
+        executors = self._executors
+        if executors is not None:
+            parts.append(
+                ThreadsPart("executors", executors.threads, busy=lambda: len(executors.running()))
+            )
+        return parts
 
     def join(self, timeout_s: float) -> None:
-        """Wait until cron has scheduled every minute up to the clock's time, then until
-        nothing runnable is claimed, running or unrecorded."""
+        """Wait until nothing runnable is claimed, running or unrecorded (TimeoutError)."""
         claimer = self._claimer
-        if claimer is None or self.done.is_set():
+        if claimer is None or self._host is None or self._host.status.stopped:
             return
-        deadline = self._clock_monotonic() + timeout_s
-        cron = self.cron
-        if cron is not None and not cron.wait_caught_up(timeout_s):
-            raise TimeoutError(f"cron had not caught up with its clock after {timeout_s}s")
-        timeout_s = max(0.0, deadline - self._clock_monotonic())
         idle = threading.Event()
         claimer.tell(JoinRequest(idle))
         if not idle.wait(timeout_s):
             held = self._ask(claimer, HeldCount())
             raise TimeoutError(f"the worker still had {held} job(s) in hand after {timeout_s}s")
 
-    def restore_signals(self) -> None:
-        """Put the host's signal handlers back (only possible from the main thread)."""
-        if self._signals is not None:
-            self._signals.remove()
-
     def _fatal(self, action: str, exc: BaseException) -> None:
-        if self.error is None:
-            self.error = exc
-        self.bus.emit(events.pool_fatal_error, pool_id=self.pool_id, error=exc, action=action)
+        assert self._host is not None
+        self._host.bus.emit(events.pool_fatal_error, pool_id=self.pool_id, error=exc, action=action)
         message = f"{action} failed: {exc}"
         if isinstance(exc, _PREPARED_STATEMENT_ERRORS) and not self.settings.pgbouncer:
             message += (
                 " (prepared statements are lost or doubled: is the connection going through "
                 "pgbouncer in transaction pooling? Then run with pgbouncer=True / --pgbouncer)"
             )
-        self._control.put(("fatal", message))
+        self._host.fail(message, exc)
 
-    def _workers_stopped(self) -> None:
-        self._control.put(("workers_stopped", None))
-
-    def _supervise(self) -> None:
-        try:
-            self._control_loop()
-        except BaseException as exc:
-            # A bug here must not leave the actors running unsupervised.
-            logger.exception("The supervisor of worker pool %s failed", self.pool_id)
-            if self.error is None:
-                self.error = exc
-            if not self.done.is_set():
-                self._teardown()
-
-    def _control_loop(self) -> None:
-        signals_seen = 0
-        while True:
-            kind, value = self._control.get()
-            if kind == "signal":
-                if value == signal.SIGHUP:
-                    self._reload()
-                    continue
-                signals_seen += 1
-                name = signal.Signals(value).name
-                self.bus.emit(events.graceful_shutdown, signal=name)
-                logger.info("Received %s; shutting down gracefully (send again to force)", name)
-                self._shutdown(f"{GRACEFUL_MESSAGE} ({name})", forceful=False)
-                return
-            if kind == "stop":
-                self.bus.emit(events.stop)
-                self._shutdown(GRACEFUL_MESSAGE, forceful=False)
-                return
-            if kind == "kill":
-                self.bus.emit(events.stop)
-                self._shutdown(value, forceful=True)
-                return
-            if kind in ("shutdown", "fatal"):
-                if kind == "fatal":
-                    logger.error("Shutting down worker pool %s: %s", self.pool_id, value)
-                else:
-                    logger.info("%s", value)
-                self._shutdown(value, forceful=False)
-                return
-
-    def _reload(self) -> None:
-        if self.cron is None:
-            logger.info("SIGHUP received; no crontab to reload")
-            return
-        logger.info("SIGHUP received; reloading the crontab")
-        self.cron.request_reload()
+    def reload(self) -> bool:
+        """Nothing on the job path reloads."""
+        return False
 
     # --- stopping -------------------------------------------------------------------
 
-    def _shutdown(self, message: str, *, forceful: bool) -> None:
-        ctx = self.ctx
-        assert ctx is not None and self._executors is not None
-        ctx.stopping = True
-        signal_name = events.pool_forceful_shutdown if forceful else events.pool_graceful_shutdown
-        self.bus.emit(signal_name, pool_id=self.pool_id, message=message)
+    def announce(self, cause: ControlMessage) -> None:
+        """Emit and log why the pool stops; remember the message and whether it is forced."""
+        assert self._host is not None
+        bus = self._host.bus
+        match cause:
+            case OsSignal(signum=signum):
+                name = signal.Signals(signum).name
+                bus.emit(events.graceful_shutdown, signal=name)
+                logger.info("Received %s; shutting down gracefully (send again to force)", name)
+                self._message = f"{GRACEFUL_MESSAGE} ({name})"
+            case Stop():
+                bus.emit(events.stop)
+            case Kill():
+                bus.emit(events.stop)
+                self._message, self._forceful = FORCEFUL_MESSAGE, True
+            case Fatal(message=message):
+                logger.error("Shutting down worker pool %s: %s", self.pool_id, message)
+                self._message = message
+            case ShutdownRequested(message=message):
+                logger.info("%s", message)
+                self._message = message
+            case _:
+                pass
+        signal_name = (
+            events.pool_forceful_shutdown if self._forceful else events.pool_graceful_shutdown
+        )
+        bus.emit(signal_name, pool_id=self.pool_id, message=self._message)
+
+    def shutdown(self, cause: ControlMessage) -> None:
+        """Give back buffered jobs, drain or abort the running ones, flush, deregister."""
+        host = self._host
+        assert host is not None and self._executors is not None and self._outbox is not None
+        message, forceful = self._message, self._forceful
         force_failed: list[Any] = []
-        self._stop_cron()
         try:
             if forceful:
-                ctx.give_up.set()
+                host.abort()
             if self._listener is not None:
-                self._listener.stop(_STEP_TIMEOUT_S)
+                self._listener.stop(host.step_timeout())
             if self._sweeper is not None:
                 self._sweeper.tell(StopTimers())
             self._ask(self._claimer, Shutdown())
             self._executors.release()
-            forceful = self._wait_for_workers(forceful)
+            executors = self._executors
+            forceful = forceful or host.wait_drained(
+                executors.all_stopped, self.settings.graceful_shutdown_abort_timeout_s
+            )
             if not forceful:
                 self._executors.signal_abort()
-            self._shutdown_deadline = self._clock_monotonic() + SHUTDOWN_GRACE_S
+            host.begin_grace(SHUTDOWN_GRACE_S)
             force_failed = self._executors.abandon_running()
             fail_message = FORCEFUL_MESSAGE if forceful else message
             for job in force_failed:
@@ -436,7 +369,7 @@ class Supervisor:
             self._ask(self._completer, FLUSH)
             self._ask(self._liveness, Deregister())
             for worker_id in self._executors.still_running_ids():
-                self.bus.emit(events.worker_stop, worker_id=worker_id, error=None)
+                host.bus.emit(events.worker_stop, worker_id=worker_id, error=None)
         except Exception as exc:
             logger.exception("Shutting down worker pool %s failed", self.pool_id)
             error_signal = (
@@ -444,64 +377,23 @@ class Supervisor:
                 if forceful
                 else events.pool_graceful_shutdown_error
             )
-            self.bus.emit(error_signal, pool_id=self.pool_id, error=exc)
-            if self.error is None:
-                self.error = exc
+            host.bus.emit(error_signal, pool_id=self.pool_id, error=exc)
+            if host.error is None:
+                host.error = exc
         else:
             if forceful:
-                self.bus.emit(
+                host.bus.emit(
                     events.pool_forceful_shutdown_complete,
                     pool_id=self.pool_id,
                     force_failed_jobs=force_failed,
                 )
             else:
-                self.bus.emit(events.pool_graceful_shutdown_complete, pool_id=self.pool_id)
-        finally:
-            self._teardown()
-
-    def _wait_for_workers(self, forceful: bool) -> bool:
-        """Wait for the workers until the abort timeout; True if the wait was forced short."""
-        assert self._executors is not None
-        if forceful:
-            return True
-        deadline = self._clock_monotonic() + self.settings.graceful_shutdown_abort_timeout_s
-        while not self._executors.all_stopped():
-            remaining = deadline - self._clock_monotonic()
-            if remaining <= 0:
-                return False
-            try:
-                kind, value = self._control.get(timeout=remaining)
-            except queue.Empty:
-                return False
-            if kind == "kill" or (kind == "signal" and value != signal.SIGHUP):
-                if kind == "signal":
-                    self.bus.emit(events.forceful_shutdown, signal=signal.Signals(value).name)
-                if self.ctx is not None:
-                    self.ctx.give_up.set()
-                return True
-            if kind == "signal":
-                self._reload()
-        return False
-
-    @staticmethod
-    def _clock_monotonic() -> float:
-        # The abort timeout is real time even with a manual clock: a test's
-        # handlers run on real threads.
-        import time
-
-        return time.monotonic()
-
-    def _step_timeout(self) -> float:
-        """How long the next shutdown step may take: its share of what is left of the grace."""
-        deadline = self._shutdown_deadline
-        if deadline is None:
-            return _STEP_TIMEOUT_S
-        return max(0.1, min(_STEP_TIMEOUT_S, deadline - self._clock_monotonic()))
+                host.bus.emit(events.pool_graceful_shutdown_complete, pool_id=self.pool_id)
 
     def _ask(self, ref: pykka.ActorRef[Any] | None, message: object) -> Any:
-        if ref is None:
+        if ref is None or self._host is None:
             return None
-        timeout = self._step_timeout()
+        timeout = self._host.step_timeout()
         try:
             return ref.ask(message, timeout=timeout)
         except pykka.ActorDeadError:
@@ -516,39 +408,21 @@ class Supervisor:
             )
             return None
 
-    def _stop_cron(self) -> None:
-        cron, self.cron = self.cron, None
-        if cron is not None:
-            cron.stop()
-
-    def _teardown(self) -> None:
-        """Stop exactly what this run started, in reverse order; never raises."""
-        self._stop_cron()
+    def close(self) -> None:
+        """Stop exactly the actors and threads this service started; never raises."""
+        host = self._host
+        step = host.step_timeout if host is not None else (lambda: 2.0)
         if self.ctx is not None:
-            self.ctx.stopping = True
             self.ctx.queue.close()
         for ref in (self._sweeper, self._claimer, self._completer, self._liveness):
             if ref is not None:
                 try:
-                    ref.stop(timeout=self._step_timeout())
+                    ref.stop(timeout=step())
                 except (pykka.ActorDeadError, pykka.Timeout):
                     pass
         if self._listener is not None:
-            self._listener.stop(self._step_timeout())
-        if self.ctx is not None:
-            self.bus.emit(events.pool_release, pool_id=self.pool_id)
-        try:
-            self._stack.close()
-        except Exception:
-            logger.exception("Releasing the resources of worker pool %s failed", self.pool_id)
-        if self._own_clock:
-            close = getattr(self._clock, "close", None)
-            if close is not None:
-                close()
-        self.restore_signals()
-        self.done.set()
-
-    def check(self) -> None:
-        """Raise the fatal error that ended the run, if there was one."""
-        if self.error is not None:
-            raise KongtaskError(f"worker pool {self.pool_id} failed: {self.error}") from self.error
+            self._listener.stop(step())
+        if self._outcomes is not None:
+            self._outcomes.stop()
+        if self.ctx is not None and host is not None:
+            host.bus.emit(events.pool_release, pool_id=self.pool_id)

@@ -59,7 +59,6 @@ class Sweeper(DbActor):
         super().__init__(ctx)
         self._nudge = nudge
         self._timer: TimerHandle | None = None
-        self._active = True
 
     def on_start(self) -> None:
         settings = self.ctx.settings
@@ -70,10 +69,9 @@ class Sweeper(DbActor):
         match message:
             case Sweep():
                 self._timer = None
-                if self._active:
+                if not self.ctx.stopping:
                     self._sweep()
             case StopTimers():
-                self._active = False
                 if self._timer is not None:
                     self._timer.cancel()
                     self._timer = None
@@ -117,5 +115,5 @@ class Sweeper(DbActor):
         finally:
             # The sweep borrows a connection only while it runs.
             self._drop_connection(broken=False)
-        if self._active:
+        if not self.ctx.stopping:
             self._schedule(delay)

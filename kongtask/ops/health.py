@@ -38,6 +38,7 @@ import psycopg
 
 from kongtask.db.statements import Queries
 from kongtask.errors import ConfigurationError
+from kongtask.ops.view import RunnerView
 from kongtask.settings import DEFAULT_SCHEMA
 
 __all__ = [
@@ -56,6 +57,8 @@ DB_TIMEOUT_S = 2.0
 #: Default deadline for every actor to answer the liveness probe (seconds); a
 #: healthy actor answers within microseconds, one in a database call is seen at once.
 PROBE_TIMEOUT_S = 0.5
+# How often the server checks whether its Runner has stopped (then it stops too).
+_RUNNER_CHECK_S = 0.2
 
 ConnectionFactory = Callable[[], AbstractContextManager[Any]]
 StartResponse = Callable[..., Any]
@@ -141,7 +144,7 @@ class Probes:
     def __init__(
         self,
         *,
-        runner: Any = None,
+        runner: RunnerView | None = None,
         connect: ConnectionFactory | None = None,
         schema: str | None = None,
         metrics: Any = None,
@@ -152,9 +155,10 @@ class Probes:
             if runner is None:
                 raise ValueError("Probes needs a runner or a connect callable")
 
+            view = runner
+
             def connect() -> AbstractContextManager[Any]:
-                manager: AbstractContextManager[Any] = runner.connection(timeout_s=db_timeout_s)
-                return manager
+                return view.connection(timeout_s=db_timeout_s)
 
         if schema is None:
             schema = runner.settings.schema if runner is not None else DEFAULT_SCHEMA
@@ -199,16 +203,14 @@ class Probes:
             checks.update(self._cron_check(runner))
         return all(check["ok"] for check in checks.values()), checks
 
-    def _cron_check(self, runner: Any) -> dict[str, Any]:
+    def _cron_check(self, runner: RunnerView) -> dict[str, Any]:
         """Cron is behind when the minute it must handle next is over ``CRON_BEHIND_BOUND_S`` old.
 
         Measured live from the Runner's Scheduler (so it turns green as soon
         as cron has caught up, whether or not the minutes it caught up on had
         firings); the latest firing lag from the metrics is reported beside it.
         """
-        supervisor = getattr(runner, "_supervisor", None)
-        scheduler = getattr(supervisor, "cron", None)
-        lag = scheduler.lag_s() if scheduler is not None else None
+        lag = runner.cron_lag_s()
         if lag is None:
             return {}
         behind = lag > CRON_BEHIND_BOUND_S
@@ -435,7 +437,7 @@ class OpsServer:
     @classmethod
     def for_runner(
         cls,
-        runner: Any,
+        runner: RunnerView,
         *,
         host: str = "127.0.0.1",
         port: int = 0,
@@ -448,8 +450,7 @@ class OpsServer:
         from kongtask.ops.metrics import DEPTH_MAX_TASKS, Metrics
 
         def connect() -> AbstractContextManager[Any]:
-            manager: AbstractContextManager[Any] = runner.connection(timeout_s=DB_TIMEOUT_S)
-            return manager
+            return runner.connection(timeout_s=DB_TIMEOUT_S)
 
         metrics = Metrics(
             connect=connect,
@@ -491,7 +492,7 @@ class OpsServer:
 
     metrics: Any = None
     probes: Any = None
-    _runner: Any = None
+    _runner: RunnerView | None = None
 
     @property
     def port(self) -> int:
@@ -547,19 +548,18 @@ class OpsServer:
         self._thread.start()
         logger.info("Serving /metrics, /healthz and /readyz on %s", self.url)
         runner = self._runner
-        supervisor = getattr(runner, "_supervisor", None)
-        if supervisor is not None:
+        if runner is not None:
             threading.Thread(
                 target=self._stop_with,
-                args=(supervisor.done,),
+                args=(runner,),
                 daemon=True,
                 name="kongtask-ops-watch",
             ).start()
         return self
 
-    def _stop_with(self, done: threading.Event) -> None:
-        while not done.wait(1.0):
-            if self._stopped.is_set():
+    def _stop_with(self, runner: RunnerView) -> None:
+        while runner.running:
+            if self._stopped.wait(_RUNNER_CHECK_S):
                 return
         self.stop()
 

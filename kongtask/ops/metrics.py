@@ -43,7 +43,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 try:
@@ -62,6 +62,7 @@ from kongtask import events
 from kongtask.db.statements import Queries
 from kongtask.db.timestamps import OutOfRangeTimestamp
 from kongtask.ops.status import JOB_STATES, LIVE_POOL_BOUND_S
+from kongtask.ops.view import RunnerView
 from kongtask.settings import DEFAULT_SCHEMA
 from kongtask.validate import check_int
 
@@ -299,7 +300,7 @@ class Metrics:
             buckets=(0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, float("inf")),
             registry=reg,
         )
-        self._runners: list[Any] = []
+        self._runners: list[RunnerView] = []
         self._receivers: list[tuple[Any, Callable[..., None]]] = []
         self._started: dict[tuple[str, int], float] = {}
         self._by_task: dict[str, _TaskMetrics] = {}
@@ -318,7 +319,7 @@ class Metrics:
         with self._lock:
             return list(self._runners)
 
-    def attach(self, runner: Any) -> None:
+    def attach(self, runner: RunnerView) -> None:
         """Count ``runner``'s jobs and cron firings (call before it starts to miss nothing)."""
         with self._lock:
             self._runners.append(runner)
@@ -412,16 +413,15 @@ class Metrics:
         self.cron_lag_s[id(sender)] = (lag, time.monotonic())
 
 
-def _now(runner: Any) -> datetime:
-    """The Runner's clock (a test's ManualClock), else the system's."""
-    clock = getattr(runner, "_clock", None)
-    return clock.now() if clock is not None else datetime.now(UTC)
+def _now(runner: RunnerView) -> datetime:
+    """The Runner's clock (a test's ManualClock)."""
+    return runner.now()
 
 
 def register(
     registry: CollectorRegistry,
     *,
-    runner: Any = None,
+    runner: RunnerView | None = None,
     connect: ConnectionFactory | None = None,
     schema: str | None = None,
     depth_max_tasks: int = DEPTH_MAX_TASKS,

@@ -1,6 +1,6 @@
 """OS signal handling for a Runner started from the main thread (opt-in).
 
-The handler does nothing but put the signal on the Runner's control queue (a
+The handler does nothing but put the signal (an ``OsSignal``) on the host's control queue (a
 ``queue.SimpleQueue``, safe in a signal handler) and chain to whatever handler
 was there before, so a host's own handlers keep working. Handlers are put
 back as they were when the Runner stops.
@@ -15,6 +15,8 @@ import threading
 from collections.abc import Callable
 from types import FrameType
 from typing import Any
+
+from kongtask.runtime.control import OsSignal
 
 __all__ = ["SignalHandlers", "can_install"]
 
@@ -58,7 +60,7 @@ class SignalHandlers:
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         if self._active:
-            self._control.put(("signal", signum))
+            self._control.put(OsSignal(signum))
         previous = self._previous.get(signum)
         if (callable(previous) and previous is not signal.default_int_handler) or (
             not self._active and previous is signal.default_int_handler

@@ -20,9 +20,9 @@ from typing import Any
 
 import pykka
 
-from kongtask.runtime.actor import PROBE
+from kongtask.runtime.actor import PROBE, Probe
 
-__all__ = ["PROBE", "DatabaseWait", "probe_actors"]
+__all__ = ["PROBE", "DatabaseWait", "Probe", "probe_actors"]
 
 # How long answers are awaited before a silent actor's database mark is read;
 # a healthy actor answers within microseconds, a quick statement within this.

@@ -20,6 +20,7 @@ import pykka
 from blinker import NamedSignal
 
 from kongtask.runtime.actor import Actor, ErrorPolicy
+from kongtask.runtime.parts import ActorPart, Part
 
 __all__ = ["Drain", "EventBus", "EventPublisher"]
 
@@ -94,6 +95,11 @@ class EventBus:
             actor.ask(_DRAIN, timeout=timeout_s)
         except pykka.ActorDeadError:
             self.deliver_all()
+
+    def parts(self) -> list[Part]:
+        """The publisher actor as a part (none before start or after stop)."""
+        actor = self._actor
+        return [ActorPart("publisher", actor)] if actor is not None else []
 
     def stop(self) -> None:
         """Deliver what is queued, then stop the publisher actor."""

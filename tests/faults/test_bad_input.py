@@ -484,8 +484,7 @@ def test_handlers_raising_base_exceptions_fail_only_their_job(
     with recording(runner) as log, runner:
         runner.join(30)
         assert runner.running
-        supervisor = runner._supervisor
-        assert supervisor is not None and not supervisor._executors.all_stopped()  # type: ignore[union-attr]
+        assert runner.probe()["executors"] == {"ok": True}
         # Still working after all of them: a new job runs.
         runner.add_job("ok", {"n": 99})
         runner.join(30)

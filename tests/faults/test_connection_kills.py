@@ -109,11 +109,7 @@ def test_terminated_backends_under_load(
             successes = log.count("pool:listen:success")
             assert successes >= 2
             wait_until(
-                lambda: (
-                    runner._supervisor is not None
-                    and runner._supervisor._listener is not None
-                    and runner._supervisor._listener.connected.is_set()
-                ),
+                lambda: runner.listening is True,
                 what="the LISTEN connection to be back",
             )
             runner.join(30)
@@ -129,12 +125,9 @@ def test_terminated_backends_under_load(
             assert time.monotonic() - added < 10
 
             # No actor died silently: every one is alive and the Runner still works.
-            supervisor = runner._supervisor
-            assert supervisor is not None and supervisor.error is None
-            for ref in (supervisor._claimer, supervisor._completer, supervisor._sweeper):
-                assert ref is not None and ref.is_alive()
-            assert supervisor._executors is not None
-            assert not supervisor._executors.all_stopped()
+            probe = runner.probe()
+            for name in ("claimer", "completer", "sweeper", "executors"):
+                assert probe[name]["ok"], (name, probe[name])
             assert log.count("pool:fatalError") == 0
         finally:
             stopped = runner.stop(60)

@@ -27,7 +27,7 @@ import pytest
 from kongtask import Runner, WorkerUtils
 from kongtask.jobs.claimer import Claimer, HeldCount
 from kongtask.jobs.listener import Listener
-from tests.integration.worker_support import wait_until
+from tests.integration.worker_support import actor_ref, wait_until
 
 pytestmark = pytest.mark.faults
 
@@ -112,8 +112,7 @@ def test_jobs_of_a_claim_whose_answer_was_lost_are_adopted(
         with cond:
             assert cond.wait_for(lambda: len(runs) == CONCURRENCY, 20), runs
         assert listener_told.wait(20), "the listener never connected"
-        claimer = runner._supervisor._claimer  # type: ignore[union-attr]
-        assert claimer is not None
+        claimer = actor_ref(runner, "claimer")
         claimer.ask(HeldCount(), timeout=20)  # every wake-up sent so far is processed
         armed.set()
         gate.set()

@@ -20,6 +20,8 @@ from kongtask import Runner, WorkerUtils
 from kongtask.jobs.claimer import Claimer, HeldCount, InsertNotified, Wake
 from kongtask.jobs.fetch_policy import PollDue
 from kongtask.jobs.listener import Listener
+from kongtask.runtime.host import RunState
+from tests.integration.worker_support import actor_ref, capture_contexts
 
 POLL_S = 60.0  # nothing here may wait for a poll
 
@@ -50,9 +52,7 @@ class _ToldCounter:
 
 
 def _claimer(runner: Runner) -> Any:
-    claimer = runner._supervisor._claimer  # type: ignore[union-attr]
-    assert claimer is not None
-    return claimer
+    return actor_ref(runner, "claimer")
 
 
 def test_an_insert_notified_during_a_claim_is_claimed_right_after(
@@ -114,6 +114,7 @@ def test_a_stopping_pool_never_claims_again(
         return original_claim(self, conn, want)
 
     monkeypatch.setattr(Claimer, "_claim", claim)
+    contexts = capture_contexts(monkeypatch)
     started = threading.Event()
 
     def slow(payload: dict[str, Any], helpers: Any) -> None:
@@ -135,7 +136,9 @@ def test_a_stopping_pool_never_claims_again(
     try:
         assert started.wait(20)
         claimer = _claimer(runner)
-        runner._supervisor.ctx.stopping = True  # type: ignore[union-attr]
+        # The host begins draining, before its Shutdown message reaches the claimer.
+        [ctx] = contexts
+        ctx.run.advance(RunState.DRAINING)
         stopping.set()
         # Every kind of wake-up, as a shutdown can meet them.
         for message in (InsertNotified(), Wake(), PollDue(), InsertNotified()):

@@ -27,7 +27,7 @@ from tests.faults.test_cron_faults import (  # noqa: F401  (the fixture)
     private_server_fixture,
 )
 from tests.integration.ops_support import add, counts_by_sql, seed_every_state
-from tests.integration.worker_support import wait_until
+from tests.integration.worker_support import actor_ref, wait_until
 
 
 def get(url: str) -> tuple[int, str]:
@@ -431,7 +431,7 @@ def test_healthz_names_a_stopped_cron_actor(db_url: str) -> None:
     with runner:
         healthz = runner.ops_server.url + "/healthz"
         assert get(healthz)[0] == 200
-        runner.scheduler.parts()["cron:loader"].stop()
+        actor_ref(runner, "cron:loader").stop()
         status, report, _ = timed_get(healthz)
         assert status == 503, report
         assert report["checks"]["cron:loader"] == {"ok": False, "error": "the actor has stopped"}

@@ -148,3 +148,41 @@ def test_a_crontab_task_without_a_handler_is_warned_about(
         f"Cron item 'typo' (line 3 of crontab file '{crontab}') names task 'reprot', which"
         " this worker has no handler for; its jobs wait for a worker that has one"
     ]
+
+
+def test_every_actor_and_thread_group_is_a_part(db_url: str) -> None:
+    """The job path's parts, cron's, the publisher's: named, probed and counted."""
+    clock = ManualClock(START)
+    runner = kongtask.Runner(
+        tasks={"report": lambda payload, helpers: None},
+        connection_string=db_url,
+        crontab="0 4 * * * report",
+        clock=clock,
+        concurrency=2,
+        install_signal_handlers=False,
+    )
+    assert runner.parts() == []
+    with runner:
+        parts = {part.name: part for part in runner.parts()}
+        assert set(parts) == {
+            "publisher",
+            "claimer",
+            "completer",
+            "sweeper",
+            "liveness",
+            "listener",
+            "cron:outcomes",
+            "executors",
+            "cron:writer",
+            "cron:matcher",
+            "cron:loader",
+            "cron:watcher",
+        }
+        for part in parts.values():
+            assert part.probe(5.0) is None, part.name
+            stats = part.stats()
+            assert stats and all(isinstance(value, int | float) for value in stats.values())
+        assert parts["executors"].stats()["threads"] == 2
+        assert set(runner.probe()) == set(parts)
+        assert runner.scheduler.parts() and {p.name for p in runner.scheduler.parts()} <= set(parts)
+    assert runner.parts() == []

@@ -12,7 +12,7 @@ import pytest
 
 from kongtask.runner import Runner, run, run_once
 
-from .worker_support import add_jobs_sql, jobs, locked_queues, recording
+from .worker_support import add_jobs_sql, capture_contexts, jobs, locked_queues, recording
 
 
 def _once(db_url: str, tasks: dict[str, Any], **options: Any) -> Runner:
@@ -247,9 +247,12 @@ def test_live_worker_picks_up_new_jobs_via_listen(db_url: str, db: psycopg.Conne
     assert jobs(db) == []
 
 
-def test_unsupported_task_fails_the_job(db_url: str, db: psycopg.Connection[Any]) -> None:
+def test_unsupported_task_fails_the_job(
+    db_url: str, db: psycopg.Connection[Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
     # Cannot happen through the API (only our own task ids are claimed), so
     # remove the handler behind the Runner's back once it has registered it.
+    contexts = capture_contexts(monkeypatch)
     runner = run(
         tasks={"t": lambda payload, helpers: None},
         connection_string=db_url,
@@ -257,8 +260,8 @@ def test_unsupported_task_fails_the_job(db_url: str, db: psycopg.Connection[Any]
     )
     with runner, recording(runner) as log:
         runner.join(10)
-        assert runner._supervisor is not None
-        del runner._supervisor._tasks["t"]
+        [ctx] = contexts
+        del ctx.tasks["t"]  # type: ignore[attr-defined]  # a dict behind the Mapping
         runner.add_job("t", {})
         log.wait_for("job:complete")
         runner.join(10)

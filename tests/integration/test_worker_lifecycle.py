@@ -176,7 +176,7 @@ def test_stop_escalates_when_killed_during_the_drain(
         runner.start()
         runner.add_job("hang", {})
         assert started.wait(10)
-        runner._supervisor.stop()  # type: ignore[union-attr]
+        assert not runner.stop(timeout=0)  # the drain begins; the handler keeps it going
         log.wait_for("worker:release")
         assert runner.kill(30)
         finished.set()

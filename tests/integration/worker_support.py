@@ -9,9 +9,12 @@ from contextlib import contextmanager
 from typing import Any
 
 import psycopg
+import pytest
 
 from kongtask import events
+from kongtask.jobs.context import WorkerContext
 from kongtask.runner import Runner
+from kongtask.runtime.parts import ActorPart
 
 DEADLINE_S = 30.0
 
@@ -143,3 +146,24 @@ def run_until_ran(db_url: str, expected: set[Any]) -> dict[Any, Any]:
         runner.join(20)
         assert runner.running, "the worker stopped"
     return ran
+
+
+def actor_ref(runner: Runner, name: str) -> Any:
+    """The actor behind the part ``name`` of a running Runner (to send it messages)."""
+    for part in runner.parts():
+        if part.name == name and isinstance(part, ActorPart):
+            return part.ref
+    raise AssertionError(f"the Runner has no actor part {name!r}")
+
+
+def capture_contexts(monkeypatch: pytest.MonkeyPatch) -> list[WorkerContext]:
+    """Record every WorkerContext made from now on (the state a Runner's actors share)."""
+    made: list[WorkerContext] = []
+    original = WorkerContext.__post_init__
+
+    def post_init(self: WorkerContext) -> None:
+        original(self)
+        made.append(self)
+
+    monkeypatch.setattr(WorkerContext, "__post_init__", post_init)
+    return made

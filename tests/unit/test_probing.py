@@ -88,3 +88,32 @@ def test_a_stopped_actor_is_named(parts: dict[str, Any]) -> None:
     refs["idle"].stop(timeout=5)
     result = probe_actors({"idle": refs["idle"], "absent": None}, 0.5)
     assert result == {"idle": {"ok": False, "error": "the actor has stopped"}}
+
+
+def test_a_probe_is_answered_before_a_db_actor_handles_anything() -> None:
+    """The typed probe never reaches ``handle`` (the claimer's feeds its fetch policy)."""
+    from types import SimpleNamespace
+    from typing import cast
+
+    from kongtask.jobs.context import WorkerContext
+    from kongtask.jobs.db_actor import DbActor
+    from kongtask.runtime.probing import PROBE
+
+    handled: list[object] = []
+
+    class Recorder(DbActor):
+        action = "recording"
+
+        def handle(self, message: Any) -> Any:
+            handled.append(message)
+            return "handled"
+
+    ctx = cast(WorkerContext, SimpleNamespace(pool_id="pool-test", fatal=lambda *_: None))
+    ref = Recorder.start(ctx)
+    try:
+        assert ref.ask(PROBE, timeout=5) is True  # answered by the base class
+        assert ref.ask("other", timeout=5) == "handled"
+        assert probe_actors({"recorder": ref}, 1.0) == {"recorder": {"ok": True}}
+    finally:
+        ref.stop()
+    assert handled == ["other"]

@@ -24,6 +24,7 @@ from typing import Any
 import psycopg
 
 from kongtask.db.statements import Queries
+from kongtask.runtime.parts import Part, ThreadsPart
 
 __all__ = ["OutcomeRecorder"]
 
@@ -71,6 +72,11 @@ class OutcomeRecorder:
             target=self._run, name="kongtask-cron-outcomes", daemon=True
         )
         self._thread.start()
+
+    def part(self) -> Part:
+        """The flushing thread as a part (``cron:outcomes``): healthy while it runs."""
+        thread = self._thread
+        return ThreadsPart("cron:outcomes", lambda: [("flush", thread)] if thread else [])
 
     def stop(self) -> None:
         """Write what is pending and stop the thread."""
