@@ -53,7 +53,7 @@ from kongtask.cron.types import CronItem, ParsedCronItem
 from kongtask.db.connecting import DEFAULT_CONNECTION_SETTINGS, connect, open_pool
 from kongtask.db.conninfo import open_database, resolve_schema
 from kongtask.db.migrate import migrate
-from kongtask.db.statements import CRON_ITEMS_CHANNEL, Queries
+from kongtask.db.statements import Queries
 from kongtask.errors import ConfigurationError, KongtaskError
 from kongtask.protocols import Clock
 from kongtask.runtime.clock import SystemClock
@@ -504,9 +504,7 @@ class Scheduler:
                 conninfo = self._pool.conninfo
                 conninfo = conninfo() if callable(conninfo) else conninfo
                 conn = psycopg.connect(conninfo, autocommit=True)
-                conn.execute(
-                    psycopg.sql.SQL("listen {}").format(psycopg.sql.Identifier(CRON_ITEMS_CHANNEL))
-                )
+                conn.execute(self._queries.listen_cron_items)
                 self._listen_conn = conn
                 if self._stop_watch.is_set():
                     # Stopping began while this connected; the teardown closed
@@ -531,7 +529,7 @@ class Scheduler:
             return
         with self._connection() as conn:
             before = clock.now()
-            row = conn.execute("select clock_timestamp()").fetchone()
+            row = conn.execute(self._queries.database_clock).fetchone()
             after = clock.now()
         assert row is not None
         local = before + (after - before) / 2
@@ -552,7 +550,7 @@ class Scheduler:
 
     def _prune(self) -> None:
         with self._connection() as conn:
-            row = conn.execute("select now()").fetchone()
+            row = conn.execute(self._queries.ping).fetchone()
             assert row is not None
             removed = prune_history(conn, self._queries, row[0] - self.history_retention)
         if removed:
