@@ -114,7 +114,7 @@ order by spec.ord
 -- not visible to a join in this same statement.)
 select job.id, job.task_id, job.run_at, job.payload::text
 from {s}.add_jobs(
-    array(select json_populate_recordset(null::{s}.job_spec, %(specs)s::json)),
+    {job_specs},
     false
 ) as job
 

@@ -27,6 +27,11 @@ set locked_by = null, locked_at = null
 from finished
 where queues.id = finished.job_queue_id and queues.locked_by = %(pool_id)s::text
 
+-- fragment: job_specs
+-- The jobs to add, sent as one JSON array (the `specs` parameter), as the
+-- job_spec[] the schema's add_jobs function takes.
+array(select json_populate_recordset(null::{s}.job_spec, %(specs)s::json))
+
 -- name: add_job
 -- One job through the schema's own add_job function (job keys, queue and task
 -- rows, NOTIFY are all handled in the database). The join adds the task
@@ -51,7 +56,7 @@ from {s}.add_job(
 -- job_spec values in the database; rows come back in input order.
 select {job_columns}
 from {s}.add_jobs(
-    array(select json_populate_recordset(null::{s}.job_spec, %(specs)s::json)),
+    {job_specs},
     %(preserve_run_at)s::boolean
 ) as jobs
 {task_of_job}

@@ -8,6 +8,11 @@
 -- are kongtask pools, which keep a liveness row; others are Node workers.
 '^(ot)?pool-[0-9a-f]+$'
 
+-- fragment: dead_before
+-- The moment before which a heartbeat (or a lock) is too old for a live pool:
+-- now, less the dead-pool bound in seconds (the `dead_after_s` parameter).
+now() - %(dead_after_s)s * interval '1 second'
+
 -- name: register_pool
 -- A pool announces itself before it claims anything. Timestamps are the
 -- database's, never the worker's, so a skewed host clock cannot fake a death.
@@ -38,7 +43,7 @@ delete from {s}._kongtask_pools where pool_id = %(pool_id)s::text
 -- pools have no row and are never touched here (the 4-hour sweep frees them).
 with dead as (
     delete from {s}._kongtask_pools as pools
-    where pools.last_seen < now() - %(dead_after_s)s * interval '1 second'
+    where pools.last_seen < {dead_before}
     returning pools.pool_id, pools.last_seen
 ),
 crashed as (
@@ -98,11 +103,11 @@ select
 with holders as (
     select jobs.locked_by from {s}._private_jobs as jobs
     where jobs.locked_by ~ {kongtask_pool_id}
-    and jobs.locked_at < now() - %(dead_after_s)s * interval '1 second'
+    and jobs.locked_at < {dead_before}
     union
     select queues.locked_by from {s}._private_job_queues as queues
     where queues.locked_by ~ {kongtask_pool_id}
-    and queues.locked_at < now() - %(dead_after_s)s * interval '1 second'
+    and queues.locked_at < {dead_before}
 )
 select holders.locked_by from holders
 where not exists (
@@ -158,7 +163,7 @@ where (%(any_holder)s or locked_by ~ {kongtask_pool_id})
   and not exists (
     select 1 from {s}._kongtask_pools as pools
     where pools.pool_id = holders.locked_by
-    and pools.last_seen >= now() - %(dead_after_s)s * interval '1 second'
+    and pools.last_seen >= {dead_before}
   )
 group by locked_by
 order by min(since)
