@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import difflib
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
@@ -55,6 +55,7 @@ def parse(text: str, source: str) -> Iterator[tuple[str, str, str, str]]:
     header raises ``ValueError`` naming ``source`` and the line.
     """
     kind, name, where, body = "", "", "", list[str]()
+    # A last header past the end closes the file's last entry like any other.
     for number, line in enumerate([*text.splitlines(), "-- name: end_of_file"], start=1):
         header = _HEADER.match(line)
         if header:
@@ -73,22 +74,30 @@ def parse(text: str, source: str) -> Iterator[tuple[str, str, str, str]]:
             body.append(line)
 
 
-@cache
-def templates() -> Templates:
-    """Every statement and fragment of the package's files, parsed once."""
+def collect(files: Iterable[tuple[str, str]]) -> Templates:
+    """The statements and fragments of ``(source, text)`` files; a name used twice is refused."""
     found: dict[str, dict[str, str]] = {"name": {}, "fragment": {}}
-    folder = resources.files("kongtask.db").joinpath("sql")
-    for file_name in SQL_FILES:
-        text = folder.joinpath(file_name).read_text("utf-8")
-        for kind, name, body, where in parse(text, f"kongtask/db/sql/{file_name}"):
+    for source, text in files:
+        for kind, name, body, where in parse(text, source):
             if name in found["name"] or name in found["fragment"]:
                 raise ValueError(f"{where}: {name!r} is defined twice")
+            if name == "schema" or hasattr(Queries, name):
+                raise ValueError(f"{where}: {name!r} is taken by Queries itself")
             found[kind][name] = body
     return Templates(MappingProxyType(found["name"]), MappingProxyType(found["fragment"]))
 
 
+@cache
+def templates() -> Templates:
+    """Every statement and fragment of the package's files, parsed once."""
+    folder = resources.files("kongtask.db").joinpath("sql")
+    return collect(
+        (f"kongtask/db/sql/{name}", folder.joinpath(name).read_text("utf-8")) for name in SQL_FILES
+    )
+
+
 class Queries:
-    """The statements composed for one schema: ``queries.claim_jobs`` (cheap to keep).
+    """The statements composed for one schema: ``queries.get_jobs`` (cheap to keep).
 
     A statement is composed on first use and then kept as an instance
     attribute, so later reads are plain attribute lookups on the hot path.
@@ -100,8 +109,10 @@ class Queries:
         self._fragments: dict[str, sql.Composed] | None = None
 
     def __getattr__(self, name: str) -> sql.Composed:
+        if name.startswith("_"):  # copy, pickle and the like probe for dunders
+            raise AttributeError(name)
         found = templates()
-        if name.startswith("_") or name not in found.statements:
+        if name not in found.statements:
             close = difflib.get_close_matches(name, found.statements, n=3)
             hint = f"; did you mean {', '.join(close)}?" if close else ""
             raise AttributeError(f"no statement named {name!r} in kongtask/db/sql{hint}", name=name)

@@ -13,7 +13,14 @@ from pathlib import Path
 import pytest
 
 import kongtask
-from kongtask.db.statements import CRON_ITEMS_CHANNEL, SQL_FILES, Queries, parse, templates
+from kongtask.db.statements import (
+    CRON_ITEMS_CHANNEL,
+    SQL_FILES,
+    Queries,
+    collect,
+    parse,
+    templates,
+)
 
 PACKAGE = Path(kongtask.__file__).parent
 
@@ -129,6 +136,21 @@ def test_the_cron_items_channel_is_the_one_the_statements_use() -> None:
 def test_a_malformed_file_is_refused_with_file_and_line(text: str, error: str) -> None:
     with pytest.raises(ValueError, match=error):
         list(parse(text, "x.sql"))
+
+
+@pytest.mark.parametrize(
+    ("files", "error"),
+    [
+        (
+            [("a.sql", "-- name: one_thing\nselect 1\n"), ("b.sql", "-- fragment: one_thing\n1\n")],
+            r"b\.sql:1: 'one_thing' is defined twice",
+        ),
+        ([("a.sql", "-- name: schema\nselect 1\n")], r"a\.sql:1: 'schema' is taken by Queries"),
+    ],
+)
+def test_a_name_is_refused_when_taken(files: list[tuple[str, str]], error: str) -> None:
+    with pytest.raises(ValueError, match=error):
+        collect(files)
 
 
 def test_parse_keeps_the_body_and_drops_the_explanation() -> None:
