@@ -154,7 +154,7 @@ def reset_cron_state(connection_string: str, *, schema: str | None = None) -> No
     with connect(connection_string) as conn:
         migrate(conn, name)
         with conn.transaction():
-            conn.execute(Queries(name).cron["CRON_RESET"])
+            conn.execute(Queries(name).cron_reset)
 
 
 @contextmanager

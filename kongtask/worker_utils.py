@@ -339,10 +339,15 @@ class WorkerUtils:
             if isinstance(task_identifiers_to_keep, str)
             else list(task_identifiers_to_keep)
         )
+        statements = {
+            "GC_TASK_IDENTIFIERS": self._queries.cleanup_gc_task_identifiers,
+            "GC_JOB_QUEUES": self._queries.cleanup_gc_job_queues,
+            "DELETE_PERMAFAILED_JOBS": self._queries.cleanup_delete_permafailed_jobs,
+        }
         removed: dict[str, int] = {}
         with self.connection() as conn:
             for name in names:
-                cursor = conn.execute(self._queries.cleanup[name], {"keep": keep})
+                cursor = conn.execute(statements[name], {"keep": keep})
                 removed[name] = cursor.rowcount
         return removed
 

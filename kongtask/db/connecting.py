@@ -235,6 +235,8 @@ def check_connection(conn: psycopg.Connection[Any]) -> None:
     if isinstance(conn, DeadlineConnection):
         conn.deadline_s = min(saved, CHECK_TIMEOUT_S) if saved is not None else CHECK_TIMEOUT_S
     try:
+        # The empty statement: a round trip that runs nothing (no schema, so
+        # nothing for kongtask/db/sql to hold), as psycopg_pool's own check.
         if conn.autocommit:
             conn.execute("")
         else:

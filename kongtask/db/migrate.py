@@ -21,6 +21,10 @@ table, ``<schema>._kongtask_migrations``, so that the ``migrations`` table only
 ever holds upstream ids and a Node worker never sees a difference. Every object
 they create is named ``_kongtask*``. They are applied in the same locked
 transaction as the upstream files, after them.
+
+The statements of this module stay here rather than in ``kongtask/db/sql``:
+they are the migration machinery itself (running the files, bootstrapping and
+reading the bookkeeping tables), which must work before any schema exists.
 """
 
 from __future__ import annotations

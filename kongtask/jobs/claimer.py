@@ -401,7 +401,7 @@ class Claimer(DbActor):
         )
 
     def _jobs_of(self, rows: Sequence[Sequence[Any]]) -> list[Job]:
-        """Jobs from claim rows (``CLAIM_COLUMNS``: the payload as text at index 3)."""
+        """Jobs from claim rows (``claim_columns``: the payload as text at index 3)."""
         if not rows:
             return []
         task_ids = self.ctx.task_ids

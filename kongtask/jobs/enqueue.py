@@ -40,7 +40,7 @@ _ADD_JOB_RACE_RETRIES = 5
 def jobs_from_query(
     conn: psycopg.Connection[Any], queries: Queries, query: Any, params: Mapping[str, Any]
 ) -> list[Job]:
-    """Run a statement returning ``JOB_COLUMNS`` rows and build ``Job`` records.
+    """Run a statement returning ``job_columns`` rows and build ``Job`` records.
 
     Rows of all NULLs (what the SQL functions return for "nothing") are
     skipped. A task row created by the very statement that returned the job is

@@ -89,8 +89,8 @@ class Listener:
                 if self._stopped.is_set():
                     conn.close()
                     break
-                conn.execute('LISTEN "jobs:insert"')
-                conn.execute('LISTEN "worker:migrate"')
+                conn.execute(ctx.queries.listen_jobs_insert)
+                conn.execute(ctx.queries.listen_worker_migrate)
                 attempts = 0
                 self.connected.set()
                 ctx.bus.emit(events.pool_listen_success, pool_id=ctx.pool_id)
@@ -100,7 +100,7 @@ class Listener:
                         self._handle(notify.channel, notify.payload)
                     # Quiet for a while: check that the path still answers, since a
                     # half-open connection would otherwise wait here for ever.
-                    conn.execute("select 1")
+                    conn.execute(ctx.queries.listener_check)
             except Exception as exc:
                 if self._stopped.is_set():
                     break

@@ -6,8 +6,8 @@ queue counts the same way. Each takes an open connection and the schema's
 :class:`~kongtask.db.statements.Queries`; the records they return are frozen and turn
 into plain JSON-ready dicts with :func:`to_jsonable`.
 
-A job's state comes from its columns alone (see ``JOB_STATE`` in
-:mod:`kongtask.db.statements`): ``running`` (locked by a pool), ``failed`` (its
+A job's state comes from its columns alone (see the ``job_state`` fragment in
+``kongtask/db/sql/ops.sql``): ``running`` (locked by a pool), ``failed`` (its
 attempts are used up: permanently failed), ``retrying`` (failed before and
 waiting for its next attempt), ``scheduled`` (never tried, ``run_at`` in the
 future) and ``ready`` (runnable now, perhaps behind a locked named queue).
@@ -267,7 +267,7 @@ def check_job_ids(ids: Iterable[int]) -> list[int]:
     return result
 
 
-_JOB_WIDTH = 18  # the JOB_COLUMNS of kongtask.db.statements, in kongtask.Job's field order
+_JOB_WIDTH = 18  # the job_columns of kongtask/db/sql/jobs.sql, in Job's field order
 
 
 def _job_infos(

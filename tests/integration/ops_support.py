@@ -1,8 +1,8 @@
 """Seeding a database with jobs in every state, and counting them back with plain SQL.
 
-The counting queries here are written independently of kongtask's own
-(``JOB_STATE`` in kongtask/db/statements.py), from graphile-worker's column meanings, so
-a test comparing the two catches a wrong state rule on either side.
+The counting queries here are written independently of kongtask's own (the
+``job_state`` fragment in kongtask/db/sql/ops.sql), from graphile-worker's column
+meanings, so a test comparing the two catches a wrong state rule on either side.
 """
 
 from __future__ import annotations

@@ -125,7 +125,7 @@ class OutcomeRecorder:
         try:
             with self._connect() as conn:
                 conn.execute(
-                    self._queries.cron["CRON_RECORD_OUTCOMES"],
+                    self._queries.cron_record_outcomes,
                     {"outcomes": json.dumps(list(batch.values()))},
                 )
         except Exception as exc:

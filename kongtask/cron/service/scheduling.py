@@ -18,7 +18,6 @@ from datetime import timedelta
 from typing import Any
 
 import psycopg
-from psycopg import sql
 
 from kongtask import events
 from kongtask.cron.service.cron_service import CronService
@@ -26,7 +25,7 @@ from kongtask.cron.service.store import StoredCronItem, list_stored_items, prune
 from kongtask.cron.source import CrontabSource
 from kongtask.cron.types import ParsedCronItem
 from kongtask.db.connecting import DEFAULT_CONNECTION_SETTINGS, connect
-from kongtask.db.statements import CRON_ITEMS_CHANNEL, Queries
+from kongtask.db.statements import Queries
 from kongtask.errors import KongtaskError
 from kongtask.runtime.control import ControlMessage, OsSignal
 from kongtask.runtime.host import Host
@@ -261,7 +260,7 @@ class SchedulingService:
                 conn = connect(host.conninfo, DEFAULT_CONNECTION_SETTINGS)
                 if conn.deadline_s is not None:
                     conn.deadline_s = max(conn.deadline_s, interval + _DEADLINE_MARGIN_S)
-                conn.execute(sql.SQL("listen {}").format(sql.Identifier(CRON_ITEMS_CHANNEL)))
+                conn.execute(self.queries.listen_cron_items)
                 self._listen_conn = conn
                 if self._stopped.is_set():
                     # Stopping began while this connected; the close closed the
@@ -287,7 +286,7 @@ class SchedulingService:
         clock = host.clock
         with self.connection() as conn:
             before = clock.now()
-            row = conn.execute("select clock_timestamp()").fetchone()
+            row = conn.execute(self.queries.database_clock).fetchone()
             after = clock.now()
         assert row is not None
         local = before + (after - before) / 2
@@ -309,7 +308,7 @@ class SchedulingService:
 
     def _prune(self) -> None:
         with self.connection() as conn:
-            row = conn.execute("select now()").fetchone()
+            row = conn.execute(self.queries.ping).fetchone()
             assert row is not None
             removed = prune_history(conn, self.queries, row[0] - self.history_retention)
         if removed:

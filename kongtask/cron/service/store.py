@@ -16,6 +16,7 @@ from datetime import datetime
 from typing import Any
 
 import psycopg
+from psycopg import sql
 from psycopg.rows import dict_row
 
 from kongtask.cron.parser import parse_cron_item, parse_crontab
@@ -126,7 +127,7 @@ def list_stored_items(conn: psycopg.Connection[Any], queries: Queries) -> list[S
     """Every stored item that still parses (others are logged and left out)."""
     found: list[StoredCronItem] = []
     with conn.cursor(row_factory=dict_row) as cursor:
-        for row in cursor.execute(queries.cron["CRON_ITEMS"]).fetchall():
+        for row in cursor.execute(queries.cron_items).fetchall():
             try:
                 parsed = parse_stored_item(row["identifier"], row["line"])
             except CrontabError as exc:
@@ -141,11 +142,11 @@ def list_stored_items(conn: psycopg.Connection[Any], queries: Queries) -> list[S
 
 
 def _change(
-    conn: psycopg.Connection[Any], queries: Queries, name: str, params: dict[str, Any]
+    conn: psycopg.Connection[Any], queries: Queries, statement: sql.Composed, params: dict[str, Any]
 ) -> bool:
     params = {**params, "schema": queries.schema}
     with conn.cursor() as cursor:
-        return cursor.execute(queries.cron[name], params).fetchone() is not None
+        return cursor.execute(statement, params).fetchone() is not None
 
 
 def add_stored_item(
@@ -154,7 +155,9 @@ def add_stored_item(
     """Store a new item; ``ConfigurationError`` if its identifier is stored already."""
     parsed = to_parsed_item(item)
     line = _line_of(parsed)
-    if not _change(conn, queries, "CRON_ITEM_ADD", {"identifier": parsed.identifier, "line": line}):
+    if not _change(
+        conn, queries, queries.cron_item_add, {"identifier": parsed.identifier, "line": line}
+    ):
         raise ConfigurationError(
             f"a stored cron item with identifier {parsed.identifier!r} exists already;"
             " use update_cron_item to change it",
@@ -171,7 +174,7 @@ def update_stored_item(
     parsed = to_parsed_item(item)
     line = _line_of(parsed)
     if not _change(
-        conn, queries, "CRON_ITEM_UPDATE", {"identifier": parsed.identifier, "line": line}
+        conn, queries, queries.cron_item_update, {"identifier": parsed.identifier, "line": line}
     ):
         raise ConfigurationError(
             f"no stored cron item has identifier {parsed.identifier!r}",
@@ -187,7 +190,7 @@ def remove_stored_item(conn: psycopg.Connection[Any], queries: Queries, identifi
         raise ConfigurationError(
             "identifier must be a non-empty string", name="identifier", value=identifier
         )
-    return _change(conn, queries, "CRON_ITEM_REMOVE", {"identifier": identifier})
+    return _change(conn, queries, queries.cron_item_remove, {"identifier": identifier})
 
 
 def _fetch(conn: psycopg.Connection[Any], queries: Queries, identifier: str) -> StoredCronItem:
@@ -216,12 +219,12 @@ def cron_history(
         raise ConfigurationError("limit must be a positive integer", name="limit", value=limit)
     params = {"identifier": identifier, "since": since, "until": until, "limit": limit}
     with conn.cursor(row_factory=dict_row) as cursor:
-        rows = cursor.execute(queries.cron["CRON_HISTORY"], params).fetchall()
+        rows = cursor.execute(queries.cron_history, params).fetchall()
     return [CronRun(**row) for row in rows]
 
 
 def prune_history(conn: psycopg.Connection[Any], queries: Queries, before: datetime) -> int:
     """Delete history rows (and gaps) older than ``before``; returns how many rows went."""
     with conn.cursor() as cursor:
-        row = cursor.execute(queries.cron["CRON_PRUNE_HISTORY"], {"before": before}).fetchone()
+        row = cursor.execute(queries.cron_prune_history, {"before": before}).fetchone()
     return int(row[0]) if row else 0

@@ -148,7 +148,6 @@ class CronWriter(Actor):
         super().__init__()
         self._connect = connect
         self._queries = queries
-        self._cron = queries.cron
         self._node = node
         self._database_wait = DatabaseWait.of(self)
 
@@ -210,7 +209,7 @@ class CronWriter(Actor):
         if not identifiers:
             return found
         rows = cursor.execute(
-            self._cron["CRON_GAPS"],
+            self._queries.cron_gaps,
             {"identifiers": list(identifiers), "since": since},
         ).fetchall()
         for row in rows:
@@ -262,13 +261,13 @@ class CronWriter(Actor):
     def _write(
         self, cursor: psycopg.Cursor[Any], planned: Sequence[Planned], outcome: _Outcome
     ) -> None:
-        cron = self._cron
+        queries = self._queries
         identifiers = sorted({firing.item.identifier for firing in planned})
         earliest = min(firing.ts for firing in planned)
         cursor.execute(
             self._queries.cron_ensure_known, {"identifiers": identifiers, "ts": earliest}
         )
-        rows = cursor.execute(cron["CRON_LOCK_KNOWN"], {"identifiers": identifiers}).fetchall()
+        rows = cursor.execute(queries.cron_lock_known, {"identifiers": identifiers}).fetchall()
         known = {row[0]: (row[1], row[2]) for row in rows}
         gaps = self._gaps(cursor, identifiers, earliest)
 
@@ -290,7 +289,7 @@ class CronWriter(Actor):
         chosen = self._apply_no_overlap(cursor, chosen)
 
         recorded = cursor.execute(
-            cron["CRON_RECORD_FIRINGS"],
+            queries.cron_record_firings,
             {
                 "identifiers": [f.item.identifier for f, _ in chosen],
                 "tasks": [f.item.task for f, _ in chosen],
@@ -307,7 +306,7 @@ class CronWriter(Actor):
         if not chosen:
             return
         cursor.execute(
-            cron["CRON_ADVANCE"],
+            queries.cron_advance,
             {
                 "identifiers": [f.item.identifier for f, _ in chosen],
                 "timestamps": [f.ts for f, _ in chosen],
@@ -315,7 +314,7 @@ class CronWriter(Actor):
         )
         if new_gaps:
             cursor.execute(
-                cron["CRON_RECORD_GAPS"],
+                queries.cron_record_gaps,
                 {
                     "identifiers": [g[0] for g in new_gaps],
                     "first_missed": [g[1] for g in new_gaps],
@@ -328,7 +327,7 @@ class CronWriter(Actor):
             return
         job_ids = self._add_jobs(cursor, to_add)
         cursor.execute(
-            cron["CRON_SET_JOB_IDS"],
+            queries.cron_set_job_ids,
             {
                 "identifiers": [f.item.identifier for f in to_add],
                 "timestamps": [f.ts for f in to_add],
@@ -352,12 +351,12 @@ class CronWriter(Actor):
         keyed = [i for i, f in enumerate(firings) if f.spec["job_key"] is not None]
         if plain:
             rows = cursor.execute(
-                self._cron["CRON_ADD_PLAIN_JOBS"],
+                self._queries.cron_add_plain_jobs,
                 {"specs": json.dumps([_spec_row(firings[i].ts, firings[i].spec) for i in plain])},
             ).fetchall()
             task_ids = sorted({row[1] for row in rows})
             names = dict(
-                cursor.execute(self._cron["CRON_TASK_NAMES"], {"ids": task_ids}).fetchall()
+                cursor.execute(self._queries.task_identifiers, {"ids": task_ids}).fetchall()
             )
             by_key: dict[tuple[str, datetime, str], list[int]] = {}
             for job_id, task_id, run_at, payload in rows:
@@ -369,7 +368,7 @@ class CronWriter(Actor):
                 ids[i] = by_key[key].pop()
         if keyed:
             rows = cursor.execute(
-                self._cron["CRON_ADD_JOBS_IN_ORDER"],
+                self._queries.cron_add_jobs_in_order,
                 {"specs": json.dumps([_job_row(firings[i].ts, firings[i].spec) for i in keyed])},
             ).fetchall()
             for i, (job_id,) in zip(keyed, rows, strict=True):
@@ -405,7 +404,7 @@ class CronWriter(Actor):
         )
         if not guarded:
             return chosen
-        rows = cursor.execute(self._cron["CRON_STILL_RUNNING"], {"identifiers": guarded}).fetchall()
+        rows = cursor.execute(self._queries.cron_still_running, {"identifiers": guarded}).fetchall()
         busy = {row[0] for row in rows}
         result: list[tuple[Planned, str | None]] = []
         for firing, rule in chosen:

@@ -209,7 +209,9 @@ class Dashboard:
             left_s = max(self._statement_timeout_s - (time.monotonic() - started), 0.001)
             conn.deadline_s = left_s + _SILENT_SERVER_MARGIN_S
             milliseconds = max(1, round(left_s * 1000))  # 0 would mean no timeout
-            conn.execute("select set_config('statement_timeout', %s, false)", [f"{milliseconds}ms"])
+            conn.execute(
+                Queries(self._schema_name).set_statement_timeout, {"timeout": f"{milliseconds}ms"}
+            )
             yield _HeldConnection(conn, self._schema_name)
 
     def close(self) -> None:

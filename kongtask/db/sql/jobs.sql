@@ -1,0 +1,354 @@
+-- The job path: enqueueing and admin (WorkerUtils), task ids, claiming,
+-- completing and failing, the stale-lock sweep and the worker's LISTEN.
+-- Each statement is headed `-- name: <name>` (a fragment `-- fragment: <name>`,
+-- included in statements as {<name>}), then comment lines explaining it, then
+-- its body; `{s}` is the schema. See kongtask/db/statements.py.
+
+-- fragment: job_columns
+-- A job row as kongtask.Job lays it out (same order). The payload comes as
+-- text so a batch of rows can be decoded by one json.loads call.
+jobs.id, jobs.job_queue_id, jobs.task_id, tasks.identifier as task_identifier,
+jobs.payload::text as payload, jobs.priority, jobs.run_at, jobs.attempts,
+jobs.max_attempts, jobs.last_error, jobs.created_at, jobs.updated_at, jobs.key,
+jobs.locked_at, jobs.locked_by, jobs.revision, jobs.flags, jobs.is_available
+
+-- fragment: task_of_job
+-- Each row of `jobs` with its task row, for the task identifier that
+-- job_columns names. A LEFT join keeps a row without a task (the all-NULL
+-- row add_job returns when it lost a race on a key, see add_job).
+left join {s}._private_tasks as tasks on tasks.id = jobs.task_id
+
+-- fragment: release_pool_queues
+-- Release the named queues of the jobs in `finished` (a CTE returning their
+-- job_queue_id), only those this pool holds: a queue another pool holds now
+-- is that pool's to release.
+update {s}._private_job_queues as queues
+set locked_by = null, locked_at = null
+from finished
+where queues.id = finished.job_queue_id and queues.locked_by = %(pool_id)s::text
+
+-- fragment: job_specs
+-- The jobs to add, sent as one JSON array (the `specs` parameter), as the
+-- job_spec[] the schema's add_jobs function takes.
+array(select json_populate_recordset(null::{s}.job_spec, %(specs)s::json))
+
+-- name: add_job
+-- One job through the schema's own add_job function (job keys, queue and task
+-- rows, NOTIFY are all handled in the database). The join adds the task
+-- identifier; a LEFT join keeps the all-NULL row add_job returns when it lost a
+-- race on a concurrently locked key, so the caller can see and retry it.
+select {job_columns}
+from {s}.add_job(
+    identifier => %(identifier)s::text,
+    payload => %(payload)s::json,
+    queue_name => %(queue_name)s::text,
+    run_at => %(run_at)s::timestamptz,
+    max_attempts => %(max_attempts)s::int,
+    job_key => %(job_key)s::text,
+    priority => %(priority)s::int,
+    flags => %(flags)s::text[],
+    job_key_mode => coalesce(%(job_key_mode)s::text, 'replace')
+) as jobs
+{task_of_job}
+
+-- name: add_jobs
+-- Many jobs in one statement: the specs travel as one JSON array and become
+-- job_spec values in the database; rows come back in input order.
+select {job_columns}
+from {s}.add_jobs(
+    {job_specs},
+    %(preserve_run_at)s::boolean
+) as jobs
+{task_of_job}
+
+-- name: remove_job
+select {job_columns}
+from {s}.remove_job(%(job_key)s::text) as jobs
+{task_of_job}
+
+-- name: complete_jobs_admin
+select {job_columns}
+from {s}.complete_jobs(%(ids)s::bigint[]) as jobs
+{task_of_job}
+
+-- name: permanently_fail_jobs
+select {job_columns}
+from {s}.permanently_fail_jobs(%(ids)s::bigint[], %(reason)s::text) as jobs
+{task_of_job}
+
+-- name: reschedule_jobs
+select {job_columns}
+from {s}.reschedule_jobs(
+    %(ids)s::bigint[],
+    run_at => %(run_at)s::timestamptz,
+    priority => %(priority)s::int,
+    attempts => %(attempts)s::int,
+    max_attempts => %(max_attempts)s::int
+) as jobs
+{task_of_job}
+
+-- name: force_unlock_workers
+select {s}.force_unlock_workers(%(worker_ids)s::text[])
+
+-- name: task_identifiers
+-- Task identifiers by id (for rows whose task was created by the same statement).
+select id, identifier from {s}._private_tasks where id = any(%(ids)s::int[])
+
+-- name: cleanup_delete_permafailed_jobs
+-- Cleanup: permanently failed jobs that nobody holds.
+delete from {s}._private_jobs as jobs
+where jobs.attempts >= jobs.max_attempts and jobs.locked_at is null
+
+-- name: cleanup_gc_task_identifiers
+-- Cleanup: task rows no job refers to, except those the caller still uses.
+delete from {s}._private_tasks as tasks
+where tasks.identifier <> all(%(keep)s::text[])
+and not exists (select 1 from {s}._private_jobs as jobs where jobs.task_id = tasks.id)
+
+-- name: cleanup_gc_job_queues
+-- Cleanup: unlocked queue rows no job refers to.
+delete from {s}._private_job_queues as queues
+where queues.locked_at is null
+and not exists (select 1 from {s}._private_jobs as jobs where jobs.job_queue_id = queues.id)
+
+-- name: upsert_task_ids
+-- Register the worker's task identifiers and learn their ids. The second
+-- branch cannot see rows inserted by the first (same snapshot), so together
+-- they return every identifier exactly once.
+with inserted as (
+    insert into {s}._private_tasks (identifier)
+    select unnest(%(identifiers)s::text[])
+    on conflict (identifier) do nothing
+    returning id, identifier
+)
+select id, identifier from inserted
+union all
+select id, identifier from {s}._private_tasks where identifier = any(%(identifiers)s::text[])
+
+-- fragment: claim_columns
+-- The columns a claim returns, in kongtask.Job's order without task_identifier
+-- (the claimer knows it from task_id). The payload comes as text: the claimer
+-- decodes a batch in one json.loads call, and a payload Python cannot decode
+-- fails only its own job instead of the whole fetch.
+jobs.id, jobs.job_queue_id, jobs.task_id, jobs.payload::text, jobs.priority,
+jobs.run_at, jobs.attempts, jobs.max_attempts, jobs.last_error, jobs.created_at,
+jobs.updated_at, jobs.key, jobs.locked_at, jobs.locked_by, jobs.revision,
+jobs.flags, jobs.is_available
+
+-- name: get_jobs
+-- Claim up to `batch` runnable jobs for this pool, in priority then run_at
+-- order, skipping rows and queues other workers hold. Jobs in a named queue
+-- may only run when the queue is unlocked, and a batch takes at most one job
+-- per named queue, so named queues stay strictly serial even with batching.
+-- Rows locked by `candidates` but not picked stay untouched (and so
+-- available) once the statement ends. Each row also carries how many
+-- candidates the claim saw: when that reached `batch`, more may be waiting
+-- even if the one-per-queue rule kept fewer. Rows come back in run order.
+-- `now` is the worker's own clock when a test gave it one (ManualClock, as
+-- graphile-worker's useNodeTime), else null: a job is ready once either the
+-- database's time or that clock has reached its run_at, so advancing the test
+-- clock makes retries and delayed jobs due while ordinary jobs still run.
+with candidates as (
+    select jobs.id, jobs.job_queue_id, jobs.priority, jobs.run_at
+    from {s}._private_jobs as jobs
+    where jobs.is_available = true
+    and jobs.run_at <= greatest(now(), %(now)s::timestamptz)
+    and jobs.task_id = any(%(task_ids)s::int[])
+    and (
+        jobs.job_queue_id is null
+        or jobs.job_queue_id in (
+            select queues.id from {s}._private_job_queues as queues
+            where queues.is_available = true
+            for update skip locked
+        )
+    )
+    and (%(forbidden_flags)s::text[] is null
+         or (jobs.flags ?| %(forbidden_flags)s::text[]) is not true)
+    order by jobs.priority asc, jobs.run_at asc
+    limit %(batch)s
+    for update of jobs skip locked
+),
+picked as (
+    select ranked.id, ranked.job_queue_id
+    from (
+        select candidates.id, candidates.job_queue_id,
+               row_number() over (
+                   partition by candidates.job_queue_id
+                   order by candidates.priority, candidates.run_at, candidates.id
+               ) as place
+        from candidates
+    ) as ranked
+    where ranked.job_queue_id is null or ranked.place = 1
+),
+locked_queues as (
+    update {s}._private_job_queues as queues
+    set locked_by = %(pool_id)s::text, locked_at = now()
+    from picked
+    where queues.id = picked.job_queue_id
+),
+claimed as (
+    update {s}._private_jobs as jobs
+    set attempts = jobs.attempts + 1, locked_by = %(pool_id)s::text, locked_at = now()
+    from picked
+    where jobs.id = picked.id
+    returning {claim_columns}
+)
+select claimed.*, (select count(*) from candidates)::int as seen
+from claimed
+order by claimed.priority, claimed.run_at, claimed.id
+
+-- name: analyze_jobs
+-- Refresh the planner's statistics of the jobs table. A claim planned with
+-- statistics taken while the table was (nearly) empty seq-scans and sorts the
+-- whole backlog (240 ms per claim at 170,000 waiting jobs against 15 ms once
+-- analyzed); autovacuum repairs that only after its next pass, or never when it
+-- is off. skip_locked: if another session is analyzing or vacuuming the table,
+-- do nothing rather than wait.
+analyze (skip_locked) {s}._private_jobs
+
+-- name: orphaned_claims
+-- Jobs this pool locked in a claim whose answer never arrived (the statement
+-- committed, then the connection broke): everything locked by the pool after
+-- its last answered claim, except what the retried claim just returned. Only
+-- the claimer locks jobs for a pool, so these can only be those orphans; the
+-- claimer adopts them instead of leaving them locked until the 4-hour sweep.
+select {claim_columns}
+from {s}._private_jobs as jobs
+where jobs.locked_by = %(pool_id)s::text
+and jobs.locked_at > %(since)s::timestamptz
+and jobs.id <> all(%(claimed)s::bigint[])
+order by jobs.priority, jobs.run_at, jobs.id
+
+-- name: complete_jobs
+-- Finish successful jobs: delete them and release their queues (only queues
+-- this pool holds). A job another pool holds now is left alone: this pool
+-- was declared dead while the handler ran, and the other pool is running the
+-- job again; deleting its row would leave that pool's named queue locked
+-- (its own completion would find no row, so release no queue) and drop its
+-- outcome. (graphile-worker deletes by id alone.) An unlocked row is deleted:
+-- the job did succeed, and is not running anywhere.
+with finished as (
+    delete from {s}._private_jobs as jobs
+    where jobs.id = any(%(ids)s::bigint[])
+    and (jobs.locked_by = %(pool_id)s::text or jobs.locked_by is null)
+    returning jobs.job_queue_id
+)
+{release_pool_queues}
+
+-- name: fail_jobs
+-- Fail jobs this pool holds, each with its own message and optionally a
+-- replacement payload (batch jobs retry only their failed items). The retry
+-- waits exp(min(attempts, 10)) seconds; the queue is released.
+with specs as (
+    select (spec->>'id')::bigint as id, spec->>'message' as message, spec->'payload' as payload
+    from json_array_elements(%(specs)s::json) as spec
+),
+finished as (
+    update {s}._private_jobs as jobs
+    set last_error = specs.message,
+        run_at = greatest(now(), jobs.run_at)
+                 + exp(least(jobs.attempts, 10)) * interval '1 second',
+        locked_by = null,
+        locked_at = null,
+        payload = coalesce(specs.payload, jobs.payload),
+        updated_at = now()
+    from specs
+    where jobs.id = specs.id and jobs.locked_by = %(pool_id)s::text
+    returning jobs.*
+),
+released as (
+{release_pool_queues}
+)
+select * from finished
+
+-- name: permanently_fail_held_job
+-- The completer's last resort for one job whose outcome the database refused
+-- to record (a constraint, trigger or foreign key of the application's on the
+-- row): permanently fail it with a plain message, touching neither its payload
+-- nor its run_at, and release its queue, so it is never left locked and does
+-- not run again.
+with finished as (
+    update {s}._private_jobs as jobs
+    set last_error = %(message)s::text,
+        attempts = greatest(jobs.attempts, jobs.max_attempts),
+        locked_by = null,
+        locked_at = null,
+        updated_at = now()
+    where jobs.id = %(id)s::bigint and jobs.locked_by = %(pool_id)s::text
+    returning jobs.job_queue_id
+)
+{release_pool_queues}
+
+-- name: held_jobs
+-- Which of the buffered jobs this pool still holds, with the locked_at of its
+-- lock (see kongtask/jobs/ownership.py). The caller compares locked_at with
+-- the one its claim returned: a job released and claimed again by this pool
+-- is buffered twice, and only the later copy may run. Looked up by primary
+-- key (a filter on locked_by alone would scan the whole table).
+select jobs.id, jobs.locked_at
+from {s}._private_jobs as jobs
+where jobs.id = any(%(ids)s::bigint[]) and jobs.locked_by = %(pool_id)s::text
+
+-- name: return_jobs
+-- Give back claimed jobs that never started (local buffer on shutdown or TTL):
+-- the attempt they were charged is refunded.
+with finished as (
+    update {s}._private_jobs as jobs
+    set attempts = greatest(0, jobs.attempts - 1), locked_by = null, locked_at = null
+    where jobs.id = any(%(ids)s::bigint[]) and jobs.locked_by = %(pool_id)s::text
+    returning jobs.job_queue_id
+)
+{release_pool_queues}
+
+-- name: reset_locked
+-- The stale-lock sweep: locks older than the expiry (4 hours in production)
+-- belong to dead workers; free the jobs (not before their run_at) and queues.
+with jobs_reset as (
+    update {s}._private_jobs as jobs
+    set locked_at = null, locked_by = null, run_at = greatest(jobs.run_at, now())
+    where jobs.locked_at < now() - %(expiry)s::interval
+)
+update {s}._private_job_queues as queues
+set locked_at = null, locked_by = null
+where queues.locked_at < now() - %(expiry)s::interval
+
+-- name: release_queues
+-- Release named queues this pool holds for jobs it has just finished. Used
+-- after a complete/fail statement had to be retried on a new connection: if
+-- the first try committed before the connection broke, the retry finds no
+-- rows and so releases no queue. A queue where this pool holds a job again
+-- (it claimed the next one meanwhile) stays locked, so queues stay serial.
+update {s}._private_job_queues as queues
+set locked_by = null, locked_at = null
+where queues.id = any(%(queue_ids)s::int[])
+and queues.locked_by = %(pool_id)s::text
+and not exists (
+    select 1 from {s}._private_jobs as jobs
+    where jobs.job_queue_id = queues.id and jobs.locked_by = %(pool_id)s::text
+)
+
+-- name: migration_state
+-- The newest migration recorded in this schema, and the newest breaking one.
+-- A `worker:migrate` notice names no schema (graphile-worker sends the same
+-- one), so the listener reads its own schema's table before believing it.
+select coalesce(max(id), 0)::int, coalesce(max(id) filter (where breaking), 0)::int
+from {s}.migrations
+
+-- name: queue_names
+-- Names of queues by id, for helpers.get_queue_name().
+select id, queue_name from {s}._private_job_queues where id = any(%(ids)s::int[])
+
+-- name: listen_jobs_insert
+-- The listener's wake-up channel: add_job and add_jobs (graphile-worker's and
+-- kongtask's) notify it for every job that becomes runnable.
+LISTEN "jobs:insert"
+
+-- name: listen_worker_migrate
+-- Another worker migrated the database (possibly past what this one knows):
+-- the listener then checks migration_state.
+LISTEN "worker:migrate"
+
+-- name: listener_check
+-- The quiet LISTEN connection's check that the path still answers; a
+-- half-open connection would otherwise wait for notifications for ever.
+select 1

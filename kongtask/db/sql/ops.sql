@@ -1,0 +1,113 @@
+-- Inspection (kongtask status, kongtask jobs, metrics, the dashboard).
+-- Format: see jobs.sql.
+
+-- fragment: job_state
+-- A job's state as operators name it, from its columns alone (so every
+-- listing and count agrees): running = locked by a pool; failed = attempts
+-- used up (permanently failed); retrying = failed before and waiting for its
+-- next attempt; scheduled = never tried and run_at in the future; ready =
+-- runnable now (perhaps behind a locked named queue).
+case
+    when jobs.locked_at is not null then 'running'
+    when jobs.attempts >= jobs.max_attempts then 'failed'
+    when jobs.attempts > 0 then 'retrying'
+    when jobs.run_at > now() then 'scheduled'
+    else 'ready'
+end
+
+-- name: status_counts
+-- Job counts by task, named queue (NULL for none), state and locking pool.
+select tasks.identifier as task, queues.queue_name as queue,
+       {job_state} as state,
+       jobs.locked_by as locked_by, count(*)::int as jobs
+from {s}._private_jobs as jobs
+join {s}._private_tasks as tasks on tasks.id = jobs.task_id
+left join {s}._private_job_queues as queues on queues.id = jobs.job_queue_id
+group by 1, 2, 3, 4
+order by 1, 2 nulls first, 3, 4 nulls first
+
+-- name: locked_queues
+-- Named queues currently locked, and by whom.
+select queue_name, locked_by, locked_at
+from {s}._private_job_queues
+where locked_at is not null
+order by queue_name
+
+-- name: pools
+-- kongtask pools (from their heartbeat table), newest heartbeat first, with
+-- whether each counts as live (heartbeat within the bound, in seconds).
+select pool_id, hostname, pid, concurrency, started_at, last_seen, version,
+       last_seen > now() - make_interval(secs => %(live_bound_s)s) as live
+from {s}._kongtask_pools
+order by last_seen desc, pool_id
+
+-- name: known_crontabs
+-- Every identifier the cron protocol knows, with its last firing.
+select identifier, known_since, last_execution
+from {s}._private_known_crontabs
+order by identifier
+
+-- name: list_jobs
+-- Jobs filtered by task, named queue and state, oldest run_at first; each row
+-- is job_columns plus its queue name and state. NULL filters match all.
+select {job_columns}, queues.queue_name, {job_state} as state
+from {s}._private_jobs as jobs
+join {s}._private_tasks as tasks on tasks.id = jobs.task_id
+left join {s}._private_job_queues as queues on queues.id = jobs.job_queue_id
+where (%(task)s::text is null or tasks.identifier = %(task)s::text)
+  and (%(queue)s::text is null or queues.queue_name = %(queue)s::text)
+  and (%(state)s::text is null or {job_state} = %(state)s::text)
+  and (%(ids)s::bigint[] is null or jobs.id = any(%(ids)s::bigint[]))
+order by jobs.run_at, jobs.id
+limit %(limit)s
+
+-- name: retry_jobs
+-- Make jobs run now: run_at = now() and, for a job whose attempts are used
+-- up, one more attempt (max_attempts = attempts + 1), keeping its history.
+-- Locked jobs are left alone unless their lock is stale (as the schema's own
+-- admin functions do). Workers are woken with the notification add_jobs
+-- sends (same channel and payload shape), so they claim at once.
+with retried as (
+    update {s}._private_jobs as jobs
+    set run_at = now(),
+        max_attempts = least(32767, greatest(jobs.max_attempts, jobs.attempts + 1)),
+        updated_at = now()
+    where jobs.id = any(%(ids)s::bigint[])
+      and (jobs.locked_at is null or jobs.locked_at < now() - interval '4 hours')
+    returning jobs.*
+),
+woken as (
+    select pg_notify('jobs:insert', format('{{"r":%%s,"count":%%s}}', random(), count(*)))
+    from retried having count(*) > 0
+)
+select {job_columns}
+from retried as jobs
+{task_of_job}
+cross join (select count(*) from woken) as notified
+
+-- name: failures_by_minute
+-- Per minute of the last hour: how many jobs recorded a failure then (their
+-- latest failure; a job failing twice in the hour counts in its last minute).
+select date_trunc('minute', updated_at) as minute, count(*)::int as failures
+from {s}._private_jobs
+where last_error is not null and locked_at is null
+  and updated_at > now() - interval '1 hour'
+group by 1
+order by 1
+
+-- name: jobs_deleted_total
+-- Rows ever deleted from the jobs table (completed, removed or cleaned up),
+-- from PostgreSQL's statistics: sampled over time it gives the throughput.
+select coalesce(n_tup_del, 0)::bigint, now()
+from pg_stat_user_tables
+where schemaname = %(schema)s::text and relname = '_private_jobs'
+
+-- name: ping
+-- The database answers, with its clock: the readiness probe, the `now` of
+-- status reports and the cut-off of cron history retention.
+select now()
+
+-- name: set_statement_timeout
+-- A connection's statement_timeout for the rest of its session (the
+-- dashboard's deadline on a borrowed pool connection), e.g. '1500ms'.
+select set_config('statement_timeout', %(timeout)s::text, false)
