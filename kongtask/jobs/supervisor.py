@@ -178,6 +178,9 @@ class JobService:
         if not settings.once:
             self._sweeper = Sweeper.start(ctx, self._nudge)
         self._nudge()
+
+    def ready(self) -> None:
+        """Log that the worker is up (once every service runs and signals are handled)."""
         logger.info(
             "Worker connected and looking for jobs... (pool %s, task names: %s)",
             self.pool_id,

@@ -119,6 +119,9 @@ class Service(Protocol):
     def start(self, host: Host) -> None:
         """Start on ``host`` (its pool, bus and clock are ready); raise to fail the start."""
 
+    def ready(self) -> None:
+        """Every service has started and the signal handlers are in place: say so (logs)."""
+
     def announce(self, cause: ControlMessage) -> None:
         """Say why the run ends (events, logs); every service hears it before any stops."""
 
@@ -225,6 +228,10 @@ class Host:
             if install_signals and can_install():
                 self._signals = SignalHandlers(self._control)
                 self._signals.install()
+            # Only now is the run up: a "ready" line read by a supervisor (a test, an
+            # operator's script) may be followed at once by SIGHUP or SIGTERM.
+            for service in services:
+                service.ready()
             self.bus.flush()
         except BaseException:
             self._teardown()

@@ -30,6 +30,9 @@ class Recorded:
         self.host = host
         self._calls.append(f"{self.name}.start")
 
+    def ready(self) -> None:
+        self._calls.append(f"{self.name}.ready")
+
     def announce(self, cause: ControlMessage) -> None:
         self._calls.append(f"{self.name}.announce:{type(cause).__name__}")
 
@@ -78,6 +81,8 @@ def test_a_stop_is_announced_in_start_order_then_shut_down_newest_first() -> Non
     assert calls == [
         "jobs.start",
         "cron.start",
+        "jobs.ready",
+        "cron.ready",
         "jobs.announce:Stop",
         "cron.announce:Stop",
         "cron.shutdown",
@@ -98,7 +103,7 @@ def test_sighup_reloads_every_service_and_the_run_goes_on() -> None:
         assert host.status.wait_stopped(DEADLINE_S)
     finally:
         host.close()
-    assert calls[2:5] == ["jobs.reload", "cron.reload", "jobs.announce:Stop"]
+    assert calls[4:7] == ["jobs.reload", "cron.reload", "jobs.announce:Stop"]
 
 
 def test_a_kill_cuts_a_drain_short_and_the_run_aborts() -> None:
@@ -138,7 +143,7 @@ def test_a_fatal_error_is_kept_and_ends_the_run() -> None:
     host.fail("later", RuntimeError("second"))
     assert host.status.wait_stopped(DEADLINE_S)
     assert host.error is error
-    assert calls[1] == "jobs.announce:Fatal"
+    assert calls[2] == "jobs.announce:Fatal"
 
 
 def test_the_control_loop_runs_on_its_own_thread() -> None:

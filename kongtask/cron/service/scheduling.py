@@ -126,6 +126,9 @@ class SchedulingService:
         )
         self._watch_thread.start()
 
+    def ready(self) -> None:
+        """Nothing to say: the cron service logs its items as it starts."""
+
     def announce(self, cause: ControlMessage) -> None:
         """A Scheduler on its own says which signal stops it."""
         if self._announce_signals and isinstance(cause, OsSignal):
