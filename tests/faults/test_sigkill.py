@@ -98,7 +98,16 @@ def _kill_mid_batch(
         )
         return done >= 40 and (queues > 0 or not with_queue) and len(_locked_by(db, pool_id)) > 0
 
-    wait_until(busy, timeout_s=60, what=f"worker {worker.pid} to be mid-batch")
+    # Freeze the worker before checking, so what it holds cannot change between the
+    # check and the kill (it could finish its queue's job in that window).
+    deadline = time.monotonic() + 60
+    while True:
+        wait_until(busy, timeout_s=max(1.0, deadline - time.monotonic()),
+                   what=f"worker {worker.pid} to be mid-batch")  # fmt: skip
+        worker.send(signal.SIGSTOP)
+        if busy():
+            break
+        worker.send(signal.SIGCONT)
     worker.send(signal.SIGKILL)
     worker.wait(10)
     held = _held_by(db, pool_id)
