@@ -26,6 +26,7 @@ from kongtask.cron import (
 from kongtask.cron.service.store import CronRun, StoredCronItem
 from kongtask.db.conninfo import RedactingFilter, redact
 from kongtask.db.migrate import LATEST_MIGRATION, MigrationResult, migrate
+from kongtask.declared import Task, task
 from kongtask.errors import (
     ConfigurationError,
     CrontabError,
@@ -77,6 +78,7 @@ __all__ = [
     "RunnerOptions",
     "Scheduler",
     "StoredCronItem",
+    "Task",
     "TaskHandler",
     "TaskLoadError",
     "WorkerSettings",
@@ -99,6 +101,7 @@ __all__ = [
     "redact",
     "run",
     "run_once",
+    "task",
     "validate_pattern",
 ]
 
