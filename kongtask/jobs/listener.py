@@ -133,7 +133,8 @@ class Listener:
 
     def _handle(self, channel: str, payload: str) -> None:
         ctx = self._ctx
-        if ctx.stopping:
+        # A cancel still matters while running jobs drain; nothing else does.
+        if ctx.stopping and channel != CANCEL_CHANNEL:
             return
         ctx.bus.emit(
             events.pool_listen_notification, pool_id=ctx.pool_id, channel=channel, payload=payload

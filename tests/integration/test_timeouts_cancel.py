@@ -10,8 +10,10 @@ from typing import Any
 
 import psycopg
 import pytest
+from prometheus_client import CollectorRegistry, generate_latest
 
 import kongtask
+import kongtask.ops.metrics
 from kongtask import InvalidJobError, Runner, WorkerUtils
 from kongtask.ops.cli.jobs import jobs_main, render_status
 
@@ -94,6 +96,13 @@ def test_a_stubborn_handler_frees_its_slot_and_its_late_result_is_ignored(
             assert times["quick"] - times["timeout"] < 2.0
             load = runner.load()
             assert load is not None and load.stuck_threads == 1
+            registry = CollectorRegistry()
+            metrics = kongtask.ops.metrics.register(registry, runner=runner)
+            try:
+                gauge = f'kongtask_stuck_threads{{pool="{runner.pool_id}"}} 1.0'.encode()
+                assert gauge in generate_latest(registry)
+            finally:
+                metrics.detach()
             with WorkerUtils(db_url) as utils:
                 wait_until(
                     lambda: [p.stuck_threads for p in utils.list_pools()] == [1],
@@ -248,3 +257,41 @@ def test_cli_jobs_cancel(
             jobs_main(["-c", db_url, "cancel", bad])
         assert exited.value.code == 2
         assert "a job id is a positive integer" in capsys.readouterr().err
+
+
+def test_a_job_cancelled_in_the_local_buffer_never_starts(
+    db_url: str, db: psycopg.Connection[Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("INFO", logger="kongtask.jobs.supervisor")
+    busy = threading.Event()
+    release = threading.Event()
+    ran: list[int] = []
+
+    def work(payload: Any, helpers: Any) -> None:
+        ran.append(helpers.job.id)
+        busy.set()
+        release.wait(DEADLINE_S)
+
+    runner = _runner(db_url, {"work": work}, concurrency=1)
+    try:
+        with recording(runner) as log, runner:
+            first = runner.add_job("work", {})
+            assert busy.wait(DEADLINE_S)
+            waiting = runner.add_job("work", {})
+            # -j 1 and the executor busy: the second job is claimed into the buffer.
+            wait_until(lambda: _row(db, waiting.id)["locked_by"] is not None)  # type: ignore[index]
+            with WorkerUtils(db_url) as utils:
+                assert utils.cancel_job(waiting.id, "not now").outcome == "signalled"
+            wait_until(
+                lambda: any("will not start" in r.getMessage() for r in caplog.records),
+                what="the pool to hear the cancel",
+            )
+            release.set()
+            log.wait_for("job:failed")
+            runner.join(DEADLINE_S)
+    finally:
+        release.set()
+    assert ran == [first.id]
+    row = _row(db, waiting.id)
+    assert row is not None and row["last_error"] == "cancelled: not now"
+    assert row["attempts"] == row["max_attempts"] and row["locked_by"] is None
