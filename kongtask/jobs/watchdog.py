@@ -29,6 +29,7 @@ __all__ = ["TimedRun", "Watchdog"]
 logger = logging.getLogger(__name__)
 
 _RUNNING, _FINISHED, _EXPIRED = 0, 1, 2
+_MIN_PERIOD_S = 0.01
 
 
 class TimedRun:
@@ -61,7 +62,8 @@ class Watchdog:
         name: str,
     ) -> None:
         self._slots: list[TimedRun | None] = [None] * slots
-        self._shortest = shortest_timeout_s
+        # The longest it sleeps with nothing due (never so short that it spins).
+        self._shortest = max(shortest_timeout_s, _MIN_PERIOD_S)
         self._expire = expire
         self._lock = threading.Lock()
         self._stopped = threading.Event()

@@ -295,3 +295,29 @@ def test_a_job_cancelled_in_the_local_buffer_never_starts(
     row = _row(db, waiting.id)
     assert row is not None and row["last_error"] == "cancelled: not now"
     assert row["attempts"] == row["max_attempts"] and row["locked_by"] is None
+
+
+def test_a_stuck_thread_does_not_hold_up_a_graceful_stop(db_url: str) -> None:
+    release = threading.Event()
+
+    @kongtask.task(timeout_s=0.3)
+    def stubborn(payload: Any, helpers: Any) -> None:
+        release.wait(DEADLINE_S)
+
+    runner = _runner(
+        db_url, {"stubborn": stubborn}, concurrency=2, graceful_shutdown_abort_timeout_s=20.0
+    )
+    try:
+        with recording(runner) as log:
+            runner.start()
+            runner.add_job("stubborn", {}, max_attempts=1)
+            log.wait_for("job:failed")
+            runner.join(DEADLINE_S)
+            assert runner.load().stuck_threads == 1  # type: ignore[union-attr]
+            started = time.monotonic()
+            assert runner.stop(DEADLINE_S)
+            # The drain waits for running jobs only; the stuck thread is not one.
+            assert time.monotonic() - started < 10.0
+            assert log.count("pool:gracefulShutdown:complete") == 1
+    finally:
+        release.set()
