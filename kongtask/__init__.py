@@ -32,6 +32,8 @@ from kongtask.errors import (
     CrontabError,
     EmbeddedServerError,
     InvalidJobError,
+    JobCancelledError,
+    JobTimeoutError,
     KongtaskError,
     MigrationError,
     TaskLoadError,
@@ -39,6 +41,7 @@ from kongtask.errors import (
 from kongtask.helpers import Helpers
 from kongtask.job import Job
 from kongtask.job_spec import JobSpec
+from kongtask.jobs.cancel import CancelResult
 from kongtask.protocols import Clock, TaskHandler
 from kongtask.runner import Runner, RunnerOptions, run, run_once
 from kongtask.scheduler import Scheduler
@@ -55,6 +58,7 @@ from kongtask.worker_utils import (
 __all__ = [
     "CLEANUP_TASKS",
     "LATEST_MIGRATION",
+    "CancelResult",
     "Clock",
     "ConfigurationError",
     "ConnectionSettings",
@@ -67,7 +71,9 @@ __all__ = [
     "Helpers",
     "InvalidJobError",
     "Job",
+    "JobCancelledError",
     "JobSpec",
+    "JobTimeoutError",
     "KongtaskError",
     "MigrationError",
     "MigrationResult",

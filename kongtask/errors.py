@@ -13,6 +13,8 @@ __all__ = [
     "CrontabError",
     "EmbeddedServerError",
     "InvalidJobError",
+    "JobCancelledError",
+    "JobTimeoutError",
     "KongtaskError",
     "MigrationError",
     "TaskLoadError",
@@ -79,3 +81,30 @@ class CrontabError(KongtaskError, ValueError):
         self.line = line
         self.column = column
         self.source = source
+
+
+class JobTimeoutError(KongtaskError, TimeoutError):
+    """A job's attempt ran past its timeout; the attempt failed with this message.
+
+    ``timeout_s`` is the limit that passed. The job retries as after any failure.
+    """
+
+    def __init__(self, timeout_s: float) -> None:
+        super().__init__(f"timed out after {timeout_s:g} s")
+        self.timeout_s = timeout_s
+
+
+class JobCancelledError(KongtaskError):
+    """A job was cancelled (``WorkerUtils.cancel_job``) while it ran; it fails for good.
+
+    ``reason`` is the one given to the cancel, if any.
+    """
+
+    def __init__(self, reason: str | None = None) -> None:
+        super().__init__(cancel_message(reason))
+        self.reason = reason
+
+
+def cancel_message(reason: str | None) -> str:
+    """The ``last_error`` of a cancelled job: ``cancelled`` or ``cancelled: <reason>``."""
+    return "cancelled" if not reason else f"cancelled: {reason}"

@@ -3,7 +3,8 @@
 It gives the handler what graphile-worker's helpers give a task: the job, a
 logger scoped to it, enqueueing, pooled database access, the job's queue name
 and an abort signal (a ``threading.Event`` set when a graceful shutdown runs
-out of patience). One is made per job, so it is kept small and lazy.
+out of patience, the attempt's timeout passes or the job is cancelled). One
+is made per job, so it is kept small and lazy.
 """
 
 from __future__ import annotations
@@ -58,7 +59,8 @@ class Helpers:
 
     @property
     def abort_event(self) -> threading.Event:
-        """Set when a graceful shutdown's abort timeout passes while the job runs."""
+        """Set when the job should stop: a graceful shutdown's abort timeout or the
+        attempt's timeout passed, or the job was cancelled."""
         event = self._abort_event
         if event is None:
             with _ABORT_LOCK:

@@ -104,6 +104,7 @@ class RunnerOptions(_RequiredRunnerOptions, total=False):
     heartbeat_interval_s: float
     pool_dead_after_s: float
     crash_quarantine_after: int
+    timeout_s: float | None
     # ConnectionSettings, one by one.
     connect_timeout_s: float
     statement_timeout_s: float | None
@@ -427,6 +428,7 @@ class Runner:
             executors_busy=run.jobs.executors_busy,
             local_queue_jobs=len(queue),
             local_queue_size=queue.size,
+            stuck_threads=run.jobs.stuck_threads,
         )
 
     def parts(self) -> list[Part]:
@@ -494,6 +496,9 @@ class RunnerLoad:
     executors_busy: int
     local_queue_jobs: int
     local_queue_size: int
+    #: Executor threads still inside a handler that ran past its timeout (their slots
+    #: were given to new threads).
+    stuck_threads: int = 0
 
 
 _worker_logger = logging.getLogger("kongtask.worker")

@@ -160,6 +160,9 @@ class WorkerSettings:
     pool_dead_after_s: float = 60.0
     #: A job that killed its worker this many times (running as a suspect) is failed for good.
     crash_quarantine_after: int = 3
+    #: How long one attempt of a task may run (seconds; ``None``: no limit). A task's
+    #: own ``timeout_s`` (``@kongtask.task(timeout_s=...)``) wins over this default.
+    timeout_s: float | None = None
     #: Timeouts, TCP keepalives and pgbouncer mode of every connection the pool opens.
     connection: ConnectionSettings = field(default_factory=lambda: ConnectionSettings())
 
@@ -216,6 +219,8 @@ class WorkerSettings:
                 value=self.pool_dead_after_s,
             )
         check_int("crash_quarantine_after", self.crash_quarantine_after, 1, 1_000)
+        if self.timeout_s is not None:
+            check_seconds("timeout_s", self.timeout_s, allow_minimum=False)
         if not isinstance(self.connection, ConnectionSettings):
             raise ConfigurationError(
                 f"connection must be a ConnectionSettings, got {self.connection!r}",

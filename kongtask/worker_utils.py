@@ -25,9 +25,10 @@ from kongtask.db.connecting import DEFAULT_CONNECTION_SETTINGS, connect
 from kongtask.db.conninfo import open_database, resolve_schema
 from kongtask.db.migrate import MigrationResult, migrate
 from kongtask.db.statements import Queries
-from kongtask.errors import ConfigurationError, InvalidJobError, KongtaskError
+from kongtask.errors import ConfigurationError, InvalidJobError, KongtaskError, cancel_message
 from kongtask.job import Job
 from kongtask.job_spec import JobSpec
+from kongtask.jobs.cancel import CancelResult, check_cancel
 from kongtask.jobs.enqueue import (
     add_job_on,
     add_job_on_async,
@@ -257,6 +258,25 @@ class WorkerUtils:
             raise InvalidJobError("reason must be a string or None", field="reason", value=reason)
         params = {"ids": _job_ids(ids), "reason": reason}
         return self._jobs(self._queries.permanently_fail_jobs, params)
+
+    def cancel_job(self, job_id: int, reason: str | None = None) -> CancelResult:
+        """Cancel one job: a waiting job fails for good at once (``last_error``
+        ``cancelled`` or ``cancelled: <reason>``, attempts used up); a running one is
+        signalled to the kongtask pool holding it, which sets its abort event and
+        fails it for good when its handler ends (a Node worker ignores the signal).
+
+        The result says which happened (``cancelled``, ``signalled``), or that
+        there is no such job (``missing``: it may have completed) or that it had
+        already failed for good (``finished``). On a borrowed connection the
+        change and the signal take effect when the caller commits.
+        """
+        check_cancel(job_id, reason)
+        params = {"id": job_id, "message": cancel_message(reason), "schema": self.schema}
+        with self.connection() as conn:
+            row = conn.execute(self._queries.cancel_job, params).fetchone()
+        assert row is not None  # the statement always returns one row
+        outcome, pool_id = row
+        return CancelResult(job_id, outcome, pool_id if outcome == "signalled" else None)
 
     def reschedule_jobs(
         self,

@@ -44,8 +44,9 @@ class Flush(NamedTuple):
 FLUSH = Flush()
 
 _T = TypeVar("_T")
-#: An outcome waiting in the outbox: the job, its message, its retry payload.
-_Failure = tuple[Job, str, Any]
+#: An outcome waiting in the outbox: the job, its message, its retry payload,
+#: whether it fails for good.
+_Failure = tuple[Job, str, Any, bool]
 
 
 class Completer(DbActor):
@@ -83,9 +84,7 @@ class Completer(DbActor):
             if failures:
                 retried = self._fail_all(failures) or retried
             queue_ids = [job.job_queue_id for job in successes if job.job_queue_id is not None]
-            queue_ids += [
-                job.job_queue_id for job, _, _ in failures if job.job_queue_id is not None
-            ]
+            queue_ids += [job.job_queue_id for job, *_ in failures if job.job_queue_id is not None]
             released = bool(queue_ids)
             if retried and queue_ids:
                 # A try that committed before its connection broke makes the
@@ -131,14 +130,14 @@ class Completer(DbActor):
             return self.run_noting_retries(fail_specs, "Failing jobs").retried
 
         def remedy(failure: _Failure, refused: BaseException) -> None:
-            job = failure[0]
+            job, permanent = failure[0], failure[3]
             plain = (
                 f"the database refused to record this job's error ({_describe(refused)}); "
                 "kongtask replaced it with this message"
             )
             logger.error("Recording the failure of job %s was refused: %s", job.id, plain)
             # A plain message, and the payload left as it is.
-            again = self._refusal(lambda: fail([(job, plain, None)]))
+            again = self._refusal(lambda: fail([(job, plain, None, permanent)]))
             if again is not None:
                 self._give_up(
                     job,
@@ -263,9 +262,11 @@ def _describe(exc: BaseException) -> str:
     return f"{state or type(exc).__name__}: {first}" if first else (state or type(exc).__name__)
 
 
-def _fail_spec(job: Job, message: str, payload: Any) -> dict[str, Any]:
+def _fail_spec(job: Job, message: str, payload: Any, permanent: bool) -> dict[str, Any]:
     # A JSON null would replace the payload with null: leave the key out instead.
     spec: dict[str, Any] = {"id": job.id, "message": sanitize_last_error(message)}
     if payload is not None:
         spec["payload"] = payload
+    if permanent:
+        spec["permanent"] = True
     return spec

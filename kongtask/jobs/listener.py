@@ -4,7 +4,8 @@
 not at the next poll: the notice goes straight from this thread to the
 claimer's mailbox, and one that arrives while a claim runs is acted on right
 after it); a breaking ``worker:migrate`` means a newer worker changed the schema
-under us, so the Runner shuts down gracefully with a warning. A lost
+under us, so the Runner shuts down gracefully with a warning; ``kongtask:cancel``
+goes to the job service, which aborts the job if this pool holds it. A lost
 connection is re-established after a jittered back-off
 (``min(60 s, 50 ms·e^attempts)``, as graphile-worker), and the claimer is
 told once it is back, since notifications sent meanwhile were missed.
@@ -24,6 +25,7 @@ import psycopg
 from kongtask import events
 from kongtask.db.connecting import connect
 from kongtask.db.migrate import LATEST_MIGRATION
+from kongtask.jobs.cancel import CANCEL_CHANNEL
 from kongtask.jobs.context import WorkerContext
 from kongtask.runtime.backoff import backoff_s
 from kongtask.runtime.parts import Part, ThreadsPart
@@ -40,12 +42,19 @@ class Listener:
     """Runs on its own daemon thread; :meth:`stop` closes the connection to end it."""
 
     def __init__(
-        self, ctx: WorkerContext, nudge: Callable[[], None], *, conninfo: str | None = None
+        self,
+        ctx: WorkerContext,
+        nudge: Callable[[], None],
+        *,
+        conninfo: str | None = None,
+        on_cancel: Callable[[dict[str, Any]], None] | None = None,
     ) -> None:
         self._ctx = ctx
         #: Where to LISTEN: a direct connection when the pool goes through pgbouncer.
         self._conninfo = ctx.conninfo if conninfo is None else conninfo
         self._nudge = nudge
+        #: Told each ``kongtask:cancel`` notice (decoded); it checks whom it names.
+        self._on_cancel = on_cancel
         self._stopped = threading.Event()
         self._conn: psycopg.Connection[Any] | None = None
         self._lock = threading.Lock()
@@ -91,6 +100,8 @@ class Listener:
                     break
                 conn.execute(ctx.queries.listen_jobs_insert)
                 conn.execute(ctx.queries.listen_worker_migrate)
+                if self._on_cancel is not None:
+                    conn.execute(ctx.queries.listen_cancel)
                 attempts = 0
                 self.connected.set()
                 ctx.bus.emit(events.pool_listen_success, pool_id=ctx.pool_id)
@@ -122,7 +133,8 @@ class Listener:
 
     def _handle(self, channel: str, payload: str) -> None:
         ctx = self._ctx
-        if ctx.stopping:
+        # A cancel still matters while running jobs drain; nothing else does.
+        if ctx.stopping and channel != CANCEL_CHANNEL:
             return
         ctx.bus.emit(
             events.pool_listen_notification, pool_id=ctx.pool_id, channel=channel, payload=payload
@@ -139,6 +151,8 @@ class Listener:
                 self._nudge()
         elif channel == "worker:migrate" and data.get("breaking") is True:
             self._breaking_migration(data.get("migrationNumber"))
+        elif channel == CANCEL_CHANNEL and self._on_cancel is not None:
+            self._on_cancel(data)
 
     def _breaking_migration(self, number: object) -> None:
         """Shut down only if our own schema now holds a breaking migration we do not know.

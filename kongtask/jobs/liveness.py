@@ -82,9 +82,16 @@ class Liveness(DbActor):
     action = "liveness"
     max_attempts = 3
 
-    def __init__(self, ctx: WorkerContext, nudge: Callable[[], None]) -> None:
+    def __init__(
+        self,
+        ctx: WorkerContext,
+        nudge: Callable[[], None],
+        stuck_threads: Callable[[], int] = lambda: 0,
+    ) -> None:
         super().__init__(ctx)
         self._nudge = nudge
+        #: How many executor threads are stuck in a timed-out handler (sent with each beat).
+        self._stuck_threads = stuck_threads
         self._clock = SystemClock(name=f"kongtask-heartbeat-{ctx.pool_id}")
         self._timer: Timer | None = None
         self._active = True
@@ -159,7 +166,10 @@ class Liveness(DbActor):
             # Sent no earlier than this: last_seen is at least this recent.
             sent_at = ownership.now()
             alive = self.run(
-                lambda conn: conn.execute(self.ctx.queries.heartbeat, self._ids()).fetchone(),
+                lambda conn: conn.execute(
+                    self.ctx.queries.heartbeat,
+                    {**self._ids(), "stuck_threads": self._stuck_threads()},
+                ).fetchone(),
                 "Heartbeat",
             )
             if alive is None:

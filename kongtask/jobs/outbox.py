@@ -24,7 +24,7 @@ class Outbox:
     def __init__(self, wake: Callable[[], None]) -> None:
         self._lock = threading.Lock()
         self.successes: list[Job] = []
-        self.failures: list[tuple[Job, str, Any]] = []
+        self.failures: list[tuple[Job, str, Any, bool]] = []
         self._scheduled = False
         self._wake = wake
 
@@ -37,16 +37,19 @@ class Outbox:
             self._scheduled = True
         self._wake()
 
-    def failure(self, job: Job, message: str, replacement_payload: Any = None) -> None:
-        """Record that ``job`` failed with ``message`` (and, for batches, its retry payload)."""
+    def failure(
+        self, job: Job, message: str, replacement_payload: Any = None, permanent: bool = False
+    ) -> None:
+        """Record that ``job`` failed with ``message`` (and, for batches, its retry payload);
+        ``permanent`` uses up its attempts (a cancelled job)."""
         with self._lock:
-            self.failures.append((job, message, replacement_payload))
+            self.failures.append((job, message, replacement_payload, permanent))
             if self._scheduled:
                 return
             self._scheduled = True
         self._wake()
 
-    def take(self) -> tuple[list[Job], list[tuple[Job, str, Any]]]:
+    def take(self) -> tuple[list[Job], list[tuple[Job, str, Any, bool]]]:
         """Everything recorded so far; clears the scheduled flag when empty."""
         with self._lock:
             successes, failures = self.successes, self.failures

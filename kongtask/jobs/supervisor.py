@@ -24,8 +24,10 @@ from kongtask import events
 from kongtask.cron.service.outcomes import OutcomeRecorder
 from kongtask.db.connecting import guarded_conninfo
 from kongtask.db.statements import Queries
+from kongtask.declared import declared
 from kongtask.errors import KongtaskError
 from kongtask.job import Job
+from kongtask.jobs.cancel import read_notice
 from kongtask.jobs.claimer import (
     BufferLow,
     Claimer,
@@ -94,6 +96,7 @@ class JobService:
         self.pool_id = pool_id or new_pool_id(settings.once)
         self._listen_connection_string = listen_connection_string
         self._guard = CrashGuard()
+        self._timeouts = task_timeouts(tasks, settings.timeout_s)
         self._tasks = {name: self._guard.wrap(handler) for name, handler in tasks.items()}
         self._no_log_success = no_log_success
         self._host: Host | None = None
@@ -153,7 +156,7 @@ class JobService:
         host.bus.emit(events.pool_create, pool_id=self.pool_id)
         # The liveness record exists before anything is claimed, so a pool id
         # seen in locked_by without a live record always means a dead pool.
-        self._liveness = Liveness.start(ctx, self._nudge)
+        self._liveness = Liveness.start(ctx, self._nudge, self._stuck_threads)
         if self._liveness.ask(Register(), timeout=_POOL_OPEN_TIMEOUT_S) is not True:
             raise KongtaskError(f"pool {self.pool_id} could not register its liveness record")
         outbox = Outbox(wake=self._flush_outcomes)
@@ -173,6 +176,7 @@ class JobService:
             outbox,
             on_all_stopped=lambda: host.send(WorkersStopped()),
             confirm=self._confirm,
+            timeouts=self._timeouts,
         )
         self._executors.start()
         if not settings.once:
@@ -202,7 +206,9 @@ class JobService:
                 settings.poll_interval_s * 1000,
             )
             return
-        self._listener = Listener(ctx, self._insert_notified, conninfo=conninfo)
+        self._listener = Listener(
+            ctx, self._insert_notified, conninfo=conninfo, on_cancel=self._cancel_notified
+        )
         self._listener.start()
 
     def _nudge(self) -> None:
@@ -218,6 +224,25 @@ class JobService:
     def _insert_notified(self) -> None:
         if self._claimer is not None:
             self._claimer.tell(InsertNotified())
+
+    def _cancel_notified(self, data: dict[str, Any]) -> None:
+        """A ``kongtask:cancel`` notice: the executors abort the job if this pool holds it."""
+        executors, ctx = self._executors, self.ctx
+        if executors is None or ctx is None:
+            return
+        notice = read_notice(data, self.settings.schema, self.pool_id)
+        if notice is None:
+            return
+        running = executors.cancel(notice.job_id, notice.message)
+        logger.info(
+            "Job %s was cancelled (%s)%s",
+            notice.job_id,
+            notice.message,
+            "; its abort event is set" if running else "; it will not start",
+        )
+
+    def _stuck_threads(self) -> int:
+        return self.stuck_threads
 
     def _confirm(self, job: Job, reason: str) -> bool:
         """Whether this pool still holds ``job`` (an executor asks; the claimer checks).
@@ -251,6 +276,11 @@ class JobService:
     def executors_busy(self) -> int:
         """How many executors are running a job now."""
         return len(self._executors.running()) if self._executors is not None else 0
+
+    @property
+    def stuck_threads(self) -> int:
+        """Executor threads still inside a handler that ran past its timeout."""
+        return self._executors.stuck_threads if self._executors is not None else 0
 
     @property
     def listening(self) -> bool | None:
@@ -427,5 +457,20 @@ class JobService:
             self._listener.stop(step())
         if self._outcomes is not None:
             self._outcomes.stop()
+        if self._executors is not None:
+            self._executors.close()
         if self.ctx is not None and host is not None:
             host.bus.emit(events.pool_release, pool_id=self.pool_id)
+
+
+def task_timeouts(
+    tasks: Mapping[str, Callable[..., Any]], default_s: float | None
+) -> dict[str, float]:
+    """Each task's timeout: its declared ``timeout_s``, else the worker's default (if any)."""
+    timeouts: dict[str, float] = {}
+    for name, handler in tasks.items():
+        task = declared(handler)
+        timeout_s = task.timeout_s if task is not None and task.timeout_s is not None else default_s
+        if timeout_s is not None:
+            timeouts[name] = float(timeout_s)
+    return timeouts

@@ -18,7 +18,7 @@ Metric names (all prefixed ``kongtask_``): ``jobs_started_total``,
 ``job_duration_seconds`` and ``job_pickup_latency_seconds`` (``run_at`` to
 start; not for a ``run_at`` of ``-infinity``), by ``task``; gauges
 ``executors``, ``executors_busy``,
-``local_queue_jobs``, ``local_queue_size`` (by ``pool``); ``jobs`` (by
+``local_queue_jobs``, ``local_queue_size``, ``stuck_threads`` (by ``pool``); ``jobs`` (by
 ``task`` and ``state``), ``jobs_other_tasks``, ``locked_queues``,
 ``live_pools`` and ``database_up`` sampled from the database;
 ``cron_firings_total``,
@@ -120,6 +120,11 @@ class _LoadCollector(Collector):
             ),
             "local_queue_size": GaugeMetricFamily(
                 "kongtask_local_queue_size", "Capacity of the local queue", labels=["pool"]
+            ),
+            "stuck_threads": GaugeMetricFamily(
+                "kongtask_stuck_threads",
+                "Executor threads still in a handler that ran past its timeout",
+                labels=["pool"],
             ),
         }
         for runner in self._metrics.runners():

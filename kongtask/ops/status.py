@@ -100,6 +100,8 @@ class PoolInfo:
     version: str
     live: bool
     running: int = 0
+    #: Executor threads stuck in a handler past its timeout (their slots were refilled).
+    stuck_threads: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -76,6 +76,54 @@ select {job_columns}
 from {s}.permanently_fail_jobs(%(ids)s::bigint[], %(reason)s::text) as jobs
 {task_of_job}
 
+-- name: cancel_job
+-- Cancel one job (WorkerUtils.cancel_job), in one statement. A job nobody
+-- holds (or whose lock is stale, as the schema's admin functions treat it) is
+-- failed for good as permanently_fail_jobs does (attempts = max_attempts)
+-- and unlocked; a job a pool holds is left to that pool, which is told on
+-- the `kongtask:cancel` channel (schema, job id, holding pool, message) and
+-- fails it for good when its handler ends. A job already failed for good is
+-- left as it is. One row: the outcome and the holding pool.
+with target as (
+    select jobs.id, jobs.locked_by,
+           jobs.locked_at is not null
+               and jobs.locked_at >= now() - interval '4 hours' as held,
+           jobs.attempts >= jobs.max_attempts and jobs.locked_at is null as finished
+    from {s}._private_jobs as jobs
+    where jobs.id = %(id)s::bigint
+    for update
+),
+cancelled as (
+    update {s}._private_jobs as jobs
+    set last_error = %(message)s::text,
+        attempts = jobs.max_attempts,
+        locked_by = null,
+        locked_at = null,
+        updated_at = now()
+    from target
+    where jobs.id = target.id and not target.held and not target.finished
+    returning jobs.id
+),
+signalled as (
+    select pg_notify('kongtask:cancel', json_build_object(
+        'schema', %(schema)s::text, 'id', target.id, 'pool', target.locked_by,
+        'message', %(message)s::text
+    )::text)
+    from target
+    where target.held
+)
+select case
+           when target.id is null then 'missing'
+           when target.finished then 'finished'
+           when target.held then 'signalled'
+           else 'cancelled'
+       end as outcome,
+       target.locked_by
+from (select 1) as one
+left join target on true
+cross join (select count(*) from cancelled) as changed
+cross join (select count(*) from signalled) as notified
+
 -- name: reschedule_jobs
 select {job_columns}
 from {s}.reschedule_jobs(
@@ -238,14 +286,18 @@ with finished as (
 -- name: fail_jobs
 -- Fail jobs this pool holds, each with its own message and optionally a
 -- replacement payload (batch jobs retry only their failed items). The retry
--- waits exp(min(attempts, 10)) seconds; the queue is released.
+-- waits exp(min(attempts, 10)) seconds; the queue is released. A spec marked
+-- `permanent` (a cancelled job) uses up its attempts: it never runs again.
 with specs as (
-    select (spec->>'id')::bigint as id, spec->>'message' as message, spec->'payload' as payload
+    select (spec->>'id')::bigint as id, spec->>'message' as message, spec->'payload' as payload,
+           coalesce((spec->>'permanent')::boolean, false) as permanent
     from json_array_elements(%(specs)s::json) as spec
 ),
 finished as (
     update {s}._private_jobs as jobs
     set last_error = specs.message,
+        attempts = case when specs.permanent then greatest(jobs.attempts, jobs.max_attempts)
+                        else jobs.attempts end,
         run_at = greatest(now(), jobs.run_at)
                  + exp(least(jobs.attempts, 10)) * interval '1 second',
         locked_by = null,
@@ -347,6 +399,11 @@ LISTEN "jobs:insert"
 -- Another worker migrated the database (possibly past what this one knows):
 -- the listener then checks migration_state.
 LISTEN "worker:migrate"
+
+-- name: listen_cancel
+-- Cancels of jobs a pool holds (see cancel_job); each pool acts only on those
+-- naming its schema and itself.
+LISTEN "kongtask:cancel"
 
 -- name: listener_check
 -- The quiet LISTEN connection's check that the path still answers; a

@@ -36,7 +36,7 @@ order by queue_name
 -- name: pools
 -- kongtask pools (from their heartbeat table), newest heartbeat first, with
 -- whether each counts as live (heartbeat within the bound, in seconds).
-select pool_id, hostname, pid, concurrency, started_at, last_seen, version,
+select pool_id, hostname, pid, concurrency, started_at, last_seen, version, stuck_threads,
        last_seen > now() - make_interval(secs => %(live_bound_s)s) as live
 from {s}._kongtask_pools
 order by last_seen desc, pool_id

@@ -23,8 +23,10 @@ on conflict (pool_id) do update set last_seen = now()
 
 -- name: heartbeat
 -- The heartbeat: returns no row when another pool has declared this one dead
--- (and released its locks); the caller then registers again.
-update {s}._kongtask_pools set last_seen = now()
+-- (and released its locks); the caller then registers again. It also records
+-- how many executor threads are stuck in a handler past its timeout.
+update {s}._kongtask_pools
+set last_seen = now(), stuck_threads = %(stuck_threads)s::int
 where pool_id = %(pool_id)s::text
 returning pool_id
 

@@ -2,7 +2,7 @@
 
 A thin layer over ``WorkerUtils.status()``, ``list_jobs()``, ``get_job()``,
 ``retry_jobs()``, ``permanently_fail_jobs()``, ``remove_job()`` and
-``reschedule_jobs()``: every listing takes ``--json`` for scripts. Actions
+``reschedule_jobs()`` and ``cancel_job()``: every listing takes ``--json`` for scripts. Actions
 print what they changed and exit with status 1 when some job could not be
 changed (it is running, or does not exist), naming those jobs.
 """
@@ -29,6 +29,8 @@ from kongtask.worker_utils import WorkerUtils
 
 __all__ = ["jobs_main", "parse_time", "status_main"]
 
+#: Cancel outcomes that did what was asked (exit status 0).
+_DONE = ("cancelled", "signalled")
 _RELATIVE = re.compile(r"^\+(?P<phrase>[0-9smhdw]+)$")
 
 
@@ -134,10 +136,10 @@ def render_status(report: StatusReport) -> str:
     out.append("")
     if report.pools:
         out += _table(
-            ["LIVE POOL", "HOST", "PID", "CONCURRENCY", "RUNNING", "STARTED", "LAST SEEN"],
+            ["LIVE POOL", "HOST", "PID", "CONCURRENCY", "RUNNING", "STUCK", "STARTED", "LAST SEEN"],
             [
                 [
-                    *(p.pool_id, p.hostname, p.pid, p.concurrency, p.running),
+                    *(p.pool_id, p.hostname, p.pid, p.concurrency, p.running, p.stuck_threads),
                     *(_when(p.started_at), _when(p.last_seen)),
                 ]
                 for p in report.pools
@@ -254,6 +256,14 @@ def _jobs_parser() -> argparse.ArgumentParser:
     fail = commands.add_parser("fail", help="fail jobs permanently")
     fail.add_argument("job_ids", type=int, nargs="+", metavar="ID")
     fail.add_argument("--reason", required=True, help="stored as the jobs' last error")
+    cancel = commands.add_parser(
+        "cancel",
+        help="cancel a job: a waiting one fails permanently now, a running one is told to "
+        "abort and fails permanently when its handler ends",
+    )
+    cancel.add_argument("job_id", type=_job_id, metavar="ID")
+    cancel.add_argument("--reason", help="stored in the last error as 'cancelled: REASON'")
+    cancel.add_argument("--json", action="store_true", help="print the result as JSON")
     remove = commands.add_parser("remove", help="delete the jobs holding these job keys")
     remove.add_argument("keys", nargs="+", metavar="KEY")
     reschedule = commands.add_parser("reschedule", help="change when jobs run")
@@ -266,9 +276,20 @@ def _jobs_parser() -> argparse.ArgumentParser:
     )
     for sub in (retry, fail, remove, reschedule):
         sub.add_argument("--json", action="store_true", help="print the changed jobs as JSON")
-    for sub in (listing, show, retry, fail, remove, reschedule):
+    for sub in (listing, show, retry, fail, cancel, remove, reschedule):
         _connection_args(sub, sub=True)
     return parser
+
+
+def _job_id(text: str) -> int:
+    """A job id argument: a positive integer (argparse prints the error)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 0 < value < 2**63:
+        raise argparse.ArgumentTypeError(f"a job id is a positive integer, got {text!r}")
+    return value
 
 
 def _report(
@@ -325,6 +346,13 @@ def jobs_main(argv: Sequence[str]) -> int:
         if args.command == "fail":
             changed = utils.permanently_fail_jobs(args.job_ids, args.reason)
             return _report("Failed permanently", args.job_ids, changed, args.json, by_id)
+        if args.command == "cancel":
+            result = utils.cancel_job(args.job_id, args.reason)
+            if args.json:
+                print(dumps(result))
+            else:
+                print(result.describe(), file=sys.stdout if result.outcome in _DONE else sys.stderr)
+            return 0 if result.outcome in _DONE else 1
         if args.command == "reschedule":
             changed = utils.reschedule_jobs(args.job_ids, run_at=at)
             return _report(f"Rescheduled to {_when(at)}", args.job_ids, changed, args.json, by_id)

@@ -155,6 +155,14 @@ def _worker_parser() -> argparse.ArgumentParser:
         "longer than this, and retry on a new one (default 30)",
     )
     parser.add_argument(
+        "--timeout",
+        type=positive_seconds("--timeout"),
+        default=None,
+        metavar="SECONDS",
+        help="fail an attempt that runs longer than this (its abort event is set and it "
+        "retries; a task's own timeout_s wins); default: no timeout",
+    )
+    parser.add_argument(
         "--crontab", metavar="FILE", help="crontab file (default: ./crontab if present)"
     )
     parser.add_argument(
@@ -292,6 +300,8 @@ def _run_worker(args: argparse.Namespace) -> int:
         options["connect_timeout_s"] = args.connect_timeout
     if args.statement_timeout is not None:
         options["statement_timeout_s"] = args.statement_timeout
+    if args.timeout is not None:
+        options["timeout_s"] = args.timeout
     if crontab_file is not None:
         options["crontab_file"] = crontab_file  # --once checks it without scheduling
     if args.once:
