@@ -12,6 +12,7 @@ also accepted wherever a task name is (``add_job``, ``JobSpec`` via
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 import math
 from collections.abc import Callable, Sequence
@@ -193,8 +194,8 @@ class Task:
         )
         if connection is not None:
             check_connection(connection, connection_string)
-            return add_job_on(connection, Queries(resolve_schema(schema)), spec)
-        queries = Queries(resolve_schema(schema))
+            return add_job_on(connection, _queries(resolve_schema(schema)), spec)
+        queries = _queries(resolve_schema(schema))
         with open_database(connection_string) as conninfo, connect(conninfo) as conn:
             migrate(conn, queries.schema)
             return add_job_on(conn, queries, spec)
@@ -238,7 +239,13 @@ class Task:
                 "give either connection_string or connection=, not both", name="connection"
             )
         spec = self.spec(payload, **overrides)
-        return await add_job_on_async(connection, Queries(resolve_schema(schema)), spec)
+        return await add_job_on_async(connection, _queries(resolve_schema(schema)), spec)
+
+
+@functools.lru_cache(maxsize=16)
+def _queries(schema: str) -> Queries:
+    """The statements for ``schema``, composed once for every ``defer`` on it."""
+    return Queries(schema)
 
 
 def declared(handler: Any) -> Task | None:

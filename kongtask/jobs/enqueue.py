@@ -187,8 +187,9 @@ def _add_jobs_params(
     for index, spec in enumerate(checked):
         if spec.job_key_mode is not None:
             raise InvalidJobError(
-                f"job spec at index {index} sets job_key_mode; add_jobs takes "
-                "job_key_preserve_run_at for the whole call instead",
+                f"job spec at index {index} sets job_key_mode (a declared task's applies "
+                "to its keyed jobs); add_jobs takes job_key_preserve_run_at for the whole "
+                "call instead",
                 field="job_key_mode",
                 value=spec.job_key_mode,
             )
@@ -214,7 +215,7 @@ def check_connection(connection: object, connection_string: object = None) -> No
     if isinstance(connection, psycopg.AsyncConnection):
         raise ConfigurationError(
             "connection is a psycopg.AsyncConnection; use kongtask.add_job_async / "
-            "add_jobs_async with it",
+            "add_jobs_async (or a declared task's defer_async) with it",
             name="connection",
             value=connection,
         )
