@@ -110,8 +110,12 @@ class Task:
                 priority=self.priority,
             )
         except InvalidJobError as exc:
+            # Name the option as the declaration spells it (queue, name).
             field = {"queue_name": "queue", "identifier": "name"}.get(exc.field or "", exc.field)
-            raise ConfigurationError(f"{where}: {exc}", name=field, value=exc.value) from None
+            message = str(exc)
+            if field is not None and exc.field is not None and message.startswith(exc.field):
+                message = field + message[len(exc.field) :]
+            raise ConfigurationError(f"{where}: {message}", name=field, value=exc.value) from None
         if not isinstance(self.isolate, bool):
             raise ConfigurationError(
                 f"{where}: isolate must be True or False, got {self.isolate!r}",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -99,7 +100,7 @@ def test_a_keyed_batch_job_of_a_task_declaring_a_mode_is_refused() -> None:
     ],
 )
 def test_a_bad_declaration_fails_when_made(options: dict[str, Any], name: str) -> None:
-    with pytest.raises(ConfigurationError, match="task ") as info:
+    with pytest.raises(ConfigurationError, match=f"task .*: {name} ") as info:
         kongtask.task(**options)(ping.fn)
     assert info.value.name == name
 
@@ -167,6 +168,24 @@ def test_the_loader_picks_up_declared_tasks_by_their_names(tmp_path: Path) -> No
     declaration = declared(tasks["reports:build"])
     assert declaration is not None and declaration.priority == 2
     assert tasks["reports:build"]({}, None) == "built"
+
+
+def test_the_loader_leaves_declared_tasks_imported_from_elsewhere(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "shared_declared.py").write_text(
+        "import kongtask\n@kongtask.task\ndef shared(payload, helpers):\n    pass\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "shared_declared", raising=False)
+    file = tmp_path / "worker_tasks.py"
+    file.write_text(
+        "import kongtask\n"
+        "from shared_declared import shared\n"
+        "@kongtask.task\ndef own(payload, helpers):\n    shared.defer\n"
+    )
+    assert list(load_tasks(str(file))) == ["own"]
+    sys.modules.pop("shared_declared", None)
 
 
 def test_the_loader_takes_a_tasks_list(tmp_path: Path) -> None:
