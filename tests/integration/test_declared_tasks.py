@@ -4,7 +4,10 @@ win, ``defer`` follows the caller's transaction, and a worker runs them from a l
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 import threading
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -154,3 +157,28 @@ def test_a_worker_runs_declared_tasks_from_a_list(db_url: str, db: psycopg.Conne
 def test_a_worker_refuses_a_declared_task_under_another_name(db_url: str) -> None:
     with pytest.raises(ConfigurationError, match=r"'report'.*'build_report'"):
         Runner(tasks={"report": build_report}, connection_string=db_url)
+
+
+def test_the_cli_runs_the_declared_tasks_of_a_tasks_file(
+    db_url: str, db: psycopg.Connection[Any], tmp_path: Path
+) -> None:
+    (tmp_path / "tasks.py").write_text(
+        "import kongtask\n"
+        "@kongtask.task(name='reports:build', queue='reports')\n"
+        "def build(payload, helpers):\n"
+        "    helpers.query('create table built (month text)')\n"
+        "    helpers.query('insert into built values (%s)', (payload['month'],))\n"
+    )
+    with WorkerUtils(db_url) as utils:
+        utils.add_job("reports:build", {"month": "2026-11"})
+    result = subprocess.run(
+        [sys.executable, "-m", "kongtask", "--once", "-c", db_url],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert db.execute("select month from built").fetchall() == [("2026-11",)]
+    assert jobs(db) == []
