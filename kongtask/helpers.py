@@ -19,6 +19,7 @@ import psycopg
 from psycopg.rows import dict_row
 
 from kongtask.db.connecting import without_deadline
+from kongtask.declared import Task, job_spec_for
 from kongtask.errors import KongtaskError
 from kongtask.job import Job
 from kongtask.job_spec import JobSpec
@@ -113,9 +114,9 @@ class Helpers:
             cur.execute(query, params)
             return cur.fetchall() if cur.description is not None else []
 
-    def add_job(self, identifier: str, payload: Any = None, **spec: Any) -> Job:
-        """Add a job (same arguments as ``WorkerUtils.add_job``)."""
-        job_spec = JobSpec(identifier, payload, **spec)
+    def add_job(self, identifier: str | Task, payload: Any = None, **spec: Any) -> Job:
+        """Add a job (same arguments as ``WorkerUtils.add_job``, a declared task included)."""
+        job_spec = job_spec_for(identifier, payload, **spec)
         with self._ctx.pool.connection() as conn:
             return add_job_on(conn, self._ctx.queries, job_spec)
 

@@ -108,7 +108,8 @@ class JobSpec:
 
     @classmethod
     def coerce(cls, spec: JobSpec | Mapping[str, Any], index: int | None = None) -> JobSpec:
-        """Accept a ``JobSpec`` or a mapping of its fields (for ``add_jobs``)."""
+        """Accept a ``JobSpec`` or a mapping of its fields (for ``add_jobs``); the
+        mapping's ``identifier`` may be a declared :class:`kongtask.Task`."""
         if isinstance(spec, JobSpec):
             return spec
         if not isinstance(spec, Mapping):
@@ -127,6 +128,15 @@ class JobSpec:
                 value=spec,
             )
         try:
+            identifier = spec.get("identifier")
+            if identifier is not None and not isinstance(identifier, str):
+                # A declared task in place of its name: its defaults apply. (Imported
+                # here: kongtask.declared builds on this module.)
+                from kongtask.declared import Task
+
+                if isinstance(identifier, Task):
+                    fields = {name: value for name, value in spec.items() if name != "identifier"}
+                    return identifier.spec(**fields)
             return cls(**spec)
         except InvalidJobError as error:
             if index is None:

@@ -32,6 +32,7 @@ from kongtask import events
 from kongtask.cron.service.scheduling import SchedulingService
 from kongtask.cron.source import CrontabSource
 from kongtask.cron.types import ParsedCronItem
+from kongtask.declared import Task, declared, job_spec_for
 from kongtask.errors import ConfigurationError, KongtaskError
 from kongtask.job import Job
 from kongtask.job_spec import JobSpec
@@ -56,8 +57,8 @@ _S = TypeVar("_S", WorkerSettings, ConnectionSettings, OpsSettings)
 
 
 class _RequiredRunnerOptions(TypedDict):
-    #: Task identifier -> ``handler(payload, helpers)``.
-    tasks: Mapping[str, Callable[..., Any]]
+    #: Task identifier -> ``handler(payload, helpers)``, or declared tasks (``@kongtask.task``).
+    tasks: Mapping[str, Callable[..., Any]] | Iterable[Task]
 
 
 class RunnerOptions(_RequiredRunnerOptions, total=False):
@@ -135,7 +136,8 @@ class Runner:
         _check_option_names(options)
         if "tasks" not in options:
             raise ConfigurationError(
-                "tasks is required: a mapping of task identifier to handler", name="tasks"
+                "tasks is required: a mapping of task identifier to handler, or declared tasks",
+                name="tasks",
             )
         self._tasks = _check_tasks(options["tasks"])
         #: The ops server's settings (``metrics_port``/``metrics_host``).
@@ -378,7 +380,7 @@ class Runner:
 
     def add_job(
         self,
-        identifier: str,
+        identifier: str | Task,
         payload: Any = None,
         *,
         queue_name: str | None = None,
@@ -390,7 +392,7 @@ class Runner:
         flags: Sequence[str] | None = None,
     ) -> Job:
         """Add a job through this Runner's pool (same arguments as ``WorkerUtils.add_job``)."""
-        spec = JobSpec(
+        spec = job_spec_for(
             identifier,
             payload,
             queue_name=queue_name,
@@ -646,14 +648,13 @@ def _warn_unserved_tasks(
 
 
 def _check_tasks(tasks: Any) -> dict[str, Callable[..., Any]]:
-    if not isinstance(tasks, Mapping):
-        raise ConfigurationError(
-            f"tasks must be a mapping of task identifier to handler, got {type(tasks).__name__}",
-            name="tasks",
-            value=tasks,
-        )
+    """The task map of a worker, from a mapping name -> handler or from declared tasks.
+
+    A declared :class:`~kongtask.Task` stays the map's value (the worker reads
+    its options); the checks on the handler apply to the function it declares.
+    """
     checked: dict[str, Callable[..., Any]] = {}
-    for identifier, handler in tasks.items():
+    for identifier, handler in _task_entries(tasks):
         if not isinstance(identifier, str) or not identifier:
             raise ConfigurationError(
                 f"task identifiers must be non-empty strings, got {identifier!r}",
@@ -674,20 +675,29 @@ def _check_tasks(tasks: Any) -> dict[str, Callable[..., Any]]:
                 name="tasks",
                 value=identifier,
             )
-        if not callable(handler):
+        task = declared(handler)
+        fn = handler if task is None else task.fn
+        if task is not None and task.name != identifier:
             raise ConfigurationError(
-                f"the handler for task {identifier!r} is not callable: {handler!r}",
+                f"tasks maps {identifier!r} to the declared task {task.name!r}; a declared "
+                "task runs under its own name (use that key, or pass a list of tasks)",
+                name="tasks",
+                value=identifier,
+            )
+        if not callable(fn):
+            raise ConfigurationError(
+                f"the handler for task {identifier!r} is not callable: {fn!r}",
                 name="tasks",
                 value=handler,
             )
-        if inspect.iscoroutinefunction(handler) or inspect.isasyncgenfunction(handler):
+        if inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn):
             raise ConfigurationError(
                 f"the handler for task {identifier!r} is an async function; kongtask runs "
                 "plain callables on threads (wrap it, e.g. with asyncio.run)",
                 name="tasks",
                 value=handler,
             )
-        if inspect.isgeneratorfunction(handler):
+        if inspect.isgeneratorfunction(fn):
             # Calling it would only create a generator: the body would never run.
             raise ConfigurationError(
                 f"the handler for task {identifier!r} is a generator function; its body "
@@ -697,6 +707,38 @@ def _check_tasks(tasks: Any) -> dict[str, Callable[..., Any]]:
             )
         checked[identifier] = handler
     return checked
+
+
+def _task_entries(tasks: Any) -> list[tuple[Any, Any]]:
+    """(identifier, handler) pairs of a ``tasks=`` mapping, or of an iterable of
+    declared tasks keyed by their names (a name given twice is refused)."""
+    if isinstance(tasks, Mapping):
+        return list(tasks.items())
+    if isinstance(tasks, str | bytes) or not isinstance(tasks, Iterable):
+        raise ConfigurationError(
+            "tasks must be a mapping of task identifier to handler or a list of "
+            f"declared tasks (@kongtask.task), got {type(tasks).__name__}",
+            name="tasks",
+            value=tasks,
+        )
+    entries: dict[str, Task] = {}
+    for index, item in enumerate(tasks):
+        task = declared(item)
+        if task is None:
+            raise ConfigurationError(
+                f"tasks[{index}] is not a declared task (@kongtask.task): {item!r}; "
+                "give plain handlers in a mapping of identifier to handler",
+                name="tasks",
+                value=item,
+            )
+        if task.name in entries:
+            raise ConfigurationError(
+                f"tasks[{index}] declares the task name {task.name!r} a second time",
+                name="tasks",
+                value=task.name,
+            )
+        entries[task.name] = task
+    return list(entries.items())
 
 
 def _is_utf8(text: str) -> bool:

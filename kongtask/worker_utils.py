@@ -25,6 +25,7 @@ from kongtask.db.connecting import DEFAULT_CONNECTION_SETTINGS, connect
 from kongtask.db.conninfo import open_database, resolve_schema
 from kongtask.db.migrate import MigrationResult, migrate
 from kongtask.db.statements import Queries
+from kongtask.declared import Task, job_spec_for
 from kongtask.errors import ConfigurationError, InvalidJobError, KongtaskError, cancel_message
 from kongtask.job import Job
 from kongtask.job_spec import JobSpec
@@ -34,6 +35,8 @@ from kongtask.jobs.enqueue import (
     add_job_on_async,
     add_jobs_on,
     add_jobs_on_async,
+    check_async_connection,
+    check_connection,
     jobs_from_query,
 )
 from kongtask.ops import status as ops
@@ -189,7 +192,7 @@ class WorkerUtils:
 
     def add_job(
         self,
-        identifier: str,
+        identifier: str | Task,
         payload: Any = None,
         *,
         queue_name: str | None = None,
@@ -203,9 +206,10 @@ class WorkerUtils:
         """Add one job (or replace/update the job holding ``job_key``) and return it.
 
         ``job_key_mode`` is ``replace`` (default), ``preserve_run_at`` or
-        ``unsafe_dedupe``, with graphile-worker's semantics.
+        ``unsafe_dedupe``, with graphile-worker's semantics. ``identifier`` may
+        be a declared :class:`~kongtask.Task`: its defaults fill what is not given.
         """
-        spec = JobSpec(
+        spec = job_spec_for(
             identifier,
             payload,
             queue_name=queue_name,
@@ -459,7 +463,7 @@ class WorkerUtils:
 
 
 def add_job(
-    identifier: str,
+    identifier: str | Task,
     payload: Any = None,
     *,
     connection: psycopg.Connection[Any] | None = None,
@@ -479,7 +483,7 @@ def add_job(
     if connection is not None:
         check_connection(connection, connection_string)
         queries = Queries(resolve_schema(schema))
-        return add_job_on(connection, queries, JobSpec(identifier, payload, **spec))
+        return add_job_on(connection, queries, job_spec_for(identifier, payload, **spec))
     with WorkerUtils(connection_string, schema=schema) as utils:
         return utils.add_job(identifier, payload, **spec)
 
@@ -506,7 +510,7 @@ def add_jobs(
 
 
 async def add_job_async(
-    identifier: str,
+    identifier: str | Task,
     payload: Any = None,
     *,
     connection: psycopg.AsyncConnection[Any],
@@ -520,7 +524,7 @@ async def add_job_async(
     """
     check_async_connection(connection)
     queries = Queries(resolve_schema(schema))
-    return await add_job_on_async(connection, queries, JobSpec(identifier, payload, **spec))
+    return await add_job_on_async(connection, queries, job_spec_for(identifier, payload, **spec))
 
 
 async def add_jobs_async(
@@ -538,38 +542,6 @@ async def add_jobs_async(
         specs,
         job_key_preserve_run_at=job_key_preserve_run_at,
     )
-
-
-def check_connection(connection: object, connection_string: object = None) -> None:
-    """Refuse anything but a ``psycopg.Connection`` (and a second way to connect beside it)."""
-    if isinstance(connection, psycopg.AsyncConnection):
-        raise ConfigurationError(
-            "connection is a psycopg.AsyncConnection; use kongtask.add_job_async / "
-            "add_jobs_async with it",
-            name="connection",
-            value=connection,
-        )
-    if not isinstance(connection, psycopg.Connection):
-        raise ConfigurationError(
-            "connection must be a psycopg.Connection (for SQLAlchemy: "
-            "session.connection().connection.driver_connection)",
-            name="connection",
-            value=connection,
-        )
-    if connection_string is not None:
-        raise ConfigurationError(
-            "give either connection_string or connection=, not both", name="connection"
-        )
-
-
-def check_async_connection(connection: object) -> None:
-    """Refuse anything but a ``psycopg.AsyncConnection`` for the async enqueue calls."""
-    if not isinstance(connection, psycopg.AsyncConnection):
-        raise ConfigurationError(
-            "connection must be a psycopg.AsyncConnection",
-            name="connection",
-            value=connection,
-        )
 
 
 def _job_ids(ids: Iterable[int]) -> list[int]:

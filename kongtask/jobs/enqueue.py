@@ -16,7 +16,7 @@ import psycopg
 from psycopg.rows import tuple_row
 
 from kongtask.db.statements import Queries
-from kongtask.errors import InvalidJobError, KongtaskError
+from kongtask.errors import ConfigurationError, InvalidJobError, KongtaskError
 from kongtask.job import Job
 from kongtask.job_spec import JobSpec
 
@@ -25,6 +25,8 @@ __all__ = [
     "add_job_on_async",
     "add_jobs_on",
     "add_jobs_on_async",
+    "check_async_connection",
+    "check_connection",
     "jobs_from_query",
     "jobs_from_query_async",
 ]
@@ -185,8 +187,9 @@ def _add_jobs_params(
     for index, spec in enumerate(checked):
         if spec.job_key_mode is not None:
             raise InvalidJobError(
-                f"job spec at index {index} sets job_key_mode; add_jobs takes "
-                "job_key_preserve_run_at for the whole call instead",
+                f"job spec at index {index} sets job_key_mode (a declared task's applies "
+                "to its keyed jobs); add_jobs takes job_key_preserve_run_at for the whole "
+                "call instead",
                 field="job_key_mode",
                 value=spec.job_key_mode,
             )
@@ -205,3 +208,35 @@ def _add_jobs_params(
         "specs": "[" + ",".join([spec.json_spec_text() for spec in checked]) + "]",
         "preserve_run_at": job_key_preserve_run_at,
     }
+
+
+def check_connection(connection: object, connection_string: object = None) -> None:
+    """Refuse anything but a ``psycopg.Connection`` (and a second way to connect beside it)."""
+    if isinstance(connection, psycopg.AsyncConnection):
+        raise ConfigurationError(
+            "connection is a psycopg.AsyncConnection; use kongtask.add_job_async / "
+            "add_jobs_async (or a declared task's defer_async) with it",
+            name="connection",
+            value=connection,
+        )
+    if not isinstance(connection, psycopg.Connection):
+        raise ConfigurationError(
+            "connection must be a psycopg.Connection (for SQLAlchemy: "
+            "session.connection().connection.driver_connection)",
+            name="connection",
+            value=connection,
+        )
+    if connection_string is not None:
+        raise ConfigurationError(
+            "give either connection_string or connection=, not both", name="connection"
+        )
+
+
+def check_async_connection(connection: object) -> None:
+    """Refuse anything but a ``psycopg.AsyncConnection`` for the async enqueue calls."""
+    if not isinstance(connection, psycopg.AsyncConnection):
+        raise ConfigurationError(
+            "connection must be a psycopg.AsyncConnection",
+            name="connection",
+            value=connection,
+        )

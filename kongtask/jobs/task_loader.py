@@ -1,10 +1,13 @@
 """Load task handlers for the CLI from a Python file, a dotted module or a folder.
 
-- A file or module: its ``tasks`` mapping (identifier -> callable) if it has
-  one, else its public top-level functions, each under its own name.
+- A file or module: its ``tasks`` mapping (identifier -> callable) or list
+  of declared tasks if it has one, else its public top-level functions, each
+  under its own name, and the declared tasks (``@kongtask.task``) made in it,
+  each under its declared name.
 - A folder: every ``.py`` file below it that defines a callable ``task``;
   the identifier is the path relative to the folder without ``.py``, with
-  nested folders joined by ``/`` (as graphile-worker names nested tasks).
+  nested folders joined by ``/`` (as graphile-worker names nested tasks); a
+  declared ``task`` must be declared under that identifier.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from kongtask.declared import declared
 from kongtask.errors import TaskLoadError
 
 __all__ = ["default_tasks_path", "load_tasks", "load_worker_tasks"]
@@ -125,25 +129,68 @@ def _import_failure(path: Path, exc: Exception) -> str:
 
 
 def _tasks_of_module(module: ModuleType, origin: str) -> TaskMap:
-    declared = getattr(module, "tasks", None)
-    if declared is not None:
-        if not isinstance(declared, Mapping):
-            raise TaskLoadError(f"{origin}: 'tasks' must be a mapping of identifier -> callable")
-        tasks: TaskMap = {}
-        for identifier, handler in declared.items():
+    listed = getattr(module, "tasks", None)
+    if listed is not None:
+        return _listed_tasks(listed, origin)
+    tasks: TaskMap = {}
+    found: dict[str, str] = {}  # task name -> the module attribute that gave it
+    for attribute, value in vars(module).items():
+        if attribute.startswith("_"):
+            continue
+        declaration = declared(value)
+        if declaration is not None:
+            # A declared task made in this module, under its declared name.
+            if getattr(declaration.fn, "__module__", None) != module.__name__:
+                continue
+            name = declaration.name
+        elif inspect.isfunction(value) and value.__module__ == module.__name__:
+            name = attribute
+        else:
+            continue
+        if name in found:
+            raise TaskLoadError(
+                f"{origin}: {attribute!r} and {found[name]!r} both define task {name!r}"
+            )
+        found[name] = attribute
+        tasks[name] = value
+    return tasks
+
+
+def _listed_tasks(listed: object, origin: str) -> TaskMap:
+    """A module's ``tasks``: a mapping identifier -> handler, or a list of declared tasks."""
+    tasks: TaskMap = {}
+    if isinstance(listed, Mapping):
+        for identifier, handler in listed.items():
             if not isinstance(identifier, str) or not identifier:
                 raise TaskLoadError(f"{origin}: task identifier {identifier!r} is not a string")
             if not callable(handler):
                 raise TaskLoadError(f"{origin}: task {identifier!r} is not callable")
+            declaration = declared(handler)
+            if declaration is not None and declaration.name != identifier:
+                raise TaskLoadError(
+                    f"{origin}: 'tasks' maps {identifier!r} to the declared task "
+                    f"{declaration.name!r}; use its declared name as the key"
+                )
             tasks[identifier] = handler
         return tasks
-    return {
-        name: value
-        for name, value in vars(module).items()
-        if not name.startswith("_")
-        and inspect.isfunction(value)
-        and value.__module__ == module.__name__
-    }
+    if isinstance(listed, list | tuple):
+        for index, item in enumerate(listed):
+            declaration = declared(item)
+            if declaration is None:
+                raise TaskLoadError(
+                    f"{origin}: tasks[{index}] is not a declared task (@kongtask.task); "
+                    "'tasks' must be a mapping of identifier -> callable or a list of "
+                    "declared tasks"
+                )
+            if declaration.name in tasks:
+                raise TaskLoadError(
+                    f"{origin}: tasks[{index}] declares task {declaration.name!r} a second time"
+                )
+            tasks[declaration.name] = declaration
+        return tasks
+    raise TaskLoadError(
+        f"{origin}: 'tasks' must be a mapping of identifier -> callable or a list of declared tasks"
+    )
 
 
 def _load_folder(folder: Path) -> TaskMap:
@@ -165,5 +212,12 @@ def _load_folder(folder: Path) -> TaskMap:
             raise TaskLoadError(f"task file {str(file)!r} does not define a 'task' function")
         if not callable(handler):
             raise TaskLoadError(f"task file {str(file)!r}: 'task' is not callable")
+        declaration = declared(handler)
+        if declaration is not None and declaration.name != identifier:
+            raise TaskLoadError(
+                f"task file {str(file)!r} declares task {declaration.name!r}, but a file "
+                f"here is task {identifier!r}: declare it with "
+                f"@kongtask.task(name={identifier!r})"
+            )
         tasks[identifier] = handler
     return tasks
