@@ -36,7 +36,7 @@ from kongtask.errors import (
     MigrationError,
     TaskLoadError,
 )
-from kongtask.helpers import Helpers
+from kongtask.helpers import AsyncHelpers, Helpers
 from kongtask.job import Job
 from kongtask.job_spec import JobSpec
 from kongtask.protocols import Clock, TaskHandler
@@ -55,6 +55,7 @@ from kongtask.worker_utils import (
 __all__ = [
     "CLEANUP_TASKS",
     "LATEST_MIGRATION",
+    "AsyncHelpers",
     "Clock",
     "ConfigurationError",
     "ConnectionSettings",

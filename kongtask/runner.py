@@ -32,6 +32,7 @@ from kongtask import events
 from kongtask.cron.service.scheduling import SchedulingService
 from kongtask.cron.source import CrontabSource
 from kongtask.cron.types import ParsedCronItem
+from kongtask.declared import declared
 from kongtask.errors import ConfigurationError, KongtaskError
 from kongtask.job import Job
 from kongtask.job_spec import JobSpec
@@ -675,14 +676,17 @@ def _check_tasks(tasks: Any) -> dict[str, Callable[..., Any]]:
                 name="tasks",
                 value=handler,
             )
-        if inspect.iscoroutinefunction(handler) or inspect.isasyncgenfunction(handler):
+        task = declared(handler)
+        fn = task.fn if task is not None else handler
+        if inspect.isasyncgenfunction(fn):
+            # Calling it would only create an async generator: the body would never run.
             raise ConfigurationError(
-                f"the handler for task {identifier!r} is an async function; kongtask runs "
-                "plain callables on threads (wrap it, e.g. with asyncio.run)",
+                f"the handler for task {identifier!r} is an async generator function; its "
+                "body would never run (use async def without yield)",
                 name="tasks",
                 value=handler,
             )
-        if inspect.isgeneratorfunction(handler):
+        if inspect.isgeneratorfunction(fn):
             # Calling it would only create a generator: the body would never run.
             raise ConfigurationError(
                 f"the handler for task {identifier!r} is a generator function; its body "

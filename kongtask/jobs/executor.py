@@ -5,11 +5,13 @@ job costs no actor message; a worker with a quick handler runs job after job
 without a thread switch. Outcomes go to the completer's outbox. A handler
 that raises fails only its own job; a list payload whose handler returns a
 list of the same length fails only the items that are exceptions (batch
-jobs, as in graphile-worker).
+jobs, as in graphile-worker). ``async def`` handlers run on the Runner's
+event loop; their outcomes take the same path.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
@@ -18,20 +20,34 @@ from collections.abc import Callable
 from typing import Any
 
 from kongtask import events
-from kongtask.cron.service.outcomes import is_cron_job
-from kongtask.helpers import Helpers
+from kongtask.cron.service.outcomes import OutcomeRecorder, is_cron_job
+from kongtask.helpers import AsyncHelpers, Helpers
 from kongtask.job import Job
+from kongtask.jobs.aio import AsyncJobs, is_async_handler
 from kongtask.jobs.context import WorkerContext, new_worker_id
 from kongtask.jobs.last_error import last_error_text
 from kongtask.jobs.outbox import Outbox
 
-__all__ = ["ExecutorPool"]
+__all__ = ["ASYNC_TAKERS", "ExecutorPool"]
 
 logger = logging.getLogger("kongtask.worker")
 
+#: Threads taking jobs when every handler is ``async def``: they only hand jobs
+#: to the event loop, so a couple suffice whatever the concurrency.
+ASYNC_TAKERS = 2
+
 
 class ExecutorPool:
-    """Starts the worker threads and knows which job each one is running."""
+    """Starts the worker threads and knows which job each one is running.
+
+    With only plain handlers there are ``concurrency`` threads, each running
+    one job at a time. When the task map holds ``async def`` handlers, the
+    jobs in flight are counted by a semaphore of ``concurrency`` slots
+    instead: a thread that takes an async job hands it to the event loop and
+    takes the next, and the slot is freed when the coroutine ends. Threads
+    are then sized by what runs on them: ``concurrency`` if some handler is
+    plain, else :data:`ASYNC_TAKERS`.
+    """
 
     def __init__(
         self,
@@ -39,20 +55,37 @@ class ExecutorPool:
         outbox: Outbox,
         on_all_stopped: Callable[[], None],
         confirm: Callable[[Job, str], bool],
+        aio: AsyncJobs | None = None,
     ) -> None:
         self._ctx = ctx
         self._outbox = outbox
         self._on_all_stopped = on_all_stopped
         #: Asked (job, reason) before starting a job the pool may no longer hold.
         self._confirm = confirm
-        count = ctx.settings.concurrency
+        self._aio = aio
+        concurrency = ctx.settings.concurrency
+        #: Task identifiers whose handler is an ``async def`` (run on ``aio``'s loop).
+        self._async_names = frozenset(
+            name for name, handler in ctx.tasks.items() if is_async_handler(handler)
+        )
+        if self._async_names and aio is None:
+            raise ValueError("async handlers need the Runner's event loop")
+        count = concurrency
+        self._slots: threading.Semaphore | None = None
+        if self._async_names:
+            self._slots = threading.Semaphore(concurrency)
+            if len(self._async_names) == len(ctx.tasks):
+                count = min(concurrency, ASYNC_TAKERS)
         self.worker_ids = [new_worker_id() for _ in range(count)]
         self._running: list[Helpers | None] = [None] * count
+        # Async jobs in flight -> their task on the loop (None until it is made there).
+        self._async_running: dict[AsyncHelpers, asyncio.Task[None] | None] = {}
         # The runs a shutdown failed back: their outcome is ignored when they end.
         self._abandoned: set[int] = set()
         self._threads: list[threading.Thread] = []
         self._stopped = threading.Condition()
         self._alive = 0
+        self._in_flight = 0
         self._reported: set[int] = set()
 
     def start(self) -> None:
@@ -79,9 +112,9 @@ class ExecutorPool:
         self._ctx.queue.close()
 
     def all_stopped(self) -> bool:
-        """True once every worker thread has finished."""
+        """True once every worker thread has finished and no async job is in flight."""
         with self._stopped:
-            return self._alive == 0
+            return self._alive == 0 and self._in_flight == 0
 
     def still_running_ids(self) -> list[str]:
         """Workers whose thread is still busy; they count as stopped from now on."""
@@ -101,20 +134,31 @@ class ExecutorPool:
         return list(zip(self.worker_ids, self._threads, strict=False))
 
     def running(self) -> list[Helpers]:
-        """The helpers of every job running right now."""
-        return [helpers for helpers in self._running if helpers is not None]
+        """The helpers of every job running right now (async ones included)."""
+        running = [helpers for helpers in self._running if helpers is not None]
+        if self._async_running:
+            with self._stopped:
+                running.extend(self._async_running)
+        return running
 
     def abandon_running(self) -> list[Job]:
         """Set each running job's abort event and disown it; returns those jobs.
 
         The caller fails them back; when their handlers return eventually,
         the outcome is ignored (the job may already be running elsewhere).
+        Async jobs are cancelled too (``CancelledError`` inside the handler).
         """
         jobs = []
         for helpers in self.running():
             self._abandoned.add(id(helpers))
             helpers.request_abort()
             jobs.append(helpers.job)
+        if self._async_running:
+            with self._stopped:
+                tasks = [task for task in self._async_running.values() if task is not None]
+            loop = self._aio_loop()
+            for task in tasks:
+                loop.call_soon_threadsafe(task.cancel)
         return jobs
 
     def signal_abort(self) -> None:
@@ -126,19 +170,11 @@ class ExecutorPool:
 
     def _work(self, index: int, worker_id: str) -> None:
         error: BaseException | None = None
-        take = self._ctx.queue.take
-        doubt = self._ctx.ownership.doubt
-        confirm = self._confirm
         try:
-            while True:
-                item = take()
-                if item is None:
-                    break
-                job, known_at = item
-                reason = doubt(known_at)
-                if reason is not None and not confirm(job, reason):
-                    continue  # another pool holds it now
-                self._run(index, worker_id, job)
+            if self._slots is None:
+                self._take_plain(index, worker_id)
+            else:
+                self._take_gated(index, worker_id, self._slots)
         except BaseException as exc:
             error = exc
             logger.exception("Worker %s crashed", worker_id)
@@ -152,31 +188,177 @@ class ExecutorPool:
                 self._ctx.bus.emit(events.worker_stop, worker_id=worker_id, error=error)
             with self._stopped:
                 self._alive -= 1
-                last = self._alive == 0
+                last = self._alive == 0 and self._in_flight == 0
                 self._stopped.notify_all()
             if last:
                 self._on_all_stopped()
 
-    def _run(self, index: int, worker_id: str, job: Job) -> None:
-        ctx = self._ctx
-        bus = ctx.bus
-        helpers = Helpers(ctx, job, worker_id)
-        self._running[index] = helpers
-        bus.emit(events.job_start, worker_id=worker_id, job=job)
-        outcomes = ctx.cron_outcomes
+    def _take_plain(self, index: int, worker_id: str) -> None:
+        """Run job after job on this thread (a task map of plain handlers only)."""
+        take = self._ctx.queue.take
+        doubt = self._ctx.ownership.doubt
+        confirm = self._confirm
+        while True:
+            item = take()
+            if item is None:
+                break
+            job, known_at = item
+            reason = doubt(known_at)
+            if reason is not None and not confirm(job, reason):
+                continue  # another pool holds it now
+            self._run(index, worker_id, job)
+
+    def _take_gated(self, index: int, worker_id: str, slots: threading.Semaphore) -> None:
+        """Take a job only with a free slot; run a plain one here, hand an async one over."""
+        take = self._ctx.queue.take
+        doubt = self._ctx.ownership.doubt
+        confirm = self._confirm
+        async_names = self._async_names
+        while True:
+            slots.acquire()
+            item = take()
+            if item is None:
+                slots.release()
+                break
+            job, known_at = item
+            reason = doubt(known_at)
+            if reason is not None and not confirm(job, reason):
+                slots.release()
+                continue  # another pool holds it now
+            if job.task_identifier in async_names:
+                self._submit(worker_id, job, slots)
+            else:
+                try:
+                    self._run(index, worker_id, job)
+                finally:
+                    slots.release()
+
+    # --- one job ----------------------------------------------------------------
+
+    def _started(self, worker_id: str, job: Job) -> OutcomeRecorder | None:
+        """Announce that ``job`` starts; the cron recorder to tell when it ends, if any."""
+        self._ctx.bus.emit(events.job_start, worker_id=worker_id, job=job)
+        outcomes = self._ctx.cron_outcomes
         if outcomes is not None and not is_cron_job(job):
-            outcomes = None
+            return None
         if outcomes is not None:
             outcomes.started(job)
-        handler = ctx.tasks.get(job.task_identifier)
+        return outcomes
+
+    def _run(self, index: int, worker_id: str, job: Job) -> None:
+        helpers = Helpers(self._ctx, job, worker_id)
+        self._running[index] = helpers
+        outcomes = self._started(worker_id, job)
+        handler = self._ctx.tasks.get(job.task_identifier)
+        result: Any = None
         error: BaseException | None = None
-        batch_errors: list[BaseException] | None = None
-        replacement: list[Any] | None = None
         started = time.perf_counter()
         try:
             if handler is None:
                 raise LookupError(f"Unsupported task '{job.task_identifier}'")
             result = handler(job.payload, helpers)
+        except BaseException as exc:
+            error = exc
+        duration_ms = (time.perf_counter() - started) * 1000.0
+        self._running[index] = None
+        self._finish(worker_id, job, helpers, outcomes, result, error, duration_ms)
+
+    def _submit(self, worker_id: str, job: Job, slots: threading.Semaphore) -> None:
+        """Hand an async job to the loop; its slot is freed when its coroutine ends."""
+        aio = self._aio
+        assert aio is not None
+        helpers = AsyncHelpers(self._ctx, job, worker_id, aio)
+        with self._stopped:
+            self._in_flight += 1
+            self._async_running[helpers] = None
+        try:
+            outcomes = self._started(worker_id, job)
+            aio.loop.call_soon_threadsafe(self._spawn, worker_id, job, helpers, outcomes, slots)
+        except BaseException:
+            self._async_ended(helpers, slots)
+            raise
+
+    def _spawn(
+        self,
+        worker_id: str,
+        job: Job,
+        helpers: AsyncHelpers,
+        outcomes: OutcomeRecorder | None,
+        slots: threading.Semaphore,
+    ) -> None:
+        """On the loop: start the job's task, unless a shutdown failed the job back meanwhile."""
+        with self._stopped:
+            abandoned = id(helpers) in self._abandoned
+            if not abandoned:
+                task = self._aio_loop().create_task(
+                    self._run_async(worker_id, job, helpers, outcomes)
+                )
+                self._async_running[helpers] = task
+        if abandoned:
+            self._async_ended(helpers, slots)
+            return
+        task.add_done_callback(lambda _: self._async_ended(helpers, slots))
+
+    def _aio_loop(self) -> asyncio.AbstractEventLoop:
+        assert self._aio is not None
+        return self._aio.loop
+
+    async def _run_async(
+        self, worker_id: str, job: Job, helpers: AsyncHelpers, outcomes: OutcomeRecorder | None
+    ) -> None:
+        handler = self._ctx.tasks[job.task_identifier]
+        result: Any = None
+        error: BaseException | None = None
+        started = time.perf_counter()
+        try:
+            result = await handler(job.payload, helpers)
+        except BaseException as exc:  # CancelledError too: the job failed
+            error = exc
+        duration_ms = (time.perf_counter() - started) * 1000.0
+        try:
+            self._finish(worker_id, job, helpers, outcomes, result, error, duration_ms)
+        except BaseException as exc:
+            logger.exception("Recording the outcome of job %s failed", job.id)
+            self._ctx.fatal("worker", exc)
+
+    def _async_ended(self, helpers: AsyncHelpers, slots: threading.Semaphore) -> None:
+        """An async job's coroutine ended (or never ran): free its slot and account for it."""
+        with self._stopped:
+            if self._async_running.pop(helpers, False) is False:
+                return  # already accounted for
+            self._abandoned.discard(id(helpers))
+            self._in_flight -= 1
+            last = self._alive == 0 and self._in_flight == 0
+            self._stopped.notify_all()
+        slots.release()
+        if last:
+            self._on_all_stopped()
+
+    def _finish(
+        self,
+        worker_id: str,
+        job: Job,
+        helpers: Helpers,
+        outcomes: OutcomeRecorder | None,
+        result: Any,
+        error: BaseException | None,
+        duration_ms: float,
+    ) -> None:
+        """Record a run's outcome: the outbox, the events, the log line, cron history."""
+        ctx = self._ctx
+        bus = ctx.bus
+        if self._abandoned and id(helpers) in self._abandoned:
+            # Discarded now: the id of a Helpers that ended may be reused by a later one.
+            self._abandoned.discard(id(helpers))
+            logger.warning(
+                "Task %s (%s) finished after a shutdown failed it back; ignoring the outcome",
+                job.id,
+                job.task_identifier,
+            )
+            return
+        batch_errors: list[BaseException] | None = None
+        replacement: list[Any] | None = None
+        if error is None:
             payload = job.payload
             if type(payload) is list and type(result) is list:
                 if len(result) == len(payload):
@@ -194,19 +376,6 @@ class ExecutorPool:
                         len(payload),
                         len(result),
                     )
-        except BaseException as exc:
-            error = exc
-        duration_ms = (time.perf_counter() - started) * 1000.0
-        self._running[index] = None
-        if self._abandoned and id(helpers) in self._abandoned:
-            # Discarded now: the id of a Helpers that ended may be reused by a later one.
-            self._abandoned.discard(id(helpers))
-            logger.warning(
-                "Task %s (%s) finished after a shutdown failed it back; ignoring the outcome",
-                job.id,
-                job.task_identifier,
-            )
-            return
         if error is None:
             self._outbox.success(job)
             bus.emit(events.job_success, worker_id=worker_id, job=job)
