@@ -186,22 +186,36 @@ def test_graceful_shutdown_waits_for_async_jobs_in_flight(
     db_url: str, db: psycopg.Connection[Any]
 ) -> None:
     running = threading.Event()
+    released = threading.Event()
 
     async def slow(payload: Any, helpers: Any) -> None:
         running.set()
-        await asyncio.sleep(0.5)
+        # Still running when the executors are released and the drain begins.
+        deadline = time.monotonic() + 30
+        while not released.is_set() and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.3)
+
+    def on_release(sender: Any, **_: Any) -> None:
+        released.set()
 
     add_jobs_sql(db, [{"identifier": "slow", "payload": {}}])
     runner = Runner(
         tasks={"slow": slow},
         connection_string=db_url,
+        concurrency=4,  # free slots: the taking threads end while the job still runs
         graceful_shutdown_abort_timeout_s=20,
         install_signal_handlers=False,
     )
-    with recording(runner) as log:
-        runner.start()
-        assert running.wait(30)
-        assert runner.stop(30)
+    runner.events.worker_release.connect(on_release, sender=runner, weak=False)
+    try:
+        with recording(runner) as log:
+            runner.start()
+            assert running.wait(30)
+            assert runner.stop(30)
+    finally:
+        runner.events.worker_release.disconnect(on_release)
+    assert released.is_set()
     assert jobs(db) == []
     assert log.count("job:success") == 1
     assert log.count("job:error") == 0
