@@ -16,6 +16,7 @@ import logging
 import threading
 import time
 import traceback
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -82,6 +83,11 @@ class ExecutorPool:
         self._async_running: dict[AsyncHelpers, asyncio.Task[None] | None] = {}
         # The runs a shutdown failed back: their outcome is ignored when they end.
         self._abandoned: set[int] = set()
+        # Async jobs handed to the loop, waiting for it to start them.
+        self._handoff: deque[
+            tuple[str, Job, AsyncHelpers, OutcomeRecorder | None, threading.Semaphore]
+        ] = deque()
+        self._handoff_scheduled = False
         self._threads: list[threading.Thread] = []
         self._stopped = threading.Condition()
         self._alive = 0
@@ -158,7 +164,9 @@ class ExecutorPool:
                 tasks = [task for task in self._async_running.values() if task is not None]
             loop = self._aio_loop()
             for task in tasks:
-                loop.call_soon_threadsafe(task.cancel)
+                # One loop step later than the abort signal: a handler awaiting
+                # helpers.aborted() resumes first, then is cancelled at its next await.
+                loop.call_soon_threadsafe(loop.call_soon, task.cancel)
         return jobs
 
     def signal_abort(self) -> None:
@@ -273,10 +281,27 @@ class ExecutorPool:
             self._async_running[helpers] = None
         try:
             outcomes = self._started(worker_id, job)
-            aio.loop.call_soon_threadsafe(self._spawn, worker_id, job, helpers, outcomes, slots)
+            self._handoff.append((worker_id, job, helpers, outcomes, slots))
+            with self._stopped:
+                wake = not self._handoff_scheduled
+                self._handoff_scheduled = True
+            if wake:
+                # One wake-up of the loop per burst of jobs, not one per job.
+                aio.loop.call_soon_threadsafe(self._spawn_handed_off)
         except BaseException:
             self._async_ended(helpers, slots)
             raise
+
+    def _spawn_handed_off(self) -> None:
+        """On the loop: start every job handed over since the last wake-up."""
+        handoff = self._handoff
+        while True:
+            with self._stopped:
+                if not handoff:
+                    self._handoff_scheduled = False
+                    return
+            while handoff:
+                self._spawn(*handoff.popleft())
 
     def _spawn(
         self,
