@@ -166,7 +166,7 @@ class ExecutorPool:
             for task in tasks:
                 # One loop step later than the abort signal: a handler awaiting
                 # helpers.aborted() resumes first, then is cancelled at its next await.
-                loop.call_soon_threadsafe(loop.call_soon, task.cancel)
+                loop.call_soon_threadsafe(_cancel_next_step, loop, task)
         return jobs
 
     def signal_abort(self) -> None:
@@ -449,6 +449,11 @@ class ExecutorPool:
             outcomes.finished(
                 job, error, permanent=error is not None and job.attempts >= job.max_attempts
             )
+
+
+def _cancel_next_step(loop: asyncio.AbstractEventLoop, task: asyncio.Task[None]) -> None:
+    """Cancel ``task`` once the callbacks already queued on ``loop`` have run."""
+    loop.call_soon(task.cancel)
 
 
 class _BatchError(Exception):

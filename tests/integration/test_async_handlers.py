@@ -73,9 +73,7 @@ def test_sync_and_async_handlers_mix_in_one_task_map(
     assert log.count("job:complete") == 15
 
 
-def test_an_async_failure_is_recorded_and_retried(
-    db_url: str, db: psycopg.Connection[Any]
-) -> None:
+def test_an_async_failure_is_recorded_and_retried(db_url: str, db: psycopg.Connection[Any]) -> None:
     calls: list[int] = []
 
     async def flaky(payload: Any, helpers: Any) -> None:
