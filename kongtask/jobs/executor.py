@@ -254,10 +254,18 @@ class ExecutorPool:
         return outcomes
 
     def _run(self, index: int, worker_id: str, job: Job) -> None:
-        helpers = Helpers(self._ctx, job, worker_id)
+        ctx = self._ctx
+        helpers = Helpers(ctx, job, worker_id)
         self._running[index] = helpers
-        outcomes = self._started(worker_id, job)
-        handler = self._ctx.tasks.get(job.task_identifier)
+        # What _started does, inline: this is the hot path of every plain job.
+        ctx.bus.emit(events.job_start, worker_id=worker_id, job=job)
+        outcomes = ctx.cron_outcomes
+        if outcomes is not None:
+            if is_cron_job(job):
+                outcomes.started(job)
+            else:
+                outcomes = None
+        handler = ctx.tasks.get(job.task_identifier)
         result: Any = None
         error: BaseException | None = None
         started = time.perf_counter()
