@@ -46,8 +46,10 @@ class ExecutorPool:
     jobs in flight are counted by a semaphore of ``concurrency`` slots
     instead: a thread that takes an async job hands it to the event loop and
     takes the next, and the slot is freed when the coroutine ends. Threads
-    are then sized by what runs on them: ``concurrency`` if some handler is
-    plain, else :data:`ASYNC_TAKERS`.
+    are then sized by what runs on them: :data:`ASYNC_TAKERS` to begin with,
+    and one more (up to ``concurrency``) whenever every thread is inside a
+    plain handler, so a mixed task map costs as many threads as plain jobs
+    ever ran at once, plus one.
     """
 
     def __init__(
@@ -73,12 +75,17 @@ class ExecutorPool:
             raise ValueError("async handlers need the Runner's event loop")
         count = concurrency
         self._slots: threading.Semaphore | None = None
+        #: Threads are added up to this many (gated mode: while plain jobs occupy them all).
+        self._max_threads = concurrency
         if self._async_names:
             self._slots = threading.Semaphore(concurrency)
+            count = min(concurrency, ASYNC_TAKERS)
             if len(self._async_names) == len(ctx.tasks):
-                count = min(concurrency, ASYNC_TAKERS)
+                self._max_threads = count
+        # Gated mode: threads not inside a plain handler (free to take the next job).
+        self._free_takers = count
         self.worker_ids = [new_worker_id() for _ in range(count)]
-        self._running: list[Helpers | None] = [None] * count
+        self._running: list[Helpers | None] = [None] * self._max_threads
         # Async jobs in flight -> their task on the loop (None until it is made there).
         self._async_running: dict[AsyncHelpers, asyncio.Task[None] | None] = {}
         # The runs a shutdown failed back: their outcome is ignored when they end.
@@ -235,11 +242,39 @@ class ExecutorPool:
                 continue  # another pool holds it now
             if job.task_identifier in async_names:
                 self._submit(worker_id, job, slots)
-            else:
-                try:
-                    self._run(index, worker_id, job)
-                finally:
-                    slots.release()
+                continue
+            added = None
+            with self._stopped:
+                self._free_takers -= 1
+                if self._free_takers <= 0 and len(self._threads) < self._max_threads:
+                    # Every thread is (about to be) inside a plain handler: add one
+                    # so that async jobs (and other plain ones) keep being taken.
+                    added = self._add_thread_locked()
+            if added is not None:
+                self._launch(*added)
+            try:
+                self._run(index, worker_id, job)
+            finally:
+                slots.release()
+                with self._stopped:
+                    self._free_takers += 1
+
+    def _add_thread_locked(self) -> tuple[str, threading.Thread]:
+        """Register one more worker thread (the caller holds ``_stopped``)."""
+        index = len(self._threads)
+        worker_id = new_worker_id()
+        thread = threading.Thread(
+            target=self._work, args=(index, worker_id), name=f"kongtask-{worker_id}", daemon=True
+        )
+        self.worker_ids.append(worker_id)
+        self._threads.append(thread)
+        self._alive += 1
+        self._free_takers += 1
+        return worker_id, thread
+
+    def _launch(self, worker_id: str, thread: threading.Thread) -> None:
+        self._ctx.bus.emit(events.worker_create, worker_id=worker_id, tasks=sorted(self._ctx.tasks))
+        thread.start()
 
     # --- one job ----------------------------------------------------------------
 

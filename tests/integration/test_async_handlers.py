@@ -316,3 +316,33 @@ def test_async_jobs_never_exceed_concurrency(
     _once(db_url, {"nap": nap, "plain": plain}, concurrency=concurrency)
     assert jobs(db) == []
     assert most == concurrency
+
+
+def test_plain_jobs_holding_every_thread_add_one_so_async_jobs_keep_flowing(
+    db_url: str, db: psycopg.Connection[Any]
+) -> None:
+    async_done = threading.Event()
+    finished = 0
+    lock = threading.Lock()
+
+    def hold(payload: Any, helpers: Any) -> None:
+        # Both plain jobs hold their thread until every async job has run.
+        assert async_done.wait(20), "async jobs did not run while plain ones held the threads"
+
+    async def quick(payload: Any, helpers: Any) -> None:
+        nonlocal finished
+        await asyncio.sleep(0.01)
+        with lock:
+            finished += 1
+            if finished == 10:
+                async_done.set()
+
+    add_jobs_sql(
+        db,
+        [{"identifier": "hold", "payload": {}, "priority": -1} for _ in range(2)]
+        + [{"identifier": "quick", "payload": {}} for _ in range(10)],
+    )
+    runner = _once(db_url, {"hold": hold, "quick": quick}, concurrency=8)
+    assert jobs(db) == []
+    # Two threads to begin with, one added when both were inside plain handlers.
+    assert len(runner.worker_ids) == 3
