@@ -346,3 +346,38 @@ def test_plain_jobs_holding_every_thread_add_one_so_async_jobs_keep_flowing(
     assert jobs(db) == []
     # Two threads to begin with, one added when both were inside plain handlers.
     assert len(runner.worker_ids) == 3
+
+
+def test_async_crash_suspects_run_marked_and_one_at_a_time(
+    db_url: str, db: psycopg.Connection[Any]
+) -> None:
+    from kongtask.jobs.liveness import SUSPECT_PREFIX
+
+    lock = threading.Lock()
+    in_flight = 0
+    most = 0
+    marks: list[Any] = []
+
+    async def suspect(payload: Any, helpers: AsyncHelpers) -> None:
+        nonlocal in_flight, most
+        with lock:
+            in_flight += 1
+            most = max(most, in_flight)
+        rows = await helpers.query_async(
+            "select running_pool from graphile_worker._kongtask_job_crashes where job_id = %s",
+            (helpers.job.id,),
+        )
+        marks.append(rows[0]["running_pool"] if rows else None)
+        await asyncio.sleep(0.05)
+        with lock:
+            in_flight -= 1
+
+    add_jobs_sql(db, [{"identifier": "suspect", "payload": {"n": n}} for n in range(3)])
+    db.execute(
+        "update graphile_worker._private_jobs set last_error = %s",
+        (SUSPECT_PREFIX + " (test)",),
+    )
+    runner = _once(db_url, {"suspect": suspect}, concurrency=4)
+    assert marks == [runner.pool_id] * 3
+    assert most == 1
+    assert jobs(db) == []
