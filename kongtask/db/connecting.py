@@ -288,7 +288,12 @@ async def open_async_pool(
         name=name,
         open=False,
     )
-    await pool.open(wait=True, timeout=open_timeout_s)
+    try:
+        await pool.open(wait=True, timeout=open_timeout_s)
+    except BaseException:
+        # A pool that never opened still runs its connecting tasks: stop them.
+        await pool.close()
+        raise
     return pool
 
 

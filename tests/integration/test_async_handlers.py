@@ -381,3 +381,36 @@ def test_async_crash_suspects_run_marked_and_one_at_a_time(
     assert marks == [runner.pool_id] * 3
     assert most == 1
     assert jobs(db) == []
+
+
+def test_kill_cancels_async_jobs_at_once_and_fails_them_back(
+    db_url: str, db: psycopg.Connection[Any]
+) -> None:
+    running = threading.Event()
+    cancelled = threading.Event()
+
+    async def stuck(payload: Any, helpers: Any) -> None:
+        running.set()
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+
+    add_jobs_sql(db, [{"identifier": "stuck", "payload": {}}])
+    runner = Runner(
+        tasks={"stuck": stuck},
+        connection_string=db_url,
+        graceful_shutdown_abort_timeout_s=60,
+        install_signal_handlers=False,
+    )
+    runner.start()
+    assert running.wait(30)
+    started = time.monotonic()
+    assert runner.kill(30)
+    assert time.monotonic() - started < 30
+    assert cancelled.is_set()
+    [row] = jobs(db)
+    assert row["attempts"] == 1
+    assert row["locked_by"] is None
+    assert row["last_error"] == "Forced worker shutdown"
