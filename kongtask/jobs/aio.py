@@ -36,7 +36,12 @@ def is_async_handler(handler: Any) -> bool:
     task = declared(handler)
     if task is not None:
         return task.is_async
-    return inspect.iscoroutinefunction(handler)
+    if inspect.iscoroutinefunction(handler):
+        return True
+    # An object whose ``__call__`` is an ``async def`` is an async handler too.
+    if inspect.isroutine(handler) or not callable(handler):
+        return False
+    return inspect.iscoroutinefunction(type(handler).__call__)
 
 
 class AsyncJobs:
