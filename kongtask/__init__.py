@@ -38,7 +38,7 @@ from kongtask.errors import (
     MigrationError,
     TaskLoadError,
 )
-from kongtask.helpers import Helpers
+from kongtask.helpers import AsyncHelpers, Helpers
 from kongtask.job import Job
 from kongtask.job_spec import JobSpec
 from kongtask.jobs.cancel import CancelResult
@@ -58,6 +58,7 @@ from kongtask.worker_utils import (
 __all__ = [
     "CLEANUP_TASKS",
     "LATEST_MIGRATION",
+    "AsyncHelpers",
     "CancelResult",
     "Clock",
     "ConfigurationError",

@@ -12,12 +12,14 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
-    from psycopg_pool import ConnectionPool
+    import asyncio
+
+    from psycopg_pool import AsyncConnectionPool, ConnectionPool
 
     from kongtask.db.statements import Queries
     from kongtask.helpers import Helpers
 
-__all__ = ["Clock", "HelpersContext", "TaskHandler", "TimerHandle"]
+__all__ = ["AsyncHelpersContext", "Clock", "HelpersContext", "TaskHandler", "TimerHandle"]
 
 
 @runtime_checkable
@@ -77,3 +79,15 @@ class HelpersContext(Protocol):
     @property
     def queue_names(self) -> dict[int, str]:
         """Named queues by id, filled as they are first asked for."""
+
+
+class AsyncHelpersContext(Protocol):
+    """What :class:`~kongtask.helpers.AsyncHelpers` needs besides :class:`HelpersContext`:
+    the event loop async handlers run on and an async pool opened on first use."""
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """The loop the handler runs on."""
+
+    async def async_pool(self) -> AsyncConnectionPool[Any]:
+        """The async pool for the handler's own queries and follow-up jobs."""

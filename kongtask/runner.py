@@ -690,10 +690,11 @@ def _check_tasks(tasks: Any) -> dict[str, Callable[..., Any]]:
                 name="tasks",
                 value=handler,
             )
-        if inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn):
+        if inspect.isasyncgenfunction(fn):
+            # Calling it would only create an async generator: the body would never run.
             raise ConfigurationError(
-                f"the handler for task {identifier!r} is an async function; kongtask runs "
-                "plain callables on threads (wrap it, e.g. with asyncio.run)",
+                f"the handler for task {identifier!r} is an async generator function; its "
+                "body would never run (use async def without yield)",
                 name="tasks",
                 value=handler,
             )

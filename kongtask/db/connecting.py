@@ -35,7 +35,7 @@ from psycopg import errors as pg_errors
 from psycopg.abc import PQGen
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.rows import Row
-from psycopg_pool import ConnectionPool
+from psycopg_pool import AsyncConnectionPool, ConnectionPool
 
 from kongtask.db.conninfo import describe_conninfo
 from kongtask.db.timestamps import tolerate_timestamps
@@ -44,13 +44,17 @@ from kongtask.settings import ConnectionSettings
 __all__ = [
     "CHECK_TIMEOUT_S",
     "DEFAULT_CONNECTION_SETTINGS",
+    "AsyncDeadlineConnection",
     "DeadlineConnection",
     "DeadlineExceeded",
+    "check_async_connection",
     "check_connection",
     "connect",
     "guarded_conninfo",
+    "open_async_pool",
     "prepare_threshold",
     "without_deadline",
+    "without_deadline_async",
 ]
 
 logger = logging.getLogger(__name__)
@@ -115,6 +119,31 @@ class DeadlineConnection(psycopg.Connection[Row]):
             except Exception as exc:
                 logger.debug("Cancelling a timed-out statement failed: %s", exc)
         self.pgconn.finish()
+
+
+class AsyncDeadlineConnection(psycopg.AsyncConnection[Row]):
+    """:class:`DeadlineConnection` for asyncio: every wait for the server has a deadline."""
+
+    deadline_s: float | None = None
+
+    async def wait(
+        self,
+        gen: PQGen[Any],
+        interval: float = 0.1,
+        timeout: float | None = None,
+    ) -> Any:
+        deadline = self.deadline_s
+        if timeout is not None or deadline is None:
+            return await super().wait(gen, interval, timeout)
+        try:
+            return await super().wait(gen, interval, deadline)
+        except _WAIT_TIMEOUT:
+            # No cancel request here: a blocking one would stall the event loop.
+            self.pgconn.finish()
+            raise DeadlineExceeded(
+                f"the database did not answer within {deadline:g} s; the connection was "
+                "closed (statement_timeout_s)"
+            ) from None
 
 
 def _seconds(value: float) -> int:
@@ -225,6 +254,61 @@ def open_pool(
     return pool
 
 
+async def open_async_pool(
+    conninfo: str,
+    settings: ConnectionSettings,
+    *,
+    name: str,
+    max_size: int,
+    deadline_s: float | None,
+    prepared_statements: bool = True,
+    open_timeout_s: float = 30.0,
+) -> AsyncConnectionPool[Any]:
+    """:func:`open_pool` for asyncio: a pool of :class:`AsyncDeadlineConnection`.
+
+    Same guarded ``conninfo``, deadline, tolerant timestamps and checkout
+    check; it opens one connection at once and grows to ``max_size`` on demand.
+    """
+
+    async def configure(conn: Any) -> None:
+        conn.deadline_s = deadline_s
+        tolerate_timestamps(conn)
+
+    pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
+        guarded_conninfo(conninfo, settings, application_name=name),
+        min_size=1,
+        max_size=max_size,
+        connection_class=AsyncDeadlineConnection,
+        kwargs={
+            "autocommit": True,
+            "prepare_threshold": prepare_threshold(settings, prepared_statements),
+        },
+        configure=configure,
+        check=check_async_connection,
+        name=name,
+        open=False,
+    )
+    try:
+        await pool.open(wait=True, timeout=open_timeout_s)
+    except BaseException:
+        # A pool that never opened still runs its connecting tasks: stop them.
+        await pool.close()
+        raise
+    return pool
+
+
+async def check_async_connection(conn: psycopg.AsyncConnection[Any]) -> None:
+    """:func:`check_connection` for an async pool's connections."""
+    saved = getattr(conn, "deadline_s", None)
+    if isinstance(conn, AsyncDeadlineConnection):
+        conn.deadline_s = min(saved, CHECK_TIMEOUT_S) if saved is not None else CHECK_TIMEOUT_S
+    try:
+        await conn.execute("")
+    finally:
+        if isinstance(conn, AsyncDeadlineConnection):
+            conn.deadline_s = saved
+
+
 def check_connection(conn: psycopg.Connection[Any]) -> None:
     """The pool's health check: an empty statement answered within :data:`CHECK_TIMEOUT_S`.
 
@@ -251,6 +335,22 @@ def check_connection(conn: psycopg.Connection[Any]) -> None:
 def without_deadline(conn: psycopg.Connection[Any]) -> Iterator[psycopg.Connection[Any]]:
     """Lift the statement deadline for the ``with`` block (a task handler's own queries)."""
     if not isinstance(conn, DeadlineConnection):
+        yield conn
+        return
+    saved = conn.deadline_s
+    conn.deadline_s = None
+    try:
+        yield conn
+    finally:
+        conn.deadline_s = saved
+
+
+@contextmanager
+def without_deadline_async(
+    conn: psycopg.AsyncConnection[Any],
+) -> Iterator[psycopg.AsyncConnection[Any]]:
+    """:func:`without_deadline` for an async connection (an async handler's own queries)."""
+    if not isinstance(conn, AsyncDeadlineConnection):
         yield conn
         return
     saved = conn.deadline_s

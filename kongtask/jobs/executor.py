@@ -5,46 +5,66 @@ job costs no actor message; a worker with a quick handler runs job after job
 without a thread switch. Outcomes go to the completer's outbox. A handler
 that raises fails only its own job; a list payload whose handler returns a
 list of the same length fails only the items that are exceptions (batch
-jobs, as in graphile-worker).
+jobs, as in graphile-worker). ``async def`` handlers run on the Runner's
+event loop; their outcomes take the same path.
 
 A task with a timeout (its own ``timeout_s`` or the worker's) runs under the
 :class:`~kongtask.jobs.watchdog.Watchdog`: past the deadline the job's abort
 event is set, the attempt is failed (``timed out after N s``) and a new
 thread takes the slot, so a handler that ignores the abort event holds a
 thread but not the slot. That thread is counted as stuck until its handler
-returns; its late result is ignored. A cancel (``kongtask:cancel``) of a job
-the pool holds sets its abort event and fails it for good when it ends.
+returns; its late result is ignored. An async handler past its timeout is
+cancelled instead. A cancel (``kongtask:cancel``) of a job the pool holds
+sets its abort event and fails it for good when it ends.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
 import traceback
+from collections import deque
 from collections.abc import Callable, Mapping
 from typing import Any
 
 from kongtask import events
 from kongtask.cron.service.outcomes import OutcomeRecorder, is_cron_job
 from kongtask.errors import JobCancelledError, JobTimeoutError
-from kongtask.helpers import Helpers
+from kongtask.helpers import AsyncHelpers, Helpers
 from kongtask.job import Job
+from kongtask.jobs.aio import AsyncJobs, is_async_handler
 from kongtask.jobs.context import WorkerContext, new_worker_id
 from kongtask.jobs.last_error import last_error_text
 from kongtask.jobs.outbox import Outbox
 from kongtask.jobs.watchdog import TimedRun, Watchdog
 
-__all__ = ["ExecutorPool"]
+__all__ = ["ASYNC_TAKERS", "ExecutorPool"]
 
 logger = logging.getLogger("kongtask.worker")
+
+#: Threads taking jobs when every handler is ``async def``: they only hand jobs
+#: to the event loop, so a couple suffice whatever the concurrency.
+ASYNC_TAKERS = 2
 
 #: Cancels remembered for jobs not running here yet (buffered, or about to start).
 _MAX_CANCEL_REQUESTS = 1000
 
 
 class ExecutorPool:
-    """Starts the worker threads and knows which job each one is running."""
+    """Starts the worker threads and knows which job each one is running.
+
+    With only plain handlers there are ``concurrency`` threads, each running
+    one job at a time. When the task map holds ``async def`` handlers, the
+    jobs in flight are counted by a semaphore of ``concurrency`` slots
+    instead: a thread that takes an async job hands it to the event loop and
+    takes the next, and the slot is freed when the coroutine ends. Threads
+    are then sized by what runs on them: :data:`ASYNC_TAKERS` to begin with,
+    and one more (up to ``concurrency``) whenever every thread is inside a
+    plain handler, so a mixed task map costs as many threads as plain jobs
+    ever ran at once, plus one.
+    """
 
     def __init__(
         self,
@@ -52,6 +72,7 @@ class ExecutorPool:
         outbox: Outbox,
         on_all_stopped: Callable[[], None],
         confirm: Callable[[Job, str], bool],
+        aio: AsyncJobs | None = None,
         timeouts: Mapping[str, float] | None = None,
     ) -> None:
         self._ctx = ctx
@@ -59,14 +80,40 @@ class ExecutorPool:
         self._on_all_stopped = on_all_stopped
         #: Asked (job, reason) before starting a job the pool may no longer hold.
         self._confirm = confirm
-        count = ctx.settings.concurrency
+        self._aio = aio
+        concurrency = ctx.settings.concurrency
+        #: Task identifiers whose handler is an ``async def`` (run on ``aio``'s loop).
+        self._async_names = frozenset(
+            name for name, handler in ctx.tasks.items() if is_async_handler(handler)
+        )
+        if self._async_names and aio is None:
+            raise ValueError("async handlers need the Runner's event loop")
+        count = concurrency
+        self._slots: threading.Semaphore | None = None
+        #: Threads are added up to this many (gated mode: while plain jobs occupy them all).
+        self._max_threads = concurrency
+        if self._async_names:
+            self._slots = threading.Semaphore(concurrency)
+            count = min(concurrency, ASYNC_TAKERS)
+            if len(self._async_names) == len(ctx.tasks):
+                self._max_threads = count
+        # Gated mode: threads not inside a plain handler (free to take the next job).
+        self._free_takers = count
         self.worker_ids = [new_worker_id() for _ in range(count)]
-        self._running: list[Helpers | None] = [None] * count
+        self._running: list[Helpers | None] = [None] * self._max_threads
+        # Async jobs in flight -> their task on the loop (None until it is made there).
+        self._async_running: dict[AsyncHelpers, asyncio.Task[None] | None] = {}
         # The runs a shutdown failed back: their outcome is ignored when they end.
         self._abandoned: set[int] = set()
+        # Async jobs handed to the loop, waiting for it to start them.
+        self._handoff: deque[
+            tuple[str, Job, AsyncHelpers, OutcomeRecorder | None, threading.Semaphore]
+        ] = deque()
+        self._handoff_scheduled = False
         self._threads: list[threading.Thread] = []
         self._stopped = threading.Condition()
         self._alive = 0
+        self._in_flight = 0
         self._reported: set[int] = set()
         self._released = False
         #: Task identifier -> timeout in seconds; empty when no task has one.
@@ -74,7 +121,6 @@ class ExecutorPool:
         self._watchdog: Watchdog | None = None
         if self._timeouts:
             self._watchdog = Watchdog(
-                count,
                 min(self._timeouts.values()),
                 self._expired,
                 name=f"kongtask-watchdog-{ctx.pool_id}",
@@ -125,8 +171,8 @@ class ExecutorPool:
                     del cancels[next(iter(cancels))]
                 except (StopIteration, RuntimeError, KeyError):
                     break
-            for helpers in self._running:
-                if helpers is not None and helpers.job.id == job_id:
+            for helpers in self.running():
+                if helpers.job.id == job_id:
                     target = helpers
                     break
         if target is None:
@@ -143,9 +189,9 @@ class ExecutorPool:
         self._ctx.queue.close()
 
     def all_stopped(self) -> bool:
-        """True once every worker thread has finished."""
+        """True once every worker thread has finished and no async job is in flight."""
         with self._stopped:
-            return self._alive == 0
+            return self._alive == 0 and self._in_flight == 0
 
     def still_running_ids(self) -> list[str]:
         """Workers whose thread is still busy; they count as stopped from now on."""
@@ -165,14 +211,19 @@ class ExecutorPool:
         return list(zip(self.worker_ids, self._threads, strict=False))
 
     def running(self) -> list[Helpers]:
-        """The helpers of every job running right now."""
-        return [helpers for helpers in self._running if helpers is not None]
+        """The helpers of every job running right now (async ones included)."""
+        running = [helpers for helpers in self._running if helpers is not None]
+        if self._async_running:
+            with self._stopped:
+                running.extend(self._async_running)
+        return running
 
     def abandon_running(self) -> list[Job]:
         """Set each running job's abort event and disown it; returns those jobs.
 
         The caller fails them back; when their handlers return eventually,
         the outcome is ignored (the job may already be running elsewhere).
+        Async jobs are cancelled too (``CancelledError`` inside the handler).
         """
         with self._stopped:
             running = self.running()
@@ -180,7 +231,16 @@ class ExecutorPool:
                 self._abandoned.add(id(helpers))
         for helpers in running:
             helpers.request_abort()
-        return [helpers.job for helpers in running]
+        jobs = [helpers.job for helpers in running]
+        if self._async_running:
+            with self._stopped:
+                tasks = [task for task in self._async_running.values() if task is not None]
+            loop = self._aio_loop()
+            for task in tasks:
+                # One loop step later than the abort signal: a handler awaiting
+                # helpers.aborted() resumes first, then is cancelled at its next await.
+                loop.call_soon_threadsafe(_cancel_next_step, loop, task)
+        return jobs
 
     def signal_abort(self) -> None:
         """Set the abort event of every running job (the graceful timeout passed)."""
@@ -191,26 +251,12 @@ class ExecutorPool:
 
     def _work(self, index: int, worker_id: str) -> None:
         error: BaseException | None = None
-        take = self._ctx.queue.take
-        doubt = self._ctx.ownership.doubt
-        confirm = self._confirm
-        cancels = self._cancels
         replaced = False
         try:
-            while True:
-                item = take()
-                if item is None:
-                    break
-                job, known_at = item
-                reason = doubt(known_at)
-                if reason is not None and not confirm(job, reason):
-                    continue  # another pool holds it now
-                if cancels and job.id in cancels:
-                    self._fail_unstarted(worker_id, job, cancels.pop(job.id, "cancelled"))
-                    continue
-                if not self._run(index, worker_id, job):
-                    replaced = True  # it timed out: another thread has the slot now
-                    break
+            if self._slots is None:
+                replaced = self._take_plain(index, worker_id)
+            else:
+                replaced = self._take_gated(index, worker_id, self._slots)
         except BaseException as exc:
             error = exc
             logger.exception("Worker %s crashed", worker_id)
@@ -218,7 +264,8 @@ class ExecutorPool:
             self._ctx.fatal("worker", exc)
         finally:
             if replaced:
-                # The slot's accounting moved to the thread that took it over.
+                # It timed out: the slot's accounting moved on when the watchdog
+                # ended the run; this thread only leaves.
                 with self._stopped:
                     self._stuck -= 1
                 self._ctx.bus.emit(events.worker_stop, worker_id=worker_id, error=None)
@@ -234,23 +281,126 @@ class ExecutorPool:
             self._ctx.bus.emit(events.worker_stop, worker_id=worker_id, error=error)
         with self._stopped:
             self._alive -= 1
-            last = self._alive == 0
+            last = self._alive == 0 and self._in_flight == 0
             self._stopped.notify_all()
         if last:
             self._on_all_stopped()
 
-    def _run(self, index: int, worker_id: str, job: Job) -> bool:
-        """Run one job; False when it timed out and this thread must leave its slot."""
-        ctx = self._ctx
-        bus = ctx.bus
-        helpers = Helpers(ctx, job, worker_id)
-        self._running[index] = helpers
-        bus.emit(events.job_start, worker_id=worker_id, job=job)
-        outcomes = ctx.cron_outcomes
+    def _take_plain(self, index: int, worker_id: str) -> bool:
+        """Run job after job on this thread (a task map of plain handlers only).
+
+        True when a job timed out and another thread took the slot over.
+        """
+        take = self._ctx.queue.take
+        doubt = self._ctx.ownership.doubt
+        confirm = self._confirm
+        cancels = self._cancels
+        while True:
+            item = take()
+            if item is None:
+                return False
+            job, known_at = item
+            reason = doubt(known_at)
+            if reason is not None and not confirm(job, reason):
+                continue  # another pool holds it now
+            if cancels and job.id in cancels:
+                self._fail_unstarted(worker_id, job, cancels.pop(job.id, "cancelled"))
+                continue
+            if not self._run(index, worker_id, job):
+                return True
+
+    def _take_gated(self, index: int, worker_id: str, slots: threading.Semaphore) -> bool:
+        """Take a job only with a free slot; run a plain one here, hand an async one over.
+
+        True when a plain job timed out and the watchdog freed its slot.
+        """
+        take = self._ctx.queue.take
+        doubt = self._ctx.ownership.doubt
+        confirm = self._confirm
+        async_names = self._async_names
+        cancels = self._cancels
+        while True:
+            slots.acquire()
+            item = take()
+            if item is None:
+                slots.release()
+                return False
+            job, known_at = item
+            reason = doubt(known_at)
+            if reason is not None and not confirm(job, reason):
+                slots.release()
+                continue  # another pool holds it now
+            if cancels and job.id in cancels:
+                slots.release()
+                self._fail_unstarted(worker_id, job, cancels.pop(job.id, "cancelled"))
+                continue
+            if job.task_identifier in async_names:
+                self._submit(worker_id, job, slots)
+                continue
+            added = None
+            with self._stopped:
+                self._free_takers -= 1
+                if self._free_takers <= 0 and len(self._threads) < self._max_threads:
+                    # Every thread is (about to be) inside a plain handler: add one
+                    # so that async jobs (and other plain ones) keep being taken.
+                    added = self._add_thread_locked()
+            if added is not None:
+                self._launch(*added)
+            ran = True
+            try:
+                ran = self._run(index, worker_id, job)
+            finally:
+                if ran:
+                    slots.release()
+                    with self._stopped:
+                        self._free_takers += 1
+            if not ran:
+                return True
+
+    def _add_thread_locked(self) -> tuple[str, threading.Thread]:
+        """Register one more worker thread (the caller holds ``_stopped``)."""
+        index = len(self._threads)
+        if index >= len(self._running):
+            self._running.append(None)  # beyond concurrency only to replace stuck threads
+        worker_id = new_worker_id()
+        thread = threading.Thread(
+            target=self._work, args=(index, worker_id), name=f"kongtask-{worker_id}", daemon=True
+        )
+        self.worker_ids.append(worker_id)
+        self._threads.append(thread)
+        self._alive += 1
+        self._free_takers += 1
+        return worker_id, thread
+
+    def _launch(self, worker_id: str, thread: threading.Thread) -> None:
+        self._ctx.bus.emit(events.worker_create, worker_id=worker_id, tasks=sorted(self._ctx.tasks))
+        thread.start()
+
+    # --- one job ----------------------------------------------------------------
+
+    def _started(self, worker_id: str, job: Job) -> OutcomeRecorder | None:
+        """Announce that ``job`` starts; the cron recorder to tell when it ends, if any."""
+        self._ctx.bus.emit(events.job_start, worker_id=worker_id, job=job)
+        outcomes = self._ctx.cron_outcomes
         if outcomes is not None and not is_cron_job(job):
-            outcomes = None
+            return None
         if outcomes is not None:
             outcomes.started(job)
+        return outcomes
+
+    def _run(self, index: int, worker_id: str, job: Job) -> bool:
+        """Run one plain job; False when it timed out and this thread must leave its slot."""
+        ctx = self._ctx
+        helpers = Helpers(ctx, job, worker_id)
+        self._running[index] = helpers
+        # What _started does, inline: this is the hot path of every plain job.
+        ctx.bus.emit(events.job_start, worker_id=worker_id, job=job)
+        outcomes = ctx.cron_outcomes
+        if outcomes is not None:
+            if is_cron_job(job):
+                outcomes.started(job)
+            else:
+                outcomes = None
         timed: TimedRun | None = None
         if self._timeouts:
             timeout_s = self._timeouts.get(job.task_identifier)
@@ -261,14 +411,167 @@ class ExecutorPool:
                 )
                 self._watchdog.watch(timed)
         handler = ctx.tasks.get(job.task_identifier)
+        result: Any = None
         error: BaseException | None = None
-        batch_errors: list[BaseException] | None = None
-        replacement: list[Any] | None = None
         started = time.perf_counter()
         try:
             if handler is None:
                 raise LookupError(f"Unsupported task '{job.task_identifier}'")
             result = handler(job.payload, helpers)
+        except BaseException as exc:
+            error = exc
+        duration_ms = (time.perf_counter() - started) * 1000.0
+        if timed is not None and not self._watchdog.finish(timed):  # type: ignore[union-attr]
+            logger.warning(
+                "Task %s (%s) returned after %.2fms, past its %g s timeout; its attempt was "
+                "already failed, so this outcome is ignored",
+                job.id,
+                job.task_identifier,
+                duration_ms,
+                timed.timeout_s,
+            )
+            return False
+        self._running[index] = None
+        self._finish(worker_id, job, helpers, outcomes, result, error, duration_ms)
+        return True
+
+    def _submit(self, worker_id: str, job: Job, slots: threading.Semaphore) -> None:
+        """Hand an async job to the loop; its slot is freed when its coroutine ends."""
+        aio = self._aio
+        assert aio is not None
+        helpers = AsyncHelpers(self._ctx, job, worker_id, aio)
+        with self._stopped:
+            self._in_flight += 1
+            self._async_running[helpers] = None
+        try:
+            outcomes = self._started(worker_id, job)
+            self._handoff.append((worker_id, job, helpers, outcomes, slots))
+            with self._stopped:
+                wake = not self._handoff_scheduled
+                self._handoff_scheduled = True
+            if wake:
+                # One wake-up of the loop per burst of jobs, not one per job.
+                aio.loop.call_soon_threadsafe(self._spawn_handed_off)
+        except BaseException:
+            self._async_ended(helpers, slots)
+            raise
+
+    def _spawn_handed_off(self) -> None:
+        """On the loop: start every job handed over since the last wake-up."""
+        handoff = self._handoff
+        while True:
+            with self._stopped:
+                if not handoff:
+                    self._handoff_scheduled = False
+                    return
+            while handoff:
+                self._spawn(*handoff.popleft())
+
+    def _spawn(
+        self,
+        worker_id: str,
+        job: Job,
+        helpers: AsyncHelpers,
+        outcomes: OutcomeRecorder | None,
+        slots: threading.Semaphore,
+    ) -> None:
+        """On the loop: start the job's task, unless a shutdown failed the job back meanwhile."""
+        with self._stopped:
+            abandoned = id(helpers) in self._abandoned
+            if not abandoned:
+                task = self._aio_loop().create_task(
+                    self._run_async(worker_id, job, helpers, outcomes)
+                )
+                self._async_running[helpers] = task
+        if abandoned:
+            self._async_ended(helpers, slots)
+            return
+        task.add_done_callback(lambda _: self._async_ended(helpers, slots))
+
+    def _aio_loop(self) -> asyncio.AbstractEventLoop:
+        assert self._aio is not None
+        return self._aio.loop
+
+    async def _run_async(
+        self, worker_id: str, job: Job, helpers: AsyncHelpers, outcomes: OutcomeRecorder | None
+    ) -> None:
+        handler = self._ctx.tasks[job.task_identifier]
+        timeout_s = self._timeouts.get(job.task_identifier) if self._timeouts else None
+        result: Any = None
+        error: BaseException | None = None
+        started = time.perf_counter()
+        try:
+            if timeout_s is None:
+                result = await handler(job.payload, helpers)
+            else:
+                async with asyncio.timeout(timeout_s) as scope:
+                    result = await handler(job.payload, helpers)
+        except TimeoutError as exc:
+            if timeout_s is not None and scope.expired():
+                # Past its timeout: the handler was cancelled; the attempt failed.
+                helpers.request_abort()
+                error = JobTimeoutError(timeout_s)
+            else:
+                error = exc
+        except BaseException as exc:  # CancelledError too: the job failed
+            error = exc
+        duration_ms = (time.perf_counter() - started) * 1000.0
+        try:
+            self._finish(worker_id, job, helpers, outcomes, result, error, duration_ms)
+        except BaseException as exc:
+            logger.exception("Recording the outcome of job %s failed", job.id)
+            self._ctx.fatal("worker", exc)
+
+    def _async_ended(self, helpers: AsyncHelpers, slots: threading.Semaphore) -> None:
+        """An async job's coroutine ended (or never ran): free its slot and account for it."""
+        with self._stopped:
+            if self._async_running.pop(helpers, False) is False:
+                return  # already accounted for
+            self._abandoned.discard(id(helpers))
+            self._in_flight -= 1
+            last = self._alive == 0 and self._in_flight == 0
+            self._stopped.notify_all()
+        slots.release()
+        if last:
+            self._on_all_stopped()
+
+    def _finish(
+        self,
+        worker_id: str,
+        job: Job,
+        helpers: Helpers,
+        outcomes: OutcomeRecorder | None,
+        result: Any,
+        error: BaseException | None,
+        duration_ms: float,
+    ) -> None:
+        """Record a run's outcome: the outbox, the events, the log line, cron history."""
+        ctx = self._ctx
+        bus = ctx.bus
+        if self._abandoned and id(helpers) in self._abandoned:
+            # Discarded now: the id of a Helpers that ended may be reused by a later one.
+            self._abandoned.discard(id(helpers))
+            logger.warning(
+                "Task %s (%s) finished after a shutdown failed it back; ignoring the outcome",
+                job.id,
+                job.task_identifier,
+            )
+            return
+        if self._cancels:
+            cancelled = self._cancels.pop(job.id, None)
+            if cancelled is not None:
+                self._record_failure(
+                    worker_id,
+                    job,
+                    JobCancelledError(cancelled.partition(": ")[2] or None),
+                    duration_ms,
+                    outcomes,
+                    permanent=True,
+                )
+                return
+        batch_errors: list[BaseException] | None = None
+        replacement: list[Any] | None = None
+        if error is None:
             payload = job.payload
             if type(payload) is list and type(result) is list:
                 if len(result) == len(payload):
@@ -286,64 +589,25 @@ class ExecutorPool:
                         len(payload),
                         len(result),
                     )
-        except BaseException as exc:
-            error = exc
-        duration_ms = (time.perf_counter() - started) * 1000.0
-        if timed is not None and not self._watchdog.finish(timed):  # type: ignore[union-attr]
-            logger.warning(
-                "Task %s (%s) returned after %.2fms, past its %g s timeout; its attempt was "
-                "already failed, so this outcome is ignored",
-                job.id,
-                job.task_identifier,
-                duration_ms,
-                timed.timeout_s,
-            )
-            return False
-        self._running[index] = None
-        if self._abandoned and id(helpers) in self._abandoned:
-            # Discarded now: the id of a Helpers that ended may be reused by a later one.
-            self._abandoned.discard(id(helpers))
-            logger.warning(
-                "Task %s (%s) finished after a shutdown failed it back; ignoring the outcome",
-                job.id,
-                job.task_identifier,
-            )
-            return True
-        if self._cancels:
-            cancelled = self._cancels.pop(job.id, None)
-            if cancelled is not None:
-                self._record_failure(
-                    worker_id,
-                    job,
-                    JobCancelledError(cancelled.partition(": ")[2] or None),
-                    duration_ms,
-                    outcomes,
-                    permanent=True,
-                )
-                return True
-        if error is None:
-            self._outbox.success(job)
-            bus.emit(events.job_success, worker_id=worker_id, job=job)
-            if not ctx.no_log_success and logger.isEnabledFor(logging.INFO):
-                attempt = (
-                    f", attempt {job.attempts} of {job.max_attempts}" if job.attempts > 1 else ""
-                )
-                logger.info(
-                    "Completed task %s (%s, %.2fms%s) with success",
-                    job.id,
-                    job.task_identifier,
-                    duration_ms,
-                    attempt,
-                )
-        else:
+        if error is not None:
             self._record_failure(
                 worker_id, job, error, duration_ms, outcomes, batch_errors, replacement
             )
-            return True
-        bus.emit(events.job_complete, worker_id=worker_id, job=job, error=error)
+            return
+        self._outbox.success(job)
+        bus.emit(events.job_success, worker_id=worker_id, job=job)
+        if not ctx.no_log_success and logger.isEnabledFor(logging.INFO):
+            attempt = f", attempt {job.attempts} of {job.max_attempts}" if job.attempts > 1 else ""
+            logger.info(
+                "Completed task %s (%s, %.2fms%s) with success",
+                job.id,
+                job.task_identifier,
+                duration_ms,
+                attempt,
+            )
+        bus.emit(events.job_complete, worker_id=worker_id, job=job, error=None)
         if outcomes is not None:
             outcomes.finished(job, None, permanent=False)
-        return True
 
     def _record_failure(
         self,
@@ -415,7 +679,9 @@ class ExecutorPool:
         job: Job = helpers.job
         index = run.index
         thread: threading.Thread | None = None
+        new_id = ""
         last = False
+        slots = self._slots
         with self._stopped:
             if self._running[index] is helpers:
                 self._running[index] = None
@@ -424,7 +690,11 @@ class ExecutorPool:
             self._stuck += 1
             if self._released:
                 self._alive -= 1
-                last = self._alive == 0
+                last = self._alive == 0 and self._in_flight == 0
+            elif slots is not None:
+                # Gated: the stuck thread leaves the live takers and a new one joins.
+                self._alive -= 1
+                new_id, thread = self._add_thread_locked()
             else:
                 new_id = new_worker_id()
                 self.worker_ids[index] = new_id
@@ -435,6 +705,8 @@ class ExecutorPool:
                     daemon=True,
                 )
                 self._threads[index] = thread
+        if slots is not None:
+            slots.release()  # the stuck thread never will: its slot is free now
         run.abort()
         if not abandoned:
             cancelled = self._cancels.pop(job.id, None)
@@ -461,14 +733,14 @@ class ExecutorPool:
             "" if thread is None else f"; {thread.name} takes its slot",
         )
         if thread is not None:
-            self._ctx.bus.emit(
-                events.worker_create,
-                worker_id=self.worker_ids[index],
-                tasks=sorted(self._ctx.tasks),
-            )
-            thread.start()
+            self._launch(new_id, thread)
         elif last:
             self._on_all_stopped()
+
+
+def _cancel_next_step(loop: asyncio.AbstractEventLoop, task: asyncio.Task[None]) -> None:
+    """Cancel ``task`` once the callbacks already queued on ``loop`` have run."""
+    loop.call_soon(task.cancel)
 
 
 class _BatchError(Exception):

@@ -22,6 +22,7 @@ before it is a suspect) the release bound.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import threading
@@ -29,6 +30,7 @@ from collections.abc import Callable
 from typing import Any
 
 from kongtask.job import Job
+from kongtask.jobs.aio import is_async_handler
 from kongtask.jobs.context import WorkerContext
 from kongtask.jobs.liveness import SUSPECT_PREFIX
 
@@ -50,7 +52,19 @@ class CrashGuard:
         self.ctx: WorkerContext | None = None
 
     def wrap(self, handler: Callable[..., Any]) -> Callable[..., Any]:
-        """``handler`` itself for ordinary jobs; the suspect protocol for suspects."""
+        """``handler`` itself for ordinary jobs; the suspect protocol for suspects.
+
+        An ``async def`` handler stays one (the executor tells them apart).
+        """
+        if is_async_handler(handler):
+
+            @functools.wraps(handler)
+            async def guarded_async(payload: Any, helpers: Any) -> Any:
+                if not is_suspect(helpers.job):
+                    return await handler(payload, helpers)
+                return await self._run_suspect_async(handler, payload, helpers)
+
+            return guarded_async
 
         @functools.wraps(handler)
         def guarded(payload: Any, helpers: Any) -> Any:
@@ -60,14 +74,57 @@ class CrashGuard:
 
         return guarded
 
+    async def _run_suspect_async(
+        self, handler: Callable[..., Any], payload: Any, helpers: Any
+    ) -> Any:
+        """:meth:`_run_suspect` for an async handler: the lock and the two statements
+        wait on a helper thread, so the loop keeps serving other jobs meanwhile."""
+        ctx = self.ctx
+        assert ctx is not None, "CrashGuard.ctx is set before any job runs"
+        job: Job = helpers.job
+        params = {"job_id": job.id, "pool_id": ctx.pool_id}
+        await asyncio.to_thread(self._one_at_a_time.acquire)
+        try:
+            await asyncio.to_thread(self._mark, params)
+            logger.info(
+                "Job %s (%s) is a crash suspect (%s); running it alone among suspects",
+                job.id,
+                job.task_identifier,
+                job.last_error,
+            )
+            succeeded = False
+            try:
+                result = await handler(payload, helpers)
+                succeeded = not _has_failed_items(payload, result)
+                return result
+            finally:
+                await asyncio.to_thread(self._record, job, params, succeeded)
+        finally:
+            self._one_at_a_time.release()
+
+    def _mark(self, params: dict[str, Any]) -> None:
+        ctx = self.ctx
+        assert ctx is not None
+        with ctx.pool.connection() as conn:
+            conn.execute(ctx.queries.mark_suspect_running, params)
+
+    def _record(self, job: Job, params: dict[str, Any], succeeded: bool) -> None:
+        ctx = self.ctx
+        assert ctx is not None
+        try:
+            with ctx.pool.connection() as conn:
+                conn.execute(ctx.queries.finish_suspect, {**params, "succeeded": succeeded})
+        except Exception as exc:
+            # The completer still records the outcome; only the early record is lost.
+            logger.warning("Recording suspect job %s's outcome failed: %s", job.id, exc)
+
     def _run_suspect(self, handler: Callable[..., Any], payload: Any, helpers: Any) -> Any:
         ctx = self.ctx
         assert ctx is not None, "CrashGuard.ctx is set before any job runs"
         job: Job = helpers.job
         params = {"job_id": job.id, "pool_id": ctx.pool_id}
         with self._one_at_a_time:
-            with ctx.pool.connection() as conn:
-                conn.execute(ctx.queries.mark_suspect_running, params)
+            self._mark(params)
             logger.info(
                 "Job %s (%s) is a crash suspect (%s); running it alone among suspects",
                 job.id,
@@ -80,12 +137,7 @@ class CrashGuard:
                 succeeded = not _has_failed_items(payload, result)
                 return result
             finally:
-                try:
-                    with ctx.pool.connection() as conn:
-                        conn.execute(ctx.queries.finish_suspect, {**params, "succeeded": succeeded})
-                except Exception as exc:
-                    # The completer still records the outcome; only the early record is lost.
-                    logger.warning("Recording suspect job %s's outcome failed: %s", job.id, exc)
+                self._record(job, params, succeeded)
 
 
 def _has_failed_items(payload: Any, result: Any) -> bool:

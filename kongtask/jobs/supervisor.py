@@ -27,6 +27,7 @@ from kongtask.db.statements import Queries
 from kongtask.declared import declared
 from kongtask.errors import KongtaskError
 from kongtask.job import Job
+from kongtask.jobs.aio import AsyncJobs, is_async_handler
 from kongtask.jobs.cancel import read_notice
 from kongtask.jobs.claimer import (
     BufferLow,
@@ -106,6 +107,7 @@ class JobService:
         self._completer: pykka.ActorRef[Completer] | None = None
         self._sweeper: pykka.ActorRef[Sweeper] | None = None
         self._executors: ExecutorPool | None = None
+        self._aio: AsyncJobs | None = None
         self._listener: Listener | None = None
         self._outcomes: OutcomeRecorder | None = None
         self._outbox: Outbox | None = None
@@ -171,12 +173,17 @@ class JobService:
         outcomes.start()
         self._outcomes = outcomes
         ctx.cron_outcomes = outcomes
+        if any(is_async_handler(handler) for handler in self._tasks.values()):
+            # One event loop per Runner, only when some handler is async.
+            self._aio = AsyncJobs(ctx)
+            self._aio.start()
         self._executors = ExecutorPool(
             ctx,
             outbox,
             on_all_stopped=lambda: host.send(WorkersStopped()),
             confirm=self._confirm,
             timeouts=self._timeouts,
+            aio=self._aio,
         )
         self._executors.start()
         if not settings.once:
@@ -274,7 +281,7 @@ class JobService:
 
     @property
     def executors_busy(self) -> int:
-        """How many executors are running a job now."""
+        """How many jobs are running now (async ones in flight included)."""
         return len(self._executors.running()) if self._executors is not None else 0
 
     @property
@@ -309,6 +316,8 @@ class JobService:
             parts.append(
                 ThreadsPart("executors", executors.threads, busy=lambda: len(executors.running()))
             )
+        if self._aio is not None:
+            parts.append(ThreadsPart("event loop", self._aio.threads))
         return parts
 
     def join(self, timeout_s: float) -> None:
@@ -457,6 +466,8 @@ class JobService:
             self._listener.stop(step())
         if self._outcomes is not None:
             self._outcomes.stop()
+        if self._aio is not None:
+            self._aio.stop(step())
         if self._executors is not None:
             self._executors.close()
         if self.ctx is not None and host is not None:

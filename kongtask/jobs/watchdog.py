@@ -55,13 +55,13 @@ class Watchdog:
 
     def __init__(
         self,
-        slots: int,
         shortest_timeout_s: float,
         expire: Callable[[TimedRun], None],
         *,
         name: str,
     ) -> None:
-        self._slots: list[TimedRun | None] = [None] * slots
+        # Slot index -> its timed run; a dict, since a pool may add slots as it goes.
+        self._slots: dict[int, TimedRun] = {}
         # The longest it sleeps with nothing due (never so short that it spins).
         self._shortest = max(shortest_timeout_s, _MIN_PERIOD_S)
         self._expire = expire
@@ -90,8 +90,8 @@ class Watchdog:
             if run.state == _EXPIRED:
                 return False
             run.state = _FINISHED
-            if self._slots[run.index] is run:
-                self._slots[run.index] = None
+            if self._slots.get(run.index) is run:
+                del self._slots[run.index]
             return True
 
     def _loop(self) -> None:
@@ -100,16 +100,14 @@ class Watchdog:
             now = time.monotonic()
             wake = now + self._shortest
             expired: list[TimedRun] = []
-            for run in list(slots):
-                if run is None:
-                    continue
+            for run in list(slots.values()):
                 if run.deadline > now:
                     wake = min(wake, run.deadline)
                     continue
                 with self._lock:
-                    if run.state == _RUNNING and slots[run.index] is run:
+                    if run.state == _RUNNING and slots.get(run.index) is run:
                         run.state = _EXPIRED
-                        slots[run.index] = None
+                        del slots[run.index]
                         expired.append(run)
             for run in expired:
                 try:

@@ -33,6 +33,7 @@ from kongtask import (
     KongtaskError,
     WorkerUtils,
     parse_crontab,
+    task,
 )
 from kongtask.cron import render_cron_item
 from kongtask.runner import Runner, run_once
@@ -622,14 +623,14 @@ def test_exception_whose_str_raises_fails_only_its_job(
         assert runner.running
 
 
-def test_coroutine_handlers_are_refused_up_front(db_url: str) -> None:
-    async def handler(payload: Any, helpers: Any) -> None:
-        return None
+def test_generator_handlers_are_refused_up_front(db_url: str) -> None:
+    async def async_generator(payload: Any, helpers: Any) -> Any:
+        yield None
 
     def generator(payload: Any, helpers: Any) -> Any:
         yield None
 
-    for bad in (handler, generator):
+    for bad in (async_generator, generator, task(name="t")(async_generator)):
         with pytest.raises(ConfigurationError) as raised:
             Runner(tasks={"t": bad}, connection_string=db_url)
         assert raised.value.name == "tasks"

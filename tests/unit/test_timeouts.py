@@ -53,7 +53,7 @@ def test_the_watchdog_expires_a_late_run_once_and_the_executor_loses_the_race() 
         expired.append(run)
         run.abort()
 
-    watchdog = Watchdog(2, 0.05, expire, name="test-watchdog")
+    watchdog = Watchdog(0.05, expire, name="test-watchdog")
     watchdog.start()
     try:
         late = TimedRun(0, 0.05, done.set)
