@@ -145,13 +145,17 @@ def test_the_handler_checks_apply_to_the_declared_function() -> None:
     def gen(payload: Any, helpers: Any) -> Any:
         yield payload
 
+    async def agen(payload: Any, helpers: Any) -> Any:
+        yield payload
+
     async def coro(payload: Any, helpers: Any) -> None:
         pass
 
     with pytest.raises(ConfigurationError, match="generator function"):
         _check_tasks([kongtask.task(gen)])
-    with pytest.raises(ConfigurationError, match="async function"):
-        _check_tasks([kongtask.task(coro)])
+    with pytest.raises(ConfigurationError, match="async generator function"):
+        _check_tasks([kongtask.task(agen)])
+    assert list(_check_tasks([kongtask.task(coro)])) == ["coro"]  # async handlers run
 
 
 def test_the_loader_picks_up_declared_tasks_by_their_names(tmp_path: Path) -> None:
