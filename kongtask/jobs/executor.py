@@ -2,7 +2,9 @@
 
 Each worker pulls the next job straight from the shared local queue, so a
 job costs no actor message; a worker with a quick handler runs job after job
-without a thread switch. Outcomes go to the completer's outbox. A handler
+without a thread switch. Outcomes go to the completer's outbox, with the
+handler's run time (whoever needs to know more, like kongtask's cron
+history, observes the completer's written batches). A handler
 that raises fails only its own job; a list payload whose handler returns a
 list of the same length fails only the items that are exceptions (batch
 jobs, as in graphile-worker).
@@ -18,7 +20,6 @@ from collections.abc import Callable
 from typing import Any
 
 from kongtask import events
-from kongtask.cron.service.outcomes import is_cron_job
 from kongtask.helpers import Helpers
 from kongtask.job import Job
 from kongtask.jobs.context import WorkerContext, new_worker_id
@@ -163,11 +164,6 @@ class ExecutorPool:
         helpers = Helpers(ctx, job, worker_id)
         self._running[index] = helpers
         bus.emit(events.job_start, worker_id=worker_id, job=job)
-        outcomes = ctx.cron_outcomes
-        if outcomes is not None and not is_cron_job(job):
-            outcomes = None
-        if outcomes is not None:
-            outcomes.started(job)
         handler = ctx.tasks.get(job.task_identifier)
         error: BaseException | None = None
         batch_errors: list[BaseException] | None = None
@@ -196,7 +192,7 @@ class ExecutorPool:
                     )
         except BaseException as exc:
             error = exc
-        duration_ms = (time.perf_counter() - started) * 1000.0
+        duration_s = time.perf_counter() - started
         self._running[index] = None
         if self._abandoned and id(helpers) in self._abandoned:
             # Discarded now: the id of a Helpers that ended may be reused by a later one.
@@ -208,7 +204,7 @@ class ExecutorPool:
             )
             return
         if error is None:
-            self._outbox.success(job)
+            self._outbox.success(job, duration_s)
             bus.emit(events.job_success, worker_id=worker_id, job=job)
             if not ctx.no_log_success and logger.isEnabledFor(logging.INFO):
                 attempt = (
@@ -218,12 +214,12 @@ class ExecutorPool:
                     "Completed task %s (%s, %.2fms%s) with success",
                     job.id,
                     job.task_identifier,
-                    duration_ms,
+                    duration_s * 1000.0,
                     attempt,
                 )
         else:
             message = error_message(error)
-            self._outbox.failure(job, message, replacement)
+            self._outbox.failure(job, message, replacement, duration_s)
             bus.emit(
                 events.job_error,
                 worker_id=worker_id,
@@ -244,17 +240,13 @@ class ExecutorPool:
                 "Failed task %s (%s, %.2fms, attempt %d of %d) with error '%s':\n  %s",
                 job.id,
                 job.task_identifier,
-                duration_ms,
+                duration_s * 1000.0,
                 job.attempts,
                 job.max_attempts,
                 message,
                 stack.replace("\n", "\n  "),
             )
         bus.emit(events.job_complete, worker_id=worker_id, job=job, error=error)
-        if outcomes is not None:
-            outcomes.finished(
-                job, error, permanent=error is not None and job.attempts >= job.max_attempts
-            )
 
 
 class _BatchError(Exception):
