@@ -29,6 +29,7 @@ from types import ModuleType, TracebackType
 from typing import Any, Self, TypedDict, TypeVar, Unpack
 
 from kongtask import events
+from kongtask.cron.service.outcomes import OutcomeRecorder
 from kongtask.cron.service.scheduling import SchedulingService
 from kongtask.cron.source import CrontabSource
 from kongtask.cron.types import ParsedCronItem
@@ -227,6 +228,8 @@ class Runner:
             no_log_success=bool(os.environ.get("NO_LOG_SUCCESS")),
             listen_connection_string=self._listen_connection_string,
             pool_id=pool_id,
+            # Outcomes of cron jobs this pool runs go into kongtask's cron history.
+            outcome_observer=OutcomeRecorder,
         )
         cron = self._cron_service(crontab, cron_items, pool_id)
         self._run = _Run(host, jobs, cron, Scheduler._view(host, cron) if cron else None)

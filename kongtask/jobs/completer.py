@@ -9,7 +9,8 @@ batch size adapts to load with no fixed delay. Successes become one
 statement refused for its data is written again job by job, so one job's
 outcome never costs the others theirs (see ``_complete_all``). After each
 batch the completer tells the claimer ``Finished(n, released)``; it decides
-nothing about claiming.
+nothing about claiming. Then the run's outcome observer, if any, sees the
+batch (kongtask's cron history is recorded that way, off the executors' path).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from kongtask.jobs.context import WorkerContext
 from kongtask.jobs.db_actor import DbActor
 from kongtask.jobs.fetch_policy import Finished
 from kongtask.jobs.last_error import sanitize_last_error
-from kongtask.jobs.outbox import Outbox
+from kongtask.jobs.outbox import Outbox, OutcomeObserver, Outcomes
 from kongtask.jobs.slow_statement import SLOW_STATEMENT_S, SlowStatement
 
 __all__ = ["FLUSH", "Completer", "Flush"]
@@ -71,7 +72,8 @@ class Completer(DbActor):
 
     def _flush(self) -> None:
         while True:
-            successes, failures = self._outbox.take()
+            taken = self._outbox.take()
+            successes, failures = taken.successes, taken.failures
             if not successes and not failures:
                 return
             retried = False
@@ -93,6 +95,18 @@ class Completer(DbActor):
             # A released named queue may hold the next runnable job, which a
             # short claim had to skip: the claimer's policy decides what to do.
             self._claimer.tell(Finished(len(successes) + len(failures), released))
+            observer = self.ctx.outcome_observer
+            if observer is not None:
+                self._observe(observer, taken)
+
+    @staticmethod
+    def _observe(observer: OutcomeObserver, taken: Outcomes) -> None:
+        """Show a written batch to the run's observer; its failure costs only it."""
+        try:
+            observer.observe(taken)
+        except Exception:
+            count = len(taken.successes) + len(taken.failures)
+            logger.exception("The outcome observer failed on a batch of %d outcome(s)", count)
 
     # --- statements the database refuses for their data -------------------------
     #

@@ -16,9 +16,9 @@ from typing import Any
 
 from psycopg_pool import ConnectionPool
 
-from kongtask.cron.service.outcomes import OutcomeRecorder
 from kongtask.db.statements import Queries
 from kongtask.jobs.local_queue import LocalQueue
+from kongtask.jobs.outbox import OutcomeObserver
 from kongtask.jobs.ownership import Ownership
 from kongtask.protocols import Clock
 from kongtask.runtime.host import RunStatus
@@ -62,8 +62,8 @@ class WorkerContext:
     no_log_success: bool = False
     task_ids: dict[int, str] = field(default_factory=dict)
     queue_names: dict[int, str] = field(default_factory=dict)
-    #: Told when a cron job starts and finishes (kongtask's cron history), if set.
-    cron_outcomes: OutcomeRecorder | None = None
+    #: Shown each batch of outcomes the completer wrote (kongtask's cron history), if set.
+    outcome_observer: OutcomeObserver | None = None
     #: Whether buffered jobs may have been taken from this pool (heartbeats feed it).
     ownership: Ownership = field(init=False)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import psycopg
@@ -23,6 +23,7 @@ from kongtask.job_spec import JobSpec
 __all__ = [
     "add_job_on",
     "add_job_on_async",
+    "add_job_specs_on",
     "add_jobs_on",
     "add_jobs_on_async",
     "check_async_connection",
@@ -52,10 +53,17 @@ def jobs_from_query(
     """
     with conn.cursor(row_factory=tuple_row) as cursor:
         rows = _found(cursor.execute(query, params).fetchall())
-        missing = _missing_task_ids(rows)
-        names: dict[int, str] = {}
-        if missing:
-            names = dict(cursor.execute(queries.task_identifiers, {"ids": missing}).fetchall())
+        return _named_jobs(cursor, queries, rows)
+
+
+def _named_jobs(
+    cursor: psycopg.Cursor[tuple[Any, ...]], queries: Queries, rows: list[tuple[Any, ...]]
+) -> list[Job]:
+    """``Job`` records for found rows, looking up the task names a join could not see."""
+    missing = _missing_task_ids(rows)
+    names: dict[int, str] = {}
+    if missing:
+        names = dict(cursor.execute(queries.task_identifiers, {"ids": missing}).fetchall())
     return _jobs_from_rows(rows, names)
 
 
@@ -240,3 +248,61 @@ def check_async_connection(connection: object) -> None:
             name="connection",
             value=connection,
         )
+
+
+def add_job_specs_on(
+    conn: psycopg.Connection[Any], queries: Queries, specs: Sequence[JobSpec]
+) -> list[Job]:
+    """Add each spec as its own ``add_job`` call would; returns the jobs in input order.
+
+    For a caller that adds many jobs inside a transaction it holds (the cron
+    writer records its firings in the same one). Specs without a job key go in
+    one ``add_jobs`` statement (one NOTIFY for all of them); keyed specs go in
+    one statement calling ``add_job`` for each in order, with each spec's own
+    ``job_key_mode``, so a later spec replaces the job an earlier one with the
+    same key just added. A keyed job that lost a race on a locked key is added
+    again alone, as :func:`add_job_on` does.
+    """
+    checked = [_checked_spec(spec, index) for index, spec in enumerate(specs)]
+    jobs: list[Job | None] = [None] * len(checked)
+    plain = [index for index, spec in enumerate(checked) if spec.job_key is None]
+    keyed = [index for index, spec in enumerate(checked) if spec.job_key is not None]
+    if plain:
+        params = {
+            "specs": "[" + ",".join([checked[i].json_spec_text() for i in plain]) + "]",
+            "preserve_run_at": False,
+        }
+        added = jobs_from_query(conn, queries, queries.add_jobs, params)
+        for index, job in zip(plain, added, strict=True):
+            jobs[index] = job
+    if keyed:
+        specs_text = "[" + ",".join([_keyed_spec_text(checked[i]) for i in keyed]) + "]"
+        with conn.cursor(row_factory=tuple_row) as cursor:
+            rows = cursor.execute(queries.add_jobs_each, {"specs": specs_text}).fetchall()
+            placed = [(i, row) for i, row in zip(keyed, rows, strict=True) if row[0] is not None]
+            named = _named_jobs(cursor, queries, [row for _, row in placed])
+        for (index, _), job in zip(placed, named, strict=True):
+            jobs[index] = job
+        for index in keyed:
+            if jobs[index] is None:
+                logger.debug("add_job lost a race on job_key %r; retrying", checked[index].job_key)
+                jobs[index] = add_job_on(conn, queries, checked[index])
+    return [job for job in jobs if job is not None]
+
+
+def _checked_spec(spec: object, index: int) -> JobSpec:
+    if not isinstance(spec, JobSpec):
+        raise InvalidJobError(
+            f"job spec at index {index} must be a JobSpec, got {type(spec).__name__}",
+            field="specs",
+            value=spec,
+        )
+    return spec
+
+
+def _keyed_spec_text(spec: JobSpec) -> str:
+    """``json_spec_text`` plus the spec's ``job_key_mode`` (``add_jobs_each`` takes one per job)."""
+    text = spec.json_spec_text()
+    if spec.job_key_mode is None:
+        return text
+    return f'{text[:-1]},"job_key_mode":{json.dumps(spec.job_key_mode)}}}'

@@ -2,7 +2,9 @@
 
 Each worker pulls the next job straight from the shared local queue, so a
 job costs no actor message; a worker with a quick handler runs job after job
-without a thread switch. Outcomes go to the completer's outbox. A handler
+without a thread switch. Outcomes go to the completer's outbox, with the
+handler's run time (whoever needs to know more, like kongtask's cron
+history, observes the completer's written batches). A handler
 that raises fails only its own job; a list payload whose handler returns a
 list of the same length fails only the items that are exceptions (batch
 jobs, as in graphile-worker). ``async def`` handlers run on the Runner's
@@ -30,7 +32,6 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from kongtask import events
-from kongtask.cron.service.outcomes import OutcomeRecorder, is_cron_job
 from kongtask.errors import JobCancelledError, JobTimeoutError
 from kongtask.helpers import AsyncHelpers, Helpers
 from kongtask.job import Job
@@ -106,9 +107,7 @@ class ExecutorPool:
         # The runs a shutdown failed back: their outcome is ignored when they end.
         self._abandoned: set[int] = set()
         # Async jobs handed to the loop, waiting for it to start them.
-        self._handoff: deque[
-            tuple[str, Job, AsyncHelpers, OutcomeRecorder | None, threading.Semaphore]
-        ] = deque()
+        self._handoff: deque[tuple[str, Job, AsyncHelpers, threading.Semaphore]] = deque()
         self._handoff_scheduled = False
         self._threads: list[threading.Thread] = []
         self._stopped = threading.Condition()
@@ -378,37 +377,18 @@ class ExecutorPool:
 
     # --- one job ----------------------------------------------------------------
 
-    def _started(self, worker_id: str, job: Job) -> OutcomeRecorder | None:
-        """Announce that ``job`` starts; the cron recorder to tell when it ends, if any."""
-        self._ctx.bus.emit(events.job_start, worker_id=worker_id, job=job)
-        outcomes = self._ctx.cron_outcomes
-        if outcomes is not None and not is_cron_job(job):
-            return None
-        if outcomes is not None:
-            outcomes.started(job)
-        return outcomes
-
     def _run(self, index: int, worker_id: str, job: Job) -> bool:
         """Run one plain job; False when it timed out and this thread must leave its slot."""
         ctx = self._ctx
         helpers = Helpers(ctx, job, worker_id)
         self._running[index] = helpers
-        # What _started does, inline: this is the hot path of every plain job.
         ctx.bus.emit(events.job_start, worker_id=worker_id, job=job)
-        outcomes = ctx.cron_outcomes
-        if outcomes is not None:
-            if is_cron_job(job):
-                outcomes.started(job)
-            else:
-                outcomes = None
         timed: TimedRun | None = None
         if self._timeouts:
             timeout_s = self._timeouts.get(job.task_identifier)
             if timeout_s is not None:
                 assert self._watchdog is not None
-                timed = TimedRun(
-                    index, timeout_s, helpers.request_abort, (worker_id, helpers, outcomes)
-                )
+                timed = TimedRun(index, timeout_s, helpers.request_abort, (worker_id, helpers))
                 self._watchdog.watch(timed)
         handler = ctx.tasks.get(job.task_identifier)
         result: Any = None
@@ -432,7 +412,7 @@ class ExecutorPool:
             )
             return False
         self._running[index] = None
-        self._finish(worker_id, job, helpers, outcomes, result, error, duration_ms)
+        self._finish(worker_id, job, helpers, result, error, duration_ms)
         return True
 
     def _submit(self, worker_id: str, job: Job, slots: threading.Semaphore) -> None:
@@ -444,8 +424,8 @@ class ExecutorPool:
             self._in_flight += 1
             self._async_running[helpers] = None
         try:
-            outcomes = self._started(worker_id, job)
-            self._handoff.append((worker_id, job, helpers, outcomes, slots))
+            self._ctx.bus.emit(events.job_start, worker_id=worker_id, job=job)
+            self._handoff.append((worker_id, job, helpers, slots))
             with self._stopped:
                 wake = not self._handoff_scheduled
                 self._handoff_scheduled = True
@@ -472,16 +452,13 @@ class ExecutorPool:
         worker_id: str,
         job: Job,
         helpers: AsyncHelpers,
-        outcomes: OutcomeRecorder | None,
         slots: threading.Semaphore,
     ) -> None:
         """On the loop: start the job's task, unless a shutdown failed the job back meanwhile."""
         with self._stopped:
             abandoned = id(helpers) in self._abandoned
             if not abandoned:
-                task = self._aio_loop().create_task(
-                    self._run_async(worker_id, job, helpers, outcomes)
-                )
+                task = self._aio_loop().create_task(self._run_async(worker_id, job, helpers))
                 self._async_running[helpers] = task
         if abandoned:
             self._async_ended(helpers, slots)
@@ -492,9 +469,7 @@ class ExecutorPool:
         assert self._aio is not None
         return self._aio.loop
 
-    async def _run_async(
-        self, worker_id: str, job: Job, helpers: AsyncHelpers, outcomes: OutcomeRecorder | None
-    ) -> None:
+    async def _run_async(self, worker_id: str, job: Job, helpers: AsyncHelpers) -> None:
         handler = self._ctx.tasks[job.task_identifier]
         timeout_s = self._timeouts.get(job.task_identifier) if self._timeouts else None
         result: Any = None
@@ -517,7 +492,7 @@ class ExecutorPool:
             error = exc
         duration_ms = (time.perf_counter() - started) * 1000.0
         try:
-            self._finish(worker_id, job, helpers, outcomes, result, error, duration_ms)
+            self._finish(worker_id, job, helpers, result, error, duration_ms)
         except BaseException as exc:
             logger.exception("Recording the outcome of job %s failed", job.id)
             self._ctx.fatal("worker", exc)
@@ -540,12 +515,11 @@ class ExecutorPool:
         worker_id: str,
         job: Job,
         helpers: Helpers,
-        outcomes: OutcomeRecorder | None,
         result: Any,
         error: BaseException | None,
         duration_ms: float,
     ) -> None:
-        """Record a run's outcome: the outbox, the events, the log line, cron history."""
+        """Record a run's outcome: the outbox (with the run time), the events, the log line."""
         ctx = self._ctx
         bus = ctx.bus
         if self._abandoned and id(helpers) in self._abandoned:
@@ -565,7 +539,6 @@ class ExecutorPool:
                     job,
                     JobCancelledError(cancelled.partition(": ")[2] or None),
                     duration_ms,
-                    outcomes,
                     permanent=True,
                 )
                 return
@@ -590,11 +563,9 @@ class ExecutorPool:
                         len(result),
                     )
         if error is not None:
-            self._record_failure(
-                worker_id, job, error, duration_ms, outcomes, batch_errors, replacement
-            )
+            self._record_failure(worker_id, job, error, duration_ms, batch_errors, replacement)
             return
-        self._outbox.success(job)
+        self._outbox.success(job, duration_ms / 1000.0)
         bus.emit(events.job_success, worker_id=worker_id, job=job)
         if not ctx.no_log_success and logger.isEnabledFor(logging.INFO):
             attempt = f", attempt {job.attempts} of {job.max_attempts}" if job.attempts > 1 else ""
@@ -606,8 +577,6 @@ class ExecutorPool:
                 attempt,
             )
         bus.emit(events.job_complete, worker_id=worker_id, job=job, error=None)
-        if outcomes is not None:
-            outcomes.finished(job, None, permanent=False)
 
     def _record_failure(
         self,
@@ -615,7 +584,6 @@ class ExecutorPool:
         job: Job,
         error: BaseException,
         duration_ms: float,
-        outcomes: OutcomeRecorder | None,
         batch_errors: list[BaseException] | None = None,
         replacement: list[Any] | None = None,
         *,
@@ -624,7 +592,7 @@ class ExecutorPool:
         """Send a failed attempt to the outbox, emit its events and log it."""
         bus = self._ctx.bus
         message = error_message(error)
-        self._outbox.failure(job, message, replacement, permanent)
+        self._outbox.failure(job, message, replacement, permanent, duration_ms / 1000.0)
         bus.emit(
             events.job_error,
             worker_id=worker_id,
@@ -653,8 +621,6 @@ class ExecutorPool:
             stack.replace("\n", "\n  "),
         )
         bus.emit(events.job_complete, worker_id=worker_id, job=job, error=error)
-        if outcomes is not None:
-            outcomes.finished(job, error, permanent=final)
 
     def _fail_unstarted(self, worker_id: str, job: Job, message: str) -> None:
         """A job cancelled while it waited in the local buffer: failed for good, never run."""
@@ -664,7 +630,6 @@ class ExecutorPool:
             job,
             JobCancelledError(message.partition(": ")[2] or None),
             0.0,
-            None,
             permanent=True,
         )
 
@@ -675,7 +640,7 @@ class ExecutorPool:
         stop, and hands the slot to a new thread; the old one is counted as
         stuck until its handler returns.
         """
-        worker_id, helpers, outcomes = run.info
+        worker_id, helpers = run.info
         job: Job = helpers.job
         index = run.index
         thread: threading.Thread | None = None
@@ -720,7 +685,6 @@ class ExecutorPool:
                 job,
                 error,
                 run.timeout_s * 1000.0,
-                outcomes,
                 permanent=cancelled is not None,
             )
         logger.warning(

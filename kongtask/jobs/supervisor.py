@@ -21,7 +21,6 @@ import pykka
 from psycopg import errors as pg_errors
 
 from kongtask import events
-from kongtask.cron.service.outcomes import OutcomeRecorder
 from kongtask.db.connecting import guarded_conninfo
 from kongtask.db.statements import Queries
 from kongtask.declared import declared
@@ -45,7 +44,7 @@ from kongtask.jobs.executor import ExecutorPool
 from kongtask.jobs.listener import Listener
 from kongtask.jobs.liveness import Deregister, Liveness, Register
 from kongtask.jobs.local_queue import LocalQueue
-from kongtask.jobs.outbox import Outbox
+from kongtask.jobs.outbox import Outbox, OutcomeObserver, OutcomeObserverFactory
 from kongtask.jobs.quarantine import CrashGuard
 from kongtask.jobs.sweeper import StopTimers, Sweeper
 from kongtask.runtime.control import (
@@ -92,8 +91,10 @@ class JobService:
         no_log_success: bool,
         listen_connection_string: str | None = None,
         pool_id: str | None = None,
+        outcome_observer: OutcomeObserverFactory | None = None,
     ) -> None:
         self.settings = settings
+        self._outcome_observer = outcome_observer
         self.pool_id = pool_id or new_pool_id(settings.once)
         self._listen_connection_string = listen_connection_string
         self._guard = CrashGuard()
@@ -109,7 +110,7 @@ class JobService:
         self._executors: ExecutorPool | None = None
         self._aio: AsyncJobs | None = None
         self._listener: Listener | None = None
-        self._outcomes: OutcomeRecorder | None = None
+        self._outcomes: OutcomeObserver | None = None
         self._outbox: Outbox | None = None
         self._message = GRACEFUL_MESSAGE
         self._forceful = False
@@ -167,12 +168,15 @@ class JobService:
         self._outbox = outbox
         if not settings.once:
             self._start_listener(ctx, conninfo)
-        # Outcomes of cron jobs this pool runs go into kongtask's cron history
-        # (the executors report them directly, for cron jobs only).
-        outcomes = OutcomeRecorder(connect=pool.connection, queries=ctx.queries)
-        outcomes.start()
-        self._outcomes = outcomes
-        ctx.cron_outcomes = outcomes
+        # The observer (kongtask's cron history, given by the Runner) sees each
+        # batch the completer writes: the executors know nothing of it.
+        if self._outcome_observer is not None:
+            outcomes = self._outcome_observer(
+                connect=pool.connection, queries=ctx.queries, clock=host.clock
+            )
+            outcomes.start()
+            self._outcomes = outcomes
+            ctx.outcome_observer = outcomes
         if any(is_async_handler(handler) for handler in self._tasks.values()):
             # One event loop per Runner, only when some handler is async.
             self._aio = AsyncJobs(ctx)

@@ -1,13 +1,16 @@
 """Record the outcomes of cron jobs that this process's worker ran.
 
-The executor tells the recorder when a job whose payload carries ``_cron``
-starts and finishes (:meth:`OutcomeRecorder.started` / :meth:`finished`: two
-dictionary updates under a lock, and nothing at all for other jobs, so a
-worker pays no event traffic for the history). The recorder writes the
-outcomes into ``_kongtask_cron_history`` in batches (one statement per flush)
-from a thread of its own, so a slow database never holds up an executor. A
-job scheduled by a Node worker has no history row; its update simply matches
-nothing.
+The recorder observes the batches of outcomes the worker's completer has
+written (see :class:`kongtask.jobs.outbox.OutcomeObserver`: the Runner hands
+it to the job service), keeps those of cron jobs (their payload carries
+``_cron``) and writes them into ``_kongtask_cron_history`` in batches (one
+statement per flush) from a thread of its own, so a slow database never
+holds up the completer. The executors know nothing of it: a job costs them no
+event and no check for the history. A failure's error is the job's
+``last_error`` text exactly (the executor already passed it through
+``sanitize_last_error``). The finish time comes from the run's clock; the
+duration is the handler's run time the executor measured. A job scheduled by
+a Node worker has no history row; its update simply matches nothing.
 """
 
 from __future__ import annotations
@@ -15,37 +18,30 @@ from __future__ import annotations
 import json
 import logging
 import threading
-import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
-from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psycopg
 
 from kongtask.db.statements import Queries
+from kongtask.protocols import Clock
 from kongtask.runtime.parts import Part, ThreadsPart
 
-__all__ = ["OutcomeRecorder"]
+if TYPE_CHECKING:
+    from kongtask.jobs.outbox import Outcomes
+
+__all__ = ["OutcomeRecorder", "is_cron_job"]
 
 logger = logging.getLogger("kongtask.cron")
 
 _FLUSH_INTERVAL_S = 1.0
-_MAX_ERROR_LENGTH = 2000
 
 
 def is_cron_job(job: Any) -> bool:
     """Whether ``job`` was scheduled by a cron node (its payload carries ``_cron``)."""
     payload = getattr(job, "payload", None)
     return type(payload) is dict and isinstance(payload.get("_cron"), dict)
-
-
-def _clean(error: Any) -> str | None:
-    if error is None:
-        return None
-    text = str(error).replace("\x00", "\\u0000")
-    text = text.encode("utf-8", "replace").decode("utf-8")
-    return text[:_MAX_ERROR_LENGTH]
 
 
 class OutcomeRecorder:
@@ -56,10 +52,11 @@ class OutcomeRecorder:
         *,
         connect: Callable[[], AbstractContextManager[psycopg.Connection[Any]]],
         queries: Queries,
+        clock: Clock,
     ) -> None:
         self._connect = connect
         self._queries = queries
-        self._started: dict[int, float] = {}
+        self._clock = clock
         self._pending: dict[int, dict[str, Any]] = {}
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -86,27 +83,26 @@ class OutcomeRecorder:
             self._thread.join(10.0)
         self.flush()
 
-    # --- called by the executors, for cron jobs only (cheap) -------------------------
+    # --- called by the completer, once per written batch ------------------------------
 
-    def started(self, job: Any) -> None:
-        """A cron job's handler is about to run."""
-        with self._lock:
-            self._started[job.id] = time.monotonic()
-
-    def finished(self, job: Any, error: Any, *, permanent: bool) -> None:
-        """A cron job's attempt ended: ``error`` None for success; ``permanent`` when no
-        attempt is left."""
-        outcome = "success" if error is None else "permanent_failure" if permanent else "failure"
-        with self._lock:
-            started = self._started.pop(job.id, None)
-            self._pending[job.id] = {
-                "job_id": job.id,
-                "outcome": outcome,
-                "finished_at": datetime.now(UTC).isoformat(),
-                "duration_s": None if started is None else time.monotonic() - started,
-                "attempts": job.attempts,
-                "error": _clean(error),
-            }
+    def observe(self, outcomes: Outcomes) -> None:
+        """Keep the outcomes of the cron jobs in a batch the completer has written."""
+        rows: list[dict[str, Any]] = []
+        finished_at = ""
+        for job, duration in zip(outcomes.successes, outcomes.success_durations, strict=True):
+            if is_cron_job(job):
+                finished_at = finished_at or self._clock.now().isoformat()
+                rows.append(_row(job, "success", finished_at, duration, None))
+        for failure, duration in zip(outcomes.failures, outcomes.failure_durations, strict=True):
+            job, message = failure[0], failure[1]
+            if is_cron_job(job):
+                finished_at = finished_at or self._clock.now().isoformat()
+                permanent = job.attempts >= job.max_attempts
+                outcome = "permanent_failure" if permanent else "failure"
+                rows.append(_row(job, outcome, finished_at, duration, message))
+        if rows:
+            with self._lock:
+                self._pending.update((row["job_id"], row) for row in rows)
 
     # --- writing ---------------------------------------------------------------
 
@@ -133,3 +129,17 @@ class OutcomeRecorder:
             with self._lock:
                 for job_id, row in batch.items():
                     self._pending.setdefault(job_id, row)
+
+
+def _row(
+    job: Any, outcome: str, finished_at: str, duration_s: float | None, error: str | None
+) -> dict[str, Any]:
+    """One history update, in the shape ``cron_record_outcomes`` reads."""
+    return {
+        "job_id": job.id,
+        "outcome": outcome,
+        "finished_at": finished_at,
+        "duration_s": duration_s,
+        "attempts": job.attempts,
+        "error": error,
+    }

@@ -5,18 +5,21 @@ only what the database must decide: which of the firings the matcher proposes
 are still new (the ``last_execution`` row lock that Node graphile-worker uses
 too, plus kongtask's recorded gaps and history), and the ``noOverlap`` rule. It
 tells the matcher how that went, so the matcher alone owns the timeline.
+Each firing's job is a :class:`kongtask.JobSpec` added through the same door
+as any other job (:func:`kongtask.jobs.enqueue.add_job_specs_on`), inside the
+transaction that claims the firings and records their history.
 
 One item cannot stop the others: when the minute's transaction fails with a
 data or constraint error (SQLSTATE classes 22 and 23: a value PostgreSQL
-refuses), the firings are written again one identifier at a time, each under a
-savepoint; the ones that still fail are reported as failed items and the rest
-are scheduled as usual. Any other error (connection lost, a missing table)
+refuses; or a value ``JobSpec`` refuses before sending it), the firings are
+written again one identifier at a time, each under a savepoint; the ones
+that still fail are reported as failed items and the rest are scheduled as
+usual. Any other error (connection lost, a missing table)
 fails the whole write, which the matcher retries for the same minute.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
@@ -33,6 +36,9 @@ from kongtask.cron.schedule import MINUTE, KnownCrontab, ceil_minute
 from kongtask.cron.types import ParsedCronItem
 from kongtask.db.statements import Queries
 from kongtask.db.timestamps import tolerate_timestamps
+from kongtask.errors import InvalidJobError
+from kongtask.job_spec import JobSpec
+from kongtask.jobs.enqueue import add_job_specs_on
 from kongtask.runtime.actor import Actor, ErrorPolicy
 from kongtask.runtime.probing import DatabaseWait
 
@@ -123,7 +129,10 @@ class WriteFailed:
 
 
 def is_item_fault(error: BaseException) -> bool:
-    """Whether the database refused a value (so one item, not the database, is at fault)."""
+    """Whether a value was refused (so one item, not the database, is at fault): by the
+    database, or by ``JobSpec``'s checks before it was sent."""
+    if isinstance(error, InvalidJobError):
+        return True
     sqlstate = getattr(error, "sqlstate", None) or ""
     return isinstance(error, psycopg.Error) and sqlstate.startswith(_ITEM_FAULT_CLASSES)
 
@@ -229,7 +238,7 @@ class CronWriter(Actor):
                     tolerate_timestamps(cursor)
                     self._write(cursor, planned, outcome)
                 return outcome
-            except psycopg.Error as exc:
+            except (psycopg.Error, InvalidJobError) as exc:
                 if not is_item_fault(exc):
                     raise
                 logger.warning("A cron write was refused (%s); isolating the items", exc)
@@ -248,7 +257,7 @@ class CronWriter(Actor):
                 try:
                     with conn.transaction():
                         self._write(cursor, group, attempt)
-                except psycopg.Error as exc:
+                except (psycopg.Error, InvalidJobError) as exc:
                     if not is_item_fault(exc):
                         raise
                     outcome.failed.extend((identifier, firing.ts, exc) for firing in group)
@@ -339,41 +348,10 @@ class CronWriter(Actor):
             outcome.job_ids[(firing.item.identifier, firing.ts)] = job_id
 
     def _add_jobs(self, cursor: psycopg.Cursor[Any], firings: Sequence[Planned]) -> list[int]:
-        """Add the firings' jobs; return their ids in the order of ``firings``.
-
-        Jobs without a key go in one ``add_jobs`` call (one NOTIFY for all) and are
-        matched back to their firings by task, minute and payload (firings that agree
-        on all three made identical jobs, so any pairing is right); keyed jobs go one
-        ``add_job`` each, in order.
-        """
-        ids: list[int | None] = [None] * len(firings)
-        plain = [i for i, f in enumerate(firings) if f.spec["job_key"] is None]
-        keyed = [i for i, f in enumerate(firings) if f.spec["job_key"] is not None]
-        if plain:
-            rows = cursor.execute(
-                self._queries.cron_add_plain_jobs,
-                {"specs": json.dumps([_spec_row(firings[i].ts, firings[i].spec) for i in plain])},
-            ).fetchall()
-            task_ids = sorted({row[1] for row in rows})
-            names = dict(
-                cursor.execute(self._queries.task_identifiers, {"ids": task_ids}).fetchall()
-            )
-            by_key: dict[tuple[str, datetime, str], list[int]] = {}
-            for job_id, task_id, run_at, payload in rows:
-                key = (names[task_id], run_at, _canonical(json.loads(payload)))
-                by_key.setdefault(key, []).append(job_id)
-            for i in plain:
-                firing = firings[i]
-                key = (firing.spec["task"], firing.ts, _canonical(firing.spec["payload"]))
-                ids[i] = by_key[key].pop()
-        if keyed:
-            rows = cursor.execute(
-                self._queries.cron_add_jobs_in_order,
-                {"specs": json.dumps([_job_row(firings[i].ts, firings[i].spec) for i in keyed])},
-            ).fetchall()
-            for i, (job_id,) in zip(keyed, rows, strict=True):
-                ids[i] = job_id
-        return [job_id for job_id in ids if job_id is not None]
+        """Add the firings' jobs through the one enqueue door, inside this transaction;
+        return their ids in the order of ``firings``."""
+        jobs = add_job_specs_on(cursor.connection, self._queries, [job_of(f) for f in firings])
+        return [job.id for job in jobs]
 
     @staticmethod
     def _first_due(
@@ -418,24 +396,19 @@ class CronWriter(Actor):
         return result
 
 
-def _canonical(payload: Any) -> str:
-    return json.dumps(payload, sort_keys=True, separators=(",", ":"))
+def job_of(firing: Planned) -> JobSpec:
+    """The job a firing adds, at the firing's minute (``InvalidJobError`` if a value is refused).
 
-
-def _spec_row(ts: datetime, spec: dict[str, Any]) -> dict[str, Any]:
-    """One job in the shape of the schema's ``job_spec`` (``identifier`` is the task)."""
-    return {**_job_row(ts, spec), "identifier": spec["task"], "flags": None}
-
-
-def _job_row(ts: datetime, spec: dict[str, Any]) -> dict[str, Any]:
-    """One job for ``add_job``, in the order and shape of ``CRON_ADD_JOBS_IN_ORDER``."""
-    return {
-        "task": spec["task"],
-        "payload": spec["payload"],
-        "queue_name": spec["queue_name"],
-        "run_at": ts.isoformat(),
-        "max_attempts": spec["max_attempts"],
-        "job_key": spec["job_key"],
-        "priority": spec["priority"],
-        "job_key_mode": spec["job_key_mode"],
-    }
+    A ``job_key_mode`` without a job key means nothing, so it is left out.
+    """
+    spec = firing.spec
+    return JobSpec(
+        identifier=spec["task"],
+        payload=spec["payload"],
+        queue_name=spec["queue_name"],
+        run_at=firing.ts,
+        max_attempts=spec["max_attempts"],
+        job_key=spec["job_key"],
+        job_key_mode=spec["job_key_mode"] if spec["job_key"] is not None else None,
+        priority=spec["priority"],
+    )

@@ -89,35 +89,6 @@ from (
 inner join {s}._private_jobs as job on job.id = latest.job_id
 where job.locked_at is not null or job.attempts < job.max_attempts
 
--- name: cron_add_jobs_in_order
--- Jobs with a job key: one add_job call each, in order, returning their ids in that
--- order (so keyed jobs replace each other minute by minute, as they would live).
-select job.id
-from rows from (
-    json_to_recordset(%(specs)s::json) as (
-        task text, payload json, queue_name text, run_at timestamptz, max_attempts int,
-        job_key text, priority int, job_key_mode text
-    )
-) with ordinality as spec(
-    task, payload, queue_name, run_at, max_attempts, job_key, priority, job_key_mode, ord
-)
-cross join lateral {s}.add_job(
-    spec.task, spec.payload, spec.queue_name, spec.run_at, spec.max_attempts,
-    spec.job_key, spec.priority, null, coalesce(spec.job_key_mode, 'replace')
-) as job
-order by spec.ord
-
--- name: cron_add_plain_jobs
--- Jobs without a job key, all at once (one NOTIFY, set-based): each row comes back
--- with its task id, minute and payload so the writer can tell which firing it is.
--- (Task names come from task_identifiers: a task row add_jobs just created is
--- not visible to a join in this same statement.)
-select job.id, job.task_id, job.run_at, job.payload::text
-from {s}.add_jobs(
-    {job_specs},
-    false
-) as job
-
 -- name: cron_set_job_ids
 -- Put the job ids into the history rows just recorded.
 update {s}._kongtask_cron_history as history
@@ -128,7 +99,7 @@ from unnest(
 where history.identifier = f.identifier and history.scheduled_at = f.ts
 
 -- name: cron_record_outcomes
--- Outcomes of cron jobs run by a kongtask worker (from its job events).
+-- Outcomes of cron jobs run by a kongtask worker (from the batches its completer wrote).
 update {s}._kongtask_cron_history as history
 set outcome = f.outcome, finished_at = f.finished_at, duration_s = f.duration_s,
     attempts = f.attempts, error = f.error

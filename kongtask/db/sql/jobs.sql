@@ -61,6 +61,35 @@ from {s}.add_jobs(
 ) as jobs
 {task_of_job}
 
+-- name: add_jobs_each
+-- Many jobs, each through the schema's own add_job in input order, each with
+-- its own job_key_mode: a spec sharing a key with an earlier one replaces the
+-- job that one just added, as separate add_job calls would. Rows come back in
+-- input order; a lost race on a locked key gives an all-NULL row (see add_job).
+select {job_columns}
+from rows from (
+    json_to_recordset(%(specs)s::json) as (
+        identifier text, payload json, queue_name text, run_at timestamptz,
+        max_attempts int, job_key text, priority int, flags text[], job_key_mode text
+    )
+) with ordinality as spec(
+    identifier, payload, queue_name, run_at, max_attempts, job_key, priority, flags,
+    job_key_mode, ord
+)
+cross join lateral {s}.add_job(
+    identifier => spec.identifier,
+    payload => spec.payload,
+    queue_name => spec.queue_name,
+    run_at => spec.run_at,
+    max_attempts => spec.max_attempts,
+    job_key => spec.job_key,
+    priority => spec.priority,
+    flags => spec.flags,
+    job_key_mode => coalesce(spec.job_key_mode, 'replace')
+) as jobs
+{task_of_job}
+order by spec.ord
+
 -- name: remove_job
 select {job_columns}
 from {s}.remove_job(%(job_key)s::text) as jobs
