@@ -68,7 +68,10 @@ def _wait_ready(sup: WorkerProcess, count: int, timeout_s: float = 60.0) -> None
             raise AssertionError(f"supervisor exited with {sup.proc.returncode}:\n{sup.log()}")
         return len(_READY.findall(sup.log())) >= count
 
-    wait_until(ready, timeout_s=timeout_s, what=f"{count} worker(s) to say they are ready")
+    try:
+        wait_until(ready, timeout_s=timeout_s, what=f"{count} worker(s) to say they are ready")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; the log:\n{sup.log()[-4000:]}") from None
 
 
 def _current_pids(sup: WorkerProcess) -> dict[int, int]:
@@ -274,11 +277,7 @@ def test_metrics_ports_are_spread_over_the_children(
     db_url: str, db: psycopg.Connection[Any], tmp_path: Path
 ) -> None:
     """With ``--metrics-port P`` child i serves on P + i."""
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = _two_free_ports()
     sup = _supervisor(db_url, write_tasks(tmp_path), tmp_path, "--metrics-port", str(port))
     try:
         _wait_ready(sup, 2)
@@ -293,6 +292,22 @@ def test_metrics_ports_are_spread_over_the_children(
         assert sup.wait(30) == 0, sup.log()
     finally:
         sup.close()
+
+
+def _two_free_ports() -> int:
+    """A port P such that P and P + 1 are both free now."""
+    import socket
+
+    for _ in range(100):
+        with socket.socket() as low, socket.socket() as high:
+            low.bind(("127.0.0.1", 0))
+            port = int(low.getsockname()[1])
+            try:
+                high.bind(("127.0.0.1", port + 1))
+            except OSError:
+                continue
+            return port
+    raise AssertionError("no two free ports in a row")
 
 
 def _answers(port: int) -> bool:
