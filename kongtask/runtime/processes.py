@@ -14,7 +14,7 @@ SIGHUP too (process 0 re-reads its crontab). The supervisor returns once
 every process has exited after a stop: 0, or 1 when a process failed fatally
 (a usage error, a failure while stopping, a failed run-once).
 
-Children start in a session of their own, so a terminal's Ctrl-C reaches
+Children start in a process group of their own, so a terminal's Ctrl-C reaches
 them once, through the supervisor; each child watches the supervisor's pid and
 drains if the supervisor disappears (see ``KONGTASK_SUPERVISOR_PID``).
 """
@@ -309,8 +309,8 @@ class ProcessSupervisor:
         env[SUPERVISOR_PID_ENV] = str(os.getpid())
         slot.restart_at = None
         try:
-            # A session of its own: a terminal's Ctrl-C reaches the child once, via us.
-            slot.proc = subprocess.Popen(self.command(slot.index), env=env, start_new_session=True)
+            # A process group of its own: a terminal's Ctrl-C reaches the child once, via us.
+            slot.proc = subprocess.Popen(self.command(slot.index), env=env, process_group=0)
         except OSError as exc:
             slot.deaths += 1
             delay = backoff_s(

@@ -318,3 +318,44 @@ def _answers(port: int) -> bool:
             return bool(reply.status == 200)
     except OSError:
         return False
+
+
+def test_ctrl_c_at_a_terminal_drains_each_child_once(
+    db_url: str, db: psycopg.Connection[Any], tmp_path: Path
+) -> None:
+    """A terminal signals its whole foreground group: the children, in groups of their
+    own, hear SIGINT once (forwarded), so running jobs finish instead of being forced."""
+    install_ledger(db)
+    argv = [sys.executable, "-m", "kongtask", "-c", to_uri(db_url), "--tasks",
+            str(write_tasks(tmp_path)), "-j", "1", "--local-queue-size", "1",
+            "--poll-interval", "200", "--processes", "2"]  # fmt: skip
+    env = {**os.environ, "KONGTASK_LEDGER_URL": to_uri(db_url)}
+    log_path = tmp_path / "terminal.log"
+    with log_path.open("wb") as log:
+        # The supervisor leads a group of its own, as a shell's foreground job does.
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                process_group=0)  # fmt: skip
+        try:
+            wait_until(
+                lambda: log_path.read_text(errors="replace").count("looking for jobs") == 2,
+                what="both children to be ready",
+            )
+            enqueue(db, make_specs(2, ms=2000, mark_start=True))
+            wait_until(
+                lambda: (
+                    scalar(
+                        db, "select count(distinct pid) from public.ledger where phase = 'start'"
+                    )
+                    == 2
+                ),
+                what="each child to start a slow job",
+            )
+            os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C does
+            assert proc.wait(30) == 0, log_path.read_text()
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    text = log_path.read_text()
+    assert text.count("Received SIGINT; shutting down gracefully") == 2, text
+    check_ledger(db, range(2)).assert_clean()
