@@ -125,6 +125,8 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3, help="rounds (default 3)")
     args = parser.parse_args()
     spins = calibrate(args.work_ms)
+    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    print(f"load average (1, 5, 15 min) at the start: {load} (other work on the host)")
     print(
         f"settings: n={args.n} jobs per drain, {args.work_ms:g} ms pure-Python loop per job "
         f"({spins} iterations), rounds={args.rounds} (set-ups alternated), poll 200 ms, "
@@ -144,6 +146,9 @@ def main() -> int:
                 results[name].append(args.n / seconds)
                 print(f"  round {round_no + 1}: {name}: {args.n / seconds:.1f} jobs/s", flush=True)
     ideal = 1000 / args.work_ms
+    print(
+        "load average (1, 5, 15 min) at the end: " + ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    )
     print(f"one core at {args.work_ms:g} ms a job would do {ideal:.0f} jobs/s")
     for name, rates in results.items():
         low, median = summary(rates)
