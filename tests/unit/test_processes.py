@@ -64,3 +64,16 @@ def test_cli_refuses_processes_with_a_clear_message(
         main(argv)
     assert exited.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_cli_refuses_processes_on_the_embedded_server(
+    tmp_path: Any, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in ("DATABASE_URL", "PGDATABASE"):
+        monkeypatch.delenv(name, raising=False)
+    tasks = tmp_path / "tasks.py"
+    tasks.write_text("def work(payload, helpers):\n    pass\n")
+    assert main(["--tasks", str(tasks), "--processes", "2"]) == 1
+    err = capsys.readouterr().err
+    assert "--processes needs a database to share" in err
+    assert "Started worker process" not in err

@@ -289,8 +289,15 @@ def _run_processes(args: argparse.Namespace, crontab_file: str | None) -> int:
     reported once, before any process starts, rather than by N restarting children.
     """
     from kongtask.cron.source import CrontabSource
+    from kongtask.db.conninfo import resolve_connection_string
     from kongtask.runtime.processes import run_processes
 
+    if resolve_connection_string(args.connection) is None:
+        raise ConfigurationError(
+            "--processes needs a database to share (-c URL, DATABASE_URL or PGDATABASE): "
+            "the embedded server belongs to one process",
+            name="--processes",
+        )
     if crontab_file is not None:
         source = CrontabSource.of(crontab_file=crontab_file)
         if source is not None:
