@@ -9,7 +9,9 @@ by round: one process with ``-j 1`` and ``-j 2`` (threads), and
 workers are started first and timed only once every one of them says it is
 ready (start-up is not counted): then N jobs are added in one statement and the
 clock stops when the jobs table is empty. Prints jobs/s, min and median over
-the rounds, with the settings.
+the rounds, with the settings, and how many cores the workers kept busy
+(their CPU seconds over the drain's wall seconds: one process running
+Python code holds one GIL, so it stays near 1 however many threads it has).
 
 Creates a scratch database on ``KONGTASK_BENCH_URL`` (or ``DATABASE_URL``, else
 postgresql://postgres@127.0.0.1:5432/postgres) and drops it afterwards.
@@ -21,6 +23,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import signal
 import subprocess
 import sys
@@ -57,6 +60,7 @@ ENQUEUE = (
     "select json_populate_recordset(null::graphile_worker.job_spec, %s::json)))"
 )
 COUNT = "select count(*) from graphile_worker._private_jobs"
+_CHILD = re.compile(r"Started worker process \d+ \(pid (\d+)\)")
 _READY = "Worker connected and looking for jobs"
 
 #: name -> (--processes or None, -j)
@@ -82,8 +86,21 @@ def calibrate(work_ms: float) -> int:
     return max(1, round(work_ms / 1000 / per_spin))
 
 
-def drain(url: str, tasks: Path, log: Path, n: int, processes: int | None, jobs: int) -> float:
-    """Start the worker(s), wait until ready, add ``n`` jobs; seconds until all are done."""
+def _cpu_s(pids: list[int]) -> float:
+    """User + system CPU seconds the processes ``pids`` have used so far (Linux /proc)."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / ticks
+
+
+def drain(
+    url: str, tasks: Path, log: Path, n: int, processes: int | None, jobs: int
+) -> tuple[float, float]:
+    """Start the worker(s), wait until ready, add ``n`` jobs: (seconds until all are done,
+    CPU seconds the workers used meanwhile)."""
     fresh_jobs_table(url)
     specs = json.dumps([{"identifier": "spin", "payload": {"n": i}} for i in range(n)])
     argv = [sys.executable, "-m", "kongtask", "-c", to_uri(url), "--tasks", str(tasks)]
@@ -100,6 +117,9 @@ def drain(url: str, tasks: Path, log: Path, n: int, processes: int | None, jobs:
                 if proc.poll() is not None or time.monotonic() > deadline:
                     raise SystemExit(f"worker did not start:\n{log.read_text(errors='replace')}")
                 pause.wait(0.05)
+            text = log.read_text(errors="replace")
+            workers = [int(p) for p in _CHILD.findall(text)] if processes else [proc.pid]
+            cpu_before = _cpu_s(workers)
             started = time.perf_counter()
             with psycopg.connect(url, autocommit=True) as conn:
                 conn.execute(ENQUEUE, (specs,))
@@ -108,7 +128,7 @@ def drain(url: str, tasks: Path, log: Path, n: int, processes: int | None, jobs:
                     if row is not None and row[0] == 0:
                         break
                     pause.wait(0.01)
-            return time.perf_counter() - started
+            return time.perf_counter() - started, _cpu_s(workers) - cpu_before
         finally:
             proc.send_signal(signal.SIGTERM)
             try:
@@ -134,6 +154,7 @@ def main() -> int:
         f"(workers already ready) to an empty jobs table"
     )
     results: dict[str, list[float]] = {name: [] for name in SETUPS}
+    cores: dict[str, list[float]] = {name: [] for name in SETUPS}
     with scratch_database(server_url()) as url, tempfile.TemporaryDirectory() as folder:
         tasks = Path(folder) / "cpu_tasks.py"
         tasks.write_text(TASKS.format(spins=spins))
@@ -142,9 +163,16 @@ def main() -> int:
             order = names if round_no % 2 == 0 else names[::-1]
             for name in order:
                 processes, jobs = SETUPS[name]
-                seconds = drain(url, tasks, Path(folder) / "worker.log", args.n, processes, jobs)
+                seconds, cpu = drain(
+                    url, tasks, Path(folder) / "worker.log", args.n, processes, jobs
+                )
                 results[name].append(args.n / seconds)
-                print(f"  round {round_no + 1}: {name}: {args.n / seconds:.1f} jobs/s", flush=True)
+                cores[name].append(cpu / seconds)
+                print(
+                    f"  round {round_no + 1}: {name}: {args.n / seconds:.1f} jobs/s, "
+                    f"{cpu / seconds:.2f} cores busy",
+                    flush=True,
+                )
     ideal = 1000 / args.work_ms
     print(
         "load average (1, 5, 15 min) at the end: " + ", ".join(f"{x:.2f}" for x in os.getloadavg())
@@ -152,7 +180,10 @@ def main() -> int:
     print(f"one core at {args.work_ms:g} ms a job would do {ideal:.0f} jobs/s")
     for name, rates in results.items():
         low, median = summary(rates)
-        print(f"{name:28s} min {low:7.1f}  median {median:7.1f} jobs/s")
+        _, busy = summary(cores[name])
+        print(
+            f"{name:28s} min {low:7.1f}  median {median:7.1f} jobs/s   median {busy:.2f} cores busy"
+        )
     return 0
 
 
