@@ -44,6 +44,7 @@ from kongtask.job_spec import JobSpec
 from kongtask.jobs.cancel import CancelResult
 from kongtask.protocols import Clock, TaskHandler
 from kongtask.runner import Runner, RunnerOptions, run, run_once
+from kongtask.runtime.processes import ProcessSupervisor, run_processes
 from kongtask.scheduler import Scheduler
 from kongtask.settings import ConnectionSettings, OpsSettings, WorkerSettings
 from kongtask.worker_utils import (
@@ -80,6 +81,7 @@ __all__ = [
     "MigrationResult",
     "OpsSettings",
     "ParsedCronItem",
+    "ProcessSupervisor",
     "RedactingFilter",
     "Runner",
     "RunnerOptions",
@@ -108,6 +110,7 @@ __all__ = [
     "redact",
     "run",
     "run_once",
+    "run_processes",
     "task",
     "validate_pattern",
 ]

@@ -13,7 +13,9 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TextIO, cast
@@ -21,7 +23,7 @@ from typing import Any, TextIO, cast
 import psycopg
 
 from kongtask._version import __version__
-from kongtask.errors import KongtaskError
+from kongtask.errors import ConfigurationError, KongtaskError
 from kongtask.ops.cli.arguments import ArgumentParser, positive_seconds
 from kongtask.ops.logs import LOG_FORMATS
 from kongtask.ops.logs import configure as configure_logs
@@ -166,6 +168,19 @@ def _worker_parser() -> argparse.ArgumentParser:
         "--crontab", metavar="FILE", help="crontab file (default: ./crontab if present)"
     )
     parser.add_argument(
+        "--no-crontab",
+        action="store_true",
+        help="run no cron scheduler in this worker (overrides --crontab and ./crontab)",
+    )
+    parser.add_argument(
+        "--processes",
+        type=_positive_int("--processes"),
+        default=None,
+        metavar="N",
+        help="run N worker processes under a supervisor that restarts any that dies; only "
+        "process 0 runs the crontab; each runs -j jobs at a time (see README)",
+    )
+    parser.add_argument(
         "--cleanup",
         metavar="TASKS",
         help="run cleanup tasks (comma separated: GC_TASK_IDENTIFIERS, GC_JOB_QUEUES, "
@@ -263,6 +278,76 @@ def _cleanup(args: argparse.Namespace, task_identifiers: Sequence[str]) -> int:
     return EXIT_OK
 
 
+def _without_processes(args_list: Sequence[str]) -> list[str]:
+    """The worker flags as typed, less ``--processes N``: each child's command line."""
+    rest: list[str] = []
+    items = iter(args_list)
+    for arg in items:
+        if arg == "--processes":
+            next(items, None)
+        elif not arg.startswith("--processes="):
+            rest.append(arg)
+    return rest
+
+
+def _run_processes(args: argparse.Namespace, crontab_file: str | None) -> int:
+    """``--processes N``: supervise N workers started with the same flags.
+
+    The tasks were loaded and the crontab is parsed here first, so a mistake is
+    reported once, before any process starts, rather than by N restarting children.
+    """
+    from kongtask.cron.source import CrontabSource
+    from kongtask.db.conninfo import resolve_connection_string
+    from kongtask.runtime.processes import run_processes
+
+    if resolve_connection_string(args.connection) is None:
+        raise ConfigurationError(
+            "--processes needs a database to share (-c URL, DATABASE_URL or PGDATABASE): "
+            "the embedded server belongs to one process",
+            name="--processes",
+        )
+    if crontab_file is not None:
+        source = CrontabSource.of(crontab_file=crontab_file)
+        if source is not None:
+            source.load()
+    if args.metrics_port and args.metrics_port + args.processes - 1 > 65535:
+        raise ConfigurationError(
+            f"--metrics-port {args.metrics_port} with --processes {args.processes}: process i "
+            "serves on PORT + i, which passes 65535",
+            name="--metrics-port",
+        )
+    return run_processes(args.processes, _without_processes(args.worker_argv))
+
+
+def _supervised() -> int:
+    """This worker's index under a ``--processes`` supervisor (0 when on its own).
+
+    A supervised worker drains when its supervisor disappears, so that no worker
+    outlives a supervisor killed with SIGKILL.
+    """
+    from kongtask.runtime.processes import PROCESS_INDEX_ENV, SUPERVISOR_PID_ENV
+
+    supervisor = os.environ.get(SUPERVISOR_PID_ENV, "")
+    if supervisor.isdigit():
+        threading.Thread(
+            target=_watch_supervisor,
+            args=(int(supervisor),),
+            name="kongtask-supervisor-watch",
+            daemon=True,
+        ).start()
+    index = os.environ.get(PROCESS_INDEX_ENV, "")
+    return int(index) if index.isdigit() else 0
+
+
+def _watch_supervisor(pid: int) -> None:
+    """SIGTERM this process (a graceful drain) once its parent is no longer ``pid``."""
+    gone = threading.Event()
+    while os.getppid() == pid:
+        gone.wait(1.0)
+    logger.warning("The supervisor (pid %d) is gone; stopping this worker", pid)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
 def _run_worker(args: argparse.Namespace) -> int:
     from kongtask.jobs.task_loader import default_tasks_path, load_tasks, load_worker_tasks
     from kongtask.runner import RunnerOptions, run, run_once
@@ -275,6 +360,11 @@ def _run_worker(args: argparse.Namespace) -> int:
     crontab_file = args.crontab
     if crontab_file is None and Path("crontab").is_file():
         crontab_file = "crontab"
+    if args.no_crontab:
+        crontab_file = None
+    if args.processes is not None:
+        return _run_processes(args, crontab_file)
+    process_index = _supervised()
     options: RunnerOptions = {
         "tasks": tasks,
         "connection_string": args.connection,
@@ -290,7 +380,8 @@ def _run_worker(args: argparse.Namespace) -> int:
     if args.local_queue_size is not None:
         options["local_queue_size"] = args.local_queue_size
     if args.metrics_port is not None:
-        options["metrics_port"] = args.metrics_port
+        # Under a supervisor, process i serves on PORT + i (0 stays "any free port").
+        options["metrics_port"] = args.metrics_port + process_index if args.metrics_port else 0
         options["metrics_host"] = args.metrics_host
     if args.pgbouncer:
         options["pgbouncer"] = True
@@ -361,6 +452,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _main(args_list: list[str]) -> int:
+    worker_argv = list(args_list)  # as typed (--log-format too), for --processes children
     log_format, args_list = _pop_log_format(args_list)
     try:
         _configure_logging(log_format)
@@ -368,10 +460,13 @@ def _main(args_list: list[str]) -> int:
             return _dispatch_group(args_list[0], args_list[1:])
         parser = _worker_parser()
         args = parser.parse_args(args_list)
+        args.worker_argv = worker_argv
         if args.once and args.schema_only:
             parser.error("Cannot specify both --once and --schema-only")
         if args.schema_only and args.cleanup:
             parser.error("Cannot specify both --cleanup and --schema-only")
+        if args.processes is not None and (args.schema_only or args.cleanup):
+            parser.error("--processes runs workers: not with --schema-only or --cleanup")
         if args.schema_only:
             return _schema_only(args)
         return _run_worker(args)
