@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import threading
@@ -321,3 +322,65 @@ def test_a_stuck_thread_does_not_hold_up_a_graceful_stop(db_url: str) -> None:
             assert log.count("pool:gracefulShutdown:complete") == 1
     finally:
         release.set()
+
+
+def test_an_async_handler_past_its_timeout_is_cancelled_and_retried(
+    db_url: str, db: psycopg.Connection[Any]
+) -> None:
+    cancelled = threading.Event()
+
+    @kongtask.task(timeout_s=0.5)
+    async def sleepy(payload: Any, helpers: Any) -> None:
+        try:
+            await asyncio.sleep(DEADLINE_S)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+
+    runner = _runner(db_url, {"sleepy": sleepy})
+    with recording(runner) as log, runner:
+        job = runner.add_job("sleepy", {})
+        log.wait_for("job:error")
+        assert cancelled.is_set(), "the coroutine was not cancelled at its timeout"
+        [error] = log.payloads("job:error")
+        assert isinstance(error["error"], kongtask.JobTimeoutError)
+        runner.join(DEADLINE_S)
+    row = _row(db, job.id)
+    assert row is not None and row["last_error"] == "timed out after 0.5 s"
+    assert row["attempts"] == 1 and row["is_available"] is True and row["locked_by"] is None
+
+
+def test_with_async_tasks_a_stubborn_plain_handler_frees_its_slot_too(
+    db_url: str, db: psycopg.Connection[Any]
+) -> None:
+    # An async task in the map puts the executors in gated mode (a slot semaphore).
+    release = threading.Event()
+    ran: list[str] = []
+    next_ran = threading.Event()
+
+    @kongtask.task(timeout_s=0.5)
+    def stubborn(payload: Any, helpers: Any) -> None:
+        release.wait(DEADLINE_S)  # ignores its abort event
+
+    async def quick(payload: Any, helpers: Any) -> None:
+        ran.append("async")
+        next_ran.set()
+
+    runner = _runner(db_url, {"stubborn": stubborn, "quick": quick}, concurrency=1)
+    try:
+        with recording(runner) as log, runner:
+            stuck = runner.add_job("stubborn", {}, max_attempts=1, priority=-1)
+            log.wait_for("job:start")
+            runner.add_job("quick", {})
+            assert next_ran.wait(DEADLINE_S), "the timed-out plain job kept its slot"
+            load = runner.load()
+            assert load is not None and load.stuck_threads == 1
+            release.set()
+            wait_until(lambda: runner.load().stuck_threads == 0, what="the stuck thread to end")  # type: ignore[union-attr]
+            runner.join(DEADLINE_S)
+            assert log.count("job:failed") == 1 and log.count("job:success") == 1
+    finally:
+        release.set()
+    row = _row(db, stuck.id)
+    assert row is not None and row["last_error"] == "timed out after 0.5 s"
+    assert ran == ["async"]
