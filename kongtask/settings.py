@@ -158,6 +158,8 @@ class WorkerSettings:
     heartbeat_interval_s: float = 10.0
     #: A kongtask pool whose heartbeat is older than this is dead: its locks are released.
     pool_dead_after_s: float = 60.0
+    #: How often the pool checks whether another pool's liveness lock is gone (its process died).
+    dead_pool_check_interval_s: float = 2.0
     #: A job that killed its worker this many times (running as a suspect) is failed for good.
     crash_quarantine_after: int = 3
     #: Timeouts, TCP keepalives and pgbouncer mode of every connection the pool opens.
@@ -215,6 +217,9 @@ class WorkerSettings:
                 name="pool_dead_after_s",
                 value=self.pool_dead_after_s,
             )
+        check_seconds(
+            "dead_pool_check_interval_s", self.dead_pool_check_interval_s, allow_minimum=False
+        )
         check_int("crash_quarantine_after", self.crash_quarantine_after, 1, 1_000)
         if not isinstance(self.connection, ConnectionSettings):
             raise ConfigurationError(

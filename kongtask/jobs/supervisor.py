@@ -93,8 +93,8 @@ class JobService:
         self.settings = settings
         self.pool_id = pool_id or new_pool_id(settings.once)
         self._listen_connection_string = listen_connection_string
-        self._guard = CrashGuard()
-        self._tasks = {name: self._guard.wrap(handler) for name, handler in tasks.items()}
+        self._guard = CrashGuard(settings.concurrency)
+        self._tasks = {name: self._guard.wrap(name, handler) for name, handler in tasks.items()}
         self._no_log_success = no_log_success
         self._host: Host | None = None
         self.ctx: WorkerContext | None = None
@@ -153,7 +153,7 @@ class JobService:
         host.bus.emit(events.pool_create, pool_id=self.pool_id)
         # The liveness record exists before anything is claimed, so a pool id
         # seen in locked_by without a live record always means a dead pool.
-        self._liveness = Liveness.start(ctx, self._nudge)
+        self._liveness = Liveness.start(ctx, self._nudge, self._lock_conninfo(conninfo))
         if self._liveness.ask(Register(), timeout=_POOL_OPEN_TIMEOUT_S) is not True:
             raise KongtaskError(f"pool {self.pool_id} could not register its liveness record")
         outbox = Outbox(wake=self._flush_outcomes)
@@ -186,6 +186,22 @@ class JobService:
             self.pool_id,
             ", ".join(f"'{name}'" for name in self._tasks) or "none",
         )
+
+    def _lock_conninfo(self, conninfo: str) -> str | None:
+        """Where the pool holds its liveness lock: a direct session (None: none to be had)."""
+        if self._listen_connection_string is not None:
+            return self._listen_connection_string
+        if self.settings.pgbouncer:
+            logger.warning(
+                "pgbouncer=True and no listen_connection_string: the pool holds no liveness "
+                "lock (a session lock cannot live through transaction pooling), so if this "
+                "process dies its jobs wait for the heartbeat bound (pool_dead_after_s = %g s). "
+                "Set listen_connection_string (--listen-connection) to a direct PostgreSQL "
+                "connection for release within seconds.",
+                self.settings.pool_dead_after_s,
+            )
+            return None
+        return conninfo
 
     def _start_listener(self, ctx: WorkerContext, conninfo: str) -> None:
         """LISTEN on the listen connection if given, else the main one (not through pgbouncer)."""
@@ -427,5 +443,6 @@ class JobService:
             self._listener.stop(step())
         if self._outcomes is not None:
             self._outcomes.stop()
+        self._guard.close()
         if self.ctx is not None and host is not None:
             host.bus.emit(events.pool_release, pool_id=self.pool_id)

@@ -16,10 +16,12 @@ now() - %(dead_after_s)s * interval '1 second'
 -- name: register_pool
 -- A pool announces itself before it claims anything. Timestamps are the
 -- database's, never the worker's, so a skewed host clock cannot fake a death.
-insert into {s}._kongtask_pools (pool_id, hostname, pid, concurrency, version)
+-- lock_key names the advisory lock the pool holds on its direct connection
+-- (null: none, only the heartbeat judges it).
+insert into {s}._kongtask_pools (pool_id, hostname, pid, concurrency, version, lock_key)
 values (%(pool_id)s::text, %(hostname)s::text, %(pid)s::int, %(concurrency)s::int,
-        %(version)s::text)
-on conflict (pool_id) do update set last_seen = now()
+        %(version)s::text, %(lock_key)s::bigint)
+on conflict (pool_id) do update set last_seen = now(), lock_key = excluded.lock_key
 
 -- name: heartbeat
 -- The heartbeat: returns no row when another pool has declared this one dead
@@ -32,9 +34,21 @@ returning pool_id
 -- A clean stop: the pool has given everything back.
 delete from {s}._kongtask_pools where pool_id = %(pool_id)s::text
 
+-- name: take_pool_lock
+-- On the pool's own direct connection: hold the pool's liveness lock for the
+-- life of the session (true when taken; false when a session already holds it).
+select pg_try_advisory_lock(%(lock_key)s::bigint)
+
+-- name: pool_lock_check
+-- On the pool's own direct connection: is the session (and its lock) still there?
+select 1
+
 -- name: release_dead_pools
--- Release every kongtask pool whose heartbeat is older than the bound, in one
--- statement: its row goes; a suspect it was running (marked in
+-- Release every kongtask pool that is dead, in one statement: its heartbeat is
+-- older than the bound, or it names a liveness lock that nobody holds any more
+-- (its session ended: the process died; taking the lock shared lasts for this
+-- statement only and never blocks, and a live holder keeps it exclusive). Its
+-- row goes; a suspect it was running (marked in
 -- _kongtask_job_crashes) gets one more crash; its locked jobs are unlocked
 -- and marked as suspects through last_error, except those that have now
 -- crashed `quarantine_after` times, which are failed for good
@@ -44,6 +58,7 @@ delete from {s}._kongtask_pools where pool_id = %(pool_id)s::text
 with dead as (
     delete from {s}._kongtask_pools as pools
     where pools.last_seen < {dead_before}
+    or (pools.lock_key is not null and pg_try_advisory_xact_lock_shared(pools.lock_key))
     returning pools.pool_id, pools.last_seen
 ),
 crashed as (
@@ -113,6 +128,29 @@ select holders.locked_by from holders
 where not exists (
     select 1 from {s}._kongtask_pools as pools where pools.pool_id = holders.locked_by
 )
+
+-- name: record_child_crash
+-- The child process running a job died (the worker lives on): count one crash
+-- against the job and clear any running mark; when it has now crashed
+-- `quarantine_after` times, use up its attempts so the failure the completer
+-- records next is final. Returns the crash count.
+with counted as (
+    insert into {s}._kongtask_job_crashes as crashes (job_id, crashes, last_crash_at)
+    values (%(job_id)s::bigint, 1, now())
+    on conflict (job_id) do update
+    set crashes = crashes.crashes + 1, running_pool = null, running_since = null,
+        last_crash_at = now()
+    returning crashes.crashes
+),
+quarantined as (
+    update {s}._private_jobs as jobs
+    set attempts = greatest(jobs.attempts, jobs.max_attempts)
+    from counted
+    where jobs.id = %(job_id)s::bigint
+    and jobs.locked_by = %(pool_id)s::text
+    and counted.crashes >= %(quarantine_after)s::int
+)
+select counted.crashes from counted
 
 -- name: gc_job_crashes
 -- Crash counts of jobs that no longer exist (completed, or removed).

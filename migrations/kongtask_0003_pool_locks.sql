@@ -1,0 +1,7 @@
+-- A pool's liveness lock: the key of the session-level advisory lock the pool
+-- holds on a direct connection for as long as its process lives. Another pool
+-- that can take the lock (shared, for one statement) knows at once that the
+-- holder's session is gone, without waiting for its heartbeat to age. Null for
+-- a pool that holds no such lock (behind pgbouncer without a direct
+-- connection, or an older kongtask): only its heartbeat judges it.
+alter table :KONGTASK_SCHEMA._kongtask_pools add column lock_key bigint;
