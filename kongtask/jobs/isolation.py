@@ -12,9 +12,17 @@ Three kinds of run leave the worker's process:
   suspects, so their next attempt runs alone in a child and any further
   crash is counted against the job that caused it.
 
-Children are started with the ``spawn`` method: a child imports the handler
-by its module path (falling back to the file a tasks file was loaded from),
-so the handler must live at the top level of a module. When a child dies
+A one-job child is a fresh interpreter (``python -m
+kongtask.jobs.child_main``): like multiprocessing's ``spawn`` it shares no
+threads or locks with the worker, but it never runs the worker's main script
+again, so a script without a ``__main__`` guard cannot start a second worker
+inside it. The process pool is ``ProcessPoolExecutor`` with ``spawn``, which
+does import the main module again: a worker script with ``executor="process"``
+tasks must start its worker under ``if __name__ == "__main__":`` (a Runner
+refuses to start in such a child, see :func:`starting_in_spawned_child`).
+Either way the child imports the handler by its module path (falling back to
+the file a tasks file was loaded from), so the handler must live at the top
+level of a module. When a child dies
 without an answer, the crash is counted against the job
 (``_kongtask_job_crashes``), the attempt fails with a message naming the
 signal or exit code, and after ``crash_quarantine_after`` counted crashes the
@@ -26,39 +34,39 @@ abort event and its own database connections; nothing of the worker's pool.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import importlib
-import importlib.util
-import inspect
+import dataclasses
 import logging
 import multiprocessing
+import os
+import pickle
+import select
 import signal
+import subprocess
 import sys
 import threading
-import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
-from multiprocessing.connection import Connection, wait
 from typing import Any
 
-import psycopg
-
-from kongtask.declared import Task, declared
+from kongtask.declared import Task
 from kongtask.errors import ConfigurationError
 from kongtask.job import Job
+from kongtask.jobs import child_main
+from kongtask.jobs.child_main import ERROR_ITEM
 
 __all__ = [
     "CRASH_PREFIX",
     "ChildCrashed",
     "ChildError",
-    "ChildHelpers",
+    "ChildProcess",
+    "Children",
     "HandlerRef",
     "ProcessTasks",
     "describe_exit",
-    "run_in_child",
+    "starting_in_spawned_child",
 ]
 
 logger = logging.getLogger(__name__)
@@ -143,59 +151,19 @@ class HandlerRef:
         except ConfigurationError:
             return None
 
-    def load(self) -> Callable[..., Any]:
-        """Import the handler (in the child); a Task gives its function."""
-        module = sys.modules.get(self.module)
-        if module is None:
-            try:
-                spec = importlib.util.find_spec(self.module)
-            except (ImportError, ValueError):
-                spec = None
-            if spec is None and self.file is not None:
-                spec = importlib.util.spec_from_file_location(self.module, self.file)
-                if spec is None or spec.loader is None:
-                    raise ImportError(f"cannot load {self.module} from {self.file}")
-                module = importlib.util.module_from_spec(spec)
-                sys.modules[self.module] = module
-                spec.loader.exec_module(module)
-            else:
-                module = importlib.import_module(self.module)
-        found: Any = module
-        for part in self.qualname.split("."):
-            found = getattr(found, part)
-        task = declared(found)
-        return task.fn if task is not None else found
+    def as_tuple(self) -> tuple[str, str, str | None]:
+        """What a child needs to import it (see :func:`kongtask.jobs.child_main.load_handler`)."""
+        return (self.module, self.qualname, self.file)
 
 
-class ChildHelpers:
-    """What a handler in a child process gets as ``helpers``: the job, a logger, an abort
-    event and connections of its own (``with_connection``, ``query``)."""
+def starting_in_spawned_child() -> bool:
+    """True while a multiprocessing child is importing the parent's main module.
 
-    def __init__(self, job: Job, worker_id: str, conninfo: str) -> None:
-        self.job = job
-        self.worker_id = worker_id
-        self._conninfo = conninfo
-        self.abort_event = threading.Event()
-
-    @property
-    def logger(self) -> logging.LoggerAdapter[logging.Logger]:
-        """A logger that names the job and the worker."""
-        return logging.LoggerAdapter(
-            logging.getLogger("kongtask.job"),
-            {"job_id": self.job.id, "worker_id": self.worker_id},
-        )
-
-    @contextlib.contextmanager
-    def with_connection(self) -> Iterator[psycopg.Connection[Any]]:
-        """A fresh autocommit connection to the worker's database, closed afterwards."""
-        with psycopg.connect(self._conninfo, autocommit=True) as conn:
-            yield conn
-
-    def query(self, statement: Any, params: Any = None) -> list[Any]:
-        """Run one statement on a fresh connection; its rows (empty when it returns none)."""
-        with self.with_connection() as conn:
-            cursor = conn.execute(statement, params)
-            return cursor.fetchall() if cursor.description is not None else []
+    A Runner started then would be a second worker inside a process-pool child.
+    """
+    return multiprocessing.parent_process() is not None and bool(
+        getattr(multiprocessing.current_process(), "_inheriting", False)
+    )
 
 
 def describe_exit(exitcode: int | None) -> str:
@@ -211,98 +179,165 @@ def describe_exit(exitcode: int | None) -> str:
     return f"exited with code {exitcode} before answering"
 
 
-def _call(ref: HandlerRef, payload: Any, job: Job, worker_id: str, conninfo: str) -> Any:
-    handler = ref.load()
-    helpers = ChildHelpers(job, worker_id, conninfo)
-    if inspect.iscoroutinefunction(handler):
-        return asyncio.run(handler(payload, helpers))
-    return handler(payload, helpers)
+def _job_fields(job: Job) -> dict[str, Any]:
+    return {field.name: getattr(job, field.name) for field in dataclasses.fields(job)}
 
 
-def _portable(result: Any) -> Any:
-    """``result`` with exceptions in a batch result turned into :class:`ChildError`."""
+def _unpack(outcome: Any) -> Any:
+    """The result of a child's outcome, or its handler's exception as :class:`ChildError`."""
+    if outcome[0] != "ok":
+        raise ChildError(outcome[1], outcome[2])
+    result = outcome[1]
     if type(result) is list:
         return [
-            ChildError(str(item) or type(item).__name__)
-            if isinstance(item, BaseException)
+            ChildError(item[1])
+            if type(item) is tuple and len(item) == 2 and item[0] == ERROR_ITEM
             else item
             for item in result
         ]
     return result
 
 
-def _outcome(ref: HandlerRef, payload: Any, job: Job, worker_id: str, conninfo: str) -> Any:
-    """Run the handler; ``("ok", result)`` or ``("error", message, traceback)``."""
-    try:
-        return ("ok", _portable(_call(ref, payload, job, worker_id, conninfo)))
-    except BaseException as exc:
-        text = "".join(traceback.format_exception(exc))
-        return ("error", str(exc) or type(exc).__name__, text)
+class ChildProcess:
+    """A fresh interpreter running jobs one at a time (``python -m kongtask.jobs.child_main``).
 
-
-def _child_main(
-    ref: HandlerRef, payload: Any, job: Job, worker_id: str, conninfo: str, pipe: Connection
-) -> None:
-    """The body of a one-job child: run the handler and send the outcome back."""
-    outcome = _outcome(ref, payload, job, worker_id, conninfo)
-    try:
-        pipe.send(outcome)
-    except Exception as exc:
-        pipe.send(("error", f"the handler's result could not be sent back: {exc}", ""))
-    pipe.close()
-
-
-def _unpack(outcome: Any) -> Any:
-    if outcome[0] == "ok":
-        return outcome[1]
-    raise ChildError(outcome[1], outcome[2])
-
-
-def run_in_child(
-    ref: HandlerRef,
-    payload: Any,
-    job: Job,
-    worker_id: str,
-    conninfo: str,
-    abort_event: threading.Event,
-) -> Any:
-    """Run the handler in a child process of its own and return its result.
-
-    Raises :class:`ChildError` when the handler raised, :class:`ChildCrashed`
-    when the child died without an answer; when ``abort_event`` is set the
-    child is terminated and the attempt fails.
+    Requests go down its stdin as pickles; each outcome comes back on a pipe of
+    its own, length first. If the pipe closes before a whole outcome came, the
+    child died running that job, and its exit status says how.
     """
-    receive, send = _SPAWN.Pipe(duplex=False)
-    child = _SPAWN.Process(
-        target=_child_main,
-        args=(ref, payload, job, worker_id, conninfo, send),
-        name=f"kongtask-job-{job.id}",
-        daemon=True,
-    )
-    try:
-        child.start()
-        send.close()
-        while True:
-            ready = wait([receive, child.sentinel], timeout=_ABORT_POLL_S)
-            if receive in ready or (ready and receive.poll()):
-                try:
-                    return _unpack(receive.recv())
-                except EOFError:
-                    break  # the child died with the pipe open and nothing in it
-            if ready:
-                break
-            if abort_event.is_set():
-                child.terminate()
-                child.join(5)
-                raise RuntimeError("aborted: the child process running the job was terminated")
-        child.join(5)
-        raise ChildCrashed(describe_exit(child.exitcode))
-    finally:
-        receive.close()
-        if child.is_alive():
-            child.kill()
-            child.join(5)
-        if child.pid is not None:
+
+    def __init__(self) -> None:
+        read_fd, write_fd = os.pipe()
+        try:
+            self._proc = subprocess.Popen(
+                [sys.executable, child_main.__file__, str(write_fd)],
+                stdin=subprocess.PIPE,
+                pass_fds=(write_fd,),
+            )
+        except BaseException:
+            os.close(read_fd)
+            raise
+        finally:
+            os.close(write_fd)
+        self._read_fd = read_fd
+        self._buffer = b""
+        assert self._proc.stdin is not None
+        self._stdin = self._proc.stdin
+        self._send(pickle.dumps([p for p in sys.path if isinstance(p, str)]))
+
+    @property
+    def pid(self) -> int:
+        """The child's process id."""
+        return self._proc.pid
+
+    def _send(self, data: bytes) -> bool:
+        try:
+            self._stdin.write(data)
+            self._stdin.flush()
+            return True
+        except (BrokenPipeError, ValueError):
+            return False  # it died: its exit status says how
+
+    def call(self, request: bytes, abort_event: threading.Event) -> Any:
+        """Send one job and wait for its outcome (ChildCrashed when the child dies)."""
+        if self._send(request):
+            need = 8
+            header: int | None = None
+            while True:
+                if len(self._buffer) >= need:
+                    if header is None:
+                        header = int.from_bytes(self._buffer[:8], "big")
+                        self._buffer = self._buffer[8:]
+                        need = header
+                        continue
+                    data, self._buffer = self._buffer[:need], self._buffer[need:]
+                    return _unpack(pickle.loads(data))
+                readable, _, _ = select.select([self._read_fd], [], [], _ABORT_POLL_S)
+                if readable:
+                    chunk = os.read(self._read_fd, 1 << 16)
+                    if not chunk:
+                        break  # it closed its end without a whole answer: it died
+                    self._buffer += chunk
+                elif abort_event.is_set():
+                    self.close(kill=True)
+                    raise RuntimeError("aborted: the child process running the job was killed")
+        exitcode = self._proc.wait()
+        self.close()
+        raise ChildCrashed(describe_exit(exitcode))
+
+    def close(self, *, kill: bool = False) -> None:
+        """End the child (it exits when its stdin closes; ``kill``: at once)."""
+        if kill and self._proc.poll() is None:
+            self._proc.kill()
+        with contextlib.suppress(OSError, ValueError):
+            self._stdin.close()
+        try:
+            self._proc.wait(5)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            self._proc.wait(5)
+        if self._read_fd >= 0:
+            os.close(self._read_fd)
+            self._read_fd = -1
+
+
+class Children:
+    """One-job-at-a-time children: a fresh one per run, or reused ones kept idle.
+
+    Reuse pays the interpreter's start (about a second with kongtask imported)
+    once per child instead of once per job; a crash is still the crash of the
+    one job the child was running.
+    """
+
+    def __init__(self, keep: int) -> None:
+        self._keep = keep
+        self._idle: list[ChildProcess] = []
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def run(
+        self,
+        ref: HandlerRef,
+        payload: Any,
+        job: Job,
+        worker_id: str,
+        conninfo: str,
+        abort_event: threading.Event,
+        *,
+        reuse: bool,
+    ) -> Any:
+        """Run the handler in a child and return its result (see :class:`ChildProcess`)."""
+        request = pickle.dumps((ref.as_tuple(), payload, _job_fields(job), worker_id, conninfo))
+        child: ChildProcess | None = None
+        if reuse:
+            with self._lock:
+                if self._idle:
+                    child = self._idle.pop()
+        if child is None:
+            child = ChildProcess()
+        ok = False
+        try:
+            result = child.call(request, abort_event)
+            ok = True
+            return result
+        except ChildError:
+            ok = True
+            raise
+        finally:
+            if ok and reuse:
+                with self._lock:
+                    if not self._closed and len(self._idle) < self._keep:
+                        self._idle.append(child)
+                        child = None
+            if child is not None:
+                child.close()
+
+    def close(self) -> None:
+        """End every idle child."""
+        with self._lock:
+            self._closed = True
+            idle, self._idle = self._idle, []
+        for child in idle:
             child.close()
 
 
@@ -342,7 +377,9 @@ class ProcessTasks:
         """Run the handler on the pool; :class:`ChildCrashed` when the pool broke under it."""
         pool = self._current()
         try:
-            future: Future[Any] = pool.submit(_outcome, ref, payload, job, worker_id, conninfo)
+            future: Future[Any] = pool.submit(
+                child_main.run_job, ref.as_tuple(), payload, _job_fields(job), worker_id, conninfo
+            )
             while True:
                 try:
                     return _unpack(future.result(timeout=_ABORT_POLL_S))

@@ -37,9 +37,9 @@ from kongtask.jobs.context import WorkerContext
 from kongtask.jobs.isolation import (
     CRASH_PREFIX,
     ChildCrashed,
+    Children,
     HandlerRef,
     ProcessTasks,
-    run_in_child,
 )
 from kongtask.jobs.liveness import QUARANTINED_MESSAGE, SUSPECT_PREFIX
 
@@ -62,6 +62,7 @@ class CrashGuard:
         self._one_at_a_time = threading.Lock()
         self.ctx: WorkerContext | None = None
         self._process_tasks = ProcessTasks(concurrency)
+        self._children = Children(concurrency)
 
     def wrap(self, name: str, handler: Callable[..., Any]) -> Callable[..., Any]:
         """The handler as the worker runs it; ConfigurationError when an isolated or
@@ -79,14 +80,14 @@ class CrashGuard:
 
                 @functools.wraps(handler)
                 def isolated(payload: Any, helpers: Any) -> Any:
-                    return self._run_in_child(ref, payload, helpers)
+                    return self._run_in_child(ref, payload, helpers, reuse=False)
 
                 return isolated
 
             @functools.wraps(handler)
             def pooled(payload: Any, helpers: Any) -> Any:
                 if is_suspect(helpers.job):
-                    return self._run_in_child(ref, payload, helpers)
+                    return self._run_in_child(ref, payload, helpers, reuse=True)
                 return self._run_pooled(ref, payload, helpers)
 
             return pooled
@@ -98,22 +99,23 @@ class CrashGuard:
             if not is_suspect(helpers.job):
                 return handler(payload, helpers)
             if child_ref is not None:
-                return self._run_in_child(child_ref, payload, helpers)
+                return self._run_in_child(child_ref, payload, helpers, reuse=True)
             return self._run_suspect(handler, payload, helpers)
 
         return guarded
 
     def close(self) -> None:
-        """Stop the process pool of ``executor="process"`` tasks, if one was started."""
+        """End the idle suspect children and the process pool of ``executor="process"``."""
+        self._children.close()
         self._process_tasks.shutdown()
 
-    def _run_in_child(self, ref: HandlerRef, payload: Any, helpers: Any) -> Any:
+    def _run_in_child(self, ref: HandlerRef, payload: Any, helpers: Any, *, reuse: bool) -> Any:
         ctx = self.ctx
         assert ctx is not None, "CrashGuard.ctx is set before any job runs"
         job: Job = helpers.job
         try:
-            return run_in_child(
-                ref, payload, job, helpers.worker_id, ctx.conninfo, helpers.abort_event
+            return self._children.run(
+                ref, payload, job, helpers.worker_id, ctx.conninfo, helpers.abort_event, reuse=reuse
             )
         except ChildCrashed as exc:
             raise self._crashed(job, str(exc)) from None

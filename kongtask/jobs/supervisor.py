@@ -39,6 +39,7 @@ from kongtask.jobs.claimer import (
 from kongtask.jobs.completer import FLUSH, Completer
 from kongtask.jobs.context import WorkerContext, new_pool_id
 from kongtask.jobs.executor import ExecutorPool
+from kongtask.jobs.isolation import starting_in_spawned_child
 from kongtask.jobs.listener import Listener
 from kongtask.jobs.liveness import Deregister, Liveness, Register
 from kongtask.jobs.local_queue import LocalQueue
@@ -114,6 +115,12 @@ class JobService:
     def start(self, host: Host) -> None:
         """Start every job actor on ``host``'s pool and bus; raises on failure (the host
         then closes this service)."""
+        if starting_in_spawned_child():
+            raise KongtaskError(
+                "a kongtask worker was started while a process-pool child imported the main "
+                "script again (multiprocessing spawn); start the worker under "
+                '`if __name__ == "__main__":`'
+            )
         self._host = host
         settings = self.settings
         pool, conninfo = host.pool, host.conninfo

@@ -52,9 +52,10 @@ select 1
 -- _kongtask_job_crashes) gets one more crash; its locked jobs are unlocked
 -- and marked as suspects through last_error, except those that have now
 -- crashed `quarantine_after` times, which are failed for good
--- (attempts = max_attempts); its named queues are unlocked. Concurrent
--- releasers serialise on the pool rows, so each death is counted once. Node
--- pools have no row and are never touched here (the 4-hour sweep frees them).
+-- (attempts = max_attempts); its named queues are unlocked. A released job
+-- keeps its run_at, so it runs again before jobs that came due after it.
+-- Concurrent releasers serialise on the pool rows, so each death is counted
+-- once. Node pools have no row and are never touched here (the 4-hour sweep frees them).
 with dead as (
     delete from {s}._kongtask_pools as pools
     where pools.last_seen < {dead_before}
@@ -89,7 +90,6 @@ released as (
             then format(%(quarantined_message)s::text, targets.crashes, targets.pool_id)
             else format(%(suspect_message)s::text, targets.pool_id)
         end,
-        run_at = greatest(jobs.run_at, now()),
         updated_at = now()
     from targets
     where jobs.id = targets.id
