@@ -103,7 +103,7 @@ class RunnerOptions(_RequiredRunnerOptions, total=False):
     once: bool
     heartbeat_interval_s: float
     pool_dead_after_s: float
-    dead_pool_check_interval_s: float
+    dead_pool_check_interval_s: float | None
     crash_quarantine_after: int
     # ConnectionSettings, one by one.
     connect_timeout_s: float

@@ -158,8 +158,9 @@ class WorkerSettings:
     heartbeat_interval_s: float = 10.0
     #: A kongtask pool whose heartbeat is older than this is dead: its locks are released.
     pool_dead_after_s: float = 60.0
-    #: How often the pool checks whether another pool's liveness lock is gone (its process died).
-    dead_pool_check_interval_s: float = 2.0
+    #: How often the pool checks whether another pool's liveness lock is gone (its process
+    #: died). ``None``: the pool holds no liveness lock and checks none; only heartbeats count.
+    dead_pool_check_interval_s: float | None = 2.0
     #: A job that killed its worker this many times (running as a suspect) is failed for good.
     crash_quarantine_after: int = 3
     #: Timeouts, TCP keepalives and pgbouncer mode of every connection the pool opens.
@@ -217,9 +218,10 @@ class WorkerSettings:
                 name="pool_dead_after_s",
                 value=self.pool_dead_after_s,
             )
-        check_seconds(
-            "dead_pool_check_interval_s", self.dead_pool_check_interval_s, allow_minimum=False
-        )
+        if self.dead_pool_check_interval_s is not None:
+            check_seconds(
+                "dead_pool_check_interval_s", self.dead_pool_check_interval_s, allow_minimum=False
+            )
         check_int("crash_quarantine_after", self.crash_quarantine_after, 1, 1_000)
         if not isinstance(self.connection, ConnectionSettings):
             raise ConfigurationError(

@@ -234,11 +234,10 @@ class Liveness(DbActor):
             )
 
     def _schedule_check(self) -> None:
-        if self._active and self._check_timer is None and self._lock_conninfo is not None:
+        interval = self.ctx.settings.dead_pool_check_interval_s
+        if self._active and self._check_timer is None and interval is not None:
             ref = self.actor_ref
-            self._check_timer = self._clock.call_later(
-                self.ctx.settings.dead_pool_check_interval_s, lambda: ref.tell(Check())
-            )
+            self._check_timer = self._clock.call_later(interval, lambda: ref.tell(Check()))
 
     def _cancel(self) -> None:
         for timer in (self._timer, self._check_timer):

@@ -196,6 +196,8 @@ class JobService:
 
     def _lock_conninfo(self, conninfo: str) -> str | None:
         """Where the pool holds its liveness lock: a direct session (None: none to be had)."""
+        if self.settings.dead_pool_check_interval_s is None:
+            return None
         if self._listen_connection_string is not None:
             return self._listen_connection_string
         if self.settings.pgbouncer:
