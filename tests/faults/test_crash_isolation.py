@@ -67,6 +67,17 @@ def isolated_note(payload, helpers):
         )
 
 
+@kongtask.task(executor="process")
+def pooled_note(payload, helpers):
+    """Runs on the process pool."""
+    note(payload, helpers)
+
+
+@kongtask.task(executor="process")
+def pooled_segfault(payload, helpers):
+    ctypes.string_at(0)
+
+
 def note(payload, helpers):
     with helpers.with_connection() as conn:
         conn.execute(
@@ -75,7 +86,13 @@ def note(payload, helpers):
         )
 
 
-tasks = {"segfault": segfault, "isolated_note": isolated_note, "note": note}
+tasks = {
+    "segfault": segfault,
+    "isolated_note": isolated_note,
+    "note": note,
+    "pooled_note": pooled_note,
+    "pooled_segfault": pooled_segfault,
+}
 '''
 
 SEGFAULT_SOURCE = '''
@@ -162,6 +179,60 @@ def test_isolated_segfault_fails_only_its_job(
             what="a job after the crash",
         )
         print(f"\nisolate=True segfault: the worker lived on; last_error: {last_error!r}")
+    finally:
+        assert runner.stop(30)
+
+
+def test_a_broken_process_pool_is_replaced_and_the_crash_pinned_on_its_job(
+    db_url: str, db: psycopg.Connection[Any], tmp_path: Path
+) -> None:
+    db.execute("create table public.ran (n int, pid int, job_id bigint)")
+    path = tmp_path / "isolated_tasks.py"
+    path.write_text(ISOLATED_TASKS)
+    runner = Runner(
+        tasks=load_tasks(str(path)),
+        connection_string=db_url,
+        concurrency=2,
+        install_signal_handlers=False,
+    ).start()
+    ran = "select pid from public.ran where n = %s"
+    try:
+        _add(db, "pooled_note", '{"n": 0}')
+        wait_until(lambda: db.execute(ran, (0,)).fetchone() is not None, timeout_s=60,
+                   what="a job on the process pool")  # fmt: skip
+        first_pid = scalar(db, ran, (0,))
+        assert first_pid != os.getpid()
+        crash_id = _add(db, "pooled_segfault", "{}", max_attempts=2)
+        # First attempt: the pool breaks (nobody blamed); the second runs alone in a
+        # child as a suspect, where the crash is counted against this job.
+        wait_until(
+            lambda: (
+                scalar(
+                    db,
+                    "select count(*) from graphile_worker._private_jobs where id = %s "
+                    "and locked_by is null and attempts = 2",
+                    (crash_id,),
+                )
+                == 1
+            ),
+            timeout_s=60,
+            what="both attempts of the segfaulting pool job to fail",
+        )
+        last_error = scalar(
+            db, "select last_error from graphile_worker._private_jobs where id = %s", (crash_id,)
+        )
+        assert "killed by SIGSEGV" in last_error
+        crashes = scalar(
+            db,
+            "select crashes from graphile_worker._kongtask_job_crashes where job_id = %s",
+            (crash_id,),
+        )
+        assert crashes == 1
+        # A fresh pool runs the next job.
+        _add(db, "pooled_note", '{"n": 1}')
+        wait_until(lambda: db.execute(ran, (1,)).fetchone() is not None, timeout_s=60,
+                   what="a job on the replaced process pool")  # fmt: skip
+        assert scalar(db, ran, (1,)) not in (first_pid, os.getpid())
     finally:
         assert runner.stop(30)
 
