@@ -332,7 +332,7 @@ def test_poison_job_is_quarantined_without_killing_a_second_worker(
     }
 
     def settled() -> bool:
-        return (
+        return bool(
             scalar(db, "select count(*) from graphile_worker._private_jobs where id <> %s",
                    (poison_id,)) == 0
             and scalar(
@@ -374,6 +374,7 @@ def test_poison_job_is_quarantined_without_killing_a_second_worker(
         (poison_id,),
     ).fetchone() or (None, None, None)
     assert attempts == max_attempts == 25
+    assert isinstance(last_error, str)
     assert last_error.startswith("kongtask: quarantined: this job was running when its worker")
     assert "2 times" in last_error
     crashes = scalar(

@@ -150,6 +150,7 @@ def test_a_pool_whose_liveness_lock_is_gone_is_released_at_once(
                 "select lock_key from graphile_worker._kongtask_pools where pool_id = %s",
                 (runner.pool_id,),
             ).fetchone()
+            assert runner.pool_id is not None
             assert own == (pool_lock_key(runner.pool_id),)
             wait_until(
                 lambda: scalar(db, locked_by, (jobs[dead],)) is None,
