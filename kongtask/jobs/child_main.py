@@ -3,7 +3,8 @@
 Run as a script (``python .../kongtask/jobs/child_main.py FD``), it is a
 one-job-at-a-time child of :class:`kongtask.jobs.isolation.ChildProcess`: the
 parent writes pickles to its stdin (the parent's ``sys.path``, then one job
-after another) and it writes each pickled outcome, length first, to file
+after another, or ``None`` to ask whether it still answers: an empty message
+says yes) and it writes each pickled outcome, length first, to file
 descriptor ``FD``; it exits when its stdin closes. If it dies first, the
 parent sees no whole outcome and reads the exit status instead.
 
@@ -141,6 +142,10 @@ def main() -> None:
             request = pickle.load(stdin)
         except EOFError:
             break
+        if request is None:  # are you there? (before reuse)
+            out.write(b"\0" * 8)
+            out.flush()
+            continue
         outcome = run_job(*request)
         try:
             data = pickle.dumps(outcome)

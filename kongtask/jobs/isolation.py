@@ -213,6 +213,9 @@ class ChildProcess:
                 [sys.executable, child_main.__file__, str(write_fd)],
                 stdin=subprocess.PIPE,
                 pass_fds=(write_fd,),
+                # Out of the terminal's process group: a Ctrl-C is the worker's to
+                # handle (it kills running children on abort), not an idle child's.
+                start_new_session=True,
             )
         except BaseException:
             os.close(read_fd)
@@ -238,29 +241,37 @@ class ChildProcess:
         except (BrokenPipeError, ValueError):
             return False  # it died: its exit status says how
 
+    def _receive(self, abort_event: threading.Event | None) -> bytes | None:
+        """The next whole message from the child; None when its pipe closed first."""
+        need, header = 8, None
+        while True:
+            if len(self._buffer) >= need:
+                if header is None:
+                    header = need = int.from_bytes(self._buffer[:8], "big")
+                    self._buffer = self._buffer[8:]
+                    continue
+                data, self._buffer = self._buffer[:need], self._buffer[need:]
+                return data
+            readable, _, _ = select.select([self._read_fd], [], [], _ABORT_POLL_S)
+            if readable:
+                chunk = os.read(self._read_fd, 1 << 16)
+                if not chunk:
+                    return None  # it closed its end without a whole message: it died
+                self._buffer += chunk
+            elif abort_event is not None and abort_event.is_set():
+                self.close(kill=True)
+                raise RuntimeError("aborted: the child process running the job was killed")
+
+    def ready(self) -> bool:
+        """Ask an idle child whether it still answers (one round trip); False: it died idle."""
+        return self._send(pickle.dumps(None)) and self._receive(None) == b""
+
     def call(self, request: bytes, abort_event: threading.Event) -> Any:
         """Send one job and wait for its outcome (ChildCrashed when the child dies)."""
         if self._send(request):
-            need = 8
-            header: int | None = None
-            while True:
-                if len(self._buffer) >= need:
-                    if header is None:
-                        header = int.from_bytes(self._buffer[:8], "big")
-                        self._buffer = self._buffer[8:]
-                        need = header
-                        continue
-                    data, self._buffer = self._buffer[:need], self._buffer[need:]
-                    return _unpack(pickle.loads(data))
-                readable, _, _ = select.select([self._read_fd], [], [], _ABORT_POLL_S)
-                if readable:
-                    chunk = os.read(self._read_fd, 1 << 16)
-                    if not chunk:
-                        break  # it closed its end without a whole answer: it died
-                    self._buffer += chunk
-                elif abort_event.is_set():
-                    self.close(kill=True)
-                    raise RuntimeError("aborted: the child process running the job was killed")
+            data = self._receive(abort_event)
+            if data is not None:
+                return _unpack(pickle.loads(data))
         exitcode = self._proc.wait()
         self.close()
         raise ChildCrashed(describe_exit(exitcode))
@@ -309,10 +320,15 @@ class Children:
         """Run the handler in a child and return its result (see :class:`ChildProcess`)."""
         request = pickle.dumps((ref.as_tuple(), payload, _job_fields(job), worker_id, conninfo))
         child: ChildProcess | None = None
-        if reuse:
+        while reuse and child is None:
             with self._lock:
-                if self._idle:
-                    child = self._idle.pop()
+                if not self._idle:
+                    break
+                child = self._idle.pop()
+            if not child.ready():
+                # It died idle (killed from outside): no job to blame for that.
+                child.close()
+                child = None
         if child is None:
             child = ChildProcess()
         ok = False

@@ -1,15 +1,20 @@
-"""What a child process can import, and the names of the pools' liveness locks."""
+"""What a child process can import, how children run and die, and the pools' lock keys."""
 
 from __future__ import annotations
 
+import os
+import signal
+import threading
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
 
 import kongtask
 from kongtask.errors import ConfigurationError
+from kongtask.job import Job
 from kongtask.jobs.child_main import load_handler, run_job
-from kongtask.jobs.isolation import HandlerRef, describe_exit
+from kongtask.jobs.isolation import ChildCrashed, Children, HandlerRef, describe_exit
 from kongtask.jobs.liveness import pool_lock_key
 from kongtask.jobs.quarantine import CrashGuard
 
@@ -66,3 +71,41 @@ def test_lock_keys_are_stable_signed_64_bit_and_distinct() -> None:
     assert key == pool_lock_key("pool-0123456789abcdef01")
     assert -(2**63) <= key < 2**63
     assert key != pool_lock_key("pool-0123456789abcdef02")
+
+
+def _job(job_id: int) -> Job:
+    now = datetime.now(UTC)
+    return Job(
+        id=job_id, job_queue_id=None, task_id=1, task_identifier="t", payload={}, priority=0,
+        run_at=now, attempts=1, max_attempts=25, last_error=None, created_at=now,
+        updated_at=now, key=None, locked_at=now, locked_by="pool-1", revision=0, flags=None,
+        is_available=True,
+    )  # fmt: skip
+
+
+def echo_pid(payload: Any, helpers: Any) -> Any:
+    return [os.getpid(), helpers.job.id, payload]
+
+
+def exit_hard(payload: Any, helpers: Any) -> Any:
+    os._exit(3)
+
+
+def test_children_are_reused_and_one_that_died_idle_is_not_blamed() -> None:
+    children = Children(keep=1)
+    never = threading.Event()
+    try:
+        ref = HandlerRef.of(echo_pid)
+        pid, job_id, payload = children.run(ref, {"a": 1}, _job(5), "w", "", never, reuse=True)
+        assert (job_id, payload) == (5, {"a": 1}) and pid != os.getpid()
+        # The same child runs the next suspect.
+        assert children.run(ref, None, _job(6), "w", "", never, reuse=True)[0] == pid
+        # Killed while idle: the next run gets a fresh child and succeeds.
+        os.kill(pid, signal.SIGKILL)
+        again = children.run(ref, None, _job(7), "w", "", never, reuse=True)[0]
+        assert again != pid
+        # A child that dies running a job is that job's crash, named by its exit code.
+        with pytest.raises(ChildCrashed, match="exited with code 3"):
+            children.run(HandlerRef.of(exit_hard), None, _job(8), "w", "", never, reuse=True)
+    finally:
+        children.close()
