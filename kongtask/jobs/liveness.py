@@ -19,7 +19,12 @@ process dies, PostgreSQL ends the session and drops the lock; every
 ``dead_pool_check_interval_s`` the other pools run the same release, which
 also takes any pool whose lock nobody holds. A SIGKILLed pool is then
 released within about one check interval; the heartbeat bound still covers
-what the lock cannot see (a frozen host, a network partition).
+what the lock cannot see (a frozen host, a network partition). A pool whose
+lock session breaks (a restart of the server, a terminated session) takes
+the lock again at its next check; the record says since when it holds it,
+and locks taken before the server last started are not judged, so a restart
+does not make every pool look dead. A session terminated on purpose does
+look like a death to the other pools for up to one check interval.
 
 The heartbeat runs on real time even when the Runner has a ``ManualClock``:
 the database's clock, which judges it, does not stop for a test.
@@ -121,6 +126,8 @@ class Liveness(DbActor):
         self._lock_conninfo = lock_conninfo
         self._lock_key = pool_lock_key(ctx.pool_id)
         self._lock_conn: psycopg.Connection[Any] | None = None
+        #: The lock was taken on a new session since the record last said so.
+        self._lock_renewed = False
 
     def handle(self, message: LivenessMessage) -> Any:
         match message:
@@ -139,6 +146,9 @@ class Liveness(DbActor):
             case Check():
                 self._check_timer = None
                 if self._active:
+                    # Take the lock again at once if its session went (the record
+                    # says so at the next beat, once the beat has shown it is ours).
+                    self._hold_lock()
                     try:
                         self._release_dead()
                     finally:
@@ -213,6 +223,7 @@ class Liveness(DbActor):
             )
             return False
         self._lock_conn = conn
+        self._lock_renewed = True
         return True
 
     def _close_lock(self) -> None:
@@ -260,12 +271,12 @@ class Liveness(DbActor):
             lambda conn: conn.execute(ctx.queries.register_pool, params),
             "Registering the pool's liveness record",
         )
+        self._lock_renewed = False
         ctx.ownership.beat(sent_at)
 
     def _beat(self) -> None:
         ownership = self.ctx.ownership
-        had_lock = self._lock_conn is not None
-        gained_lock = self._hold_lock() and not had_lock
+        self._hold_lock()
         try:
             # Sent no earlier than this: last_seen is at least this recent.
             sent_at = ownership.now()
@@ -286,8 +297,8 @@ class Liveness(DbActor):
                 self._register()
             else:
                 ownership.beat(sent_at)
-                if gained_lock:
-                    self._register()  # the record names the lock from now on
+                if self._lock_renewed:
+                    self._register()  # the record names the lock, and since when
             self._release_dead()
         except psycopg.Error as exc:
             logger.error("Heartbeat of pool %s failed: %s", self.ctx.pool_id, exc)
@@ -299,6 +310,7 @@ class Liveness(DbActor):
         ctx = self.ctx
         settings = ctx.settings
         params = {
+            "pool_id": ctx.pool_id,
             "dead_after_s": settings.pool_dead_after_s,
             "quarantine_after": settings.crash_quarantine_after,
             "suspect_message": SUSPECT_MESSAGE,

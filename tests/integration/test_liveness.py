@@ -120,16 +120,22 @@ def test_a_pool_whose_liveness_lock_is_gone_is_released_at_once(
 ) -> None:
     # Two pools that beat just now: one still holds its liveness lock (a session of
     # ours stands in for its process), the other's session is gone.
-    alive, dead = "pool-0000000000000000cc", "pool-0000000000000000dd"
+    # A third took its lock before the server last started: that lock went with the
+    # server, which says nothing of the pool (it takes the lock again), so only its
+    # heartbeat judges it.
+    alive, dead, before = "pool-0000000000000000cc", "pool-0000000000000000dd", "pool-00000000ee"
     holder = psycopg.connect(db_url, autocommit=True)
     try:
         holder.execute("select pg_advisory_lock(%s)", (pool_lock_key(alive),))
         jobs = {}
-        for pool_id in (alive, dead):
+        for pool_id in (alive, dead, before):
+            since = (
+                "pg_postmaster_start_time() - interval '1 second'" if pool_id == before else "now()"
+            )
             db.execute(
                 "insert into graphile_worker._kongtask_pools "
-                "(pool_id, hostname, pid, concurrency, version, lock_key) "
-                "values (%s, 'h', 1, 1, 'x', %s)",
+                "(pool_id, hostname, pid, concurrency, version, lock_key, lock_since) "
+                f"values (%s, 'h', 1, 1, 'x', %s, {since})",
                 (pool_id, pool_lock_key(pool_id)),
             )
             jobs[pool_id] = scalar(
@@ -158,6 +164,7 @@ def test_a_pool_whose_liveness_lock_is_gone_is_released_at_once(
                 what="the pool whose lock is gone to be released",
             )
             assert scalar(db, locked_by, (jobs[alive],)) == alive
+            assert scalar(db, locked_by, (jobs[before],)) == before
             # Its process "dies": the session ends and the lock goes with it.
             holder.close()
             wait_until(
@@ -168,6 +175,7 @@ def test_a_pool_whose_liveness_lock_is_gone_is_released_at_once(
             pools = {
                 row[0] for row in db.execute("select pool_id from graphile_worker._kongtask_pools")
             }
-            assert pools == {runner.pool_id}
+            assert pools == {runner.pool_id, before}
+            assert scalar(db, locked_by, (jobs[before],)) == before
     finally:
         holder.close()

@@ -17,11 +17,14 @@ now() - %(dead_after_s)s * interval '1 second'
 -- A pool announces itself before it claims anything. Timestamps are the
 -- database's, never the worker's, so a skewed host clock cannot fake a death.
 -- lock_key names the advisory lock the pool holds on its direct connection
--- (null: none, only the heartbeat judges it).
-insert into {s}._kongtask_pools (pool_id, hostname, pid, concurrency, version, lock_key)
+-- (null: none, only the heartbeat judges it); lock_since says since when.
+insert into {s}._kongtask_pools
+    (pool_id, hostname, pid, concurrency, version, lock_key, lock_since)
 values (%(pool_id)s::text, %(hostname)s::text, %(pid)s::int, %(concurrency)s::int,
-        %(version)s::text, %(lock_key)s::bigint)
-on conflict (pool_id) do update set last_seen = now(), lock_key = excluded.lock_key
+        %(version)s::text, %(lock_key)s::bigint,
+        case when %(lock_key)s::bigint is not null then now() end)
+on conflict (pool_id) do update
+set last_seen = now(), lock_key = excluded.lock_key, lock_since = excluded.lock_since
 
 -- name: heartbeat
 -- The heartbeat: returns no row when another pool has declared this one dead
@@ -47,8 +50,9 @@ select 1
 -- Release every kongtask pool that is dead, in one statement: its heartbeat is
 -- older than the bound, or it names a liveness lock that nobody holds any more
 -- (its session ended: the process died; taking the lock shared lasts for this
--- statement only and never blocks, and a live holder keeps it exclusive). Its
--- row goes; a suspect it was running (marked in
+-- statement only and never blocks, and a live holder keeps it exclusive). A
+-- lock taken before the server last started is not judged (every lock went
+-- with that server), and the releasing pool never judges its own. Its row goes; a suspect it was running (marked in
 -- _kongtask_job_crashes) gets one more crash; its locked jobs are unlocked
 -- and marked as suspects through last_error, except those that have now
 -- crashed `quarantine_after` times, which are failed for good
@@ -59,7 +63,10 @@ select 1
 with dead as (
     delete from {s}._kongtask_pools as pools
     where pools.last_seen < {dead_before}
-    or (pools.lock_key is not null and pg_try_advisory_xact_lock_shared(pools.lock_key))
+    or (pools.lock_key is not null
+        and pools.pool_id <> %(pool_id)s::text
+        and pools.lock_since > pg_postmaster_start_time()
+        and pg_try_advisory_xact_lock_shared(pools.lock_key))
     returning pools.pool_id, pools.last_seen
 ),
 crashed as (
