@@ -179,3 +179,32 @@ def test_a_pool_whose_liveness_lock_is_gone_is_released_at_once(
             assert scalar(db, locked_by, (jobs[before],)) == before
     finally:
         holder.close()
+
+
+def test_a_pool_takes_its_lock_again_when_the_lock_session_is_terminated(
+    db_url: str, db: psycopg.Connection[Any]
+) -> None:
+    since = "select lock_since from graphile_worker._kongtask_pools"
+    holders = (
+        "select count(*) from pg_locks l join pg_stat_activity a on a.pid = l.pid "
+        "where l.locktype = 'advisory' and l.granted and a.application_name = %s"
+    )
+    with _runner(
+        db_url, heartbeat_interval_s=0.2, pool_dead_after_s=60, dead_pool_check_interval_s=0.2
+    ) as runner:
+        name = f"{runner.pool_id}-lock"
+        assert scalar(db, holders, (name,)) == 1
+        first = scalar(db, since)
+        killed = scalar(
+            db,
+            "select count(pg_terminate_backend(pid)) from pg_stat_activity "
+            "where application_name = %s",
+            (name,),
+        )
+        assert killed == 1
+        wait_until(
+            lambda: scalar(db, holders, (name,)) == 1 and scalar(db, since) > first,
+            timeout_s=10,
+            what="the pool to hold its lock again and say so",
+        )
+        assert scalar(db, "select count(*) from graphile_worker._kongtask_pools") == 1
