@@ -4,4 +4,6 @@ import sys
 
 from kongtask.ops.cli.main import main
 
-sys.exit(main())
+# Guarded: a process-pool child (spawn) imports the main module again, as __mp_main__.
+if __name__ == "__main__":
+    sys.exit(main())

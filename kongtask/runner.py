@@ -105,6 +105,7 @@ class RunnerOptions(_RequiredRunnerOptions, total=False):
     once: bool
     heartbeat_interval_s: float
     pool_dead_after_s: float
+    dead_pool_check_interval_s: float | None
     crash_quarantine_after: int
     timeout_s: float | None
     # ConnectionSettings, one by one.

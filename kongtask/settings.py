@@ -158,6 +158,9 @@ class WorkerSettings:
     heartbeat_interval_s: float = 10.0
     #: A kongtask pool whose heartbeat is older than this is dead: its locks are released.
     pool_dead_after_s: float = 60.0
+    #: How often the pool checks whether another pool's liveness lock is gone (its process
+    #: died). ``None``: the pool holds no liveness lock and checks none; only heartbeats count.
+    dead_pool_check_interval_s: float | None = 2.0
     #: A job that killed its worker this many times (running as a suspect) is failed for good.
     crash_quarantine_after: int = 3
     #: How long one attempt of a task may run (seconds; ``None``: no limit). A task's
@@ -217,6 +220,10 @@ class WorkerSettings:
                 "would make a live pool look dead",
                 name="pool_dead_after_s",
                 value=self.pool_dead_after_s,
+            )
+        if self.dead_pool_check_interval_s is not None:
+            check_seconds(
+                "dead_pool_check_interval_s", self.dead_pool_check_interval_s, allow_minimum=False
             )
         check_int("crash_quarantine_after", self.crash_quarantine_after, 1, 1_000)
         if self.timeout_s is not None:

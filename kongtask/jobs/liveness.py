@@ -11,12 +11,28 @@ workers is failed for good (:mod:`kongtask.jobs.quarantine`). A pool that
 was SIGKILLed is so released within ``pool_dead_after_s`` plus one interval.
 Node pools keep no row and are left to the 4-hour stale-lock sweep.
 
+Faster: before registering, the pool takes a session-level advisory lock,
+keyed from its pool id, on a direct connection of its own (the LISTEN
+connection string when there is one, since pgbouncer's transaction pooling
+cannot keep a session lock). The key is stored in the pool's row. When the
+process dies, PostgreSQL ends the session and drops the lock; every
+``dead_pool_check_interval_s`` the other pools run the same release, which
+also takes any pool whose lock nobody holds. A SIGKILLed pool is then
+released within about one check interval; the heartbeat bound still covers
+what the lock cannot see (a frozen host, a network partition). A pool whose
+lock session breaks (a restart of the server, a terminated session) takes
+the lock again at its next check; the record says since when it holds it,
+and locks taken before the server last started are not judged, so a restart
+does not make every pool look dead. A session terminated on purpose does
+look like a death to the other pools for up to one check interval.
+
 The heartbeat runs on real time even when the Runner has a ``ManualClock``:
 the database's clock, which judges it, does not stop for a test.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import socket
@@ -27,6 +43,7 @@ from typing import Any
 import psycopg
 
 from kongtask._version import __version__
+from kongtask.db.connecting import connect
 from kongtask.jobs.context import WorkerContext
 from kongtask.jobs.db_actor import DbActor
 from kongtask.runtime.clock import SystemClock, Timer
@@ -35,10 +52,12 @@ __all__ = [
     "QUARANTINED_MESSAGE",
     "SUSPECT_PREFIX",
     "Beat",
+    "Check",
     "Deregister",
     "Liveness",
     "LivenessMessage",
     "Register",
+    "pool_lock_key",
 ]
 
 logger = logging.getLogger(__name__)
@@ -55,18 +74,30 @@ class Beat:
 
 
 @dataclass(frozen=True, slots=True)
+class Check:
+    """The check timer fired: release pools whose liveness lock is gone (or heartbeat old)."""
+
+
+@dataclass(frozen=True, slots=True)
 class Deregister:
-    """A clean stop: stop beating and delete the pool's liveness record."""
+    """A clean stop: stop beating, delete the pool's liveness record, drop its lock."""
 
 
-LivenessMessage = Register | Beat | Deregister
+LivenessMessage = Register | Beat | Check | Deregister
+
+
+def pool_lock_key(pool_id: str) -> int:
+    """The advisory lock key of ``pool_id``: 64 bits of its hash, as a signed bigint."""
+    digest = hashlib.blake2b(pool_id.encode(), digest_size=8, person=b"kongtask-pool").digest()
+    return int.from_bytes(digest, "big", signed=True)
+
 
 #: How ``last_error`` starts for a job released from a dead pool (a crash suspect).
 SUSPECT_PREFIX = "kongtask: the worker pool holding this job died"
 #: ``format()`` text for a suspect's ``last_error``; ``%s`` is the dead pool's id.
 SUSPECT_MESSAGE = (
-    SUSPECT_PREFIX + " (pool %s sent no heartbeat for too long); the job was given back and "
-    "runs next as a crash suspect"
+    SUSPECT_PREFIX + " (pool %s lost its liveness lock or sent no heartbeat for too long); "
+    "the job was given back and runs next as a crash suspect"
 )
 #: ``format()`` text for a quarantined job: the crash count, then the last dead pool.
 QUARANTINED_MESSAGE = (
@@ -86,28 +117,50 @@ class Liveness(DbActor):
         self,
         ctx: WorkerContext,
         nudge: Callable[[], None],
+        lock_conninfo: str | None,
         stuck_threads: Callable[[], int] = lambda: 0,
     ) -> None:
+        """``lock_conninfo``: a direct connection for the liveness lock (None: no lock);
+        ``stuck_threads`` counts executor threads stuck in a timed-out handler."""
         super().__init__(ctx)
         self._nudge = nudge
         #: How many executor threads are stuck in a timed-out handler (sent with each beat).
         self._stuck_threads = stuck_threads
         self._clock = SystemClock(name=f"kongtask-heartbeat-{ctx.pool_id}")
         self._timer: Timer | None = None
+        self._check_timer: Timer | None = None
         self._active = True
+        self._lock_conninfo = lock_conninfo
+        self._lock_key = pool_lock_key(ctx.pool_id)
+        self._lock_conn: psycopg.Connection[Any] | None = None
+        #: The lock was taken on a new session since the record last said so.
+        self._lock_renewed = False
 
     def handle(self, message: LivenessMessage) -> Any:
         match message:
             case Register():
+                self._hold_lock()
                 self._register()
                 self._release_dead()
                 self._schedule()
+                self._schedule_check()
                 return True
             case Beat():
                 self._timer = None
                 if self._active:
                     self._beat()
                     self._schedule()
+            case Check():
+                self._check_timer = None
+                if self._active:
+                    # Take the lock again at once if its session went (the record
+                    # says so at the next beat, once the beat has shown it is ours).
+                    self._hold_lock()
+                    try:
+                        self._release_dead()
+                    finally:
+                        self._drop_connection(broken=False)
+                    self._schedule_check()
             case Deregister():
                 self._active = False
                 self._cancel()
@@ -121,13 +174,72 @@ class Liveness(DbActor):
                     logger.warning(
                         "Could not remove the liveness record of %s: %s", self.ctx.pool_id, exc
                     )
+                # Only once the record is gone: a record without its lock means a death.
+                self._close_lock()
         return None
 
     def on_stop(self) -> None:
         self._active = False
         self._cancel()
         self._clock.close()
+        self._close_lock()
         super().on_stop()
+
+    # --- the liveness lock ------------------------------------------------------------
+
+    def _hold_lock(self) -> bool:
+        """Make sure the lock connection is up and holds the pool's lock; False if it cannot."""
+        if self._lock_conninfo is None:
+            return False
+        conn = self._lock_conn
+        if conn is not None:
+            try:
+                conn.execute(self.ctx.queries.pool_lock_check)
+                return True
+            except psycopg.Error as exc:
+                logger.warning(
+                    "The liveness lock connection of pool %s broke (%s); taking the lock again",
+                    self.ctx.pool_id,
+                    exc,
+                )
+                self._close_lock()
+        try:
+            conn = connect(
+                self._lock_conninfo,
+                self.ctx.settings.connection,
+                application_name=f"{self.ctx.pool_id}-lock",
+            )
+        except psycopg.Error as exc:
+            logger.error(
+                "Pool %s could not open its liveness lock connection: %s", self.ctx.pool_id, exc
+            )
+            return False
+        try:
+            row = conn.execute(
+                self.ctx.queries.take_pool_lock, {"lock_key": self._lock_key}
+            ).fetchone()
+        except psycopg.Error as exc:
+            conn.close()
+            logger.error("Pool %s could not take its liveness lock: %s", self.ctx.pool_id, exc)
+            return False
+        if row is None or not row[0]:
+            conn.close()
+            logger.error(
+                "Pool %s: its liveness lock is held by another session; relying on the heartbeat",
+                self.ctx.pool_id,
+            )
+            return False
+        self._lock_conn = conn
+        self._lock_renewed = True
+        return True
+
+    def _close_lock(self) -> None:
+        conn, self._lock_conn = self._lock_conn, None
+        if conn is not None and not conn.closed:
+            try:
+                conn.close()
+            except Exception:
+                logger.debug("Closing the liveness lock connection failed", exc_info=True)
 
     def _ids(self) -> dict[str, Any]:
         return {"pool_id": self.ctx.pool_id}
@@ -139,10 +251,17 @@ class Liveness(DbActor):
                 self.ctx.settings.heartbeat_interval_s, lambda: ref.tell(Beat())
             )
 
+    def _schedule_check(self) -> None:
+        interval = self.ctx.settings.dead_pool_check_interval_s
+        if self._active and self._check_timer is None and interval is not None:
+            ref = self.actor_ref
+            self._check_timer = self._clock.call_later(interval, lambda: ref.tell(Check()))
+
     def _cancel(self) -> None:
-        timer, self._timer = self._timer, None
-        if timer is not None:
-            timer.cancel()
+        for timer in (self._timer, self._check_timer):
+            if timer is not None:
+                timer.cancel()
+        self._timer = self._check_timer = None
 
     def _register(self) -> None:
         ctx = self.ctx
@@ -152,16 +271,19 @@ class Liveness(DbActor):
             "pid": os.getpid(),
             "concurrency": ctx.settings.concurrency,
             "version": __version__,
+            "lock_key": self._lock_key if self._lock_conn is not None else None,
         }
         sent_at = ctx.ownership.now()
         self.run(
             lambda conn: conn.execute(ctx.queries.register_pool, params),
             "Registering the pool's liveness record",
         )
+        self._lock_renewed = False
         ctx.ownership.beat(sent_at)
 
     def _beat(self) -> None:
         ownership = self.ctx.ownership
+        self._hold_lock()
         try:
             # Sent no earlier than this: last_seen is at least this recent.
             sent_at = ownership.now()
@@ -185,6 +307,8 @@ class Liveness(DbActor):
                 self._register()
             else:
                 ownership.beat(sent_at)
+                if self._lock_renewed:
+                    self._register()  # the record names the lock, and since when
             self._release_dead()
         except psycopg.Error as exc:
             logger.error("Heartbeat of pool %s failed: %s", self.ctx.pool_id, exc)
@@ -196,6 +320,7 @@ class Liveness(DbActor):
         ctx = self.ctx
         settings = ctx.settings
         params = {
+            "pool_id": ctx.pool_id,
             "dead_after_s": settings.pool_dead_after_s,
             "quarantine_after": settings.crash_quarantine_after,
             "suspect_message": SUSPECT_MESSAGE,

@@ -41,6 +41,7 @@ from kongtask.jobs.claimer import (
 from kongtask.jobs.completer import FLUSH, Completer
 from kongtask.jobs.context import WorkerContext, new_pool_id
 from kongtask.jobs.executor import ExecutorPool
+from kongtask.jobs.isolation import starting_in_spawned_child
 from kongtask.jobs.listener import Listener
 from kongtask.jobs.liveness import Deregister, Liveness, Register
 from kongtask.jobs.local_queue import LocalQueue
@@ -97,9 +98,10 @@ class JobService:
         self._outcome_observer = outcome_observer
         self.pool_id = pool_id or new_pool_id(settings.once)
         self._listen_connection_string = listen_connection_string
-        self._guard = CrashGuard()
+        self._guard = CrashGuard(settings.concurrency)
+        # Read from the declarations, before the crash guard wraps the handlers.
         self._timeouts = task_timeouts(tasks, settings.timeout_s)
-        self._tasks = {name: self._guard.wrap(handler) for name, handler in tasks.items()}
+        self._tasks = {name: self._guard.wrap(name, handler) for name, handler in tasks.items()}
         self._no_log_success = no_log_success
         self._host: Host | None = None
         self.ctx: WorkerContext | None = None
@@ -120,6 +122,12 @@ class JobService:
     def start(self, host: Host) -> None:
         """Start every job actor on ``host``'s pool and bus; raises on failure (the host
         then closes this service)."""
+        if starting_in_spawned_child():
+            raise KongtaskError(
+                "a kongtask worker was started while a process-pool child imported the main "
+                "script again (multiprocessing spawn); start the worker under "
+                '`if __name__ == "__main__":`'
+            )
         self._host = host
         settings = self.settings
         pool, conninfo = host.pool, host.conninfo
@@ -159,7 +167,9 @@ class JobService:
         host.bus.emit(events.pool_create, pool_id=self.pool_id)
         # The liveness record exists before anything is claimed, so a pool id
         # seen in locked_by without a live record always means a dead pool.
-        self._liveness = Liveness.start(ctx, self._nudge, self._stuck_threads)
+        self._liveness = Liveness.start(
+            ctx, self._nudge, self._lock_conninfo(conninfo), self._stuck_threads
+        )
         if self._liveness.ask(Register(), timeout=_POOL_OPEN_TIMEOUT_S) is not True:
             raise KongtaskError(f"pool {self.pool_id} could not register its liveness record")
         outbox = Outbox(wake=self._flush_outcomes)
@@ -201,6 +211,24 @@ class JobService:
             self.pool_id,
             ", ".join(f"'{name}'" for name in self._tasks) or "none",
         )
+
+    def _lock_conninfo(self, conninfo: str) -> str | None:
+        """Where the pool holds its liveness lock: a direct session (None: none to be had)."""
+        if self.settings.dead_pool_check_interval_s is None:
+            return None
+        if self._listen_connection_string is not None:
+            return self._listen_connection_string
+        if self.settings.pgbouncer:
+            logger.warning(
+                "pgbouncer=True and no listen_connection_string: the pool holds no liveness "
+                "lock (a session lock cannot live through transaction pooling), so if this "
+                "process dies its jobs wait for the heartbeat bound (pool_dead_after_s = %g s). "
+                "Set listen_connection_string (--listen-connection) to a direct PostgreSQL "
+                "connection for release within seconds.",
+                self.settings.pool_dead_after_s,
+            )
+            return None
+        return conninfo
 
     def _start_listener(self, ctx: WorkerContext, conninfo: str) -> None:
         """LISTEN on the listen connection if given, else the main one (not through pgbouncer)."""
@@ -474,6 +502,7 @@ class JobService:
             self._aio.stop(step())
         if self._executors is not None:
             self._executors.close()
+        self._guard.close()
         if self.ctx is not None and host is not None:
             host.bus.emit(events.pool_release, pool_id=self.pool_id)
 

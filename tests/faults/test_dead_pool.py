@@ -7,10 +7,11 @@ go back to the queue. Locks held by a pool that is not kongtask's (a Node
 graphile-worker) are left to the 4-hour sweep.
 
 A handler that calls ``os._exit`` kills its process. After the first death
-its batch-mates and itself are suspects; suspects run one at a time behind a
-"running" mark, so each further death is counted against the poison job
-alone, and after ``crash_quarantine_after`` (3) counted deaths it is failed
-for good. The innocent jobs of its batch each run exactly once.
+its batch-mates and itself are suspects; suspects run in child processes of
+the next worker, so each further death is a child's, counted against the
+poison job alone, and after ``crash_quarantine_after`` (3) counted deaths it
+is failed for good. No second worker dies. The innocent jobs of its batch
+each run exactly once.
 """
 
 from __future__ import annotations
@@ -109,10 +110,10 @@ def test_killed_pool_is_released_automatically(
             what="the survivor to run everything",
         )
         recovered = time.monotonic() - killed_at
-        # Within the bound plus one check interval (plus slack for a loaded machine),
-        # and not long before the bound (the victim's last heartbeat came shortly
-        # before the kill; under load it may have been late).
-        assert DEAD_AFTER_S / 3 <= released <= DEAD_AFTER_S + HEARTBEAT_S + 4.0
+        # Within the bound plus one check interval (plus slack for a loaded machine);
+        # in fact far sooner: the victim's liveness lock went with its process.
+        # (A frozen process keeps its lock: test_paused_pool.py covers the bound.)
+        assert released <= DEAD_AFTER_S + HEARTBEAT_S + 4.0
         assert (
             scalar(
                 db,
@@ -194,8 +195,9 @@ def test_job_that_kills_its_worker_is_quarantined(
             worker.close()
     elapsed = time.monotonic() - started
     assert settled()
-    # One death before the poison was suspected, then three counted ones.
-    assert exits == [77, 77, 77, 77]
+    # One worker death before the poison was suspected; the three counted crashes
+    # were its child processes' (the second worker lived on).
+    assert exits == [77]
     attempts, max_attempts, last_error, locked_by = db.execute(
         "select attempts, max_attempts, last_error, locked_by from graphile_worker._private_jobs "
         "where id = %s",
@@ -217,8 +219,8 @@ def test_job_that_kills_its_worker_is_quarantined(
     db.execute("delete from public.completions where job_id = %s", (poison_id,))
     report = check_ledger(db, range(innocents))
     print(
-        f"\ncrash quarantine: the poison job killed {len(exits)} worker processes "
-        f"(1 before it was a suspect, {crashes} counted), then was failed for good "
+        f"\ncrash quarantine: the poison job killed {len(exits)} worker process "
+        f"(before it was a suspect), then {crashes} child processes, then was failed for good "
         f"({elapsed:.1f}s in all); last_error: {last_error!r}; innocents: {report.summary()}"
     )
     report.assert_clean()

@@ -43,8 +43,11 @@ _DROPPED = re.compile(
 )
 
 
-def _runs_in(db: psycopg.Connection[Any], pid: int) -> int:
-    return int(scalar(db, "select count(*) from ledger where phase = 'ok' and pid = %s", (pid,)))
+def _runs_in(db: psycopg.Connection[Any], pool_id: str | None) -> int:
+    # By pool, not pid: the released jobs are crash suspects, run in child processes.
+    return int(
+        scalar(db, "select count(*) from ledger where phase = 'ok' and pool_id = %s", (pool_id,))
+    )
 
 
 def test_paused_pool_drops_the_jobs_it_no_longer_holds(
@@ -93,12 +96,12 @@ def test_paused_pool_drops_the_jobs_it_no_longer_holds(
             timeout_s=30,
             what="the live pool to run all six jobs",
         )
-        assert _runs_in(db, live.pid) == HELD
+        assert _runs_in(db, live.pool_id) == HELD
         paused.send(signal.SIGCONT)
         resumed_at = time.monotonic()
         # Before the fix the resumed pool ran the five again, one after the other.
         wait_until(
-            lambda: _DROPPED.search(paused.log()) is not None or _runs_in(db, paused.pid) >= 2,
+            lambda: _DROPPED.search(paused.log()) is not None or _runs_in(db, paused.pool_id) >= 2,
             timeout_s=30,
             what="the resumed pool to drop (or run) the jobs it no longer holds",
         )
@@ -113,7 +116,8 @@ def test_paused_pool_drops_the_jobs_it_no_longer_holds(
         print(
             f"\npaused pool (SIGSTOP, concurrency 1, heartbeat {HEARTBEAT_S}s, "
             f"pool_dead_after_s={DEAD_AFTER_S}): held 1 running + {HELD - 1} buffered; "
-            f"released {released:.2f}s after the stop; after SIGCONT: {_runs_in(db, paused.pid)} "
+            f"released {released:.2f}s after the stop; "
+            f"after SIGCONT: {_runs_in(db, paused.pool_id)} "
             f"run(s) in the paused pool, settled in {settled:.2f}s; {report.summary()}; "
             f"drop line: {dropped.group(0) if dropped else None!r}"
         )

@@ -7,7 +7,8 @@ through ``kongtask admin unlock-dead --yes`` (which reads the liveness
 records: a killed pool's heartbeat stops) and, in the second test, through the
 stale-lock sweep of a survivor whose lock expiry is shortened. (The automatic
 release of dead pools is kept out of the way here with a long
-``pool_dead_after_s``; ``test_dead_pool.py`` tests it.)
+``pool_dead_after_s`` and no liveness locks, ``dead_pool_check_interval_s=None``;
+``test_dead_pool.py`` and ``test_crash_isolation.py`` test it.)
 
 The only jobs allowed to run twice are the ones the dead pool held at the
 moment of the kill: a handler may have finished (and written its ledger row)
@@ -137,6 +138,7 @@ def test_sigkilled_workers_recovered_by_admin_commands(
         "poll_interval_s": 0.2,
         "heartbeat_interval_s": 0.25,
         "pool_dead_after_s": 600,
+        "dead_pool_check_interval_s": None,
     }
     workers = [
         WorkerProcess.script(db_url, tasks, tmp_path / f"worker{i}.log", options) for i in range(4)
@@ -244,6 +246,7 @@ def test_sigkilled_worker_recovered_by_stale_lock_sweep(
         "lock_expiry": "3 seconds",
         "min_reset_locked_interval_s": 0.5,
         "max_reset_locked_interval_s": 1.0,
+        "dead_pool_check_interval_s": None,
     }
     workers = [
         WorkerProcess.script(db_url, tasks, tmp_path / f"sweeper{i}.log", options) for i in range(2)

@@ -80,6 +80,8 @@ def test_settings_are_frozen() -> None:
 def test_liveness_and_timeout_defaults() -> None:
     settings = WorkerSettings()
     assert (settings.heartbeat_interval_s, settings.pool_dead_after_s) == (10.0, 60.0)
+    assert settings.dead_pool_check_interval_s == 2.0
+    assert WorkerSettings(dead_pool_check_interval_s=None).dead_pool_check_interval_s is None
     assert settings.crash_quarantine_after == 3
     connection = settings.connection
     assert connection == ConnectionSettings()
@@ -96,6 +98,8 @@ def test_liveness_and_timeout_defaults() -> None:
         ("pool_dead_after_s", float("nan")),
         ("crash_quarantine_after", 0),
         ("crash_quarantine_after", 2.5),
+        ("dead_pool_check_interval_s", 0),
+        ("dead_pool_check_interval_s", "2"),
     ],
 )
 def test_bad_liveness_values_name_the_parameter(name: str, value: Any) -> None:

@@ -16,10 +16,15 @@ now() - %(dead_after_s)s * interval '1 second'
 -- name: register_pool
 -- A pool announces itself before it claims anything. Timestamps are the
 -- database's, never the worker's, so a skewed host clock cannot fake a death.
-insert into {s}._kongtask_pools (pool_id, hostname, pid, concurrency, version)
+-- lock_key names the advisory lock the pool holds on its direct connection
+-- (null: none, only the heartbeat judges it); lock_since says since when.
+insert into {s}._kongtask_pools
+    (pool_id, hostname, pid, concurrency, version, lock_key, lock_since)
 values (%(pool_id)s::text, %(hostname)s::text, %(pid)s::int, %(concurrency)s::int,
-        %(version)s::text)
-on conflict (pool_id) do update set last_seen = now()
+        %(version)s::text, %(lock_key)s::bigint,
+        case when %(lock_key)s::bigint is not null then now() end)
+on conflict (pool_id) do update
+set last_seen = now(), lock_key = excluded.lock_key, lock_since = excluded.lock_since
 
 -- name: heartbeat
 -- The heartbeat: returns no row when another pool has declared this one dead
@@ -34,18 +39,36 @@ returning pool_id
 -- A clean stop: the pool has given everything back.
 delete from {s}._kongtask_pools where pool_id = %(pool_id)s::text
 
+-- name: take_pool_lock
+-- On the pool's own direct connection: hold the pool's liveness lock for the
+-- life of the session (true when taken; false when a session already holds it).
+select pg_try_advisory_lock(%(lock_key)s::bigint)
+
+-- name: pool_lock_check
+-- On the pool's own direct connection: is the session (and its lock) still there?
+select 1
+
 -- name: release_dead_pools
--- Release every kongtask pool whose heartbeat is older than the bound, in one
--- statement: its row goes; a suspect it was running (marked in
+-- Release every kongtask pool that is dead, in one statement: its heartbeat is
+-- older than the bound, or it names a liveness lock that nobody holds any more
+-- (its session ended: the process died; taking the lock shared lasts for this
+-- statement only and never blocks, and a live holder keeps it exclusive). A
+-- lock taken before the server last started is not judged (every lock went
+-- with that server), and the releasing pool never judges its own. Its row goes; a suspect it was running (marked in
 -- _kongtask_job_crashes) gets one more crash; its locked jobs are unlocked
 -- and marked as suspects through last_error, except those that have now
 -- crashed `quarantine_after` times, which are failed for good
--- (attempts = max_attempts); its named queues are unlocked. Concurrent
--- releasers serialise on the pool rows, so each death is counted once. Node
--- pools have no row and are never touched here (the 4-hour sweep frees them).
+-- (attempts = max_attempts); its named queues are unlocked. A released job
+-- keeps its run_at, so it runs again before jobs that came due after it.
+-- Concurrent releasers serialise on the pool rows, so each death is counted
+-- once. Node pools have no row and are never touched here (the 4-hour sweep frees them).
 with dead as (
     delete from {s}._kongtask_pools as pools
     where pools.last_seen < {dead_before}
+    or (pools.lock_key is not null
+        and pools.pool_id <> %(pool_id)s::text
+        and pools.lock_since > pg_postmaster_start_time()
+        and pg_try_advisory_xact_lock_shared(pools.lock_key))
     returning pools.pool_id, pools.last_seen
 ),
 crashed as (
@@ -76,7 +99,6 @@ released as (
             then format(%(quarantined_message)s::text, targets.crashes, targets.pool_id)
             else format(%(suspect_message)s::text, targets.pool_id)
         end,
-        run_at = greatest(jobs.run_at, now()),
         updated_at = now()
     from targets
     where jobs.id = targets.id
@@ -115,6 +137,29 @@ select holders.locked_by from holders
 where not exists (
     select 1 from {s}._kongtask_pools as pools where pools.pool_id = holders.locked_by
 )
+
+-- name: record_child_crash
+-- The child process running a job died (the worker lives on): count one crash
+-- against the job and clear any running mark; when it has now crashed
+-- `quarantine_after` times, use up its attempts so the failure the completer
+-- records next is final. Returns the crash count.
+with counted as (
+    insert into {s}._kongtask_job_crashes as crashes (job_id, crashes, last_crash_at)
+    values (%(job_id)s::bigint, 1, now())
+    on conflict (job_id) do update
+    set crashes = crashes.crashes + 1, running_pool = null, running_since = null,
+        last_crash_at = now()
+    returning crashes.crashes
+),
+quarantined as (
+    update {s}._private_jobs as jobs
+    set attempts = greatest(jobs.attempts, jobs.max_attempts)
+    from counted
+    where jobs.id = %(job_id)s::bigint
+    and jobs.locked_by = %(pool_id)s::text
+    and counted.crashes >= %(quarantine_after)s::int
+)
+select counted.crashes from counted
 
 -- name: gc_job_crashes
 -- Crash counts of jobs that no longer exist (completed, or removed).

@@ -1,0 +1,421 @@
+"""Running a handler in a child process, so that a crash costs the child, not the worker.
+
+Three kinds of run leave the worker's process:
+
+- a task declared ``isolate=True`` runs every attempt in a child of its own;
+- a *suspect* (a job released from a pool that died holding it, see
+  :mod:`kongtask.jobs.quarantine`) runs in a child of its own, when its
+  handler can be imported by the child;
+- a task declared ``executor="process"`` runs in a reusable pool of child
+  processes (CPU-bound work, outside the worker's GIL); a pool broken by a
+  dying child is replaced, and the jobs it was running fail as crash
+  suspects, so their next attempt runs alone in a child and any further
+  crash is counted against the job that caused it.
+
+A one-job child is a fresh interpreter (``python -m
+kongtask.jobs.child_main``): like multiprocessing's ``spawn`` it shares no
+threads or locks with the worker, but it never runs the worker's main script
+again, so a script without a ``__main__`` guard cannot start a second worker
+inside it. The process pool is ``ProcessPoolExecutor`` with ``spawn``, which
+does import the main module again: a worker script with ``executor="process"``
+tasks must start its worker under ``if __name__ == "__main__":`` (a Runner
+refuses to start in such a child, see :func:`starting_in_spawned_child`).
+Either way the child imports the handler by its module path (falling back to
+the file a tasks file was loaded from), so the handler must live at the top
+level of a module. When a child dies
+without an answer, the crash is counted against the job
+(``_kongtask_job_crashes``), the attempt fails with a message naming the
+signal or exit code, and after ``crash_quarantine_after`` counted crashes the
+job is failed for good. The worker never notices anything but a failure.
+
+A handler in a child receives :class:`ChildHelpers`: the job, a logger, an
+abort event and its own database connections; nothing of the worker's pool.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import multiprocessing
+import os
+import pickle
+import select
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
+from typing import Any
+
+from kongtask.declared import Task
+from kongtask.errors import ConfigurationError
+from kongtask.job import Job
+from kongtask.jobs import child_main
+from kongtask.jobs.child_main import ERROR_ITEM
+
+__all__ = [
+    "CRASH_PREFIX",
+    "ChildCrashed",
+    "ChildError",
+    "ChildProcess",
+    "Children",
+    "HandlerRef",
+    "ProcessTasks",
+    "describe_exit",
+    "starting_in_spawned_child",
+]
+
+logger = logging.getLogger(__name__)
+
+#: How ``last_error`` starts for an attempt whose child process died; such a
+#: job stays a crash suspect, so its next attempt runs in a child again.
+CRASH_PREFIX = "kongtask: the process running this job died"
+
+_SPAWN = multiprocessing.get_context("spawn")
+#: How often a parent waiting on a child looks at the job's abort event.
+_ABORT_POLL_S = 0.2
+
+
+class ChildCrashed(Exception):
+    """The process running a job died before answering (the message says how)."""
+
+
+class ChildError(Exception):
+    """An exception a handler raised in a child process, carried back as text."""
+
+    def __init__(self, message: str, remote_traceback: str = "") -> None:
+        super().__init__(message)
+        self.remote_traceback = remote_traceback
+
+
+@dataclass(frozen=True, slots=True)
+class HandlerRef:
+    """Where a child finds a handler: its module, its qualified name, the module's file."""
+
+    module: str
+    qualname: str
+    file: str | None
+
+    @classmethod
+    def of(cls, handler: Callable[..., Any]) -> HandlerRef:
+        """The reference of ``handler``; ConfigurationError saying why a child cannot import it."""
+        fn = handler.fn if isinstance(handler, Task) else handler
+        module_name = getattr(fn, "__module__", None)
+        qualname = getattr(fn, "__qualname__", None)
+        if not isinstance(module_name, str) or not isinstance(qualname, str):
+            raise ConfigurationError(
+                f"{fn!r} has no module and name a child process could import it by",
+                name="handler",
+                value=fn,
+            )
+        if "<locals>" in qualname or "<lambda>" in qualname:
+            raise ConfigurationError(
+                f"{module_name}.{qualname} is defined inside a function (or is a lambda); "
+                "a child process imports a handler by module path, so define it at the top "
+                "level of a module",
+                name="handler",
+                value=fn,
+            )
+        if module_name == "__main__":
+            raise ConfigurationError(
+                f"{qualname} is defined in the __main__ script; a child process imports a "
+                "handler by module path, so move it into a module of its own",
+                name="handler",
+                value=fn,
+            )
+        module = sys.modules.get(module_name)
+        file = getattr(module, "__file__", None) if module is not None else None
+        found: Any = module
+        for part in qualname.split("."):
+            found = getattr(found, part, None)
+        same = found is handler or found is fn
+        if not same and not (isinstance(found, Task) and found.fn is fn):
+            raise ConfigurationError(
+                f"{module_name}.{qualname} does not name this handler at module level "
+                "(it was replaced or renamed); a child process imports a handler by module "
+                "path, so keep it under its own name at the top level of a module",
+                name="handler",
+                value=fn,
+            )
+        return cls(module_name, qualname, file if isinstance(file, str) else None)
+
+    @classmethod
+    def maybe(cls, handler: Callable[..., Any]) -> HandlerRef | None:
+        """As :meth:`of`, or None when the handler cannot be imported by a child."""
+        try:
+            return cls.of(handler)
+        except ConfigurationError:
+            return None
+
+    def as_tuple(self) -> tuple[str, str, str | None]:
+        """What a child needs to import it (see :func:`kongtask.jobs.child_main.load_handler`)."""
+        return (self.module, self.qualname, self.file)
+
+
+def starting_in_spawned_child() -> bool:
+    """True while a multiprocessing child is importing the parent's main module.
+
+    A Runner started then would be a second worker inside a process-pool child.
+    """
+    return multiprocessing.parent_process() is not None and bool(
+        getattr(multiprocessing.current_process(), "_inheriting", False)
+    )
+
+
+def describe_exit(exitcode: int | None) -> str:
+    """How a child ended, in words: the signal that killed it, or its exit code."""
+    if exitcode is None:
+        return "vanished"
+    if exitcode < 0:
+        try:
+            name = signal.Signals(-exitcode).name
+        except ValueError:
+            name = f"signal {-exitcode}"
+        return f"killed by {name}"
+    return f"exited with code {exitcode} before answering"
+
+
+def _job_fields(job: Job) -> dict[str, Any]:
+    return {field.name: getattr(job, field.name) for field in dataclasses.fields(job)}
+
+
+def _unpack(outcome: Any) -> Any:
+    """The result of a child's outcome, or its handler's exception as :class:`ChildError`."""
+    if outcome[0] != "ok":
+        raise ChildError(outcome[1], outcome[2])
+    result = outcome[1]
+    if type(result) is list:
+        return [
+            ChildError(item[1])
+            if type(item) is tuple and len(item) == 2 and item[0] == ERROR_ITEM
+            else item
+            for item in result
+        ]
+    return result
+
+
+class ChildProcess:
+    """A fresh interpreter running jobs one at a time (``python -m kongtask.jobs.child_main``).
+
+    Requests go down its stdin as pickles; each outcome comes back on a pipe of
+    its own, length first. If the pipe closes before a whole outcome came, the
+    child died running that job, and its exit status says how.
+    """
+
+    def __init__(self) -> None:
+        read_fd, write_fd = os.pipe()
+        try:
+            self._proc = subprocess.Popen(
+                [sys.executable, child_main.__file__, str(write_fd)],
+                stdin=subprocess.PIPE,
+                pass_fds=(write_fd,),
+                # Out of the terminal's process group: a Ctrl-C is the worker's to
+                # handle (it kills running children on abort), not an idle child's.
+                start_new_session=True,
+            )
+        except BaseException:
+            os.close(read_fd)
+            raise
+        finally:
+            os.close(write_fd)
+        self._read_fd = read_fd
+        self._buffer = b""
+        assert self._proc.stdin is not None
+        self._stdin = self._proc.stdin
+        self._send(pickle.dumps([p for p in sys.path if isinstance(p, str)]))
+
+    @property
+    def pid(self) -> int:
+        """The child's process id."""
+        return self._proc.pid
+
+    def _send(self, data: bytes) -> bool:
+        try:
+            self._stdin.write(data)
+            self._stdin.flush()
+            return True
+        except (BrokenPipeError, ValueError):
+            return False  # it died: its exit status says how
+
+    def _receive(self, abort_event: threading.Event | None) -> bytes | None:
+        """The next whole message from the child; None when its pipe closed first."""
+        need, header = 8, None
+        while True:
+            if len(self._buffer) >= need:
+                if header is None:
+                    header = need = int.from_bytes(self._buffer[:8], "big")
+                    self._buffer = self._buffer[8:]
+                    continue
+                data, self._buffer = self._buffer[:need], self._buffer[need:]
+                return data
+            readable, _, _ = select.select([self._read_fd], [], [], _ABORT_POLL_S)
+            if readable:
+                chunk = os.read(self._read_fd, 1 << 16)
+                if not chunk:
+                    return None  # it closed its end without a whole message: it died
+                self._buffer += chunk
+            elif abort_event is not None and abort_event.is_set():
+                self.close(kill=True)
+                raise RuntimeError("aborted: the child process running the job was killed")
+
+    def ready(self) -> bool:
+        """Ask an idle child whether it still answers (one round trip); False: it died idle."""
+        return self._send(pickle.dumps(None)) and self._receive(None) == b""
+
+    def call(self, request: bytes, abort_event: threading.Event) -> Any:
+        """Send one job and wait for its outcome (ChildCrashed when the child dies)."""
+        if self._send(request):
+            data = self._receive(abort_event)
+            if data is not None:
+                return _unpack(pickle.loads(data))
+        exitcode = self._proc.wait()
+        self.close()
+        raise ChildCrashed(describe_exit(exitcode))
+
+    def close(self, *, kill: bool = False) -> None:
+        """End the child (it exits when its stdin closes; ``kill``: at once)."""
+        if kill and self._proc.poll() is None:
+            self._proc.kill()
+        with contextlib.suppress(OSError, ValueError):
+            self._stdin.close()
+        try:
+            self._proc.wait(5)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            self._proc.wait(5)
+        if self._read_fd >= 0:
+            os.close(self._read_fd)
+            self._read_fd = -1
+
+
+class Children:
+    """One-job-at-a-time children: a fresh one per run, or reused ones kept idle.
+
+    Reuse pays the interpreter's start (about a second with kongtask imported)
+    once per child instead of once per job; a crash is still the crash of the
+    one job the child was running.
+    """
+
+    def __init__(self, keep: int) -> None:
+        self._keep = keep
+        self._idle: list[ChildProcess] = []
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def run(
+        self,
+        ref: HandlerRef,
+        payload: Any,
+        job: Job,
+        worker_id: str,
+        conninfo: str,
+        abort_event: threading.Event,
+        *,
+        reuse: bool,
+    ) -> Any:
+        """Run the handler in a child and return its result (see :class:`ChildProcess`)."""
+        request = pickle.dumps((ref.as_tuple(), payload, _job_fields(job), worker_id, conninfo))
+        child: ChildProcess | None = None
+        while reuse and child is None:
+            with self._lock:
+                if not self._idle:
+                    break
+                child = self._idle.pop()
+            if not child.ready():
+                # It died idle (killed from outside): no job to blame for that.
+                child.close()
+                child = None
+        if child is None:
+            child = ChildProcess()
+        ok = False
+        try:
+            result = child.call(request, abort_event)
+            ok = True
+            return result
+        except ChildError:
+            ok = True
+            raise
+        finally:
+            if ok and reuse:
+                with self._lock:
+                    if not self._closed and len(self._idle) < self._keep:
+                        self._idle.append(child)
+                        child = None
+            if child is not None:
+                child.close()
+
+    def close(self) -> None:
+        """End every idle child."""
+        with self._lock:
+            self._closed = True
+            idle, self._idle = self._idle, []
+        for child in idle:
+            child.close()
+
+
+class ProcessTasks:
+    """The reusable process pool of ``executor="process"`` tasks (created on first use)."""
+
+    def __init__(self, max_workers: int) -> None:
+        self._max_workers = max_workers
+        self._lock = threading.Lock()
+        self._pool: ProcessPoolExecutor | None = None
+        self._closed = False
+
+    def _current(self) -> ProcessPoolExecutor:
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("the process pool is shut down (the worker is stopping)")
+            if self._pool is None:
+                self._pool = ProcessPoolExecutor(self._max_workers, mp_context=_SPAWN)
+            return self._pool
+
+    def _replace(self, broken: ProcessPoolExecutor) -> None:
+        with self._lock:
+            if self._pool is broken:
+                self._pool = None
+                logger.warning("A child of the process pool died; replacing the pool")
+        broken.shutdown(wait=False, cancel_futures=True)
+
+    def run(
+        self,
+        ref: HandlerRef,
+        payload: Any,
+        job: Job,
+        worker_id: str,
+        conninfo: str,
+        abort_event: threading.Event,
+    ) -> Any:
+        """Run the handler on the pool; :class:`ChildCrashed` when the pool broke under it."""
+        pool = self._current()
+        try:
+            future: Future[Any] = pool.submit(
+                child_main.run_job, ref.as_tuple(), payload, _job_fields(job), worker_id, conninfo
+            )
+            while True:
+                try:
+                    return _unpack(future.result(timeout=_ABORT_POLL_S))
+                except TimeoutError:
+                    if abort_event.is_set():
+                        future.cancel()
+                        raise RuntimeError(
+                            "aborted: stopped waiting for the process pool running the job"
+                        ) from None
+        except BrokenProcessPool as exc:
+            self._replace(pool)
+            raise ChildCrashed(
+                f"a process of the process pool died while it ran this job or another "
+                f"({exc}); the pool was replaced"
+            ) from None
+
+    def shutdown(self) -> None:
+        """Stop the pool's children (running ones are not waited for)."""
+        with self._lock:
+            self._closed = True
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
