@@ -6,7 +6,10 @@ from __future__ import annotations
 import functools
 from typing import Any
 
+import pytest
+
 import kongtask
+from kongtask import ConfigurationError
 from kongtask.jobs.aio import is_async_handler
 from kongtask.jobs.quarantine import CrashGuard
 
@@ -38,7 +41,14 @@ def test_async_handlers_are_told_from_plain_ones() -> None:
 
 def test_the_crash_guard_keeps_an_async_handler_async() -> None:
     guard = CrashGuard()
-    assert is_async_handler(guard.wrap(coro))
-    assert is_async_handler(guard.wrap(kongtask.task(coro)))
-    assert is_async_handler(guard.wrap(AsyncCallable()))
-    assert not is_async_handler(guard.wrap(plain))
+    assert is_async_handler(guard.wrap("coro", coro))
+    assert is_async_handler(guard.wrap("coro", kongtask.task(coro)))
+    assert is_async_handler(guard.wrap("call", AsyncCallable()))
+    assert not is_async_handler(guard.wrap("plain", plain))
+
+
+def test_an_async_handler_cannot_be_isolated() -> None:
+    guard = CrashGuard()
+    for options in ({"isolate": True}, {"executor": "process"}):
+        with pytest.raises(ConfigurationError, match="async def handler"):
+            guard.wrap("coro", kongtask.task(**options)(coro))
