@@ -454,8 +454,8 @@ def test_cancel_fails_a_waiting_job_for_good(
     retrying, running = seeded["retrying"][0], seeded["running"][0]
     _, _, page = client.request("GET", "/jobs")
     for job in (ready, retrying, seeded["scheduled"][0], running):
-        row = re.search(rf'<tr data-job-id="{job}">.*?</tr>', page)
-        assert row and 'action="/actions/cancel"' in row.group(0), job
+        html_row = re.search(rf'<tr data-job-id="{job}">.*?</tr>', page)
+        assert html_row and 'action="/actions/cancel"' in html_row.group(0), job
     failed_row = re.search(rf'<tr data-job-id="{seeded["failed"][0]}">.*?</tr>', page)
     assert failed_row and "/actions/cancel" not in failed_row.group(0)
     _, _, detail = client.request("GET", f"/jobs/{running}")
