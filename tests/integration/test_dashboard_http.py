@@ -492,7 +492,15 @@ def test_cancel_fails_a_waiting_job_for_good(
     # A job held by a pool is left to that pool, which is told (this one is dead: it stays held).
     _, flash = client.post("cancel", {"csrf": csrf, "job_id": running})
     assert flash.startswith(f"Job {running} is running: asked pool {DEAD_POOL} to abort it")
+    assert flash.endswith(
+        "That pool sent no recent heartbeat: if it is dead, unlock it "
+        "(overview, Pools) and cancel the job again"
+    )
     assert running in ids_by_sql(db, "running")
+    # As it says: once the dead pool is unlocked, the job waits and a cancel fails it.
+    client.post("unlock", {"csrf": csrf, "pool_id": DEAD_POOL})
+    _, flash = client.post("cancel", {"csrf": csrf, "job_id": running})
+    assert flash.startswith(f"Cancelled job {running}:") and running in ids_by_sql(db, "failed")
 
 
 def test_cancel_without_the_form_token_is_refused_and_changes_nothing(

@@ -565,10 +565,18 @@ def _cancel(utils: WorkerUtils, job_id: int, reason: str | None) -> tuple[bool, 
     if result.outcome == "cancelled":
         return True, f"Cancelled job {job_id}: it was waiting and has failed permanently"
     if result.outcome == "signalled":
-        return True, (
+        message = (
             f"Job {job_id} is running: asked pool {result.pool_id} to abort it; "
             "it fails permanently when its handler stops"
         )
+        live = {pool.pool_id for pool in utils.list_pools(live_only=True)}
+        if result.pool_id not in live:
+            # A dead kongtask pool (or a Node worker) never hears the signal.
+            message += (
+                ". That pool sent no recent heartbeat: if it is dead, unlock it "
+                "(overview, Pools) and cancel the job again"
+            )
+        return True, message
     if result.outcome == "finished":
         return False, f"Job {job_id} had already failed permanently; nothing to cancel"
     return False, f"No job {job_id}: it completed, was removed or never existed"
