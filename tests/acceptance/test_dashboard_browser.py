@@ -72,9 +72,15 @@ def test_dashboard_shows_the_counts_and_retries_a_failed_job(
     def flaky(payload: Any, helpers: Any) -> None:
         raise RuntimeError("upstream returned 502")
 
+    slow_started = threading.Event()
+
+    def slow(payload: Any, helpers: Any) -> None:
+        slow_started.set()
+        helpers.abort_event.wait(60)
+
     with (
         kongtask.run(
-            tasks={"email": email, "flaky": flaky},
+            tasks={"email": email, "flaky": flaky, "slow": slow},
             connection_string=db_url,
             install_signal_handlers=False,
         ) as runner,
@@ -123,3 +129,31 @@ def test_dashboard_shows_the_counts_and_retries_a_failed_job(
         page.goto(dashboard.url)
         assert int(page.inner_text('#totals b[data-state="failed"]')) == count(db, "failed") == 4
         assert page.locator(f'#failing tr[data-job-id="{target}"]').count() == 0
+
+        # Cancel a scheduled job from the job list, with a reason.
+        waiting = seeded["scheduled"][0]
+        page.goto(dashboard.url + "jobs?state=scheduled")
+        row = page.locator(f'tr[data-job-id="{waiting}"]')
+        cancel_form = row.locator('form[action$="/actions/cancel"]')
+        cancel_form.locator('input[name="reason"]').fill("not needed")
+        cancel_form.get_by_role("button", name="Cancel").click()
+        page.wait_for_selector(".flash")
+        assert page.inner_text(".flash") == (
+            f"Cancelled job {waiting}: it was waiting and has failed permanently"
+        )
+        assert waiting in ids_by_sql(db, "failed")
+        last_error = db.execute(
+            "select last_error from graphile_worker._private_jobs where id = %s", (waiting,)
+        ).fetchone()
+        assert last_error == ("cancelled: not needed",)
+
+        # Cancel a running job from its page: the pool aborts it and it fails for good.
+        running = runner.add_job("slow", {})
+        assert slow_started.wait(30), "the slow job did not start"
+        page.goto(dashboard.url + f"jobs/{running.id}")
+        page.locator("#actions").get_by_role("button", name="Cancel").click()
+        page.wait_for_selector(".flash")
+        assert page.inner_text(".flash").startswith(f"Job {running.id} is running: asked pool")
+        wait_until(lambda: running.id in ids_by_sql(db, "failed"), what="the cancelled job to fail")
+        page.goto(dashboard.url + f"jobs/{running.id}")
+        assert "cancelled" in page.inner_text("main")

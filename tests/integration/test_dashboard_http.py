@@ -18,11 +18,11 @@ from wsgiref.util import setup_testing_defaults
 import psycopg
 import pytest
 
-from kongtask import ConfigurationError, WorkerUtils
+from kongtask import ConfigurationError, JobCancelledError, Runner, WorkerUtils
 from kongtask.ops.dashboard import Dashboard, DashboardServer
 from kongtask.ops.dashboard.app import POOL_SIZE
 from tests.integration.ops_support import DEAD_POOL, LIVE_POOL, ids_by_sql, seed_every_state
-from tests.integration.worker_support import wait_until
+from tests.integration.worker_support import DEADLINE_S, jobs, recording, wait_until
 
 TOKEN = "s3cret-token-for-tests"
 #: The dashboard's statement deadline (README, "The dashboard").
@@ -294,14 +294,14 @@ def test_malformed_job_ids_are_404_in_a_path_and_400_in_a_form(
         assert status == 404, (path, status, body[:300])
         assert "Traceback" not in body
     csrf = client.csrf()
-    before = {state: ids_by_sql(db, state) for state in ("failed", "ready")}
-    for action in ("retry", "fail", "reschedule"):
+    before = {state: ids_by_sql(db, state) for state in ("failed", "ready", "running")}
+    for action in ("retry", "fail", "reschedule", "cancel"):
         for bad in ("²", "٣", "abc", "", "-1", "0", "99999999999999999999", "9" * 5000):
             fields = {"csrf": csrf, "job_id": bad, "reason": "no", "at": "+1h"}
             status, body = client.post(action, fields)
             assert status == 400, (action, bad, status, body[:300])
             assert "not a job id" in body and "Traceback" not in body
-    assert {state: ids_by_sql(db, state) for state in ("failed", "ready")} == before
+    assert {state: ids_by_sql(db, state) for state in ("failed", "ready", "running")} == before
     # A Content-Length that is not a number of bytes is refused, not read until the client hangs up.
     cookie = f"kongtask_csrf={client.cookies['kongtask_csrf']}"
     answer = raw_request(
@@ -437,3 +437,125 @@ def test_a_locked_jobs_table_slows_only_the_pages_that_read_it(
             assert took_s < DASHBOARD_DEADLINE_S + 1.0, (path, took_s)
         locker.rollback()
     assert client.request("GET", "/jobs")[0] == 200  # the pool recovered once the lock went
+
+
+# --- cancelling jobs from the dashboard -----------------------------------------------
+
+
+def job_row(db: psycopg.Connection[Any], job_id: int) -> dict[str, Any] | None:
+    rows = [row for row in jobs(db) if row["id"] == job_id]
+    return rows[0] if rows else None
+
+
+def test_cancel_fails_a_waiting_job_for_good(
+    client: Client, db: psycopg.Connection[Any], seeded: dict[str, list[int]]
+) -> None:
+    ready, plain = seeded["ready"][0], seeded["ready"][1]
+    retrying, running = seeded["retrying"][0], seeded["running"][0]
+    _, _, page = client.request("GET", "/jobs")
+    for job in (ready, retrying, seeded["scheduled"][0], running):
+        html_row = re.search(rf'<tr data-job-id="{job}">.*?</tr>', page)
+        assert html_row and 'action="/actions/cancel"' in html_row.group(0), job
+    failed_row = re.search(rf'<tr data-job-id="{seeded["failed"][0]}">.*?</tr>', page)
+    assert failed_row and "/actions/cancel" not in failed_row.group(0)
+    _, _, detail = client.request("GET", f"/jobs/{running}")
+    assert 'action="/actions/cancel"' in detail and "/actions/retry" not in detail
+
+    csrf = client.csrf()
+    status, flash = client.post("cancel", {"csrf": csrf, "job_id": ready, "reason": "typo"})
+    assert (status, flash) == (
+        303,
+        f"Cancelled job {ready}: it was waiting and has failed permanently",
+    )
+    row = job_row(db, ready)
+    assert row is not None and row["last_error"] == "cancelled: typo"
+    assert row["attempts"] == row["max_attempts"] and ready in ids_by_sql(db, "failed")
+
+    _, flash = client.post("cancel", {"csrf": csrf, "job_id": plain, "reason": "  "})
+    assert flash.startswith(f"Cancelled job {plain}:")
+    assert job_row(db, plain)["last_error"] == "cancelled"  # type: ignore[index]
+    _, flash = client.post("cancel", {"csrf": csrf, "job_id": retrying})
+    assert flash.startswith(f"Cancelled job {retrying}:") and retrying in ids_by_sql(db, "failed")
+
+    _, flash = client.post("cancel", {"csrf": csrf, "job_id": ready})
+    assert flash == f"Job {ready} had already failed permanently; nothing to cancel"
+    assert job_row(db, ready)["last_error"] == "cancelled: typo"  # type: ignore[index]
+    missing = max(id for ids in seeded.values() for id in ids) + 1000
+    _, flash = client.post("cancel", {"csrf": csrf, "job_id": missing})
+    assert flash == f"No job {missing}: it completed, was removed or never existed"
+
+    # A reason too long for the notice is refused with the rule, and changes nothing.
+    later = seeded["scheduled"][0]
+    _, flash = client.post("cancel", {"csrf": csrf, "job_id": later, "reason": "x" * 1001})
+    assert "reason must be at most 1000 characters" in flash
+    assert later in ids_by_sql(db, "scheduled")
+    # A job held by a pool is left to that pool, which is told (this one is dead: it stays held).
+    _, flash = client.post("cancel", {"csrf": csrf, "job_id": running})
+    assert flash.startswith(f"Job {running} is running: asked pool {DEAD_POOL} to abort it")
+    assert flash.endswith(
+        "That pool sent no recent heartbeat: if it is dead, unlock it "
+        "(overview, Pools) and cancel the job again"
+    )
+    assert running in ids_by_sql(db, "running")
+    # As it says: once the dead pool is unlocked, the job waits and a cancel fails it.
+    client.post("unlock", {"csrf": csrf, "pool_id": DEAD_POOL})
+    _, flash = client.post("cancel", {"csrf": csrf, "job_id": running})
+    assert flash.startswith(f"Cancelled job {running}:") and running in ids_by_sql(db, "failed")
+
+
+def test_cancel_without_the_form_token_is_refused_and_changes_nothing(
+    client: Client, db: psycopg.Connection[Any], seeded: dict[str, list[int]]
+) -> None:
+    csrf = client.csrf()
+    ready = seeded["ready"][0]
+    assert client.post("cancel", {"job_id": ready})[0] == 403
+    assert client.post("cancel", {"csrf": "guess", "job_id": ready})[0] == 403
+    assert Client(client.port).post("cancel", {"csrf": csrf, "job_id": ready})[0] == 403
+    assert (
+        client.post("cancel", {"csrf": csrf, "job_id": ready}, Origin="http://evil.example")[0]
+        == 403
+    )
+    assert client.request("GET", "/actions/cancel")[0] == 405
+    row = job_row(db, ready)
+    assert row is not None and row["attempts"] == 0 and row["last_error"] is None
+
+
+def test_cancel_a_running_job_from_the_dashboard(db_url: str, db: psycopg.Connection[Any]) -> None:
+    started = threading.Event()
+    aborted = threading.Event()
+
+    def waits(payload: Any, helpers: Any) -> None:
+        started.set()
+        if helpers.abort_event.wait(DEADLINE_S):
+            aborted.set()
+
+    runner = Runner(tasks={"waits": waits}, connection_string=db_url, install_signal_handlers=False)
+    with (
+        recording(runner) as log,
+        runner,
+        DashboardServer(db_url, port=0) as server,
+    ):
+        job = runner.add_job("waits", {})
+        assert started.wait(DEADLINE_S), "the job never started"
+        client = Client(server.port)
+        _, _, page = client.request("GET", f"/jobs/{job.id}")
+        assert "The job is running" in page and 'action="/actions/cancel"' in page
+        csrf = re.search(r'name="csrf" value="([^"]+)"', page)
+        assert csrf is not None
+        status, flash = client.post(
+            "cancel", {"csrf": csrf.group(1), "job_id": job.id, "reason": "stop it"}
+        )
+        assert status == 303
+        assert flash == (
+            f"Job {job.id} is running: asked pool {runner.pool_id} to abort it; "
+            "it fails permanently when its handler stops"
+        )
+        assert aborted.wait(DEADLINE_S), "the pool never set the job's abort event"
+        log.wait_for("job:failed")
+        [failed] = log.payloads("job:failed")
+        assert isinstance(failed["error"], JobCancelledError)
+        runner.join(DEADLINE_S)
+    row = job_row(db, job.id)
+    assert row is not None and row["last_error"] == "cancelled: stop it"
+    assert row["attempts"] == row["max_attempts"] and row["locked_by"] is None
+    assert row["is_available"] is False

@@ -522,6 +522,8 @@ class Dashboard:
         job_id = _job_id(given)
         if job_id is None:
             raise _Refused("400 Bad Request", f"not a job id: {given[:40]!r}")
+        if name == "cancel":
+            return _cancel(utils, job_id, form.get("reason", "").strip() or None)
         if name == "retry":
             done = utils.retry_jobs([job_id])
             verb = "Retrying job {} now"
@@ -555,6 +557,29 @@ class Dashboard:
                 return False, f"Pool {pool_id} is live or holds nothing"
             conn.execute(Queries(utils.schema).force_unlock_workers, {"worker_ids": [pool_id]})
         return True, f"Unlocked the jobs and queues held by {pool_id}"
+
+
+def _cancel(utils: WorkerUtils, job_id: int, reason: str | None) -> tuple[bool, str]:
+    """Cancel one job and say in plain words what became of it (success or not)."""
+    result = utils.cancel_job(job_id, reason)
+    if result.outcome == "cancelled":
+        return True, f"Cancelled job {job_id}: it was waiting and has failed permanently"
+    if result.outcome == "signalled":
+        message = (
+            f"Job {job_id} is running: asked pool {result.pool_id} to abort it; "
+            "it fails permanently when its handler stops"
+        )
+        live = {pool.pool_id for pool in utils.list_pools(live_only=True)}
+        if result.pool_id not in live:
+            # A dead kongtask pool (or a Node worker) never hears the signal.
+            message += (
+                ". That pool sent no recent heartbeat: if it is dead, unlock it "
+                "(overview, Pools) and cancel the job again"
+            )
+        return True, message
+    if result.outcome == "finished":
+        return False, f"Job {job_id} had already failed permanently; nothing to cancel"
+    return False, f"No job {job_id}: it completed, was removed or never existed"
 
 
 def _job_id(text: str) -> int | None:

@@ -71,10 +71,23 @@ class Forms:
             f"{e(label)}</button></form>"
         )
 
+    def cancel(self, info: JobInfo) -> str:
+        """The Cancel button (with an optional reason) of a job that has not failed for good."""
+        if info.state == "failed":
+            return ""
+        return self.button(
+            "cancel",
+            "Cancel",
+            {"job_id": info.job.id},
+            '<input type="text" name="reason" placeholder="reason (optional)" size="12" '
+            'maxlength="1000"> ',
+        )
+
     def job_actions(self, info: JobInfo) -> str:
         job = info.job
         if info.state == "running":
-            return '<span class="muted">running</span>'
+            # Only a cancel applies: it asks the pool holding the job to abort it.
+            return '<span class="muted">running</span> ' + self.cancel(info)
         buttons = [self.button("retry", "Retry now", {"job_id": job.id})]
         if info.state != "failed":
             buttons.append(
@@ -87,6 +100,8 @@ class Forms:
             )
         if job.key:
             buttons.append(self.button("remove", "Remove", {"key": job.key}))
+        if info.state != "failed":
+            buttons.append(self.cancel(info))
         return " ".join(buttons)
 
 
@@ -244,7 +259,9 @@ def job_detail(info: JobInfo, forms: Forms) -> str:
     payload = json.dumps(job.payload, indent=2, ensure_ascii=False, default=str)
     error = f'<pre class="err">{e(job.last_error)}</pre>' if job.last_error else "<p>-</p>"
     actions = ""
-    if info.state != "running":
+    if info.state == "running":
+        actions = f"{_RUNNING_NOTE}<p>{forms.cancel(info)}</p>"
+    else:
         actions = (
             f"<p>{forms.job_actions(info)}</p><p>"
             + forms.button(
@@ -260,11 +277,14 @@ def job_detail(info: JobInfo, forms: Forms) -> str:
         f'<section id="job"><table>{table}</table></section>'
         f"<section><h2>Last error</h2>{error}</section>"
         f"<section><h2>Payload</h2><pre>{e(payload)}</pre></section>"
-        f'<section id="actions"><h2>Actions</h2>{actions or _RUNNING_NOTE}</section>'
+        f'<section id="actions"><h2>Actions</h2>{actions}</section>'
     )
 
 
-_RUNNING_NOTE = '<p class="muted">The job is running; actions apply once it stops.</p>'
+_RUNNING_NOTE = (
+    '<p class="muted">The job is running: Cancel asks the pool holding it to abort it; '
+    "the other actions apply once it stops.</p>"
+)
 
 
 def pools_section(
