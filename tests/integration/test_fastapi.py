@@ -1,0 +1,105 @@
+"""The FastAPI example against real PostgreSQL: request transactions, the lifespan worker,
+the mounted dashboard."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import psycopg
+import pytest
+
+pytest.importorskip("fastapi")
+pytest.importorskip("a2wsgi")
+
+from fastapi import Depends, FastAPI  # noqa: E402
+from fastapi.testclient import TestClient  # noqa: E402
+
+from examples.fastapi_app import create_app  # noqa: E402
+from kongtask import ConfigurationError  # noqa: E402
+from kongtask.contrib.starlette import Kongtask  # noqa: E402
+
+from .worker_support import wait_until  # noqa: E402
+
+
+def one(db: psycopg.Connection[Any], query: str) -> Any:
+    row = db.execute(query).fetchone()
+    assert row is not None
+    return row[0]
+
+
+def test_committed_request_runs_its_job(db_url: str, db: psycopg.Connection[Any]) -> None:
+    with TestClient(create_app(db_url)) as client:
+        response = client.post("/orders", params={"item": "tea"})
+        assert response.status_code == 200, response.text
+        order = response.json()["order"]
+        # The async handler, then the plain one it enqueued, ran on the lifespan's Runner.
+        wait_until(
+            lambda: one(db, "select sent from receipt_counter") == 1, what="both jobs to run"
+        )
+        assert one(db, f"select receipt_sent from orders where id = {int(order)}") is True
+        assert one(db, "select count(*) from graphile_worker._private_jobs") == 0
+    # The lifespan drained the worker: its pool is gone from the database.
+    assert one(db, "select count(*) from pg_stat_activity where application_name like 'kongtask%'") == 0
+
+
+def test_request_failing_after_enqueue_leaves_nothing(
+    db_url: str, db: psycopg.Connection[Any]
+) -> None:
+    app = create_app(db_url)
+    with TestClient(app) as client:
+        failed = client.post("/orders", params={"item": "tea", "fail": "1"})
+        assert failed.status_code == 409
+        # Committed by the response's time: the 2xx reply means the job exists.
+        ok = client.post("/orders", params={"item": "milk"})
+        assert ok.status_code == 200
+        wait_until(lambda: one(db, "select sent from receipt_counter") == 1, what="the job")
+        assert one(db, "select count(*) from orders") == 1
+        assert one(db, "select item from orders") == "milk"
+        assert one(db, "select count(*) from graphile_worker._private_jobs") == 0
+        assert one(db, "select count(*) from graphile_worker._private_tasks where identifier = 'send_receipt'") == 1
+
+
+def test_dashboard_is_mounted(db_url: str) -> None:
+    with TestClient(create_app(db_url), base_url="http://127.0.0.1") as client:
+        page = client.get("/kongtask/")
+        assert page.status_code == 200
+        assert "kongtask" in page.text.lower()
+        assert 'href="/kongtask/' in page.text, "links must stay under the mount path"
+
+
+def test_connection_outside_lifespan_is_a_clear_error(db_url: str) -> None:
+    kt = Kongtask(db_url)
+    with pytest.raises(ConfigurationError, match="lifespan=kt.lifespan"):
+        _ = kt.pool
+
+
+def test_no_worker_when_asked(db_url: str, db: psycopg.Connection[Any]) -> None:
+    kt = Kongtask(db_url, run_worker=False)
+    app = FastAPI(lifespan=kt.lifespan)
+
+    @app.post("/jobs")
+    async def add(
+        conn: psycopg.AsyncConnection[Any] = Depends(kt.connection, scope="function"),  # noqa: B008
+    ) -> int:
+        return (await kt.add_job(conn, "later")).id
+
+    with TestClient(app) as client:
+        assert kt.runner is None
+        job_id = client.post("/jobs").json()
+    assert one(db, f"select task_id is not null from graphile_worker._private_jobs where id = {int(job_id)}")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [
+        ({"pool_max_size": 0}, "pool_max_size"),
+        ({"tasks": {"t": print}, "runner_options": {"concurency": 2}}, "runner_options"),
+        ({"tasks": {"t": print}, "runner_options": {"schema": "x"}}, "runner_options"),
+        ({"tasks": {"t": print}, "runner_options": {"concurrency": 0}}, "concurrency"),
+        ({"runner_options": {"concurrency": 2}}, "runner_options"),
+    ],
+)
+def test_bad_options_are_refused(db_url: str, kwargs: dict[str, Any], name: str) -> None:
+    with pytest.raises(ConfigurationError) as raised:
+        Kongtask(db_url, **kwargs)
+    assert raised.value.name == name
