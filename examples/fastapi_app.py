@@ -43,7 +43,9 @@ def count_receipt(payload: dict[str, Any], helpers: kongtask.Helpers) -> None:
 
 def create_app(database_url: str) -> FastAPI:
     """The application over ``database_url`` (its orders table is made at startup)."""
-    kt = Kongtask(database_url, tasks=[send_receipt, count_receipt], runner_options={"concurrency": 2})
+    kt = Kongtask(
+        database_url, tasks=[send_receipt, count_receipt], runner_options={"concurrency": 2}
+    )
     Connection = Annotated[psycopg.AsyncConnection[Any], Depends(kt.connection, scope="function")]
 
     @asynccontextmanager
@@ -55,7 +57,8 @@ def create_app(database_url: str) -> FastAPI:
             )
             await conn.execute("create table if not exists receipt_counter (sent int not null)")
             await conn.execute(
-                "insert into receipt_counter select 0 where not exists (select from receipt_counter)"
+                "insert into receipt_counter select 0 "
+                "where not exists (select from receipt_counter)"
             )
         async with kt.lifespan(app):
             yield

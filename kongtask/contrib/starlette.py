@@ -177,9 +177,7 @@ class Kongtask:
         **spec: Any,
     ) -> Job:
         """Add a job in ``conn``'s transaction, in this app's schema."""
-        return await add_job_async(
-            identifier, payload, connection=conn, schema=self.schema, **spec
-        )
+        return await add_job_async(identifier, payload, connection=conn, schema=self.schema, **spec)
 
     def dashboard(self, **options: Any) -> Any:
         """The dashboard as an ASGI app, for ``app.mount("/kongtask", kt.dashboard())``.

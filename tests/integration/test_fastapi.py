@@ -7,18 +7,20 @@ from typing import Any
 
 import psycopg
 import pytest
+from fastapi import Depends, FastAPI
+from fastapi.testclient import TestClient
 
-pytest.importorskip("fastapi")
-pytest.importorskip("a2wsgi")
+from examples.fastapi_app import create_app
+from kongtask import ConfigurationError
+from kongtask.contrib.starlette import Kongtask
 
-from fastapi import Depends, FastAPI  # noqa: E402
-from fastapi.testclient import TestClient  # noqa: E402
+from .worker_support import wait_until
 
-from examples.fastapi_app import create_app  # noqa: E402
-from kongtask import ConfigurationError  # noqa: E402
-from kongtask.contrib.starlette import Kongtask  # noqa: E402
-
-from .worker_support import wait_until  # noqa: E402
+#: The sessions of a Runner's pool (each announces ``pool-…`` as its application_name).
+POOL_SESSIONS = (
+    "select count(*) from pg_stat_activity "
+    "where datname = current_database() and application_name like 'pool-%'"
+)
 
 
 def one(db: psycopg.Connection[Any], query: str) -> Any:
@@ -38,8 +40,9 @@ def test_committed_request_runs_its_job(db_url: str, db: psycopg.Connection[Any]
         )
         assert one(db, f"select receipt_sent from orders where id = {int(order)}") is True
         assert one(db, "select count(*) from graphile_worker._private_jobs") == 0
-    # The lifespan drained the worker: its pool is gone from the database.
-    assert one(db, "select count(*) from pg_stat_activity where application_name like 'kongtask%'") == 0
+        assert one(db, POOL_SESSIONS) > 0
+    # The lifespan drained the worker: its sessions leave the database.
+    wait_until(lambda: one(db, POOL_SESSIONS) == 0, what="the Runner's sessions to close")
 
 
 def test_request_failing_after_enqueue_leaves_nothing(
@@ -56,7 +59,6 @@ def test_request_failing_after_enqueue_leaves_nothing(
         assert one(db, "select count(*) from orders") == 1
         assert one(db, "select item from orders") == "milk"
         assert one(db, "select count(*) from graphile_worker._private_jobs") == 0
-        assert one(db, "select count(*) from graphile_worker._private_tasks where identifier = 'send_receipt'") == 1
 
 
 def test_dashboard_is_mounted(db_url: str) -> None:
@@ -69,7 +71,7 @@ def test_dashboard_is_mounted(db_url: str) -> None:
 
 def test_connection_outside_lifespan_is_a_clear_error(db_url: str) -> None:
     kt = Kongtask(db_url)
-    with pytest.raises(ConfigurationError, match="lifespan=kt.lifespan"):
+    with pytest.raises(ConfigurationError, match=r"lifespan=kt\.lifespan"):
         _ = kt.pool
 
 
@@ -86,7 +88,8 @@ def test_no_worker_when_asked(db_url: str, db: psycopg.Connection[Any]) -> None:
     with TestClient(app) as client:
         assert kt.runner is None
         job_id = client.post("/jobs").json()
-    assert one(db, f"select task_id is not null from graphile_worker._private_jobs where id = {int(job_id)}")
+    # No worker ran it: the committed job waits in the queue.
+    assert one(db, "select array_agg(id) from graphile_worker._private_jobs") == [job_id]
 
 
 @pytest.mark.parametrize(
