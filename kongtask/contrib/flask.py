@@ -11,6 +11,8 @@ the ``flask`` extra.
 
 from __future__ import annotations
 
+import os
+import threading
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -18,6 +20,7 @@ import click
 import psycopg
 from flask import Flask, Response, current_app, g
 from flask.cli import AppGroup
+from psycopg_pool import ConnectionPool
 from werkzeug.middleware.dispatcher import DispatcherMiddleware
 
 from kongtask.declared import Task
@@ -59,6 +62,8 @@ class Kongtask:
         self.tasks = tasks
         self.session = session
         self.dashboards: list[Dashboard] = []
+        self._pools: dict[str, tuple[int, ConnectionPool[Any]]] = {}
+        self._pools_lock = threading.Lock()
         if app is not None:
             self.init_app(app)
 
@@ -89,9 +94,39 @@ class Kongtask:
         return dashboard
 
     def close(self) -> None:
-        """Close the mounted dashboards' connection pools (at the app's shutdown)."""
+        """Close the request connection pools and the mounted dashboards' (at shutdown)."""
+        with self._pools_lock:
+            pools, self._pools = list(self._pools.values()), {}
+        for pid, pool in pools:
+            if pid == os.getpid():
+                pool.close()
         for dashboard in self.dashboards:
             dashboard.close()
+
+    def pool(self, app: Flask) -> ConnectionPool[Any]:
+        """The request connection pool of ``app``'s database in this process.
+
+        Opened at the first request, so a server that forks after loading the
+        app gives each worker process its own; a pool found in a forked child
+        is left alone (its sockets belong to the parent) and a new one opens.
+        """
+        url = self.database_url(app)
+        with self._pools_lock:
+            found = self._pools.get(url)
+            if found is not None and found[0] == os.getpid():
+                return found[1]
+            size = app.config.get("KONGTASK_POOL_SIZE", 10)
+            if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+                raise ConfigurationError(
+                    f"app.config['KONGTASK_POOL_SIZE'] must be an int >= 1, got {size!r}",
+                    name="KONGTASK_POOL_SIZE",
+                )
+            pool: ConnectionPool[Any] = ConnectionPool(
+                url, min_size=1, max_size=size, open=False, name="kongtask-requests"
+            )
+            pool.open(wait=True)
+            self._pools[url] = (os.getpid(), pool)
+            return pool
 
     def database_url(self, app: Flask) -> str:
         """``KONGTASK_DATABASE_URL`` of ``app``, or a ConfigurationError naming it."""
@@ -129,11 +164,12 @@ def get_connection() -> psycopg.Connection[Any]:
     Write the request's own rows on it too: they and the jobs commit together
     when the response is a success (status below 400) and roll back otherwise.
     """
-    conn = g.get(_G_CONNECTION)
-    if conn is None:
-        conn = psycopg.connect(_extension().database_url(current_app))
-        setattr(g, _G_CONNECTION, conn)
-    return conn  # type: ignore[no-any-return]
+    held = g.get(_G_CONNECTION)
+    if held is None:
+        pool = _extension().pool(current_app)
+        held = (pool, pool.getconn())
+        setattr(g, _G_CONNECTION, held)
+    return held[1]  # type: ignore[no-any-return]
 
 
 def _driver_connection(session: Any) -> psycopg.Connection[Any]:
@@ -164,8 +200,9 @@ def add_job(identifier: str | Task, payload: Any = None, **spec: Any) -> Job:
 def _finish_request(response: Response) -> Response:
     # Commit before the response leaves, so a client told "200" can rely on the
     # job; a failed commit raises here and the client gets a 500 instead.
-    conn = g.get(_G_CONNECTION)
-    if conn is not None:
+    held = g.get(_G_CONNECTION)
+    if held is not None:
+        conn = held[1]
         if response.status_code < 400:
             conn.commit()
         else:
@@ -174,13 +211,15 @@ def _finish_request(response: Response) -> Response:
 
 
 def _close_connection(error: BaseException | None) -> None:
-    # After an unhandled exception after_request never ran: close() rolls back
-    # whatever the request left open.
-    conn = g.pop(_G_CONNECTION, None)
-    if conn is not None:
-        if error is not None:
+    # Whatever the request left open is rolled back: after_request has already
+    # committed a success, and the pool rolls back a connection it gets back
+    # inside a transaction.
+    held = g.pop(_G_CONNECTION, None)
+    if held is not None:
+        pool, conn = held
+        if error is not None and not conn.closed:
             conn.rollback()
-        conn.close()
+        pool.putconn(conn)
 
 
 def _cli_group(extension: Kongtask) -> AppGroup:

@@ -65,15 +65,17 @@ def test_exception_after_enqueue_rolls_back(app: Flask, db: psycopg.Connection[A
     assert response.status_code == 500
     assert one(db, "select count(*) from orders") == 0
     assert one(db, JOBS) == 0
-    # No session of the request stays open (idle in transaction or otherwise).
+    # The request's connection went back to the pool with nothing left open.
     assert (
         one(
             db,
             "select count(*) from pg_stat_activity where datname = current_database() "
-            "and pid <> pg_backend_pid() and backend_type = 'client backend'",
+            "and state like 'idle in transaction%'",
         )
         == 0
     )
+    assert app.test_client().post("/orders", query_string={"item": "tea"}).status_code == 200
+    assert one(db, "select count(*) from orders") == 1
 
 
 def test_dashboard_is_mounted(app: Flask) -> None:
@@ -123,3 +125,12 @@ def test_add_job_needs_the_extension_and_a_url(db_url: str) -> None:
     assert raised.value.name == "KONGTASK_DATABASE_URL"
     with pytest.raises(ConfigurationError, match="session"):
         Kongtask(session=object())
+
+
+def test_bad_pool_size_is_refused(app: Flask, db: psycopg.Connection[Any]) -> None:
+    app.config["KONGTASK_POOL_SIZE"] = 0
+    app.config["TESTING"] = False
+    with app.test_request_context(), pytest.raises(ConfigurationError) as raised:
+        add_job("x")
+    assert raised.value.name == "KONGTASK_POOL_SIZE"
+    assert one(db, JOBS) == 0
