@@ -9,6 +9,10 @@ import psycopg
 import pytest
 from fastapi import Depends, FastAPI
 from fastapi.testclient import TestClient
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse
+from starlette.routing import Route
 
 from examples.fastapi_app import create_app
 from kongtask import ConfigurationError
@@ -106,3 +110,26 @@ def test_bad_options_are_refused(db_url: str, kwargs: dict[str, Any], name: str)
     with pytest.raises(ConfigurationError) as raised:
         Kongtask(db_url, **kwargs)
     assert raised.value.name == name
+
+
+def test_plain_starlette_transaction(db_url: str, db: psycopg.Connection[Any]) -> None:
+    kt = Kongtask(db_url, run_worker=False)
+
+    async def enqueue(request: Request) -> PlainTextResponse:
+        fail = request.query_params.get("fail") == "1"
+        try:
+            async with kt.transaction() as conn:
+                await kt.add_job(conn, "plain", {"fail": fail})
+                if fail:
+                    raise LookupError("after the enqueue")
+        except LookupError:
+            return PlainTextResponse("rolled back", status_code=409)
+        return PlainTextResponse("ok")
+
+    app = Starlette(routes=[Route("/", enqueue, methods=["POST"])], lifespan=kt.lifespan)
+    with TestClient(app) as client:
+        assert client.post("/", params={"fail": "1"}).status_code == 409
+        assert client.post("/").status_code == 200
+        assert one(db, "select array_agg(payload->>'fail') from graphile_worker._private_jobs") == [
+            "false"
+        ]

@@ -3,7 +3,12 @@ the mounted dashboard; and the SQLAlchemy session path."""
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -15,6 +20,8 @@ from sqlalchemy.orm import Session, scoped_session, sessionmaker
 from examples.flask_app import create_app
 from kongtask import ConfigurationError
 from kongtask.contrib.flask import Kongtask, add_job
+
+from .worker_support import wait_until
 
 
 def one(db: psycopg.Connection[Any], query: str) -> Any:
@@ -133,4 +140,33 @@ def test_bad_pool_size_is_refused(app: Flask, db: psycopg.Connection[Any]) -> No
     with app.test_request_context(), pytest.raises(ConfigurationError) as raised:
         add_job("x")
     assert raised.value.name == "KONGTASK_POOL_SIZE"
+    assert one(db, JOBS) == 0
+
+
+def test_flask_kongtask_worker_runs_until_sigterm(
+    app: Flask, db_url: str, db: psycopg.Connection[Any]
+) -> None:
+    env = {**os.environ, "KONGTASK_DATABASE_URL": db_url}
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "flask", "--app", "examples.flask_app", "kongtask", "worker"],
+        env=env,
+        cwd=Path(__file__).resolve().parents[2],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        response = app.test_client().post("/orders", query_string={"item": "tea"})
+        assert response.status_code == 200
+        wait_until(
+            lambda: one(db, "select count(*) from orders where receipt_sent") == 1,
+            what="the worker process to run the job",
+        )
+        worker.send_signal(signal.SIGTERM)
+        output, _ = worker.communicate(timeout=30)
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+            worker.wait()
+    assert worker.returncode == 0, output
     assert one(db, JOBS) == 0
