@@ -42,8 +42,8 @@ class Kongtask:
     ``tasks`` (a task map or declared tasks) is what ``flask kongtask worker``
     runs. ``session`` is a SQLAlchemy session (a ``scoped_session`` such as
     Flask-SQLAlchemy's ``db.session``) whose transaction :func:`add_job` joins;
-    the app commits that session itself. Without it kongtask keeps one
-    psycopg connection per request.
+    the app commits that session itself. Without it each request borrows one
+    psycopg connection from a per-process pool (:func:`get_connection`).
     """
 
     def __init__(
