@@ -10,8 +10,8 @@ graphile-worker sharing the queue ignores it (flags only matter to
 closed by the Runner's ``job:start`` and ``job:complete`` events, so an
 uninstrumented Runner does no extra work at all; its times are those of the
 events' delivery, a little after the handler's own. The claim wait (from the
-job's ``run_at`` to its claim, on the database's clock) is a span of its own
-and the ``kongtask.job.wait_s`` attribute of the run span.
+job's ``run_at`` to its claim, on the database's clock) is the run span's
+``kongtask.job.wait_s`` attribute, and on request a span of its own.
 """
 
 from __future__ import annotations
@@ -116,9 +116,12 @@ def _with_flag(spec: JobSpec, flag: str) -> JobSpec:
 class Instrumentation:
     """What :func:`instrument` switched on; :meth:`uninstrument` (or ``with``) switches it off."""
 
-    def __init__(self, runner: Any, tracer: Tracer, propagate: bool) -> None:
+    def __init__(
+        self, runner: Any, tracer: Tracer, propagate: bool, claim_wait_spans: bool
+    ) -> None:
         self._runner = runner
         self._tracer = tracer
+        self._claim_wait_spans = claim_wait_spans
         self._running: dict[tuple[int, int, int], Span] = {}
         self._lock = threading.Lock()
         observer = _EnqueueTracing(tracer, propagate)
@@ -169,6 +172,7 @@ class Instrumentation:
         if job.locked_at is not None:
             waited = max(0.0, (job.locked_at - job.run_at).total_seconds())
             attributes["kongtask.job.wait_s"] = waited
+        if self._claim_wait_spans and job.locked_at is not None:
             wait = self._tracer.start_span(
                 f"kongtask.claim_wait {job.task_identifier}",
                 context=parent,
@@ -213,14 +217,17 @@ def instrument(
     *,
     tracer_provider: TracerProvider | None = None,
     propagate: bool = True,
+    claim_wait_spans: bool = False,
 ) -> Instrumentation:
     """Trace enqueues in this process and the jobs ``runner`` runs (every Runner if ``None``).
 
     ``tracer_provider`` defaults to OpenTelemetry's global one. With
     ``propagate=False`` jobs carry no trace flag and run spans start new traces.
+    The claim wait is the run span's ``kongtask.job.wait_s`` attribute; with
+    ``claim_wait_spans=True`` it is also a span of its own (one more per job).
     Enqueue tracing is process-wide and installed by the first instrumentation
     only; later ones (for other Runners) add run spans.
     """
     provider = tracer_provider if tracer_provider is not None else trace.get_tracer_provider()
     tracer = provider.get_tracer("kongtask", __version__)
-    return Instrumentation(runner, tracer, propagate)
+    return Instrumentation(runner, tracer, propagate, claim_wait_spans)

@@ -85,7 +85,7 @@ def instrumented(
 ) -> Iterator[kongtask.Runner]:
     PAYLOADS.clear()
     worker = kongtask_worker({"remember": remember, "refuse": refuse})
-    with otel.instrument(worker, tracer_provider=provider):
+    with otel.instrument(worker, tracer_provider=provider, claim_wait_spans=True):
         yield worker
     assert enqueue._observer is None
 
@@ -198,3 +198,18 @@ def test_without_instrumentation_jobs_carry_no_trace(
         job = kongtask_utils.add_job("remember", flags=["mine"])
     assert job.flags == {"mine": True}
     assert not trace.get_current_span(otel.job_context(job)).get_span_context().is_valid
+
+
+def test_by_default_the_claim_wait_is_an_attribute_of_the_run_span_only(
+    kongtask_worker: WorkerFactory,
+    kongtask_utils: WorkerUtils,
+    provider: TracerProvider,
+    exporter: WaitingExporter,
+) -> None:
+    worker = kongtask_worker({"remember": remember})
+    with otel.instrument(worker, tracer_provider=provider):
+        kongtask_utils.add_job("remember")
+        worker.join()
+        (run,) = exporter.wait_for("kongtask.run remember")
+    assert exporter.named("kongtask.claim_wait") == []
+    assert run.attributes is not None and "kongtask.job.wait_s" in run.attributes
