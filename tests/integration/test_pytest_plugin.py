@@ -1,8 +1,9 @@
 """kongtask's pytest plugin: registered by installation, its fixtures, and the README example.
 
 The example test in the README is extracted and run by pytest in a child
-process (``pytester``), twice over in one session and then again, so its cron
-and retry tests are shown to pass in any order and repeatedly in one minute.
+process (``pytester``), twice over in one session and then again in the
+opposite order, so its cron and retry tests pass in any order and repeatedly
+in one minute.
 """
 
 from __future__ import annotations
@@ -80,9 +81,20 @@ def test_the_readme_example_passes_twice_in_one_session_and_again(
     configure(pytester, server_conninfo)
     example = readme_example()
     pytester.makepyfile(test_readme_first=example, test_readme_second=example)
-    for _ in range(2):
-        result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-q", timeout=120)
-        result.assert_outcomes(passed=6)
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-q", timeout=120)
+    result.assert_outcomes(passed=6)
+    # Again at once, every test in the opposite order (pytest keeps the order given).
+    names = re.findall(r"^def (test_\w+)", example, re.MULTILINE)
+    assert len(names) == 3
+    reverse = [
+        f"test_readme_{module}.py::{name}"
+        for module in ("second", "first")
+        for name in reversed(names)
+    ]
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-v", *reverse, timeout=120)
+    result.assert_outcomes(passed=6)
+    ran = re.findall(r"^(test_readme_\w+\.py::\w+) PASSED", result.stdout.str(), re.MULTILINE)
+    assert ran == reverse
 
 
 def test_each_test_gets_its_own_schema_dropped_afterwards_and_its_workers_stopped(
