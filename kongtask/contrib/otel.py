@@ -7,9 +7,10 @@ span's W3C ``traceparent`` travels with the job as one of its ``flags``
 (``kongtask_trace=00-…``), so the payload a handler sees is untouched and a Node
 graphile-worker sharing the queue ignores it (flags only matter to
 ``forbidden_flags``, and no one forbids this one). The run span is opened and
-closed by the Runner's ``job:start`` and ``job:complete`` events, so an
-uninstrumented Runner does no extra work at all; its times are those of the
-events' delivery, a little after the handler's own. The claim wait (from the
+closed by the Runner's ``job:start`` and ``job:complete`` events, which no
+Runner emits while nothing listens (before ``instrument`` and after
+``uninstrument``); its times are those of the events' delivery, a little
+after the handler's own. The claim wait (from the
 job's ``run_at`` to its claim, on the database's clock) is the run span's
 ``kongtask.job.wait_s`` attribute, and on request a span of its own.
 """
