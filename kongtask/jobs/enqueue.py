@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, Protocol
 
 import psycopg
 from psycopg.rows import tuple_row
@@ -21,6 +21,7 @@ from kongtask.job import Job
 from kongtask.job_spec import JobSpec
 
 __all__ = [
+    "EnqueueObserver",
     "add_job_on",
     "add_job_on_async",
     "add_job_specs_on",
@@ -30,6 +31,7 @@ __all__ = [
     "check_connection",
     "jobs_from_query",
     "jobs_from_query_async",
+    "set_enqueue_observer",
 ]
 
 logger = logging.getLogger(__name__)
@@ -38,6 +40,53 @@ logger = logging.getLogger(__name__)
 # job between the function's eviction step and its upsert (graphile-worker
 # #580); a retry evicts the locked job and inserts a new one.
 _ADD_JOB_RACE_RETRIES = 5
+
+
+class EnqueueObserver(Protocol):
+    """Watches every ``add_job``/``add_jobs`` call (tracing installs one; none by default).
+
+    ``start`` gets the checked specs before the database is touched and returns
+    the specs to add (it may add flags) and a token; ``end`` gets that token and
+    the added jobs, or the error the call raised.
+    """
+
+    def start(self, operation: str, specs: list[JobSpec]) -> tuple[list[JobSpec], object]:
+        """Called before the statement; returns the specs to add and a token for ``end``."""
+        ...
+
+    def end(self, token: object, jobs: list[Job] | None, error: BaseException | None) -> None:
+        """Called after the statement with its jobs, or with the error it raised."""
+        ...
+
+
+_observer: EnqueueObserver | None = None
+
+
+def set_enqueue_observer(observer: EnqueueObserver | None) -> EnqueueObserver | None:
+    """Install ``observer`` for every enqueue in this process (``None`` removes it).
+
+    Returns the previous observer. Without one, enqueueing pays a single global
+    lookup per call.
+    """
+    global _observer
+    previous, _observer = _observer, observer
+    return previous
+
+
+def _observed(
+    observer: EnqueueObserver,
+    operation: str,
+    specs: list[JobSpec],
+    add: Callable[[list[JobSpec]], list[Job]],
+) -> list[Job]:
+    specs, token = observer.start(operation, specs)
+    try:
+        jobs = add(specs)
+    except BaseException as error:
+        observer.end(token, None, error)
+        raise
+    observer.end(token, jobs, None)
+    return jobs
 
 
 def jobs_from_query(
@@ -105,6 +154,15 @@ def _jobs_from_rows(rows: list[tuple[Any, ...]], names: Mapping[int, str]) -> li
 
 def add_job_on(conn: psycopg.Connection[Any], queries: Queries, spec: JobSpec) -> Job:
     """Add one job (or update the job holding its key) through the schema's ``add_job``."""
+    observer = _observer
+    if observer is not None:
+        return _observed(
+            observer, "add_job", [spec], lambda specs: [_add_job_on(conn, queries, specs[0])]
+        )[0]
+    return _add_job_on(conn, queries, spec)
+
+
+def _add_job_on(conn: psycopg.Connection[Any], queries: Queries, spec: JobSpec) -> Job:
     params = _add_job_params(spec)
     for _ in range(_ADD_JOB_RACE_RETRIES):
         jobs = jobs_from_query(conn, queries, queries.add_job, params)
@@ -118,6 +176,22 @@ async def add_job_on_async(
     conn: psycopg.AsyncConnection[Any], queries: Queries, spec: JobSpec
 ) -> Job:
     """:func:`add_job_on` over an ``AsyncConnection``."""
+    observer = _observer
+    if observer is None:
+        return await _add_job_on_async(conn, queries, spec)
+    (spec,), token = observer.start("add_job", [spec])
+    try:
+        job = await _add_job_on_async(conn, queries, spec)
+    except BaseException as error:
+        observer.end(token, None, error)
+        raise
+    observer.end(token, [job], None)
+    return job
+
+
+async def _add_job_on_async(
+    conn: psycopg.AsyncConnection[Any], queries: Queries, spec: JobSpec
+) -> Job:
     params = _add_job_params(spec)
     for _ in range(_ADD_JOB_RACE_RETRIES):
         jobs = await jobs_from_query_async(conn, queries, queries.add_job, params)
@@ -162,8 +236,22 @@ def add_jobs_on(
     ``job_key_preserve_run_at`` is true), and one key may appear only once.
     Everything is checked before the database is touched.
     """
-    params = _add_jobs_params(specs, job_key_preserve_run_at)
-    return jobs_from_query(conn, queries, queries.add_jobs, params) if params else []
+    checked = _checked_batch(specs, job_key_preserve_run_at)
+    if not checked:
+        return []
+    observer = _observer
+    if observer is not None:
+        return _observed(
+            observer,
+            "add_jobs",
+            checked,
+            lambda specs: jobs_from_query(
+                conn, queries, queries.add_jobs, _add_jobs_params(specs, job_key_preserve_run_at)
+            ),
+        )
+    return jobs_from_query(
+        conn, queries, queries.add_jobs, _add_jobs_params(checked, job_key_preserve_run_at)
+    )
 
 
 async def add_jobs_on_async(
@@ -174,16 +262,38 @@ async def add_jobs_on_async(
     job_key_preserve_run_at: bool = False,
 ) -> list[Job]:
     """:func:`add_jobs_on` over an ``AsyncConnection``."""
-    params = _add_jobs_params(specs, job_key_preserve_run_at)
-    if not params:
+    checked = _checked_batch(specs, job_key_preserve_run_at)
+    if not checked:
         return []
-    return await jobs_from_query_async(conn, queries, queries.add_jobs, params)
+    observer = _observer
+    token: object = None
+    if observer is not None:
+        checked, token = observer.start("add_jobs", checked)
+    try:
+        jobs = await jobs_from_query_async(
+            conn, queries, queries.add_jobs, _add_jobs_params(checked, job_key_preserve_run_at)
+        )
+    except BaseException as error:
+        if observer is not None:
+            observer.end(token, None, error)
+        raise
+    if observer is not None:
+        observer.end(token, jobs, None)
+    return jobs
 
 
-def _add_jobs_params(
+def _add_jobs_params(checked: list[JobSpec], job_key_preserve_run_at: bool) -> dict[str, Any]:
+    """The ``add_jobs`` parameters for a checked batch."""
+    return {
+        "specs": "[" + ",".join([spec.json_spec_text() for spec in checked]) + "]",
+        "preserve_run_at": job_key_preserve_run_at,
+    }
+
+
+def _checked_batch(
     specs: Iterable[JobSpec | Mapping[str, Any]], job_key_preserve_run_at: bool
-) -> dict[str, Any] | None:
-    """Check a batch of specs and return the ``add_jobs`` parameters (``None`` if empty)."""
+) -> list[JobSpec]:
+    """Check a batch of specs for ``add_jobs`` (keys unique, no per-spec mode)."""
     if not isinstance(job_key_preserve_run_at, bool):
         raise InvalidJobError(
             "job_key_preserve_run_at must be a bool",
@@ -210,12 +320,7 @@ def _add_jobs_params(
                     value=spec.job_key,
                 )
             keys.add(spec.job_key)
-    if not checked:
-        return None
-    return {
-        "specs": "[" + ",".join([spec.json_spec_text() for spec in checked]) + "]",
-        "preserve_run_at": job_key_preserve_run_at,
-    }
+    return checked
 
 
 def check_connection(connection: object, connection_string: object = None) -> None:

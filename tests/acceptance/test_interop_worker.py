@@ -438,6 +438,30 @@ def test_node_runs_jobs_added_by_kongtask_including_a_named_queue(
     assert locked == (0,)
 
 
+def test_node_runs_a_traced_job_with_its_payload_untouched(
+    runs_db: str, tmp_path: Path, gw_cli: list[str]
+) -> None:
+    from opentelemetry.sdk.trace import TracerProvider
+
+    from kongtask.contrib import otel
+
+    project = write_node_tasks(tmp_path, ["node_record"])
+    provider = TracerProvider()
+    with (
+        otel.instrument(tracer_provider=provider),
+        provider.get_tracer("test").start_as_current_span("request"),
+        WorkerUtils(runs_db) as utils,
+    ):
+        job = utils.add_job("node_record", {"n": 7})
+    assert job.flags is not None
+    assert [flag for flag in job.flags if flag.startswith(otel.TRACE_FLAG_PREFIX)] != []
+    run_node_once(runs_db, project)
+    (row,) = runs(runs_db)
+    assert (row["runtime"], row["payload"]) == ("node", {"n": 7})
+    assert job_rows(runs_db) == []
+    provider.shutdown()
+
+
 def test_a_failure_retries_identically_across_runtimes(
     runs_db: str, tmp_path: Path, gw_cli: list[str]
 ) -> None:

@@ -12,7 +12,7 @@ import pytest
 import kongtask
 from kongtask import ConfigurationError, InvalidJobError, JobSpec, TaskLoadError
 from kongtask.declared import declared
-from kongtask.jobs.enqueue import _add_jobs_params
+from kongtask.jobs.enqueue import _checked_batch
 from kongtask.jobs.task_loader import load_tasks
 from kongtask.runner import _check_tasks
 
@@ -76,17 +76,15 @@ def test_a_mapping_spec_may_name_its_task_by_declaration() -> None:
     assert (spec.identifier, spec.queue_name, spec.priority) == ("build_report", "reports", 1)
     # In a batch the bad field is still named with its index.
     with pytest.raises(InvalidJobError, match="index 1: priority") as info:
-        _add_jobs_params(
-            [build_report.spec(), {"identifier": build_report, "priority": "x"}], False
-        )
+        _checked_batch([build_report.spec(), {"identifier": build_report, "priority": "x"}], False)
     assert info.value.field == "priority"
 
 
 def test_a_keyed_batch_job_of_a_task_declaring_a_mode_is_refused() -> None:
     # add_jobs has one mode for the whole call; the declaration's mode cannot apply.
     with pytest.raises(InvalidJobError, match="job_key_preserve_run_at"):
-        _add_jobs_params([build_report.spec(job_key="k")], True)
-    assert _add_jobs_params([build_report.spec()], False) is not None
+        _checked_batch([build_report.spec(job_key="k")], True)
+    assert _checked_batch([build_report.spec()], False) != []
 
 
 @pytest.mark.parametrize(

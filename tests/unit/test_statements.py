@@ -89,7 +89,7 @@ def test_every_statement_composes_for_an_awkward_schema() -> None:
         assert re.search(r"\{[a-z_]+\}", text) is None, f"{name}: a placeholder is left: {text}"
         included = [found.fragments.get(part, "") for part in re.findall(r"\{([a-z_]+)\}", body)]
         if any("{s}" in part for part in [body, *included]):
-            assert '"we""ird $ schema".' in text, name
+            assert '"we""ird $ schema"' in text, name  # quoted wherever it appears
             assert 'we"ird $ schema.' not in text, name
         assert getattr(queries, name) is getattr(queries, name), f"{name} is composed once"
 

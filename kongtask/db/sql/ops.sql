@@ -111,3 +111,8 @@ select now()
 -- A connection's statement_timeout for the rest of its session (the
 -- dashboard's deadline on a borrowed pool connection), e.g. '1500ms'.
 select set_config('statement_timeout', %(timeout)s::text, false)
+
+-- name: drop_schema
+-- Removes the schema and everything in it: the pytest plugin's teardown of the
+-- schema it made for one test.
+drop schema if exists {s} cascade
