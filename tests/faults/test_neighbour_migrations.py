@@ -101,8 +101,9 @@ def test_schema_only_on_another_schema_leaves_a_cli_worker_running(
         wait_until(
             lambda: (
                 db.execute(
+                    # The listener's last LISTEN: worker:migrate comes before it.
                     "select count(*) from pg_stat_activity where application_name = %s "
-                    "and query = 'LISTEN \"worker:migrate\"'",
+                    "and query = 'LISTEN \"kongtask:cancel\"'",
                     (pool_id,),
                 ).fetchone()
                 == (1,)
