@@ -191,6 +191,11 @@ class Liveness(DbActor):
         """Make sure the lock connection is up and holds the pool's lock; False if it cannot."""
         if self._lock_conninfo is None:
             return False
+        # A database call like run()'s: a probe meanwhile sees a database wait.
+        with self._database_wait():
+            return self._take_lock(self._lock_conninfo)
+
+    def _take_lock(self, conninfo: str) -> bool:
         conn = self._lock_conn
         if conn is not None:
             try:
@@ -205,7 +210,7 @@ class Liveness(DbActor):
                 self._close_lock()
         try:
             conn = connect(
-                self._lock_conninfo,
+                conninfo,
                 self.ctx.settings.connection,
                 application_name=f"{self.ctx.pool_id}-lock",
             )
