@@ -1,0 +1,1 @@
+"""Integrations of kongtask with frameworks; nothing in kongtask's core imports this package."""
