@@ -6,7 +6,6 @@ Both expose the same names; the backport calls the invalid-task exception
 
 from __future__ import annotations
 
-
 try:  # Django >= 6.0
     from django.tasks import (  # type: ignore[import-not-found,unused-ignore]
         TaskContext,
@@ -14,23 +13,22 @@ try:  # Django >= 6.0
         TaskResultStatus,
         task_backends,
     )
-    from django.tasks import exceptions as _exceptions  # type: ignore[import-not-found,unused-ignore]
     from django.tasks.backends.base import (  # type: ignore[import-not-found,unused-ignore]
         BaseTaskBackend,
     )
     from django.tasks.base import Task, TaskError  # type: ignore[import-not-found,unused-ignore]
+    from django.tasks.exceptions import (  # type: ignore[import-not-found,unused-ignore]
+        InvalidTask,
+        TaskResultDoesNotExist,
+    )
     from django.tasks.signals import task_enqueued  # type: ignore[import-not-found,unused-ignore]
 except ImportError:  # Django 5.2 with the django-tasks backport
     from django_tasks import TaskContext, TaskResult, TaskResultStatus, task_backends
-    from django_tasks import exceptions as _exceptions
     from django_tasks.backends.base import BaseTaskBackend
     from django_tasks.base import Task, TaskError
+    from django_tasks.exceptions import InvalidTaskError as InvalidTask
+    from django_tasks.exceptions import TaskResultDoesNotExist
     from django_tasks.signals import task_enqueued
-
-InvalidTask: type[Exception] = getattr(_exceptions, "InvalidTask", None) or getattr(
-    _exceptions, "InvalidTaskError"
-)
-TaskResultDoesNotExist: type[Exception] = _exceptions.TaskResultDoesNotExist
 
 __all__ = [
     "BaseTaskBackend",
@@ -44,4 +42,3 @@ __all__ = [
     "task_backends",
     "task_enqueued",
 ]
-

@@ -5,7 +5,7 @@ from __future__ import annotations
 from django.apps import AppConfig
 
 
-class KongtaskConfig(AppConfig):
+class KongtaskConfig(AppConfig):  # type: ignore[misc]
     """Adds ``manage.py kongtask_worker``; the app has no models of its own."""
 
     name = "kongtask.contrib.django"

@@ -62,7 +62,7 @@ def _dashboard() -> Dashboard:
         return found
 
 
-@csrf_exempt
+@csrf_exempt  # type: ignore[untyped-decorator,unused-ignore]
 @staff_required
 def dashboard(request: HttpRequest, path: str = "") -> HttpResponse:
     """Serve one dashboard page or action; ``path`` is what follows the mount point."""

@@ -14,7 +14,7 @@ from kongtask.errors import KongtaskError
 from kongtask.runner import Runner
 
 
-class Command(BaseCommand):
+class Command(BaseCommand):  # type: ignore[misc]
     """Run the Django tasks of every installed app's ``tasks`` module from kongtask's queue."""
 
     help = (
