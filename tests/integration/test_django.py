@@ -102,7 +102,14 @@ def test_atomic_enqueue_commits_with_the_transaction_and_the_worker_runs_it(
     assert jobs(project_db) == [
         ("greetings.tasks.greet", 0, None, '{"args":["ann"],"kwargs":{}}', 0, None),
         # Django priority 10 (sooner) is graphile priority -10; "mail" is a serial queue.
-        ("greetings.tasks.greet_async", -10, "mail", '{"args":[],"kwargs":{"name":"bob"}}', 0, None),
+        (
+            "greetings.tasks.greet_async",
+            -10,
+            "mail",
+            '{"args":[],"kwargs":{"name":"bob"}}',
+            0,
+            None,
+        ),
     ]
 
     out = manage(project_db, "kongtask_worker", "--once", "-j", "2", "--poll-interval", "1")

@@ -37,6 +37,9 @@ DATABASES = {
         "PASSWORD": _db.get("password", ""),
         "HOST": _db.get("host", ""),
         "PORT": _db.get("port", ""),
+        # The worker checks connections before and after each job, as a request
+        # would; persistent ones spare it a new connection per job.
+        "CONN_MAX_AGE": 60,
     }
 }
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
