@@ -233,3 +233,29 @@ def test_the_dashboard_refuses_anonymous_and_non_staff_users_and_serves_staff(
     assert prefixed_links
     assert "kongtask_csrf" in cookies
     assert seen["jobs"] == [200, True]
+
+
+DEFERRED = """
+import json
+from datetime import timedelta
+from django.utils import timezone
+from kongtask.contrib.django import KongtaskBackend
+from greetings.tasks import greet
+later = greet.using(run_after=timezone.now() + timedelta(hours=1)).enqueue("later")
+KongtaskBackend("x", {"OPTIONS": {"MAX_ATTEMPTS": 3}}).enqueue(greet, ["three"], {})
+print(json.dumps(later.id))
+"""
+
+
+def test_run_after_defers_the_job_and_max_attempts_is_applied(project_db: str) -> None:
+    later_id = shell_json(project_db, DEFERRED)
+    with psycopg.connect(project_db) as conn:
+        rows = conn.execute(
+            "select id = %s, max_attempts, run_at - now() > interval '50 minutes'"
+            " from graphile_worker._private_jobs order by id",
+            (int(later_id),),
+        ).fetchall()
+    assert rows == [(True, 25, True), (False, 3, False)]
+    manage(project_db, "kongtask_worker", "--once")
+    assert greetings(project_db) == [("three", 1)]
+    assert [row[0] for row in jobs(project_db)] == ["greetings.tasks.greet"]  # the deferred one
