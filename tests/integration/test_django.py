@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -259,3 +261,37 @@ def test_run_after_defers_the_job_and_max_attempts_is_applied(project_db: str) -
     manage(project_db, "kongtask_worker", "--once")
     assert greetings(project_db) == [("three", 1)]
     assert [row[0] for row in jobs(project_db)] == ["greetings.tasks.greet"]  # the deferred one
+
+
+def test_the_worker_runs_crontab_items_naming_django_tasks_and_stops_on_sigterm(
+    project_db: str, tmp_path: Path
+) -> None:
+    crontab = tmp_path / "crontab"
+    # A crontab names greetings.tasks.greet with ":" (graphile's grammar has no dots);
+    # fill=2m backfills the last minute at start, so a firing happens at once.
+    crontab.write_text('* * * * * greetings:tasks:greet ?fill=2m {"args":["cron"],"kwargs":{}}\n')
+    env = {**os.environ, "DATABASE_URL": project_db}
+    worker = subprocess.Popen(
+        [sys.executable, "manage.py", "kongtask_worker", "--crontab", str(crontab)],
+        cwd=PROJECT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not greetings(project_db) and time.monotonic() < deadline:
+            assert worker.poll() is None, worker.communicate()
+            time.sleep(0.2)
+        assert greetings(project_db)[0] == ("cron", 1)
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        _out, err = worker.communicate(timeout=60)
+    assert worker.returncode == 0, err
+    # The firing's job was added under the crontab name, which the worker served.
+    with psycopg.connect(project_db) as conn:
+        assert conn.execute(
+            "select count(*) from graphile_worker._private_tasks"
+            " where identifier = 'greetings:tasks:greet'"
+        ).fetchone() == (1,)

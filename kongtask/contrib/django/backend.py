@@ -158,7 +158,8 @@ class KongtaskBackend(BaseTaskBackend):  # type: ignore[misc]
         if info is None:
             raise TaskResultDoesNotExist(result_id)
         try:
-            task = import_string(info.job.task_identifier)
+            # A crontab names a task with ":" for "." (see worker.crontab_name).
+            task = import_string(info.job.task_identifier.replace(":", "."))
         except ImportError:
             task = None
         if not isinstance(task, Task):

@@ -21,7 +21,7 @@ from kongtask.contrib.django._compat import Task, TaskContext, TaskResult, TaskR
 from kongtask.errors import InvalidJobError
 from kongtask.helpers import Helpers
 
-__all__ = ["discover_tasks", "task_map"]
+__all__ = ["crontab_name", "discover_tasks", "task_map"]
 
 
 def discover_tasks(extra_modules: tuple[str, ...] = ()) -> dict[str, Any]:
@@ -42,13 +42,21 @@ def discover_tasks(extra_modules: tuple[str, ...] = ()) -> dict[str, Any]:
 
 
 def task_map(tasks: dict[str, Any], backend_alias: str) -> dict[str, Any]:
-    """kongtask handlers for Django tasks: async functions get async handlers."""
-    return {
-        identifier: (_AsyncCall if inspect.iscoroutinefunction(task.func) else _SyncCall)(
-            task, backend_alias
-        )
-        for identifier, task in tasks.items()
-    }
+    """kongtask handlers for Django tasks: async functions get async handlers.
+
+    Each task is also served under its crontab name (:func:`crontab_name`):
+    graphile's crontab grammar allows no dots in a task identifier.
+    """
+    handlers: dict[str, Any] = {}
+    for identifier, task in tasks.items():
+        kind = _AsyncCall if inspect.iscoroutinefunction(task.func) else _SyncCall
+        handlers[identifier] = handlers[crontab_name(identifier)] = kind(task, backend_alias)
+    return handlers
+
+
+def crontab_name(identifier: str) -> str:
+    """The name a crontab line gives a Django task: its module path with ``:`` for ``.``."""
+    return identifier.replace(".", ":")
 
 
 class _Call:
