@@ -1,0 +1,1 @@
+"""An app whose task records greetings in a table."""
