@@ -34,7 +34,7 @@ LOCK_EXPIRY = "4 hours"
 CRON_ITEMS_CHANNEL = "kongtask:cron_items"
 
 #: The statement files, inside this package's ``sql`` folder.
-SQL_FILES = ("jobs.sql", "pools.sql", "cron.sql", "ops.sql")
+SQL_FILES = ("jobs.sql", "pools.sql", "cron.sql", "ops.sql", "limits.sql")
 
 _HEADER = re.compile(r"--\s*(name|fragment):\s*(\S*)\s*$")
 _NAME = re.compile(r"[a-z][a-z0-9_]+")  # not "s", the schema

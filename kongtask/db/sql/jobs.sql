@@ -225,6 +225,9 @@ jobs.flags, jobs.is_available
 -- graphile-worker's useNodeTime), else null: a job is ready once either the
 -- database's time or that clock has reached its run_at, so advancing the test
 -- clock makes retries and delayed jobs due while ordinary jobs still run.
+-- Jobs of limited or paused keys (kongtask/jobs/limits.py) are left out: the
+-- caller leaves their tasks out of `task_ids`, names their queues in
+-- `excluded_queues` and adds limited flags to `forbidden_flags`.
 with candidates as (
     select jobs.id, jobs.job_queue_id, jobs.priority, jobs.run_at
     from {s}._private_jobs as jobs
@@ -236,6 +239,7 @@ with candidates as (
         or jobs.job_queue_id in (
             select queues.id from {s}._private_job_queues as queues
             where queues.is_available = true
+            and queues.queue_name <> all(%(excluded_queues)s::text[])
             for update skip locked
         )
     )
