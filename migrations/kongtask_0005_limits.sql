@@ -15,6 +15,7 @@ create table :KONGTASK_SCHEMA._kongtask_limits (
   rate_count int check (rate_count >= 1),
   rate_interval_s double precision check (rate_interval_s > 0),
   rate_starts timestamptz[] not null default '{}',
+  waiting boolean not null default false,
   updated_at timestamptz not null default now(),
   primary key (key_kind, key),
   check ((rate_count is null) = (rate_interval_s is null)),

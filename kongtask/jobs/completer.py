@@ -115,11 +115,12 @@ class Completer(DbActor):
         )
 
     def _announce_release(self) -> None:
-        """Tell every pool that a limited job finished, so one with free slots claims now."""
-        params = {"schema": self.ctx.settings.schema, "what": "released"}
+        """Tell every pool that a limited job finished, so one with free slots claims now
+        (only when some limit has jobs waiting for room)."""
+        params = {"schema": self.ctx.settings.schema}
         try:
             self.run(
-                lambda conn: conn.execute(self.ctx.queries.notify_limits, params),
+                lambda conn: conn.execute(self.ctx.queries.notify_released, params),
                 "Announcing finished limited jobs",
             )
         except psycopg.Error as exc:

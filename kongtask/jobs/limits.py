@@ -266,7 +266,8 @@ def plan_limited_claim(
 ) -> LimitedPlan:
     """Inside the caller's transaction: lock every limit row (one claim of limited
     jobs at a time, fleet-wide), count the jobs locked per key, pick runnable jobs
-    within the headroom and record their starts for rate limits. The caller then
+    within the headroom and record their starts for rate limits (and which keys
+    are out of room with jobs waiting, see ``notify_released``). The caller then
     locks the planned ids (``claim_limited``) before committing."""
     plan = LimitedPlan()
     rows = conn.execute(queries.lock_limits).fetchall()
@@ -300,6 +301,8 @@ def plan_limited_claim(
             plan.retry_in_s = min(retry_in, plan.retry_in_s or retry_in)
     open_keys = {key for key, value in room.items() if value > 0}
     if not open_keys:
+        out_of_room = [{"kind": kind, "key": key, "waiting": True} for kind, key in limit_rows]
+        conn.execute(queries.record_limited_claim, {"rows": json.dumps(out_of_room)})
         return plan
     closed = LimitSet(frozenset(set(limit_rows) - open_keys))
     opened = LimitSet(frozenset(open_keys))
@@ -330,14 +333,21 @@ def plan_limited_claim(
     for job in taken:
         for key in job.keys:
             started[key] = started.get(key, 0) + 1
-    updates = []
+    # Out of room with jobs of it left (seen, or possibly beyond the scan): a pool
+    # finishing one of its jobs should tell the others.
+    waiting = set(limit_rows) - open_keys
+    taken_ids = set(plan.ids)
+    waiting.update(
+        key for job in candidates if job.id not in taken_ids for key in job.keys if room[key] <= 0
+    )
+    rows_out: dict[LimitKey, dict[str, Any]] = {
+        key: {"kind": key[0], "key": key[1], "waiting": True} for key in waiting
+    }
     for key, count in started.items():
         row = limit_rows[key]
         if row.rate is not None:
             starts = [*row.starts, *[db_now] * count][-row.rate.count :]
-            updates.append(
-                {"kind": key[0], "key": key[1], "starts": [s.isoformat() for s in starts]}
-            )
-    if updates:
-        conn.execute(queries.record_rate_starts, {"rows": json.dumps(updates)})
+            entry = rows_out.setdefault(key, {"kind": key[0], "key": key[1], "waiting": False})
+            entry["starts"] = [start.isoformat() for start in starts]
+    conn.execute(queries.record_limited_claim, {"rows": json.dumps(list(rows_out.values()))})
     return plan

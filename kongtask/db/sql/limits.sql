@@ -95,12 +95,27 @@ select claimed.*, 0 as seen
 from claimed
 order by claimed.priority, claimed.run_at, claimed.id
 
--- name: record_rate_starts
--- The recent starts of rate-limited keys, after a limited claim started more.
+-- name: record_limited_claim
+-- After a claim of limited jobs: the recent starts of rate-limited keys that
+-- started more, and which keys are out of room with jobs waiting (rows that
+-- change only).
 update {s}._kongtask_limits as limits
-set rate_starts = rows.starts
-from json_to_recordset(%(rows)s::json) as rows(kind text, key text, starts timestamptz[])
-where limits.key_kind = rows.kind and limits.key = rows.key
+set rate_starts = coalesce(rows.starts, limits.rate_starts),
+    waiting = coalesce(rows.waiting, false)
+from {s}._kongtask_limits as current
+left join json_to_recordset(%(rows)s::json) as rows(
+    kind text, key text, starts timestamptz[], waiting boolean
+) on rows.kind = current.key_kind and rows.key = current.key
+where limits.key_kind = current.key_kind and limits.key = current.key
+and (rows.starts is not null or current.waiting is distinct from coalesce(rows.waiting, false))
+
+-- name: notify_released
+-- A pool finished limited jobs: tell the others if a key is out of room with
+-- jobs waiting (they may claim the next now); otherwise say nothing.
+select pg_notify('kongtask:limits', json_build_object(
+    'schema', %(schema)s::text, 'what', 'released'
+)::text)
+where exists (select 1 from {s}._kongtask_limits where waiting)
 
 -- name: notify_limits
 -- Tell every pool on the channel: `what` is `changed` (limits or pauses
