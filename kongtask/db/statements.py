@@ -96,6 +96,24 @@ def templates() -> Templates:
     )
 
 
+_INCLUDE = re.compile(r"(?<!\{)\{([a-z][a-z0-9_]+)\}(?!\})")
+
+
+def _expanded(fragments: Mapping[str, str]) -> dict[str, str]:
+    """The fragments with the fragments they include (``{name}``) written out."""
+    texts = dict(fragments)
+
+    def include(found: re.Match[str]) -> str:
+        return texts.get(found[1], found[0])
+
+    for _ in range(len(texts)):
+        changed = {name: _INCLUDE.sub(include, text) for name, text in texts.items()}
+        if changed == texts:
+            break
+        texts = changed
+    return texts
+
+
 class Queries:
     """The statements composed for one schema: ``queries.get_jobs`` (cheap to keep).
 
@@ -119,7 +137,7 @@ class Queries:
         if self._fragments is None:
             self._fragments = {
                 fragment: sql.SQL(text).format(s=self._identifier)
-                for fragment, text in found.fragments.items()
+                for fragment, text in _expanded(found.fragments).items()
             }
         composed = sql.SQL(found.statements[name]).format(s=self._identifier, **self._fragments)
         self.__dict__[name] = composed

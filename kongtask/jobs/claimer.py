@@ -407,11 +407,15 @@ class Claimer(DbActor):
                 forbidden_flags=self._flags,
             )
             jobs: list[Job] = []
-            if plan.ids:
+            if plan.runnable is not None:
+                statement, params = ctx.queries.claim_limited_runnable, plan.runnable
+            elif plan.ids:
+                statement, params = ctx.queries.claim_limited, {"ids": plan.ids}
+            else:
+                statement = None
+            if statement is not None:
                 with conn.cursor() as cursor:
-                    cursor.execute(
-                        ctx.queries.claim_limited, {"ids": plan.ids, "pool_id": ctx.pool_id}
-                    )
+                    cursor.execute(statement, {**params, "pool_id": ctx.pool_id})
                     jobs = self._load(cursor)
         if plan.retry_in_s is not None:
             # A rate binds: look again when it lets one more start.

@@ -247,10 +247,14 @@ def pick(candidates: Iterable[Candidate], room: dict[LimitKey, int], want: int) 
 
 @dataclass
 class LimitedPlan:
-    """What :func:`plan_limited_claim` decided: the job ids to lock, and when a rate
-    that binds lets one more start (seconds; None: no rate binds)."""
+    """What :func:`plan_limited_claim` decided: the job ids to lock (``claim_limited``),
+    or, when every open key has room for the whole batch and none has a rate, the
+    parameters of ``claim_limited_runnable`` (one statement, as the ordinary
+    claim); and when a rate that binds lets one more start (seconds; None: no
+    rate binds)."""
 
     ids: list[int] = field(default_factory=list)
+    runnable: dict[str, Any] | None = None
     retry_in_s: float | None = None
 
 
@@ -265,10 +269,10 @@ def plan_limited_claim(
     forbidden_flags: list[str] | None,
 ) -> LimitedPlan:
     """Inside the caller's transaction: lock every limit row (one claim of limited
-    jobs at a time, fleet-wide), count the jobs locked per key, pick runnable jobs
-    within the headroom and record their starts for rate limits (and which keys
-    are out of room with jobs waiting, see ``notify_released``). The caller then
-    locks the planned ids (``claim_limited``) before committing."""
+    jobs at a time, fleet-wide), count the jobs locked per key, and plan a claim
+    within the headroom; record the starts of rate-limited keys and which keys
+    are out of room with jobs waiting (see ``notify_released``). The caller runs
+    the planned claim before committing."""
     plan = LimitedPlan()
     rows = conn.execute(queries.lock_limits).fetchall()
     if not rows:
@@ -281,9 +285,76 @@ def plan_limited_claim(
             Rate(rate_count, rate_s) if rate_count is not None else None,
             tuple(starts or ()),
         )
-        for kind, key, concurrency, rate_count, rate_s, starts, _ in rows
+        for kind, key, concurrency, rate_count, rate_s, starts, _, _ in rows
     }
+    was_waiting = {(row[0], row[1]) for row in rows if row[6]}
     keys = LimitSet(frozenset(limit_rows), limits.paused)
+    room = _room(conn, queries, keys, limit_rows, db_now, plan)
+    open_keys = {key for key, value in room.items() if value > 0}
+    waiting = set(limit_rows) - open_keys
+    if not open_keys:
+        _record(conn, queries, was_waiting, waiting, {})
+        return plan
+    closed = LimitSet(frozenset(waiting))
+    opened = LimitSet(frozenset(open_keys))
+    unpaused = [
+        task_id for task_id, name in task_ids.items() if ("task", name) not in limits.paused
+    ]
+    params: dict[str, Any] = {
+        "task_ids": unpaused,
+        "paused_queues": limits.keys("queue", paused=True),
+        "forbidden_flags": forbidden_flags,
+        "open_tasks": opened.keys("task"),
+        "open_queues": opened.keys("queue"),
+        "open_flags": opened.keys("flag"),
+        "closed_tasks": closed.keys("task"),
+        "closed_queues": closed.keys("queue"),
+        "closed_flags": closed.keys("flag"),
+        "limited_flags": keys.keys("flag"),
+        "now": now,
+    }
+    if all(room[key] >= want and limit_rows[key].rate is None for key in open_keys):
+        # No pick needed: the whole batch fits every key it could fall under.
+        plan.runnable = {**params, "scan": want}
+        _record(conn, queries, was_waiting, waiting, {})
+        return plan
+    params["scan"] = max(want, sum(min(value, want) for value in room.values())) * 2
+    candidates = [
+        Candidate(job_id, queue, tuple(keys.job_keys(task, queue, dict.fromkeys(flags or ()))))
+        for job_id, task, queue, flags in conn.execute(queries.limited_candidates, params)
+    ]
+    taken = pick(candidates, room, want)
+    plan.ids = [job.id for job in taken]
+    taken_ids = set(plan.ids)
+    # Out of room with jobs of it left (seen, or possibly beyond the scan).
+    waiting.update(
+        key for job in candidates if job.id not in taken_ids for key in job.keys if room[key] <= 0
+    )
+    starts: dict[LimitKey, list[datetime]] = {}
+    for job in taken:
+        for key in job.keys:
+            row = limit_rows[key]
+            if row.rate is not None:
+                starts.setdefault(key, list(row.starts)).append(db_now)
+    trimmed = {
+        key: times[-rate.count :]
+        for key, times in starts.items()
+        if (rate := limit_rows[key].rate) is not None
+    }
+    _record(conn, queries, was_waiting, waiting, trimmed)
+    return plan
+
+
+def _room(
+    conn: psycopg.Connection[Any],
+    queries: Queries,
+    keys: LimitSet,
+    limit_rows: Mapping[LimitKey, LimitRow],
+    db_now: datetime,
+    plan: LimitedPlan,
+) -> dict[LimitKey, int]:
+    """The headroom of every limited key (counting the jobs locked now); notes in
+    ``plan`` when a binding rate lets one more start."""
     params = {
         "tasks": keys.keys("task"),
         "queues": keys.keys("queue"),
@@ -299,55 +370,24 @@ def plan_limited_claim(
         room[key], retry_in = headroom(row, running[key], db_now)
         if retry_in is not None:
             plan.retry_in_s = min(retry_in, plan.retry_in_s or retry_in)
-    open_keys = {key for key, value in room.items() if value > 0}
-    if not open_keys:
-        out_of_room = [{"kind": kind, "key": key, "waiting": True} for kind, key in limit_rows]
-        conn.execute(queries.record_limited_claim, {"rows": json.dumps(out_of_room)})
-        return plan
-    closed = LimitSet(frozenset(set(limit_rows) - open_keys))
-    opened = LimitSet(frozenset(open_keys))
-    unpaused = [
-        task_id for task_id, name in task_ids.items() if ("task", name) not in limits.paused
-    ]
-    candidate_params = {
-        "task_ids": unpaused,
-        "paused_queues": limits.keys("queue", paused=True),
-        "forbidden_flags": forbidden_flags,
-        "open_tasks": opened.keys("task"),
-        "open_queues": opened.keys("queue"),
-        "open_flags": opened.keys("flag"),
-        "closed_tasks": closed.keys("task"),
-        "closed_queues": closed.keys("queue"),
-        "closed_flags": closed.keys("flag"),
-        "limited_flags": keys.keys("flag"),
-        "now": now,
-        "scan": max(want, sum(min(value, want) for value in room.values())) * 2,
-    }
-    candidates = [
-        Candidate(job_id, queue, tuple(keys.job_keys(task, queue, dict.fromkeys(flags or ()))))
-        for job_id, task, queue, flags in conn.execute(queries.limited_candidates, candidate_params)
-    ]
-    taken = pick(candidates, room, want)
-    plan.ids = [job.id for job in taken]
-    started: dict[LimitKey, int] = {}
-    for job in taken:
-        for key in job.keys:
-            started[key] = started.get(key, 0) + 1
-    # Out of room with jobs of it left (seen, or possibly beyond the scan): a pool
-    # finishing one of its jobs should tell the others.
-    waiting = set(limit_rows) - open_keys
-    taken_ids = set(plan.ids)
-    waiting.update(
-        key for job in candidates if job.id not in taken_ids for key in job.keys if room[key] <= 0
-    )
-    rows_out: dict[LimitKey, dict[str, Any]] = {
-        key: {"kind": key[0], "key": key[1], "waiting": True} for key in waiting
-    }
-    for key, count in started.items():
-        row = limit_rows[key]
-        if row.rate is not None:
-            starts = [*row.starts, *[db_now] * count][-row.rate.count :]
-            entry = rows_out.setdefault(key, {"kind": key[0], "key": key[1], "waiting": False})
-            entry["starts"] = [start.isoformat() for start in starts]
-    conn.execute(queries.record_limited_claim, {"rows": json.dumps(list(rows_out.values()))})
-    return plan
+    return room
+
+
+def _record(
+    conn: psycopg.Connection[Any],
+    queries: Queries,
+    was_waiting: set[LimitKey],
+    waiting: set[LimitKey],
+    starts: Mapping[LimitKey, list[datetime]],
+) -> None:
+    """Write the new rate starts and the keys now waiting, if anything changed."""
+    if waiting == was_waiting and not starts:
+        return
+    rows: list[dict[str, Any]] = []
+    for kind, key in waiting | was_waiting | set(starts):
+        row: dict[str, Any] = {"kind": kind, "key": key, "waiting": (kind, key) in waiting}
+        times = starts.get((kind, key))
+        if times is not None:
+            row["starts"] = [when.isoformat() for when in times]
+        rows.append(row)
+    conn.execute(queries.record_limited_claim, {"rows": json.dumps(rows)})

@@ -212,6 +212,36 @@ jobs.run_at, jobs.attempts, jobs.max_attempts, jobs.last_error, jobs.created_at,
 jobs.updated_at, jobs.key, jobs.locked_at, jobs.locked_by, jobs.revision,
 jobs.flags, jobs.is_available
 
+-- fragment: lock_candidates
+-- The CTEs that claim from `candidates` (id, job_queue_id, priority, run_at,
+-- rows locked): at most one job per named queue, the queues and jobs locked
+-- for this pool; `claimed` returns claim_columns.
+picked as (
+    select ranked.id, ranked.job_queue_id
+    from (
+        select candidates.id, candidates.job_queue_id,
+               row_number() over (
+                   partition by candidates.job_queue_id
+                   order by candidates.priority, candidates.run_at, candidates.id
+               ) as place
+        from candidates
+    ) as ranked
+    where ranked.job_queue_id is null or ranked.place = 1
+),
+locked_queues as (
+    update {s}._private_job_queues as queues
+    set locked_by = %(pool_id)s::text, locked_at = now()
+    from picked
+    where queues.id = picked.job_queue_id
+),
+claimed as (
+    update {s}._private_jobs as jobs
+    set attempts = jobs.attempts + 1, locked_by = %(pool_id)s::text, locked_at = now()
+    from picked
+    where jobs.id = picked.id
+    returning {claim_columns}
+)
+
 -- name: get_jobs
 -- Claim up to `batch` runnable jobs for this pool, in priority then run_at
 -- order, skipping rows and queues other workers hold. Jobs in a named queue
@@ -249,31 +279,7 @@ with candidates as (
     limit %(batch)s
     for update of jobs skip locked
 ),
-picked as (
-    select ranked.id, ranked.job_queue_id
-    from (
-        select candidates.id, candidates.job_queue_id,
-               row_number() over (
-                   partition by candidates.job_queue_id
-                   order by candidates.priority, candidates.run_at, candidates.id
-               ) as place
-        from candidates
-    ) as ranked
-    where ranked.job_queue_id is null or ranked.place = 1
-),
-locked_queues as (
-    update {s}._private_job_queues as queues
-    set locked_by = %(pool_id)s::text, locked_at = now()
-    from picked
-    where queues.id = picked.job_queue_id
-),
-claimed as (
-    update {s}._private_jobs as jobs
-    set attempts = jobs.attempts + 1, locked_by = %(pool_id)s::text, locked_at = now()
-    from picked
-    where jobs.id = picked.id
-    returning {claim_columns}
-)
+{lock_candidates}
 select claimed.*, (select count(*) from candidates)::int as seen
 from claimed
 order by claimed.priority, claimed.run_at, claimed.id

@@ -12,7 +12,7 @@ select 'pause', key_kind, key from {s}._kongtask_pauses
 -- The limited claim's first step: lock every limit row, so one claim of
 -- limited jobs runs at a time across the fleet and each sees what the
 -- previous one locked. The transaction's time comes with each row.
-select key_kind, key, concurrency, rate_count, rate_interval_s, rate_starts, now()
+select key_kind, key, concurrency, rate_count, rate_interval_s, rate_starts, waiting, now()
 from {s}._kongtask_limits
 order by key_kind, key
 for update
@@ -37,12 +37,10 @@ where jobs.locked_at is not null
 and jobs.locked_at > now() - %(expiry)s::interval
 and {limited_key_of_job}
 
--- name: limited_candidates
+-- fragment: limited_runnable
 -- Runnable jobs of limited keys with room (`open_*`), none of a key without
--- room (`closed_*`), none paused, in claim order; locked until the
--- transaction ends, so no other claim takes them meanwhile.
-select jobs.id, tasks.identifier, queues.queue_name,
-       array(select flag from unnest(%(limited_flags)s::text[]) as flag where jobs.flags ? flag)
+-- room (`closed_*`), none paused (with each job's task row `tasks` and queue
+-- row `queues`).
 from {s}._private_jobs as jobs
 join {s}._private_tasks as tasks on tasks.id = jobs.task_id
 left join {s}._private_job_queues as queues on queues.id = jobs.job_queue_id
@@ -66,9 +64,32 @@ and (tasks.identifier = any(%(open_tasks)s::text[])
 and tasks.identifier <> all(%(closed_tasks)s::text[])
 and (queues.queue_name is null or queues.queue_name <> all(%(closed_queues)s::text[]))
 and (jobs.flags ?| %(closed_flags)s::text[]) is not true
+
+-- name: limited_candidates
+-- The limited_runnable jobs in claim order with their keys, locked until the
+-- transaction ends, so no other claim takes them meanwhile.
+select jobs.id, tasks.identifier, queues.queue_name,
+       array(select flag from unnest(%(limited_flags)s::text[]) as flag where jobs.flags ? flag)
+{limited_runnable}
 order by jobs.priority asc, jobs.run_at asc, jobs.id asc
 limit %(scan)s
 for update of jobs skip locked
+
+-- name: claim_limited_runnable
+-- The limited claim's short way, when every open key has room for the whole
+-- batch and none has a rate: claim up to `batch` limited_runnable jobs as
+-- get_jobs does, in one statement.
+with candidates as (
+    select jobs.id, jobs.job_queue_id, jobs.priority, jobs.run_at
+    {limited_runnable}
+    order by jobs.priority asc, jobs.run_at asc
+    limit %(scan)s
+    for update of jobs skip locked
+),
+{lock_candidates}
+select claimed.*, 0 as seen
+from claimed
+order by claimed.priority, claimed.run_at, claimed.id
 
 -- name: claim_limited
 -- Lock the jobs the limited claim picked (at most one per named queue, each
