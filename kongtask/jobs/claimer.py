@@ -59,7 +59,7 @@ from kongtask.jobs.fetch_policy import (
     Shutdown,
     Wake,
 )
-from kongtask.jobs.limits import LimitSet, plan_limited_claim
+from kongtask.jobs.limits import SHARED_CLAIM_MAX, LimitSet, plan_limited_claim
 from kongtask.jobs.local_queue import Stamped
 from kongtask.jobs.outbox import Outbox
 from kongtask.jobs.slow_statement import SLOW_STATEMENT_S, SlowStatement
@@ -181,6 +181,8 @@ class Claimer(DbActor):
         self._excluded_queues: list[str] = []
         self._ordinary_flags = self._flags
         self._limited = False
+        # The last limited claim found room for every pool's batch: try a shared one.
+        self._limits_roomy = False
         self._may_analyze = True
         # A clock of the caller's (a test's ManualClock) also decides readiness.
         self._clock_now = None if isinstance(ctx.clock, SystemClock) else ctx.clock.now
@@ -332,7 +334,11 @@ class Claimer(DbActor):
         now = self._clock_now() if self._clock_now is not None else None
         limited: list[Job] = []
         if self._limited:
-            limited = self._claim_limited(conn, want, now)
+            asked = want
+            limited, capped = self._claim_limited(conn, want, now)
+            if capped:
+                # A shared limited claim took all it may: more may be waiting.
+                return limited, asked
             want -= len(limited)
             if want <= 0:
                 return limited, len(limited)
@@ -392,31 +398,42 @@ class Claimer(DbActor):
 
     def _claim_limited(
         self, conn: psycopg.Connection[Any], want: int, now: datetime | None
-    ) -> list[Job]:
+    ) -> tuple[list[Job], bool]:
         """Claim jobs of limited keys within their headroom, in one transaction that
-        holds the limit rows' locks (so claims of limited jobs take turns fleet-wide)."""
+        holds the limit rows' locks: exclusive (claims of limited jobs take turns
+        fleet-wide), or shared while the last one found room for every pool's
+        batch (see :func:`plan_limited_claim`). Also says whether a shared claim
+        took all it may (:data:`SHARED_CLAIM_MAX`, less than ``want``)."""
         ctx = self.ctx
-        with conn.transaction():
-            plan = plan_limited_claim(
-                conn,
-                ctx.queries,
-                ctx.limits,
-                task_ids=ctx.task_ids,
-                want=want,
-                now=now,
-                forbidden_flags=self._flags,
-            )
-            jobs: list[Job] = []
-            if plan.runnable is not None:
-                statement, params = ctx.queries.claim_limited_runnable, plan.runnable
-            elif plan.ids:
-                statement, params = ctx.queries.claim_limited, {"ids": plan.ids}
-            else:
-                statement = None
-            if statement is not None:
-                with conn.cursor() as cursor:
-                    cursor.execute(statement, {**params, "pool_id": ctx.pool_id})
-                    jobs = self._load(cursor)
+        shared = self._limits_roomy
+        while True:
+            with conn.transaction():
+                plan = plan_limited_claim(
+                    conn,
+                    ctx.queries,
+                    ctx.limits,
+                    task_ids=ctx.task_ids,
+                    want=want,
+                    now=now,
+                    forbidden_flags=self._flags,
+                    shared=shared,
+                )
+                jobs: list[Job] = []
+                if plan.runnable is not None:
+                    statement, params = ctx.queries.claim_limited_runnable, plan.runnable
+                elif plan.ids:
+                    statement, params = ctx.queries.claim_limited, {"ids": plan.ids}
+                else:
+                    statement = None
+                if statement is not None:
+                    with conn.cursor() as cursor:
+                        cursor.execute(statement, {**params, "pool_id": ctx.pool_id})
+                        jobs = self._load(cursor)
+            self._limits_roomy = plan.shared_ok
+            if not plan.again_exclusive:
+                break
+            shared = False
+        capped = shared and want > SHARED_CLAIM_MAX and len(jobs) == SHARED_CLAIM_MAX
         if plan.retry_in_s is not None:
             # A rate binds: look again when it lets one more start.
             now_m = ctx.clock.monotonic()
@@ -430,7 +447,7 @@ class Claimer(DbActor):
                 self._rate_timer = ctx.clock.call_later(
                     plan.retry_in_s + 0.005, lambda: ref.tell(Wake())
                 )
-        return jobs
+        return jobs, capped
 
     def _maybe_analyze(self, claim_s: float) -> None:
         """Refresh the jobs table's statistics after a suspiciously slow claim."""

@@ -32,6 +32,7 @@ from kongtask.errors import ConfigurationError
 
 __all__ = [
     "LIMITS_CHANNEL",
+    "SHARED_CLAIM_MAX",
     "Candidate",
     "KeyKind",
     "LimitInfo",
@@ -59,6 +60,10 @@ LimitKey = tuple[str, str]
 _UNITS = {"s": 1.0, "sec": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0, "hour": 3600.0}
 _RATE = re.compile(r"\s*(\d+)\s*/\s*(\d*)\s*([a-z]+)\s*")
 _MAX_KEY = 512
+
+#: The most jobs a claim under the shared lock takes (whatever its pool's batch):
+#: the room it must see is this much for every pool.
+SHARED_CLAIM_MAX = 32
 
 
 @dataclass(frozen=True)
@@ -256,6 +261,10 @@ class LimitedPlan:
     ids: list[int] = field(default_factory=list)
     runnable: dict[str, Any] | None = None
     retry_in_s: float | None = None
+    #: A shared claim found too little room: commit, and plan again exclusively.
+    again_exclusive: bool = False
+    #: The room was ample: the next claim may try the shared lock.
+    shared_ok: bool = False
 
 
 def plan_limited_claim(
@@ -267,17 +276,31 @@ def plan_limited_claim(
     want: int,
     now: datetime | None,
     forbidden_flags: list[str] | None,
+    shared: bool = False,
 ) -> LimitedPlan:
     """Inside the caller's transaction: lock every limit row (one claim of limited
     jobs at a time, fleet-wide), count the jobs locked per key, and plan a claim
     within the headroom; record the starts of rate-limited keys and which keys
     are out of room with jobs waiting (see ``notify_released``). The caller runs
-    the planned claim before committing."""
+    the planned claim before committing.
+
+    With ``shared``, the rows are locked shared, so such claims run side by
+    side; each takes at most :data:`SHARED_CLAIM_MAX` jobs, and goes ahead
+    only if every key it may take jobs of has room for that many from every
+    kongtask pool, no rate, and nothing to write. That keeps the limit: each
+    pool has at most one claim in flight, so the claims a shared claim cannot
+    see (in flight, not yet committed) are at most one per other pool, each
+    under the same cap, and an exclusive claim waits for every shared one to
+    commit before it counts (in a statement after its lock). Otherwise the
+    plan says ``again_exclusive``."""
     plan = LimitedPlan()
-    rows = conn.execute(queries.lock_limits).fetchall()
+    rows = conn.execute(queries.lock_limits_shared if shared else queries.lock_limits).fetchall()
     if not rows:
         return plan
-    db_now: datetime = rows[0][-1]
+    db_now: datetime = rows[0][-2]
+    pools: int = max(1, rows[0][-1])
+    if shared:
+        want = min(want, SHARED_CLAIM_MAX)
     limit_rows = {
         (kind, key): LimitRow(
             (kind, key),
@@ -285,13 +308,19 @@ def plan_limited_claim(
             Rate(rate_count, rate_s) if rate_count is not None else None,
             tuple(starts or ()),
         )
-        for kind, key, concurrency, rate_count, rate_s, starts, _, _ in rows
+        for kind, key, concurrency, rate_count, rate_s, starts, *_ in rows
     }
     was_waiting = {(row[0], row[1]) for row in rows if row[6]}
     keys = LimitSet(frozenset(limit_rows), limits.paused)
     room = _room(conn, queries, keys, limit_rows, db_now, plan)
     open_keys = {key for key, value in room.items() if value > 0}
     waiting = set(limit_rows) - open_keys
+    plan.shared_ok = waiting == was_waiting and all(
+        room[key] >= pools * SHARED_CLAIM_MAX and limit_rows[key].rate is None for key in open_keys
+    )
+    if shared and not plan.shared_ok:
+        plan.again_exclusive = True
+        return plan
     if not open_keys:
         _record(conn, queries, was_waiting, waiting, {})
         return plan

@@ -11,11 +11,23 @@ select 'pause', key_kind, key from {s}._kongtask_pauses
 -- name: lock_limits
 -- The limited claim's first step: lock every limit row, so one claim of
 -- limited jobs runs at a time across the fleet and each sees what the
--- previous one locked. The transaction's time comes with each row.
-select key_kind, key, concurrency, rate_count, rate_interval_s, rate_starts, waiting, now()
+-- previous one locked. The transaction's time and the number of kongtask
+-- pools on the schema (live or not: an upper bound) come with each row.
+select key_kind, key, concurrency, rate_count, rate_interval_s, rate_starts, waiting, now(),
+       (select count(*) from {s}._kongtask_pools)::int
 from {s}._kongtask_limits
 order by key_kind, key
 for update
+
+-- name: lock_limits_shared
+-- As lock_limits, shared: claims that each leave room for every other pool's
+-- whole batch run side by side (kongtask/jobs/limits.py says why that holds),
+-- and wait only for a claim holding lock_limits.
+select key_kind, key, concurrency, rate_count, rate_interval_s, rate_starts, waiting, now(),
+       (select count(*) from {s}._kongtask_pools)::int
+from {s}._kongtask_limits
+order by key_kind, key
+for share
 
 -- fragment: limited_key_of_job
 -- Whether a job (with its task row `tasks` and queue row `queues`) falls
