@@ -331,7 +331,7 @@ def plan_limited_claim(
     ]
     params: dict[str, Any] = {
         "task_ids": unpaused,
-        "paused_queues": limits.keys("queue", paused=True),
+        "excluded_queues": limits.keys("queue", paused=True),
         "forbidden_flags": forbidden_flags,
         "open_tasks": opened.keys("task"),
         "open_queues": opened.keys("queue"),

@@ -212,6 +212,26 @@ jobs.run_at, jobs.attempts, jobs.max_attempts, jobs.last_error, jobs.created_at,
 jobs.updated_at, jobs.key, jobs.locked_at, jobs.locked_by, jobs.revision,
 jobs.flags, jobs.is_available
 
+-- fragment: runnable_for_pool
+-- A job (`jobs`) this pool may run now: available, due, of one of its tasks
+-- (`task_ids`), in no named queue or in one that is available and not in
+-- `excluded_queues` (locked, skipping queues others hold), and carrying none
+-- of the `forbidden_flags`.
+jobs.is_available = true
+and jobs.run_at <= greatest(now(), %(now)s::timestamptz)
+and jobs.task_id = any(%(task_ids)s::int[])
+and (
+    jobs.job_queue_id is null
+    or jobs.job_queue_id in (
+        select queues.id from {s}._private_job_queues as queues
+        where queues.is_available = true
+        and queues.queue_name <> all(%(excluded_queues)s::text[])
+        for update skip locked
+    )
+)
+and (%(forbidden_flags)s::text[] is null
+     or (jobs.flags ?| %(forbidden_flags)s::text[]) is not true)
+
 -- fragment: lock_candidates
 -- The CTEs that claim from `candidates` (id, job_queue_id, priority, run_at,
 -- rows locked): at most one job per named queue, the queues and jobs locked
@@ -261,20 +281,7 @@ claimed as (
 with candidates as (
     select jobs.id, jobs.job_queue_id, jobs.priority, jobs.run_at
     from {s}._private_jobs as jobs
-    where jobs.is_available = true
-    and jobs.run_at <= greatest(now(), %(now)s::timestamptz)
-    and jobs.task_id = any(%(task_ids)s::int[])
-    and (
-        jobs.job_queue_id is null
-        or jobs.job_queue_id in (
-            select queues.id from {s}._private_job_queues as queues
-            where queues.is_available = true
-            and queues.queue_name <> all(%(excluded_queues)s::text[])
-            for update skip locked
-        )
-    )
-    and (%(forbidden_flags)s::text[] is null
-         or (jobs.flags ?| %(forbidden_flags)s::text[]) is not true)
+    where {runnable_for_pool}
     order by jobs.priority asc, jobs.run_at asc
     limit %(batch)s
     for update of jobs skip locked

@@ -51,25 +51,13 @@ and {limited_key_of_job}
 
 -- fragment: limited_runnable
 -- Runnable jobs of limited keys with room (`open_*`), none of a key without
--- room (`closed_*`), none paused (with each job's task row `tasks` and queue
--- row `queues`).
+-- room (`closed_*`), none paused (the caller leaves paused tasks out of
+-- `task_ids` and names paused queues in `excluded_queues`); with each job's
+-- task row `tasks` and queue row `queues`.
 from {s}._private_jobs as jobs
 join {s}._private_tasks as tasks on tasks.id = jobs.task_id
 left join {s}._private_job_queues as queues on queues.id = jobs.job_queue_id
-where jobs.is_available = true
-and jobs.run_at <= greatest(now(), %(now)s::timestamptz)
-and jobs.task_id = any(%(task_ids)s::int[])
-and (
-    jobs.job_queue_id is null
-    or jobs.job_queue_id in (
-        select queues.id from {s}._private_job_queues as queues
-        where queues.is_available = true
-        and queues.queue_name <> all(%(paused_queues)s::text[])
-        for update skip locked
-    )
-)
-and (%(forbidden_flags)s::text[] is null
-     or (jobs.flags ?| %(forbidden_flags)s::text[]) is not true)
+where {runnable_for_pool}
 and (tasks.identifier = any(%(open_tasks)s::text[])
      or queues.queue_name = any(%(open_queues)s::text[])
      or (jobs.flags ?| %(open_flags)s::text[]) is true)
@@ -104,26 +92,14 @@ from claimed
 order by claimed.priority, claimed.run_at, claimed.id
 
 -- name: claim_limited
--- Lock the jobs the limited claim picked (at most one per named queue, each
--- queue still available) and their queues, as get_jobs does.
-with picked as (
-    select jobs.id, jobs.job_queue_id
+-- Lock the jobs the limited claim picked (at most one per named queue, rows
+-- locked by limited_candidates) and their queues, as get_jobs does.
+with candidates as (
+    select jobs.id, jobs.job_queue_id, jobs.priority, jobs.run_at
     from {s}._private_jobs as jobs
     where jobs.id = any(%(ids)s::bigint[]) and jobs.is_available = true
 ),
-locked_queues as (
-    update {s}._private_job_queues as queues
-    set locked_by = %(pool_id)s::text, locked_at = now()
-    from picked
-    where queues.id = picked.job_queue_id
-),
-claimed as (
-    update {s}._private_jobs as jobs
-    set attempts = jobs.attempts + 1, locked_by = %(pool_id)s::text, locked_at = now()
-    from picked
-    where jobs.id = picked.id
-    returning {claim_columns}
-)
+{lock_candidates}
 select claimed.*, 0 as seen
 from claimed
 order by claimed.priority, claimed.run_at, claimed.id
