@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 from kongtask.jobs.limits import LimitInfo, PauseInfo
 from kongtask.ops.cli.arguments import ArgumentParser
@@ -19,6 +20,8 @@ from kongtask.ops.status import dumps
 from kongtask.worker_utils import WorkerUtils
 
 __all__ = ["limits_main", "pause_main"]
+
+T = TypeVar("T")
 
 
 def _connection_options(parser: argparse.ArgumentParser, *, sub: bool = False) -> None:
@@ -37,6 +40,12 @@ def _key_options(parser: argparse.ArgumentParser, *, flag: bool = True) -> None:
     parser.add_argument("--queue", metavar="NAME", help="a named queue instead of TASK")
     if flag:
         parser.add_argument("--flag", metavar="VALUE", help="a job flag value instead of TASK")
+
+
+def _listing(rows: Sequence[T], as_json: bool, render: Callable[[Sequence[T]], list[str]]) -> int:
+    """Print a listing as JSON or as the table ``render`` makes; exit code 0."""
+    print(dumps(rows) if as_json else "\n".join(render(rows)))
+    return 0
 
 
 def _describe(kind: str, key: str) -> str:
@@ -68,12 +77,7 @@ def limits_main(argv: Sequence[str]) -> int:
     args = _limits_parser().parse_args(list(argv))
     with WorkerUtils(args.connection, schema=args.schema) as utils:
         if args.command == "list":
-            limits = utils.list_limits()
-            if args.json:
-                print(dumps(limits))
-            else:
-                print("\n".join(render_limit_table(limits)))
-            return 0
+            return _listing(utils.list_limits(), args.json, render_limit_table)
         keys = {"queue": args.queue, "flag": args.flag}
         if args.command == "set":
             limit: LimitInfo = utils.set_limit(
@@ -115,12 +119,7 @@ def pause_main(command: str, argv: Sequence[str]) -> int:
     args = _pause_parser(command).parse_args(list(argv))
     with WorkerUtils(args.connection, schema=args.schema) as utils:
         if command == "pauses":
-            pauses = utils.list_pauses()
-            if args.json:
-                print(dumps(pauses))
-            else:
-                print("\n".join(render_pause_table(pauses)))
-            return 0
+            return _listing(utils.list_pauses(), args.json, render_pause_table)
         if command == "pause":
             paused: PauseInfo = utils.pause(args.task, queue=args.queue, by=args.by)
             print(
