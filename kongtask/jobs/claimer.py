@@ -94,8 +94,11 @@ class JoinRequest(NamedTuple):
 
 
 class LimitsChanged(NamedTuple):
-    """Limits or pauses changed (a ``kongtask:limits`` notice, or the periodic check is
-    due): read them again, then look for jobs again."""
+    """Read limits and pauses again: ``notified`` by a ``kongtask:limits`` notice (then
+    look for jobs again), or the periodic check is due (look again only if the
+    limited or paused keys changed)."""
+
+    notified: bool = True
 
 
 class HeldCount(NamedTuple):
@@ -201,10 +204,12 @@ class Claimer(DbActor):
                 self._maybe_analyze(seconds)
             case Confirm():
                 return self._confirm(message)
-            case LimitsChanged():
+            case LimitsChanged(notified):
                 if self._limits_read and not self.policy.stopping:
-                    self._read_limits()
-                    self._step(Wake())
+                    before = self.ctx.limits
+                    self._read_limits(tolerant=True)
+                    if notified or self.ctx.limits != before:
+                        self._step(Wake())
             case Shutdown():
                 return self._shutdown()
             case PollDue():
@@ -363,18 +368,31 @@ class Claimer(DbActor):
 
     # --- limits and pauses (kongtask/jobs/limits.py) --------------------------------
 
-    def _read_limits(self) -> None:
-        """Read the limited and paused keys and derive the claims' parameters from them."""
+    def _read_limits(self, *, tolerant: bool = False) -> None:
+        """Read the limited and paused keys and derive the claims' parameters from them.
+
+        A ``tolerant`` read (any after the first) that fails keeps the keys read
+        last, and the periodic check tries again; the first read must succeed,
+        as the claim must.
+        """
         ctx = self.ctx
-        rows = self.run(
-            lambda conn: conn.execute(ctx.queries.limit_snapshot).fetchall(), "Reading limits"
-        )
-        self._limits_read = True
-        self._apply_limits(LimitSet.from_rows(rows))
         if self._limits_timer is not None:
             self._limits_timer.cancel()
         ref = self.actor_ref
-        self._limits_timer = ctx.clock.call_later(LIMITS_CHECK_S, lambda: ref.tell(LimitsChanged()))
+        self._limits_timer = ctx.clock.call_later(
+            LIMITS_CHECK_S, lambda: ref.tell(LimitsChanged(notified=False))
+        )
+        try:
+            rows = self.run(
+                lambda conn: conn.execute(ctx.queries.limit_snapshot).fetchall(), "Reading limits"
+            )
+        except psycopg.Error as exc:
+            if not tolerant:
+                raise
+            logger.warning("Could not read the fleet-wide limits and pauses: %s", exc)
+            return
+        self._limits_read = True
+        self._apply_limits(LimitSet.from_rows(rows))
 
     def _apply_limits(self, limits: LimitSet) -> None:
         """The ordinary claim leaves out limited and paused keys; the limited claim runs
