@@ -308,3 +308,40 @@ def test_the_cli_sets_lists_and_clears(db_url: str, utils: WorkerUtils) -> None:
     assert run_cli("resume", "--queue", "mail", "-c", url).returncode == 1
     assert run_cli("limits", "clear", "resize", "-c", url).returncode == 0
     assert [(lim.key_kind, lim.key) for lim in utils.list_limits()] == [("queue", "mail")]
+
+
+def test_the_periodic_check_applies_a_change_whose_notice_was_missed(
+    db: psycopg.Connection[Any], utils: WorkerUtils, start_workers: Any
+) -> None:
+    start_workers(1, jobs=2)
+    utils.add_jobs([JobSpec("limited", {"s": 0.2}) for _ in range(60)])
+    wait_until(
+        lambda: scalar(db, "select count(*) from public.limit_runs") >= 2,
+        what="the first jobs to start",
+    )
+    # Written behind kongtask's back: no kongtask:limits notice is sent.
+    db.execute(
+        "insert into graphile_worker._kongtask_pauses (key_kind, key, paused_by) "
+        "values ('task', 'limited', 'sql')"
+    )
+    paused_at = scalar(db, "select clock_timestamp()")
+    wait_until(
+        lambda: (
+            scalar(
+                db,
+                "select count(*) from public.limit_runs where started_at > %s + interval '2.5 s'",
+                (paused_at,),
+            )
+            == 0
+            and scalar(db, "select clock_timestamp() > %s + interval '3.5 s'", (paused_at,))
+        ),
+        timeout_s=10,
+        what="a second after the periodic check with nothing started",
+    )
+    late = scalar(
+        db,
+        "select count(*) from public.limit_runs where started_at > %s + interval '2.5 s'",
+        (paused_at,),
+    )
+    assert late == 0
+    assert scalar(db, "select count(*) from graphile_worker.jobs where attempts = 0") > 0
