@@ -59,7 +59,7 @@ from kongtask.jobs.fetch_policy import (
     Shutdown,
     Wake,
 )
-from kongtask.jobs.limits import SHARED_CLAIM_MAX, LimitSet, plan_limited_claim
+from kongtask.jobs.limits import SHARED_CLAIM_MAX, LimitSet, claim_limited
 from kongtask.jobs.local_queue import Stamped
 from kongtask.jobs.outbox import Outbox
 from kongtask.jobs.slow_statement import SLOW_STATEMENT_S, SlowStatement
@@ -423,35 +423,20 @@ class Claimer(DbActor):
         batch (see :func:`plan_limited_claim`). Also says whether a shared claim
         took all it may (:data:`SHARED_CLAIM_MAX`, less than ``want``)."""
         ctx = self.ctx
-        shared = self._limits_roomy
-        while True:
-            with conn.transaction():
-                plan = plan_limited_claim(
-                    conn,
-                    ctx.queries,
-                    ctx.limits,
-                    task_ids=ctx.task_ids,
-                    want=want,
-                    now=now,
-                    forbidden_flags=self._flags,
-                    shared=shared,
-                )
-                jobs: list[Job] = []
-                if plan.runnable is not None:
-                    statement, params = ctx.queries.claim_limited_runnable, plan.runnable
-                elif plan.ids:
-                    statement, params = ctx.queries.claim_limited, {"ids": plan.ids}
-                else:
-                    statement = None
-                if statement is not None:
-                    with conn.cursor() as cursor:
-                        cursor.execute(statement, {**params, "pool_id": ctx.pool_id})
-                        jobs = self._load(cursor)
-            self._limits_roomy = plan.shared_ok
-            if not plan.again_exclusive:
-                break
-            shared = False
-        capped = shared and want > SHARED_CLAIM_MAX and len(jobs) == SHARED_CLAIM_MAX
+        jobs, plan = claim_limited(
+            conn,
+            ctx.queries,
+            ctx.limits,
+            self._load,
+            task_ids=ctx.task_ids,
+            want=want,
+            now=now,
+            forbidden_flags=self._flags,
+            pool_id=ctx.pool_id,
+            shared=self._limits_roomy,
+        )
+        self._limits_roomy = plan.shared_ok
+        capped = plan.shared and want > SHARED_CLAIM_MAX and len(jobs) == SHARED_CLAIM_MAX
         if plan.retry_in_s is not None:
             # A rate binds: look again when it lets one more start.
             now_m = ctx.clock.monotonic()

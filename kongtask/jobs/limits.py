@@ -20,10 +20,10 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import psycopg
 
@@ -52,6 +52,8 @@ __all__ = [
 #: Announces limit and pause changes (``{"schema", "what": "changed"}``) and
 #: limited jobs finishing (``"what": "released"``) to every pool.
 LIMITS_CHANNEL = "kongtask:limits"
+
+T = TypeVar("T")
 
 KeyKind = Literal["task", "queue", "flag"]
 #: A limited or paused key: (kind, value).
@@ -265,6 +267,8 @@ class LimitedPlan:
     again_exclusive: bool = False
     #: The room was ample: the next claim may try the shared lock.
     shared_ok: bool = False
+    #: The claim ran under the shared lock.
+    shared: bool = False
 
 
 def plan_limited_claim(
@@ -293,7 +297,7 @@ def plan_limited_claim(
     under the same cap, and an exclusive claim waits for every shared one to
     commit before it counts (in a statement after its lock). Otherwise the
     plan says ``again_exclusive``."""
-    plan = LimitedPlan()
+    plan = LimitedPlan(shared=shared)
     rows = conn.execute(queries.lock_limits_shared if shared else queries.lock_limits).fetchall()
     if not rows:
         return plan
@@ -372,6 +376,50 @@ def plan_limited_claim(
     }
     _record(conn, queries, was_waiting, waiting, trimmed)
     return plan
+
+
+def claim_limited(
+    conn: psycopg.Connection[Any],
+    queries: Queries,
+    limits: LimitSet,
+    load: Callable[[psycopg.Cursor[Any]], list[T]],
+    *,
+    task_ids: Mapping[int, str],
+    want: int,
+    now: datetime | None,
+    forbidden_flags: list[str] | None,
+    pool_id: str,
+    shared: bool,
+) -> tuple[list[T], LimitedPlan]:
+    """Plan and run one claim of limited jobs for ``pool_id`` (see
+    :func:`plan_limited_claim`), each try in a transaction of its own: a shared
+    try that finds too little room is committed (it changed nothing) and made
+    again exclusively. ``load`` reads the claimed rows from the cursor."""
+    while True:
+        with conn.transaction():
+            plan = plan_limited_claim(
+                conn,
+                queries,
+                limits,
+                task_ids=task_ids,
+                want=want,
+                now=now,
+                forbidden_flags=forbidden_flags,
+                shared=shared,
+            )
+            if plan.runnable is not None:
+                statement, params = queries.claim_limited_runnable, plan.runnable
+            elif plan.ids:
+                statement, params = queries.claim_limited, {"ids": plan.ids}
+            elif plan.again_exclusive:
+                statement = None
+            else:
+                return [], plan
+            if statement is not None:
+                with conn.cursor() as cursor:
+                    cursor.execute(statement, {**params, "pool_id": pool_id})
+                    return load(cursor), plan
+        shared = False
 
 
 def _room(
