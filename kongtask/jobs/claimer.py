@@ -248,7 +248,13 @@ class Claimer(DbActor):
         if not self._task_id_list:
             self._register_tasks()
         if not self._limits_read:
-            self._read_limits()
+            try:
+                self._read_limits()
+            except psycopg.Error as exc:
+                # No claim before the limits and pauses are known; the poll tries again.
+                logger.error("Failed to get jobs: could not read limits and pauses: %s", exc)
+                ctx.bus.emit(events.worker_get_job_error, pool_id=ctx.pool_id, error=exc)
+                return policy.step(ClaimFailed(), len(queue))
         policy.claim_started()
         ctx.bus.emit(events.worker_get_job_start, pool_id=ctx.pool_id)
         adopted: list[Job] = []
