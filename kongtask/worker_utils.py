@@ -39,6 +39,8 @@ from kongtask.jobs.enqueue import (
     check_connection,
     jobs_from_query,
 )
+from kongtask.jobs.limits import LimitInfo, PauseInfo
+from kongtask.ops import limits as fleet
 from kongtask.ops import status as ops
 from kongtask.ops.status import JobInfo, PoolInfo, StatusReport
 from kongtask.settings import ConnectionSettings
@@ -421,6 +423,61 @@ class WorkerUtils:
         """kongtask pools from their heartbeat rows (``live`` within 60 s)."""
         with self.connection() as conn:
             return ops.list_pools(conn, self._queries, live_only=live_only)
+
+    # --- fleet-wide limits and pauses (kongtask's own tables; Node ignores them) ----
+
+    def set_limit(
+        self,
+        task: str | None = None,
+        *,
+        queue: str | None = None,
+        flag: str | None = None,
+        concurrency: int | None = None,
+        rate: str | tuple[int, float] | None = None,
+    ) -> LimitInfo:
+        """Limit one key (a task, ``queue=`` or ``flag=``) across every kongtask pool:
+        at most ``concurrency`` jobs at once and/or ``rate`` starts (``"10/s"``,
+        ``"5/m"``, ``"100/h"`` or ``(count, seconds)``). Pools apply it within ~2 s."""
+        with self.connection() as conn:
+            return fleet.set_limit(
+                conn,
+                self._queries,
+                task,
+                queue=queue,
+                flag=flag,
+                concurrency=concurrency,
+                rate=rate,
+            )
+
+    def clear_limit(
+        self, task: str | None = None, *, queue: str | None = None, flag: str | None = None
+    ) -> bool:
+        """Remove the limit on one key; False if there was none."""
+        with self.connection() as conn:
+            return fleet.clear_limit(conn, self._queries, task, queue=queue, flag=flag)
+
+    def list_limits(self) -> list[LimitInfo]:
+        """Every limit, with how many jobs of its key are locked now."""
+        with self.connection() as conn:
+            return fleet.list_limits(conn, self._queries)
+
+    def pause(
+        self, task: str | None = None, *, queue: str | None = None, by: str | None = None
+    ) -> PauseInfo:
+        """Pause a task or ``queue=`` on every kongtask pool: its jobs stay queued,
+        running ones finish. ``by`` names who paused (default ``user@host/pid``)."""
+        with self.connection() as conn:
+            return fleet.pause(conn, self._queries, task, queue=queue, by=by)
+
+    def resume(self, task: str | None = None, *, queue: str | None = None) -> bool:
+        """Resume a paused task or queue; False if it was not paused."""
+        with self.connection() as conn:
+            return fleet.resume(conn, self._queries, task, queue=queue)
+
+    def list_pauses(self) -> list[PauseInfo]:
+        """Every paused task and queue, with who paused it and when."""
+        with self.connection() as conn:
+            return fleet.list_pauses(conn, self._queries)
 
     # --- stored cron items and the cron history (kongtask's own tables) -----------
 

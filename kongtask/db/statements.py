@@ -34,7 +34,7 @@ LOCK_EXPIRY = "4 hours"
 CRON_ITEMS_CHANNEL = "kongtask:cron_items"
 
 #: The statement files, inside this package's ``sql`` folder.
-SQL_FILES = ("jobs.sql", "pools.sql", "cron.sql", "ops.sql")
+SQL_FILES = ("jobs.sql", "pools.sql", "cron.sql", "ops.sql", "limits.sql")
 
 _HEADER = re.compile(r"--\s*(name|fragment):\s*(\S*)\s*$")
 _NAME = re.compile(r"[a-z][a-z0-9_]+")  # not "s", the schema
@@ -96,6 +96,24 @@ def templates() -> Templates:
     )
 
 
+_INCLUDE = re.compile(r"(?<!\{)\{([a-z][a-z0-9_]+)\}(?!\})")
+
+
+def _expanded(fragments: Mapping[str, str]) -> dict[str, str]:
+    """The fragments with the fragments they include (``{name}``) written out."""
+    texts = dict(fragments)
+
+    def include(found: re.Match[str]) -> str:
+        return texts.get(found[1], found[0])
+
+    for _ in range(len(texts)):
+        changed = {name: _INCLUDE.sub(include, text) for name, text in texts.items()}
+        if changed == texts:
+            break
+        texts = changed
+    return texts
+
+
 class Queries:
     """The statements composed for one schema: ``queries.get_jobs`` (cheap to keep).
 
@@ -119,7 +137,7 @@ class Queries:
         if self._fragments is None:
             self._fragments = {
                 fragment: sql.SQL(text).format(s=self._identifier)
-                for fragment, text in found.fragments.items()
+                for fragment, text in _expanded(found.fragments).items()
             }
         composed = sql.SQL(found.statements[name]).format(s=self._identifier, **self._fragments)
         self.__dict__[name] = composed

@@ -59,6 +59,7 @@ from kongtask.jobs.fetch_policy import (
     Shutdown,
     Wake,
 )
+from kongtask.jobs.limits import SHARED_CLAIM_MAX, LimitSet, claim_limited
 from kongtask.jobs.local_queue import Stamped
 from kongtask.jobs.outbox import Outbox
 from kongtask.jobs.slow_statement import SLOW_STATEMENT_S, SlowStatement
@@ -74,6 +75,7 @@ __all__ = [
     "HeldCount",
     "InsertNotified",
     "JoinRequest",
+    "LimitsChanged",
     "Shutdown",
     "Wake",
 ]
@@ -91,6 +93,14 @@ class JoinRequest(NamedTuple):
     done: threading.Event
 
 
+class LimitsChanged(NamedTuple):
+    """Read limits and pauses again: ``notified`` by a ``kongtask:limits`` notice (then
+    look for jobs again), or the periodic check is due (look again only if the
+    limited or paused keys changed)."""
+
+    notified: bool = True
+
+
 class HeldCount(NamedTuple):
     """Ask how many jobs this pool holds (claimed, not yet recorded)."""
 
@@ -106,10 +116,15 @@ class Confirm(NamedTuple):
     reason: str
 
 
-ClaimerMessage = FetchEvent | TtlDue | JoinRequest | HeldCount | SlowStatement | Confirm
+ClaimerMessage = (
+    FetchEvent | TtlDue | JoinRequest | HeldCount | SlowStatement | Confirm | LimitsChanged
+)
 
 _EPOCH = datetime.min.replace(tzinfo=UTC)
 _JOB_FIELDS = dataclasses.fields(Job)
+
+#: How often a pool reads the limits and pauses again without being told.
+LIMITS_CHECK_S = 2.0
 
 #: At most one analyze of our own per this many seconds.
 ANALYZE_EVERY_S = 10.0
@@ -159,6 +174,18 @@ class Claimer(DbActor):
             list(settings.forbidden_flags) if settings.forbidden_flags is not None else None
         )
         self._analyzed_at: float | None = None
+        # The limits and pauses (read before the first claim), and the claim
+        # parameters they give (see _apply_limits).
+        self._limits_read = False
+        self._limits_timer: TimerHandle | None = None
+        self._rate_timer: TimerHandle | None = None
+        self._rate_due_at: float | None = None
+        self._free_task_ids: list[int] = []
+        self._excluded_queues: list[str] = []
+        self._ordinary_flags = self._flags
+        self._limited = False
+        # The last limited claim found room for every pool's batch: try a shared one.
+        self._limits_roomy = False
         self._may_analyze = True
         # A clock of the caller's (a test's ManualClock) also decides readiness.
         self._clock_now = None if isinstance(ctx.clock, SystemClock) else ctx.clock.now
@@ -177,6 +204,12 @@ class Claimer(DbActor):
                 self._maybe_analyze(seconds)
             case Confirm():
                 return self._confirm(message)
+            case LimitsChanged(notified):
+                if self._limits_read and not self.policy.stopping:
+                    before = self.ctx.limits
+                    self._read_limits(tolerant=True)
+                    if notified or self.ctx.limits != before:
+                        self._step(Wake())
             case Shutdown():
                 return self._shutdown()
             case PollDue():
@@ -214,6 +247,14 @@ class Claimer(DbActor):
         want = queue.size - len(queue)
         if not self._task_id_list:
             self._register_tasks()
+        if not self._limits_read:
+            try:
+                self._read_limits()
+            except psycopg.Error as exc:
+                # No claim before the limits and pauses are known; the poll tries again.
+                logger.error("Failed to get jobs: could not read limits and pauses: %s", exc)
+                ctx.bus.emit(events.worker_get_job_error, pool_id=ctx.pool_id, error=exc)
+                return policy.step(ClaimFailed(), len(queue))
         policy.claim_started()
         ctx.bus.emit(events.worker_get_job_start, pool_id=ctx.pool_id)
         adopted: list[Job] = []
@@ -294,18 +335,31 @@ class Claimer(DbActor):
             rows = self.run(upsert, "Registering task identifiers")
         self.ctx.task_ids.update(dict(rows))
         self._task_id_list = sorted(self.ctx.task_ids)
+        self._apply_limits(self.ctx.limits)
         if not self._task_id_list:
             logger.warning("No tasks found; nothing to do!")
 
     def _claim(self, conn: psycopg.Connection[Any], want: int) -> tuple[list[Job], int]:
         """Claim up to ``want`` jobs; returns them and how many candidates the claim saw."""
         ctx = self.ctx
+        now = self._clock_now() if self._clock_now is not None else None
+        limited: list[Job] = []
+        if self._limited:
+            asked = want
+            limited, capped = self._claim_limited(conn, want, now)
+            if capped:
+                # A shared limited claim took all it may: more may be waiting.
+                return limited, asked
+            want -= len(limited)
+            if want <= 0:
+                return limited, len(limited)
         params = {
-            "task_ids": self._task_id_list,
-            "forbidden_flags": self._flags,
+            "task_ids": self._free_task_ids,
+            "excluded_queues": self._excluded_queues,
+            "forbidden_flags": self._ordinary_flags,
             "batch": want,
             "pool_id": ctx.pool_id,
-            "now": self._clock_now() if self._clock_now is not None else None,
+            "now": now,
         }
         with conn.cursor() as cursor:
             # The hot path: psycopg's own timestamp loader, unless a row needs more (_load).
@@ -316,7 +370,93 @@ class Claimer(DbActor):
         assert result is not None
         # From the raw answer: every row carries it, even one that could not be loaded.
         seen = int(bytes(result.get_value(0, result.nfields - 1) or b"0")) if jobs else 0
-        return jobs, seen
+        return limited + jobs, seen + len(limited)
+
+    # --- limits and pauses (kongtask/jobs/limits.py) --------------------------------
+
+    def _read_limits(self, *, tolerant: bool = False) -> None:
+        """Read the limited and paused keys and derive the claims' parameters from them.
+
+        A ``tolerant`` read (any after the first) that fails keeps the keys read
+        last, and the periodic check tries again; the first read must succeed,
+        as the claim must.
+        """
+        ctx = self.ctx
+        if self._limits_timer is not None:
+            self._limits_timer.cancel()
+        ref = self.actor_ref
+        self._limits_timer = ctx.clock.call_later(
+            LIMITS_CHECK_S, lambda: ref.tell(LimitsChanged(notified=False))
+        )
+        try:
+            rows = self.run(
+                lambda conn: conn.execute(ctx.queries.limit_snapshot).fetchall(), "Reading limits"
+            )
+        except psycopg.Error as exc:
+            if not tolerant:
+                raise
+            logger.warning("Could not read the fleet-wide limits and pauses: %s", exc)
+            return
+        self._limits_read = True
+        self._apply_limits(LimitSet.from_rows(rows))
+
+    def _apply_limits(self, limits: LimitSet) -> None:
+        """The ordinary claim leaves out limited and paused keys; the limited claim runs
+        only while some limit could concern this pool's tasks."""
+        ctx = self.ctx
+        ctx.limits = limits
+        left_out = limits.limited | limits.paused
+        self._free_task_ids = [
+            task_id
+            for task_id in self._task_id_list
+            if ("task", ctx.task_ids[task_id]) not in left_out
+        ]
+        self._excluded_queues = sorted({*limits.keys("queue"), *limits.keys("queue", paused=True)})
+        flags = limits.keys("flag")
+        if flags:
+            self._ordinary_flags = sorted({*(self._flags or ()), *flags})
+        else:
+            self._ordinary_flags = self._flags
+        served = set(ctx.task_ids.values())
+        self._limited = any(kind != "task" or key in served for kind, key in limits.limited)
+
+    def _claim_limited(
+        self, conn: psycopg.Connection[Any], want: int, now: datetime | None
+    ) -> tuple[list[Job], bool]:
+        """Claim jobs of limited keys within their headroom, in one transaction that
+        holds the limit rows' locks: exclusive (claims of limited jobs take turns
+        fleet-wide), or shared while the last one found room for every pool's
+        batch (see :func:`plan_limited_claim`). Also says whether a shared claim
+        took all it may (:data:`SHARED_CLAIM_MAX`, less than ``want``)."""
+        ctx = self.ctx
+        jobs, plan = claim_limited(
+            conn,
+            ctx.queries,
+            ctx.limits,
+            self._load,
+            task_ids=ctx.task_ids,
+            want=want,
+            now=now,
+            forbidden_flags=self._flags,
+            pool_id=ctx.pool_id,
+            shared=self._limits_roomy,
+        )
+        self._limits_roomy = plan.shared_ok
+        capped = plan.shared and want > SHARED_CLAIM_MAX and len(jobs) == SHARED_CLAIM_MAX
+        if plan.retry_in_s is not None:
+            # A rate binds: look again when it lets one more start.
+            now_m = ctx.clock.monotonic()
+            due_at = now_m + plan.retry_in_s
+            pending = self._rate_due_at is not None and now_m <= self._rate_due_at <= due_at
+            if not pending:
+                if self._rate_timer is not None:
+                    self._rate_timer.cancel()
+                ref = self.actor_ref
+                self._rate_due_at = due_at
+                self._rate_timer = ctx.clock.call_later(
+                    plan.retry_in_s + 0.005, lambda: ref.tell(Wake())
+                )
+        return jobs, capped
 
     def _maybe_analyze(self, claim_s: float) -> None:
         """Refresh the jobs table's statistics after a suspiciously slow claim."""
@@ -543,10 +683,10 @@ class Claimer(DbActor):
         """Stop claiming for good and give back every buffered job; returns them."""
         self.policy.step(Shutdown(), len(self.ctx.queue))
         self.ctx.queue.wake_at(-1)
-        for timer in (self._poll_timer, self._ttl_timer):
+        for timer in (self._poll_timer, self._ttl_timer, self._limits_timer, self._rate_timer):
             if timer is not None:
                 timer.cancel()
-        self._poll_timer = self._ttl_timer = None
+        self._poll_timer = self._ttl_timer = self._limits_timer = self._rate_timer = None
         jobs = self.ctx.queue.drain()
         if jobs:
             self._return(jobs)

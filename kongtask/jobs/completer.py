@@ -95,9 +95,37 @@ class Completer(DbActor):
             # A released named queue may hold the next runnable job, which a
             # short claim had to skip: the claimer's policy decides what to do.
             self._claimer.tell(Finished(len(successes) + len(failures), released))
+            if self._limited(successes) or self._limited([job for job, *_ in failures]):
+                self._announce_release()
             observer = self.ctx.outcome_observer
             if observer is not None:
                 self._observe(observer, taken)
+
+    def _limited(self, jobs: list[Job]) -> bool:
+        """Whether any of ``jobs`` falls under a fleet-wide limit (its slot is free now)."""
+        limits = self.ctx.limits
+        if not limits.limited:
+            return False
+        # A job's queue name is not at hand: with queue limits, any queued job may count.
+        queued = bool(limits.keys("queue"))
+        return any(
+            limits.job_keys(job.task_identifier, None, job.flags)
+            or (queued and job.job_queue_id is not None)
+            for job in jobs
+        )
+
+    def _announce_release(self) -> None:
+        """Tell every pool that a limited job finished, so one with free slots claims now
+        (only when some limit has jobs waiting for room)."""
+        params = {"schema": self.ctx.settings.schema}
+        try:
+            self.run(
+                lambda conn: conn.execute(self.ctx.queries.notify_released, params),
+                "Announcing finished limited jobs",
+            )
+        except psycopg.Error as exc:
+            # The pools' periodic check still finds the room, a few seconds later.
+            logger.warning("Could not announce finished limited jobs: %s", exc)
 
     @staticmethod
     def _observe(observer: OutcomeObserver, taken: Outcomes) -> None:

@@ -17,6 +17,7 @@ from typing import Any
 from psycopg_pool import ConnectionPool
 
 from kongtask.db.statements import Queries
+from kongtask.jobs.limits import LimitSet
 from kongtask.jobs.local_queue import LocalQueue
 from kongtask.jobs.outbox import OutcomeObserver
 from kongtask.jobs.ownership import Ownership
@@ -64,6 +65,8 @@ class WorkerContext:
     queue_names: dict[int, str] = field(default_factory=dict)
     #: Shown each batch of outcomes the completer wrote (kongtask's cron history), if set.
     outcome_observer: OutcomeObserver | None = None
+    #: The fleet's limited and paused keys as the claimer last read them (it alone writes).
+    limits: LimitSet = field(default_factory=LimitSet)
     #: Whether buffered jobs may have been taken from this pool (heartbeats feed it).
     ownership: Ownership = field(init=False)
 

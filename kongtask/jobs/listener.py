@@ -5,7 +5,9 @@ not at the next poll: the notice goes straight from this thread to the
 claimer's mailbox, and one that arrives while a claim runs is acted on right
 after it); a breaking ``worker:migrate`` means a newer worker changed the schema
 under us, so the Runner shuts down gracefully with a warning; ``kongtask:cancel``
-goes to the job service, which aborts the job if this pool holds it. A lost
+goes to the job service, which aborts the job if this pool holds it;
+``kongtask:limits`` makes the claimer read limits and pauses again (or, for a
+finished limited job, claim again). A lost
 connection is re-established after a jittered back-off
 (``min(60 s, 50 ms·e^attempts)``, as graphile-worker), and the claimer is
 told once it is back, since notifications sent meanwhile were missed.
@@ -27,6 +29,7 @@ from kongtask.db.connecting import connect
 from kongtask.db.migrate import LATEST_MIGRATION
 from kongtask.jobs.cancel import CANCEL_CHANNEL
 from kongtask.jobs.context import WorkerContext
+from kongtask.jobs.limits import LIMITS_CHANNEL
 from kongtask.runtime.backoff import backoff_s
 from kongtask.runtime.parts import Part, ThreadsPart
 
@@ -48,6 +51,7 @@ class Listener:
         *,
         conninfo: str | None = None,
         on_cancel: Callable[[dict[str, Any]], None] | None = None,
+        on_limits: Callable[[], None] | None = None,
     ) -> None:
         self._ctx = ctx
         #: Where to LISTEN: a direct connection when the pool goes through pgbouncer.
@@ -55,6 +59,8 @@ class Listener:
         self._nudge = nudge
         #: Told each ``kongtask:cancel`` notice (decoded); it checks whom it names.
         self._on_cancel = on_cancel
+        #: Told when limits or pauses of this schema changed (``kongtask:limits``).
+        self._on_limits = on_limits
         self._stopped = threading.Event()
         self._conn: psycopg.Connection[Any] | None = None
         self._lock = threading.Lock()
@@ -102,6 +108,8 @@ class Listener:
                 conn.execute(ctx.queries.listen_worker_migrate)
                 if self._on_cancel is not None:
                     conn.execute(ctx.queries.listen_cancel)
+                if self._on_limits is not None:
+                    conn.execute(ctx.queries.listen_limits)
                 attempts = 0
                 self.connected.set()
                 ctx.bus.emit(events.pool_listen_success, pool_id=ctx.pool_id)
@@ -153,6 +161,13 @@ class Listener:
             self._breaking_migration(data.get("migrationNumber"))
         elif channel == CANCEL_CHANNEL and self._on_cancel is not None:
             self._on_cancel(data)
+        elif channel == LIMITS_CHANNEL and self._on_limits is not None:
+            if data.get("schema") != ctx.settings.schema:
+                return
+            if data.get("what") == "released":
+                self._nudge()  # a limited job finished somewhere: room may be free
+            else:
+                self._on_limits()
 
     def _breaking_migration(self, number: object) -> None:
         """Shut down only if our own schema now holds a breaking migration we do not know.

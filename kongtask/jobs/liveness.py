@@ -276,6 +276,7 @@ class Liveness(DbActor):
             "pid": os.getpid(),
             "concurrency": ctx.settings.concurrency,
             "version": __version__,
+            "tasks": sorted(ctx.tasks),
             "lock_key": self._lock_key if self._lock_conn is not None else None,
         }
         sent_at = ctx.ownership.now()

@@ -35,6 +35,7 @@ from kongtask.jobs.claimer import (
     HeldCount,
     InsertNotified,
     JoinRequest,
+    LimitsChanged,
     Shutdown,
     Wake,
 )
@@ -246,7 +247,11 @@ class JobService:
             )
             return
         self._listener = Listener(
-            ctx, self._insert_notified, conninfo=conninfo, on_cancel=self._cancel_notified
+            ctx,
+            self._insert_notified,
+            conninfo=conninfo,
+            on_cancel=self._cancel_notified,
+            on_limits=self._limits_changed,
         )
         self._listener.start()
 
@@ -263,6 +268,10 @@ class JobService:
     def _insert_notified(self) -> None:
         if self._claimer is not None:
             self._claimer.tell(InsertNotified())
+
+    def _limits_changed(self) -> None:
+        if self._claimer is not None:
+            self._claimer.tell(LimitsChanged())
 
     def _cancel_notified(self, data: dict[str, Any]) -> None:
         """A ``kongtask:cancel`` notice: the executors abort the job if this pool holds it."""

@@ -61,6 +61,8 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
 from kongtask import events
 from kongtask.db.statements import Queries
 from kongtask.db.timestamps import OutOfRangeTimestamp
+from kongtask.jobs.limits import LimitInfo, PauseInfo
+from kongtask.ops import limits as fleet
 from kongtask.ops.status import JOB_STATES, LIVE_POOL_BOUND_S
 from kongtask.ops.view import RunnerView
 from kongtask.settings import DEFAULT_SCHEMA
@@ -168,7 +170,15 @@ class _DepthCollector(Collector):
             locked = len(conn.execute(self._queries.locked_queues).fetchall())
             pools = conn.execute(self._queries.pools, {"live_bound_s": LIVE_POOL_BOUND_S})
             live = sum(1 for row in pools.fetchall() if row[-1])
-        return {**self._fold(counts), "locked": locked, "live": live}
+            limits = fleet.list_limits(conn, self._queries)
+            pauses = fleet.list_pauses(conn, self._queries)
+        return {
+            **self._fold(counts),
+            "locked": locked,
+            "live": live,
+            "limits": limits,
+            "pauses": pauses,
+        }
 
     def _fold(self, counts: dict[tuple[str, str], int]) -> dict[str, Any]:
         """Counts by state for the ``max_tasks`` tasks with the most jobs, and for the rest.
@@ -228,6 +238,36 @@ class _DepthCollector(Collector):
         live = GaugeMetricFamily("kongtask_live_pools", "kongtask pools whose heartbeat is recent")
         live.add_metric([], sample["live"])
         yield live
+        yield from _limit_families(sample["limits"], sample["pauses"])
+
+
+def _limit_families(
+    limits: list[LimitInfo], pauses: list[PauseInfo]
+) -> Iterator[GaugeMetricFamily]:
+    """The fleet-wide limits (their caps and what runs now) and the pauses."""
+    labels = ["key_kind", "key"]
+    concurrency = GaugeMetricFamily(
+        "kongtask_limit_concurrency", "Fleet-wide concurrency limit per key", labels=labels
+    )
+    rate = GaugeMetricFamily(
+        "kongtask_limit_rate_per_second", "Fleet-wide rate limit per key (starts/s)", labels=labels
+    )
+    running = GaugeMetricFamily(
+        "kongtask_limit_running", "Jobs of a limited key locked now", labels=labels
+    )
+    for limit in limits:
+        key = [limit.key_kind, limit.key]
+        if limit.concurrency is not None:
+            concurrency.add_metric(key, limit.concurrency)
+        if limit.rate is not None:
+            rate.add_metric(key, limit.rate.count / limit.rate.interval_s)
+        running.add_metric(key, limit.running)
+    paused = GaugeMetricFamily(
+        "kongtask_paused", "1 for each paused task or queue", labels=["kind", "key"]
+    )
+    for pause in pauses:
+        paused.add_metric([pause.key_kind, pause.key], 1)
+    yield from (concurrency, rate, running, paused)
 
 
 def _run_with_deadline(action: Callable[[], Any], timeout_s: float) -> Any:

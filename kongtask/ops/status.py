@@ -27,10 +27,12 @@ from psycopg.rows import dict_row
 
 from kongtask.cron import next_fire_times, render_cron_item
 from kongtask.cron.types import ParsedCronItem
-from kongtask.db.statements import Queries
+from kongtask.db.statements import LOCK_EXPIRY, Queries
 from kongtask.errors import InvalidJobError
 from kongtask.job import Job
 from kongtask.jobs.enqueue import jobs_from_query
+from kongtask.jobs.limits import LimitInfo, PauseInfo
+from kongtask.ops import limits as fleet
 
 __all__ = [
     "JOB_STATES",
@@ -128,6 +130,11 @@ class StatusReport:
     locked_queues: tuple[LockedQueue, ...]
     pools: tuple[PoolInfo, ...]
     cron: tuple[CronStatus, ...]
+    #: Fleet-wide limits (with how many jobs of each key are locked now) and pauses.
+    limits: tuple[LimitInfo, ...] = ()
+    pauses: tuple[PauseInfo, ...] = ()
+    #: Things an operator should look at (see :func:`fleet_warnings`).
+    warnings: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,16 +206,47 @@ def status(
         dataclasses.replace(pool, running=running_by_pool.get(pool.pool_id, 0))
         for pool in list_pools(conn, queries, live_only=True)
     ]
+    task_counts = tuple(_counts(name, counts) for name, counts in sorted(tasks.items()))
     return StatusReport(
         now=now,
         totals=_counts(None, totals),
-        tasks=tuple(_counts(name, counts) for name, counts in sorted(tasks.items())),
+        tasks=task_counts,
         queues=tuple(_counts(name, counts) for name, counts in sorted(queues.items())),
         running_by_pool=dict(sorted(running_by_pool.items())),
         locked_queues=tuple(locked),
         pools=tuple(pools),
         cron=_cron_status(cron_items, known, now),
+        limits=tuple(fleet.list_limits(conn, queries)),
+        pauses=tuple(fleet.list_pauses(conn, queries)),
+        warnings=tuple(fleet_warnings(conn, queries, task_counts)),
     )
+
+
+def fleet_warnings(
+    conn: psycopg.Connection[Any], queries: Queries, tasks: Iterable[StateCounts]
+) -> list[str]:
+    """Ready jobs of a task no live kongtask pool serves, and jobs of limited keys held
+    by a holder with no live liveness record (which the limit cannot count on)."""
+    bound = {"live_bound_s": LIVE_POOL_BOUND_S, "expiry": LOCK_EXPIRY}
+    served: set[str] = set()
+    everything = False
+    for (pool_tasks,) in conn.execute(queries.live_pool_tasks, bound):
+        if pool_tasks is None:
+            everything = True  # an older kongtask pool: it did not say what it serves
+        else:
+            served.update(pool_tasks)
+    warnings = [
+        f"no live pool serves task `{counts.name}`: {counts.ready} ready"
+        for counts in tasks
+        if counts.ready and not everything and counts.name not in served
+    ]
+    for kind, key, holder, count in conn.execute(queries.limited_jobs_of_unknown_pools, bound):
+        warnings.append(
+            f"{count} job(s) of limited {kind} `{key}` locked by `{holder}`, which has no live "
+            "kongtask liveness record (a Node graphile-worker or a dead pool): the limit does "
+            "not govern it"
+        )
+    return warnings
 
 
 def _cron_status(

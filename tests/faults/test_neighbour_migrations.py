@@ -103,7 +103,7 @@ def test_schema_only_on_another_schema_leaves_a_cli_worker_running(
                 db.execute(
                     # The listener's last LISTEN: worker:migrate comes before it.
                     "select count(*) from pg_stat_activity where application_name = %s "
-                    "and query = 'LISTEN \"kongtask:cancel\"'",
+                    "and query = 'LISTEN \"kongtask:limits\"'",
                     (pool_id,),
                 ).fetchone()
                 == (1,)

@@ -582,3 +582,22 @@ def test_past_max_waiting_the_oldest_idle_connection_is_closed(
         finally:
             for sock in oldest + newest:
                 sock.close()
+
+
+def test_metrics_show_limits_and_pauses(db_url: str) -> None:
+    with kongtask.WorkerUtils(db_url) as utils:
+        utils.set_limit("resize", concurrency=3, rate="6/m")
+        utils.set_limit(flag="tenant:1", concurrency=2)
+        utils.pause(queue="mail")
+    with OpsServer.for_database(db_url, schema="graphile_worker") as server:
+        values = samples(get(server.url + "/metrics")[1])
+    task, flag = (
+        (("key", "resize"), ("key_kind", "task")),
+        (("key", "tenant:1"), ("key_kind", "flag")),
+    )
+    assert values[("kongtask_limit_concurrency", task)] == 3
+    assert values[("kongtask_limit_concurrency", flag)] == 2
+    assert values[("kongtask_limit_rate_per_second", task)] == pytest.approx(0.1)
+    assert ("kongtask_limit_rate_per_second", flag) not in values
+    assert values[("kongtask_limit_running", task)] == 0
+    assert values[("kongtask_paused", (("key", "mail"), ("kind", "queue")))] == 1

@@ -212,39 +212,30 @@ jobs.run_at, jobs.attempts, jobs.max_attempts, jobs.last_error, jobs.created_at,
 jobs.updated_at, jobs.key, jobs.locked_at, jobs.locked_by, jobs.revision,
 jobs.flags, jobs.is_available
 
--- name: get_jobs
--- Claim up to `batch` runnable jobs for this pool, in priority then run_at
--- order, skipping rows and queues other workers hold. Jobs in a named queue
--- may only run when the queue is unlocked, and a batch takes at most one job
--- per named queue, so named queues stay strictly serial even with batching.
--- Rows locked by `candidates` but not picked stay untouched (and so
--- available) once the statement ends. Each row also carries how many
--- candidates the claim saw: when that reached `batch`, more may be waiting
--- even if the one-per-queue rule kept fewer. Rows come back in run order.
--- `now` is the worker's own clock when a test gave it one (ManualClock, as
--- graphile-worker's useNodeTime), else null: a job is ready once either the
--- database's time or that clock has reached its run_at, so advancing the test
--- clock makes retries and delayed jobs due while ordinary jobs still run.
-with candidates as (
-    select jobs.id, jobs.job_queue_id, jobs.priority, jobs.run_at
-    from {s}._private_jobs as jobs
-    where jobs.is_available = true
-    and jobs.run_at <= greatest(now(), %(now)s::timestamptz)
-    and jobs.task_id = any(%(task_ids)s::int[])
-    and (
-        jobs.job_queue_id is null
-        or jobs.job_queue_id in (
-            select queues.id from {s}._private_job_queues as queues
-            where queues.is_available = true
-            for update skip locked
-        )
+-- fragment: runnable_for_pool
+-- A job (`jobs`) this pool may run now: available, due, of one of its tasks
+-- (`task_ids`), in no named queue or in one that is available and not in
+-- `excluded_queues` (locked, skipping queues others hold), and carrying none
+-- of the `forbidden_flags`.
+jobs.is_available = true
+and jobs.run_at <= greatest(now(), %(now)s::timestamptz)
+and jobs.task_id = any(%(task_ids)s::int[])
+and (
+    jobs.job_queue_id is null
+    or jobs.job_queue_id in (
+        select queues.id from {s}._private_job_queues as queues
+        where queues.is_available = true
+        and queues.queue_name <> all(%(excluded_queues)s::text[])
+        for update skip locked
     )
-    and (%(forbidden_flags)s::text[] is null
-         or (jobs.flags ?| %(forbidden_flags)s::text[]) is not true)
-    order by jobs.priority asc, jobs.run_at asc
-    limit %(batch)s
-    for update of jobs skip locked
-),
+)
+and (%(forbidden_flags)s::text[] is null
+     or (jobs.flags ?| %(forbidden_flags)s::text[]) is not true)
+
+-- fragment: lock_candidates
+-- The CTEs that claim from `candidates` (id, job_queue_id, priority, run_at,
+-- rows locked): at most one job per named queue, the queues and jobs locked
+-- for this pool; `claimed` returns claim_columns.
 picked as (
     select ranked.id, ranked.job_queue_id
     from (
@@ -270,6 +261,32 @@ claimed as (
     where jobs.id = picked.id
     returning {claim_columns}
 )
+
+-- name: get_jobs
+-- Claim up to `batch` runnable jobs for this pool, in priority then run_at
+-- order, skipping rows and queues other workers hold. Jobs in a named queue
+-- may only run when the queue is unlocked, and a batch takes at most one job
+-- per named queue, so named queues stay strictly serial even with batching.
+-- Rows locked by `candidates` but not picked stay untouched (and so
+-- available) once the statement ends. Each row also carries how many
+-- candidates the claim saw: when that reached `batch`, more may be waiting
+-- even if the one-per-queue rule kept fewer. Rows come back in run order.
+-- `now` is the worker's own clock when a test gave it one (ManualClock, as
+-- graphile-worker's useNodeTime), else null: a job is ready once either the
+-- database's time or that clock has reached its run_at, so advancing the test
+-- clock makes retries and delayed jobs due while ordinary jobs still run.
+-- Jobs of limited or paused keys (kongtask/jobs/limits.py) are left out: the
+-- caller leaves their tasks out of `task_ids`, names their queues in
+-- `excluded_queues` and adds limited flags to `forbidden_flags`.
+with candidates as (
+    select jobs.id, jobs.job_queue_id, jobs.priority, jobs.run_at
+    from {s}._private_jobs as jobs
+    where {runnable_for_pool}
+    order by jobs.priority asc, jobs.run_at asc
+    limit %(batch)s
+    for update of jobs skip locked
+),
+{lock_candidates}
 select claimed.*, (select count(*) from candidates)::int as seen
 from claimed
 order by claimed.priority, claimed.run_at, claimed.id

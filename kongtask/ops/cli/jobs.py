@@ -23,11 +23,19 @@ from kongtask.cron.types import ParsedCronItem
 from kongtask.db.timestamps import WRITABLE_YEARS, format_utc, unwritable
 from kongtask.errors import ConfigurationError, CrontabError
 from kongtask.job import Job
+from kongtask.jobs.limits import LimitInfo, PauseInfo
 from kongtask.ops.cli.arguments import ArgumentParser
 from kongtask.ops.status import JOB_STATES, JobInfo, StateCounts, StatusReport, dumps
 from kongtask.worker_utils import WorkerUtils
 
-__all__ = ["jobs_main", "parse_time", "status_main"]
+__all__ = [
+    "jobs_main",
+    "parse_time",
+    "render_limit_table",
+    "render_limits",
+    "render_pause_table",
+    "status_main",
+]
 
 #: Cancel outcomes that did what was asked (exit status 0).
 _DONE = ("cancelled", "signalled")
@@ -158,7 +166,43 @@ def render_status(report: StatusReport) -> str:
         )
     else:
         out.append("Cron items: none")
+    out.append("")
+    out += render_limits(report.limits, report.pauses)
+    if report.warnings:
+        out.append("")
+        out += [f"WARNING: {warning}" for warning in report.warnings]
     return "\n".join(out)
+
+
+def render_limits(limits: Sequence[LimitInfo], pauses: Sequence[PauseInfo]) -> list[str]:
+    """The fleet-wide limits (with running counts) and pauses, as ``status`` prints them."""
+    return [*render_limit_table(limits), *render_pause_table(pauses)]
+
+
+def render_limit_table(limits: Sequence[LimitInfo]) -> list[str]:
+    """The limits, one line each, with how many jobs of each key are locked now."""
+    if not limits:
+        return ["Limits: none"]
+    return _table(
+        ["LIMIT ON", "KEY", "CONCURRENCY", "RATE", "RUNNING"],
+        [
+            [
+                *(limit.key_kind, limit.key, limit.concurrency or "-"),
+                *(str(limit.rate) if limit.rate else "-", limit.running),
+            ]
+            for limit in limits
+        ],
+    )
+
+
+def render_pause_table(pauses: Sequence[PauseInfo]) -> list[str]:
+    """The pauses, one line each, with who paused and since when."""
+    if not pauses:
+        return ["Paused: none"]
+    return _table(
+        ["PAUSED", "KEY", "BY", "SINCE"],
+        [[p.key_kind, p.key, p.paused_by, _when(p.paused_at)] for p in pauses],
+    )
 
 
 def render_jobs(infos: Sequence[JobInfo]) -> str:

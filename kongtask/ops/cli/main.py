@@ -70,7 +70,8 @@ def _worker_parser() -> argparse.ArgumentParser:
             "Run a kongtask worker: a PostgreSQL job queue and cron scheduler that shares "
             "its database with graphile-worker. Other commands: 'kongtask crontab --help', "
             "'kongtask cron --help', 'kongtask admin --help', 'kongtask status --help', "
-            "'kongtask jobs --help', 'kongtask dashboard --help'."
+            "'kongtask jobs --help', 'kongtask dashboard --help', 'kongtask limits --help', "
+            "'kongtask pause --help', 'kongtask resume --help', 'kongtask pauses --help'."
         ),
         allow_abbrev=False,
     )
@@ -407,7 +408,18 @@ def _run_worker(args: argparse.Namespace) -> int:
 
 
 #: Command groups beside the worker: ``kongtask GROUP ...``.
-GROUPS = ("crontab", "cron", "admin", "status", "jobs", "dashboard")
+GROUPS = (
+    "crontab",
+    "cron",
+    "admin",
+    "status",
+    "jobs",
+    "dashboard",
+    "limits",
+    "pause",
+    "resume",
+    "pauses",
+)
 
 
 def _dispatch_group(name: str, argv: Sequence[str]) -> int:
@@ -415,6 +427,10 @@ def _dispatch_group(name: str, argv: Sequence[str]) -> int:
         from kongtask.ops.cli.jobs import jobs_main, status_main
 
         return status_main(argv) if name == "status" else jobs_main(argv)
+    if name in ("limits", "pause", "resume", "pauses"):
+        from kongtask.ops.cli.limits import limits_main, pause_main
+
+        return limits_main(argv) if name == "limits" else pause_main(name, argv)
     if name == "dashboard":
         from kongtask.ops.dashboard.cli import main as dashboard_main
 

@@ -1,0 +1,214 @@
+-- Fleet-wide limits and pauses (kongtask's own tables, see
+-- migrations/kongtask_0005_limits.sql and kongtask/jobs/limits.py).
+-- Format: see jobs.sql.
+
+-- name: limit_snapshot
+-- What a pool caches: every limited key and every paused key.
+select 'limit' as what, key_kind, key from {s}._kongtask_limits
+union all
+select 'pause', key_kind, key from {s}._kongtask_pauses
+
+-- name: lock_limits
+-- The limited claim's first step: lock every limit row, so one claim of
+-- limited jobs runs at a time across the fleet and each sees what the
+-- previous one locked. The transaction's time and the number of kongtask
+-- pools on the schema (live or not: an upper bound) come with each row.
+select key_kind, key, concurrency, rate_count, rate_interval_s, rate_starts, waiting, now(),
+       (select count(*) from {s}._kongtask_pools)::int
+from {s}._kongtask_limits
+order by key_kind, key
+for update
+
+-- name: lock_limits_shared
+-- As lock_limits, shared: claims that each leave room for every other pool's
+-- whole batch run side by side (kongtask/jobs/limits.py says why that holds),
+-- and wait only for a claim holding lock_limits.
+select key_kind, key, concurrency, rate_count, rate_interval_s, rate_starts, waiting, now(),
+       (select count(*) from {s}._kongtask_pools)::int
+from {s}._kongtask_limits
+order by key_kind, key
+for share
+
+-- fragment: limited_key_of_job
+-- Whether a job (with its task row `tasks` and queue row `queues`) falls
+-- under one of the limited keys in `tasks`, `queues`, `flags`.
+(tasks.identifier = any(%(tasks)s::text[])
+ or queues.queue_name = any(%(queues)s::text[])
+ or (jobs.flags ?| %(flags)s::text[]) is true)
+
+-- name: locked_limited_jobs
+-- The jobs of limited keys locked now (a lock older than the expiry is a dead
+-- worker's and counts for nothing): their task, queue and limited flags. The
+-- caller counts them per key.
+select tasks.identifier, queues.queue_name,
+       array(select flag from unnest(%(flags)s::text[]) as flag where jobs.flags ? flag)
+from {s}._private_jobs as jobs
+join {s}._private_tasks as tasks on tasks.id = jobs.task_id
+left join {s}._private_job_queues as queues on queues.id = jobs.job_queue_id
+where jobs.locked_at is not null
+and jobs.locked_at > now() - %(expiry)s::interval
+and {limited_key_of_job}
+
+-- fragment: limited_runnable
+-- Runnable jobs of limited keys with room (`open_*`), none of a key without
+-- room (`closed_*`), none paused (the caller leaves paused tasks out of
+-- `task_ids` and names paused queues in `excluded_queues`); with each job's
+-- task row `tasks` and queue row `queues`.
+from {s}._private_jobs as jobs
+join {s}._private_tasks as tasks on tasks.id = jobs.task_id
+left join {s}._private_job_queues as queues on queues.id = jobs.job_queue_id
+where {runnable_for_pool}
+and (tasks.identifier = any(%(open_tasks)s::text[])
+     or queues.queue_name = any(%(open_queues)s::text[])
+     or (jobs.flags ?| %(open_flags)s::text[]) is true)
+and tasks.identifier <> all(%(closed_tasks)s::text[])
+and (queues.queue_name is null or queues.queue_name <> all(%(closed_queues)s::text[]))
+and (jobs.flags ?| %(closed_flags)s::text[]) is not true
+
+-- name: limited_candidates
+-- The limited_runnable jobs in claim order with their keys, locked until the
+-- transaction ends, so no other claim takes them meanwhile.
+select jobs.id, tasks.identifier, queues.queue_name,
+       array(select flag from unnest(%(limited_flags)s::text[]) as flag where jobs.flags ? flag)
+{limited_runnable}
+order by jobs.priority asc, jobs.run_at asc, jobs.id asc
+limit %(scan)s
+for update of jobs skip locked
+
+-- name: claim_limited_runnable
+-- The limited claim's short way, when every open key has room for the whole
+-- batch and none has a rate: claim up to `batch` limited_runnable jobs as
+-- get_jobs does, in one statement.
+with candidates as (
+    select jobs.id, jobs.job_queue_id, jobs.priority, jobs.run_at
+    {limited_runnable}
+    order by jobs.priority asc, jobs.run_at asc
+    limit %(scan)s
+    for update of jobs skip locked
+),
+{lock_candidates}
+select claimed.*, 0 as seen
+from claimed
+order by claimed.priority, claimed.run_at, claimed.id
+
+-- name: claim_limited
+-- Lock the jobs the limited claim picked (at most one per named queue, rows
+-- locked by limited_candidates) and their queues, as get_jobs does.
+with candidates as (
+    select jobs.id, jobs.job_queue_id, jobs.priority, jobs.run_at
+    from {s}._private_jobs as jobs
+    where jobs.id = any(%(ids)s::bigint[]) and jobs.is_available = true
+),
+{lock_candidates}
+select claimed.*, 0 as seen
+from claimed
+order by claimed.priority, claimed.run_at, claimed.id
+
+-- name: record_limited_claim
+-- After a claim of limited jobs: the recent starts of rate-limited keys that
+-- started more, and which keys are out of room with jobs waiting (rows that
+-- change only).
+update {s}._kongtask_limits as limits
+set rate_starts = coalesce(rows.starts, limits.rate_starts),
+    waiting = coalesce(rows.waiting, false)
+from {s}._kongtask_limits as current
+left join json_to_recordset(%(rows)s::json) as rows(
+    kind text, key text, starts timestamptz[], waiting boolean
+) on rows.kind = current.key_kind and rows.key = current.key
+where limits.key_kind = current.key_kind and limits.key = current.key
+and (rows.starts is not null or current.waiting is distinct from coalesce(rows.waiting, false))
+
+-- name: notify_released
+-- A pool finished limited jobs: tell the others if a key is out of room with
+-- jobs waiting (they may claim the next now); otherwise say nothing.
+select pg_notify('kongtask:limits', json_build_object(
+    'schema', %(schema)s::text, 'what', 'released'
+)::text)
+where exists (select 1 from {s}._kongtask_limits where waiting)
+
+-- name: notify_limits
+-- Tell every pool on the channel: `what` is `changed` (limits or pauses
+-- changed: refresh) or `released` (a limited job finished: room may be free).
+select pg_notify('kongtask:limits', json_build_object(
+    'schema', %(schema)s::text, 'what', %(what)s::text
+)::text)
+
+-- name: listen_limits
+-- Limit and pause changes, and limited jobs finishing (see notify_limits).
+LISTEN "kongtask:limits"
+
+-- name: set_limit
+-- Create or replace the limit on one key (a rate keeps its recent starts
+-- when its count is unchanged).
+insert into {s}._kongtask_limits as limits
+    (key_kind, key, concurrency, rate_count, rate_interval_s)
+values (%(kind)s::text, %(key)s::text, %(concurrency)s::int, %(rate_count)s::int,
+        %(rate_interval_s)s::double precision)
+on conflict (key_kind, key) do update
+set concurrency = excluded.concurrency,
+    rate_count = excluded.rate_count,
+    rate_interval_s = excluded.rate_interval_s,
+    rate_starts = case when limits.rate_count = excluded.rate_count
+                       then limits.rate_starts else '{{}}' end,
+    updated_at = now()
+
+-- name: clear_limit
+delete from {s}._kongtask_limits where key_kind = %(kind)s::text and key = %(key)s::text
+
+-- name: list_limits
+-- Every limit with how many jobs of its key are locked now (a lock older than
+-- the expiry counts for nothing).
+select limits.key_kind, limits.key, limits.concurrency, limits.rate_count,
+       limits.rate_interval_s, limits.updated_at,
+       (select count(*) from {s}._private_jobs as jobs
+        join {s}._private_tasks as tasks on tasks.id = jobs.task_id
+        left join {s}._private_job_queues as queues on queues.id = jobs.job_queue_id
+        where jobs.locked_at > now() - %(expiry)s::interval
+        and case limits.key_kind
+            when 'task' then tasks.identifier = limits.key
+            when 'queue' then queues.queue_name = limits.key
+            else jobs.flags ? limits.key
+        end)::int as running
+from {s}._kongtask_limits as limits
+order by limits.key_kind, limits.key
+
+-- name: pause_key
+-- Pause a task or queue (pausing it again keeps who paused it first, and when).
+insert into {s}._kongtask_pauses (key_kind, key, paused_by)
+values (%(kind)s::text, %(key)s::text, %(by)s::text)
+on conflict (key_kind, key) do nothing
+
+-- name: resume_key
+delete from {s}._kongtask_pauses where key_kind = %(kind)s::text and key = %(key)s::text
+
+-- name: list_pauses
+select key_kind, key, paused_by, paused_at from {s}._kongtask_pauses order by key_kind, key
+
+-- name: live_pool_tasks
+-- The task identifiers each live kongtask pool serves (null: a pool that did
+-- not record them, an older kongtask).
+select pools.tasks
+from {s}._kongtask_pools as pools
+where pools.last_seen > now() - %(live_bound_s)s * interval '1 second'
+
+-- name: limited_jobs_of_unknown_pools
+-- Jobs of limited keys locked by a holder with no live liveness record (a
+-- Node graphile-worker, which ignores limits, or a dead pool), per key and
+-- holder.
+select limits.key_kind, limits.key, jobs.locked_by, count(*)::int
+from {s}._kongtask_limits as limits
+join {s}._private_jobs as jobs on jobs.locked_at > now() - %(expiry)s::interval
+join {s}._private_tasks as tasks on tasks.id = jobs.task_id
+left join {s}._private_job_queues as queues on queues.id = jobs.job_queue_id
+where case limits.key_kind
+          when 'task' then tasks.identifier = limits.key
+          when 'queue' then queues.queue_name = limits.key
+          else jobs.flags ? limits.key
+      end
+and not exists (
+    select 1 from {s}._kongtask_pools as pools
+    where pools.pool_id = jobs.locked_by
+    and pools.last_seen > now() - %(live_bound_s)s * interval '1 second'
+)
+group by limits.key_kind, limits.key, jobs.locked_by
+order by limits.key_kind, limits.key, jobs.locked_by
