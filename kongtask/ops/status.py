@@ -364,9 +364,9 @@ def search_jobs(
     if offset == 0:
         return [], 0
     # Past the last page: count what matches.
-    return [], search_jobs(
-        conn, queries, task=task, queue=queue, state=state, text=text, limit=1
-    )[1]
+    return [], search_jobs(conn, queries, task=task, queue=queue, state=state, text=text, limit=1)[
+        1
+    ]
 
 
 def get_job(conn: psycopg.Connection[Any], queries: Queries, job_id: int) -> JobInfo | None:

@@ -82,7 +82,6 @@ from kongtask.ops.dashboard.chart import ThroughputSampler, floor_minute, render
 from kongtask.ops.dashboard.logs import hide_token
 from kongtask.ops.status import (
     JOB_STATES,
-    JobInfo,
     failures_by_minute,
     jobs_deleted_total,
     search_jobs,
@@ -394,9 +393,7 @@ class Dashboard:
             # The path arrives percent-decoded: encode it again, so a decoded
             # CR/LF or "//" cannot reach the Location header.
             path = quote(request.scope["path"].encode("utf-8", "replace"))
-            response = RedirectResponse(
-                same_origin_path(path, quote(base) + "/"), status_code=303
-            )
+            response = RedirectResponse(same_origin_path(path, quote(base) + "/"), status_code=303)
             self._set_cookies(response, token_cookie=True)
             return response
         header = request.headers.get("authorization", "")
@@ -872,9 +869,7 @@ class Dashboard:
         return self._back(request, form, *result)
 
 
-def _apply(
-    utils: WorkerUtils, op: str, ids: list[int], form: dict[str, str]
-) -> tuple[int, str]:
+def _apply(utils: WorkerUtils, op: str, ids: list[int], form: dict[str, str]) -> tuple[int, str]:
     """Retry, fail, remove or reschedule ``ids``; how many changed and a message template."""
     if not ids:
         return 0, ""
@@ -1010,4 +1005,3 @@ def _strip_flash(request: Request) -> str:
     query = [(k, v) for k, v in parse_qsl(request.url.query) if k not in ("flash", "token")]
     rest = urlencode(query)
     return quote(request.scope["path"]) + (f"?{rest}" if rest else "")
-

@@ -38,7 +38,7 @@ logger = logging.getLogger(__name__)
 #: How often the server samples the jobs table's deletion counter for the chart.
 SAMPLE_INTERVAL_S = 15.0
 #: How long stopping waits for open requests (live-update streams end at once).
-_SHUTDOWN_GRACE_S = 2.0
+_SHUTDOWN_GRACE_S = 2
 _STARTUP_TIMEOUT_S = 10.0
 
 
