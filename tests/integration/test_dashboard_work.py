@@ -11,6 +11,7 @@ import json
 import re
 from collections.abc import Iterator
 from typing import Any
+from urllib.parse import urlencode
 
 import psycopg
 import pytest
@@ -93,7 +94,7 @@ def test_pages_walk_the_whole_list(client: Client, seeded: dict[str, list[int]])
         body = page_of(client, f"/jobs?task=bulk&page={page}")
         first = (page - 1) * PAGE_SIZE + 1
         last = min(page * PAGE_SIZE, BULK)
-        assert f"Jobs {first}–{last} of {BULK}" in body
+        assert f"Jobs {first}\u2013{last} of {BULK}" in body
         assert f"page {page} of 3" in body
         assert ('rel="next"' in body) == (page < 3) and ('rel="prev"' in body) == (page > 1)
         seen += row_ids(body)
@@ -137,8 +138,6 @@ def bulk(client: Client, fields: dict[str, Any], ids: list[int] = ()) -> tuple[i
 
 
 def http_field(name: str, value: Any) -> str:
-    from urllib.parse import urlencode
-
     return urlencode({name: value})
 
 
@@ -279,7 +278,7 @@ def test_live_updates_stream_the_counts(
     assert first_event()["totals"]["ready"] == before["ready"] + 1
     page = page_of(client, "/")
     assert 'id="live-toggle"' in page and 'src="/static/dashboard.js"' in page
-    status, headers, script = client.request("GET", "/static/dashboard.js")
+    status, _, script = client.request("GET", "/static/dashboard.js")
     assert status == 200 and "EventSource" in script
 
 
@@ -318,7 +317,8 @@ def seed_cron_history(db: psycopg.Connection[Any], job_id: int) -> None:
         "('nightly', 'report', now() - interval '3 hours', 'success', null, %(job)s, 'n1', "
         " now() - interval '3 hours' + interval '1.5 seconds', now(), 2.5, 1, null), "
         "('nightly', 'report', now() - interval '2 hours', 'failure', null, null, 'n1', "
-        " now() - interval '2 hours' + interval '0.2 seconds', now(), 0.1, 1, 'boom: <disk full>'), "
+        " now() - interval '2 hours' + interval '0.2 seconds', now(), 0.1, 1, "
+        " 'boom: <disk full>'), "
         "('nightly', 'report', now() - interval '1 hour', 'skipped', 'noOverlap', null, 'n1', "
         " now() - interval '1 hour', null, null, null, null)",
         {"job": job_id},
