@@ -95,6 +95,7 @@ class Completer(DbActor):
             # A released named queue may hold the next runnable job, which a
             # short claim had to skip: the claimer's policy decides what to do.
             self._claimer.tell(Finished(len(successes) + len(failures), released))
+            self.ctx.stats.record(taken)
             observer = self.ctx.outcome_observer
             if observer is not None:
                 self._observe(observer, taken)

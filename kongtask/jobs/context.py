@@ -20,6 +20,7 @@ from kongtask.db.statements import Queries
 from kongtask.jobs.local_queue import LocalQueue
 from kongtask.jobs.outbox import OutcomeObserver
 from kongtask.jobs.ownership import Ownership
+from kongtask.jobs.stats import TaskStats
 from kongtask.protocols import Clock
 from kongtask.runtime.host import RunStatus
 from kongtask.runtime.publisher import EventBus
@@ -64,6 +65,8 @@ class WorkerContext:
     queue_names: dict[int, str] = field(default_factory=dict)
     #: Shown each batch of outcomes the completer wrote (kongtask's cron history), if set.
     outcome_observer: OutcomeObserver | None = None
+    #: Outcome counts by task, written with the heartbeat (the dashboard's chart).
+    stats: TaskStats = field(default_factory=TaskStats)
     #: Whether buffered jobs may have been taken from this pool (heartbeats feed it).
     ownership: Ownership = field(init=False)
 

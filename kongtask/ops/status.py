@@ -277,14 +277,14 @@ def _job_infos(
     conn: psycopg.Connection[Any],
     queries: Queries,
     params: dict[str, Any],
-    statement: str = "list_jobs",
+    statement: Any = None,
 ) -> list[JobInfo]:
-    """Rows of ``statement`` (job_columns, queue name, state, then anything) as JobInfo.
-
-    Columns after the state land in ``extra`` under their names.
+    """Rows of ``statement`` (default list_jobs: job_columns, queue name, state, then
+    anything) as JobInfo. Columns after the state land in ``extra`` under their names.
     """
     with conn.cursor() as cursor:
-        rows = cursor.execute(getattr(queries, statement), params).fetchall()
+        query = queries.list_jobs if statement is None else statement
+        rows = cursor.execute(query, params).fetchall()
         names = [column.name for column in cursor.description or ()]
     if not rows:
         return []
@@ -358,7 +358,7 @@ def search_jobs(
         "limit": limit,
         "offset": offset,
     }
-    infos = _job_infos(conn, queries, params, "dashboard_jobs")
+    infos = _job_infos(conn, queries, params, queries.dashboard_jobs)
     if infos:
         return infos, int(infos[0].extra["total"])
     if offset == 0:

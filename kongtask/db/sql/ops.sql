@@ -85,6 +85,19 @@ where (%(task)s::text is null or tasks.identifier = %(task)s::text)
 order by jobs.run_at, jobs.id
 limit %(limit)s offset %(offset)s
 
+-- name: dashboard_task_stats
+-- Per minute and task over the last hour, every pool summed (the pools'
+-- heartbeats write _kongtask_task_stats): jobs finished, attempts failed,
+-- and the pickup latency (mean and max, seconds).
+select minute, task, sum(finished)::int as finished, sum(failed)::int as failed,
+       (sum(latency_sum_s) / nullif(sum(latency_count), 0))::float8 as latency_mean_s,
+       max(latency_max_s)::float8 as latency_max_s,
+       sum(latency_count)::int as latency_count
+from {s}._kongtask_task_stats
+where minute > now() - interval '1 hour'
+group by minute, task
+order by minute, task
+
 -- name: dashboard_cron_gaps
 -- Minutes a cron item missed (last_execution moved past them unscheduled),
 -- newest first.

@@ -78,12 +78,10 @@ from kongtask.errors import KongtaskError
 from kongtask.ops.cli.admin import find_dead_pools
 from kongtask.ops.cli.jobs import parse_time
 from kongtask.ops.dashboard import views
-from kongtask.ops.dashboard.chart import ThroughputSampler, floor_minute, render_chart
+from kongtask.ops.dashboard.chart import floor_minute, render_chart, task_throughput
 from kongtask.ops.dashboard.logs import hide_token
 from kongtask.ops.status import (
     JOB_STATES,
-    failures_by_minute,
-    jobs_deleted_total,
     search_jobs,
 )
 from kongtask.validate import check_seconds
@@ -110,6 +108,7 @@ _FAILING_LIMIT = 50
 _RUNNING_LIMIT = 500
 _CRON_HISTORY_LIMIT = 100
 _CRASH_LIMIT = 200
+_CHARTED_TASKS = 8  # the busiest tasks get a chart each
 _SECURITY_HEADERS = {
     "Content-Security-Policy": (
         "default-src 'none'; script-src 'self'; connect-src 'self'; "
@@ -257,7 +256,6 @@ class Dashboard:
             {host.lower() for host in allowed_hosts} if allowed_hosts is not None else None
         )
         self.csrf_token = secrets.token_urlsafe(32)
-        self.sampler = ThroughputSampler()
         self._pool: ConnectionPool[Any] | None = None
         self._pool_lock = threading.Lock()
         self._stack: ExitStack | None = None
@@ -366,14 +364,6 @@ class Dashboard:
         if stack is not None:
             stack.close()
 
-    def sample(self) -> None:
-        """Record the jobs table's deletion counter now (feeds the throughput chart)."""
-        with self.database() as utils, utils.connection() as conn:
-            found = jobs_deleted_total(conn, Queries(utils.schema))
-        if found is not None:
-            total, now = found
-            self.sampler.add(now, total)
-
     # --- every request ---------------------------------------------------------------
 
     def check_request(self, request: Request) -> Response | None:
@@ -475,11 +465,10 @@ class Dashboard:
 
     async def _overview_page(self, request: Request) -> Response:
         def build(utils: WorkerUtils) -> tuple[str, dict[str, Any]]:
-            self.sample()
             report = utils.status(cron_items=self._cron_items)
-            queries = Queries(utils.schema)
             with utils.connection() as conn:
-                failed = {floor_minute(m): n for m, n in failures_by_minute(conn, queries)}
+                with conn.cursor(row_factory=dict_row) as cursor:
+                    stats = cursor.execute(Queries(utils.schema).dashboard_task_stats).fetchall()
                 dead_locks = find_dead_pools(conn, utils.schema)
             failing = sorted(
                 utils.list_jobs(state="retrying", limit=_FAILING_LIMIT)
@@ -489,11 +478,31 @@ class Dashboard:
             )
             pools = utils.list_pools()
             live = {pool.pool_id for pool in pools if pool.live}
+            throughput = task_throughput(stats)
             return "overview.html", {
                 "title": "Overview",
                 "report": report,
-                "chart": Markup(render_chart(report.now, self.sampler.per_minute(), failed)),
-                "chart_since": self.sampler.since,
+                "chart": Markup(
+                    render_chart(
+                        report.now,
+                        _per_minute(stats, "finished"),
+                        _per_minute(stats, "failed"),
+                    )
+                ),
+                "throughput": [
+                    (
+                        row,
+                        Markup(
+                            render_chart(
+                                report.now,
+                                _per_minute(stats, "finished", row.task),
+                                _per_minute(stats, "failed", row.task),
+                                height=70,
+                            )
+                        ),
+                    )
+                    for row in throughput[:_CHARTED_TASKS]
+                ],
                 "failing": failing,
                 "pools": pools,
                 "dead": [d for d in dead_locks if d.pool_id not in live],
@@ -920,6 +929,18 @@ def source_lines(text: str, items: Sequence[ParsedCronItem]) -> dict[str, str]:
         for item in items
         if item.source_line is not None and 0 < item.source_line <= len(lines)
     }
+
+
+def _per_minute(
+    stats: Sequence[dict[str, Any]], column: str, task: str | None = None
+) -> dict[datetime, int]:
+    """``column`` summed per minute (of one ``task``, or all) from dashboard_task_stats rows."""
+    result: dict[datetime, int] = {}
+    for row in stats:
+        if task is None or row["task"] == task:
+            minute = floor_minute(row["minute"])
+            result[minute] = result.get(minute, 0) + row[column]
+    return result
 
 
 def _static_mount() -> Any:

@@ -26,7 +26,6 @@ from kongtask.ops.dashboard.logs import hide_token
 from kongtask.validate import check_seconds
 
 __all__ = [
-    "SAMPLE_INTERVAL_S",
     "DashboardServer",
     "hide_token",
     "is_loopback",
@@ -35,8 +34,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: How often the server samples the jobs table's deletion counter for the chart.
-SAMPLE_INTERVAL_S = 15.0
 #: How long stopping waits for open requests (live-update streams end at once).
 _SHUTDOWN_GRACE_S = 2
 _STARTUP_TIMEOUT_S = 10.0
@@ -71,7 +68,7 @@ def is_loopback(host: str) -> bool:
 
 
 class DashboardServer:
-    """The dashboard app on uvicorn in a background thread, with a sampler for the chart."""
+    """The dashboard app on uvicorn in a background thread."""
 
     def __init__(
         self,
@@ -105,7 +102,6 @@ class DashboardServer:
         self._server: uvicorn.Server | None = None
         self._socket: socket.socket | None = None
         self._threads: list[threading.Thread] = []
-        self._stop = threading.Event()
         self._filter = _HideToken(token)
 
     @property
@@ -152,7 +148,6 @@ class DashboardServer:
         self.app = app
         try:
             app.open()  # connect (and migrate) now, so a bad URL fails the start
-            app.sample()
         except BaseException:
             self._socket.close()
             app.close()
@@ -170,13 +165,11 @@ class DashboardServer:
         server = uvicorn.Server(config)
         self._server = server
         sock = self._socket
-        for target, name in (
-            (lambda: server.run(sockets=[sock]), "kongtask-dashboard"),
-            (self._sample_loop, "kongtask-dashboard-sampler"),
-        ):
-            thread = threading.Thread(target=target, name=name, daemon=True)
-            thread.start()
-            self._threads.append(thread)
+        thread = threading.Thread(
+            target=lambda: server.run(sockets=[sock]), name="kongtask-dashboard", daemon=True
+        )
+        thread.start()
+        self._threads.append(thread)
         waiting = threading.Event()
         deadline = time.monotonic() + _STARTUP_TIMEOUT_S
         while not server.started and self._threads[0].is_alive() and time.monotonic() < deadline:
@@ -187,17 +180,8 @@ class DashboardServer:
         logger.info("Dashboard on %s", self.url)
         return self
 
-    def _sample_loop(self) -> None:
-        while not self._stop.wait(SAMPLE_INTERVAL_S):
-            try:
-                assert self.app is not None
-                self.app.sample()
-            except Exception as exc:
-                logger.warning("Dashboard: sampling the throughput failed: %s", exc)
-
     def stop(self) -> None:
         """Stop serving and close the database connection."""
-        self._stop.set()
         if self._server is not None:
             self._server.should_exit = True
         for thread in self._threads:
