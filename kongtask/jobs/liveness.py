@@ -279,6 +279,7 @@ class Liveness(DbActor):
             "concurrency": ctx.settings.concurrency,
             "version": __version__,
             "lock_key": self._lock_key if self._lock_conn is not None else None,
+            "tasks": sorted(ctx.tasks),
         }
         sent_at = ctx.ownership.now()
         self.run(

@@ -74,3 +74,33 @@ def test_pools_record_outcomes_by_task_and_the_chart_shows_them_from_the_first_l
     # A minute's bar per series (the outcomes may straddle a minute boundary).
     assert sum(map(int, re.findall(r"UTC: (\d+) finished</title>", chart))) == 5
     assert sum(map(int, re.findall(r"UTC: (\d+) failed</title>", chart))) == 2
+
+
+def test_a_task_no_live_pool_serves_is_flagged(db_url: str, db: psycopg.Connection[Any]) -> None:
+    for _ in range(3):
+        add(db, "resize")
+    add(db, "ok", run_at="2999-01-01T00:00:00Z")  # not due: not flagged
+    runner = Runner(
+        tasks={"ok": lambda payload, helpers: None},
+        connection_string=db_url,
+        install_signal_handlers=False,
+    )
+    with runner, DashboardServer(db_url, port=0) as server:
+        client = Client(server.port)
+        _, _, page = client.request("GET", "/")
+        warnings = re.findall(
+            r'<div class="warn" role="alert" data-unserved="(\w+)">(.*?)</div>', page
+        )
+        assert warnings == [("resize", "No live pool serves task <code>resize</code>: 3 ready.")]
+        served = db.execute(
+            "select tasks from graphile_worker._kongtask_pools where pool_id = %s",
+            (runner.pool_id,),
+        ).fetchone()
+        assert served == (["ok"],)
+        # A pool from before the task list (null) may serve anything: no warning.
+        db.execute(
+            "insert into graphile_worker._kongtask_pools (pool_id, hostname, pid, concurrency, "
+            "version) values ('pool-older', 'h', 1, 1, 'old')"
+        )
+        _, _, page = client.request("GET", "/")
+        assert 'class="warn"' not in page

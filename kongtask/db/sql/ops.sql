@@ -98,6 +98,22 @@ where minute > now() - interval '1 hour'
 group by minute, task
 order by minute, task
 
+-- name: dashboard_unserved_tasks
+-- Tasks with runnable jobs (unlocked, attempts left, due) that no live
+-- kongtask pool serves: none lists the task, and none predates the list (a
+-- null list counts as serving every task). A Node graphile-worker keeps no
+-- such record, so a task only it serves is listed too.
+select tasks.identifier as task, count(*)::bigint as ready
+from {s}._private_jobs as jobs
+join {s}._private_tasks as tasks on tasks.id = jobs.task_id
+where jobs.locked_at is null and jobs.attempts < jobs.max_attempts and jobs.run_at <= now()
+  and not exists (
+      select 1 from {s}._kongtask_pools as pools
+      where pools.last_seen > now() - make_interval(secs => %(live_bound_s)s)
+        and (pools.tasks is null or tasks.identifier = any(pools.tasks)))
+group by tasks.identifier
+order by 2 desc, 1
+
 -- name: dashboard_cron_gaps
 -- Minutes a cron item missed (last_execution moved past them unscheduled),
 -- newest first.

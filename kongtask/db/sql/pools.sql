@@ -18,13 +18,15 @@ now() - %(dead_after_s)s * interval '1 second'
 -- database's, never the worker's, so a skewed host clock cannot fake a death.
 -- lock_key names the advisory lock the pool holds on its direct connection
 -- (null: none, only the heartbeat judges it); lock_since says since when.
+-- tasks lists the task identifiers the pool serves.
 insert into {s}._kongtask_pools
-    (pool_id, hostname, pid, concurrency, version, lock_key, lock_since)
+    (pool_id, hostname, pid, concurrency, version, lock_key, lock_since, tasks)
 values (%(pool_id)s::text, %(hostname)s::text, %(pid)s::int, %(concurrency)s::int,
         %(version)s::text, %(lock_key)s::bigint,
-        case when %(lock_key)s::bigint is not null then now() end)
+        case when %(lock_key)s::bigint is not null then now() end, %(tasks)s::text[])
 on conflict (pool_id) do update
-set last_seen = now(), lock_key = excluded.lock_key, lock_since = excluded.lock_since
+set last_seen = now(), lock_key = excluded.lock_key, lock_since = excluded.lock_since,
+    tasks = excluded.tasks
 
 -- name: heartbeat
 -- The heartbeat: returns no row when another pool has declared this one dead
