@@ -211,6 +211,15 @@ def test_mounted_under_a_prefix(db_url: str, seeded: dict[str, list[int]]) -> No
         assert b'href="/ops/jobs?state=failed"' in body
         assert b'action="/ops/actions/retry"' in body
         assert b'src="/ops/static/dashboard.js"' in body
+        # Under a WSGI host a live update is one short answer (the browser asks again).
+        environ["PATH_INFO"] = "/events"
+        started.clear()
+        events = b"".join(
+            app(environ, lambda status, headers, exc_info=None: started.append(status))
+        )
+        assert started == ["200 OK"]
+        assert events.startswith(b"retry: 5000\n\nevent: totals\ndata: {")
+        assert events.count(b"event: totals") == 1
     finally:
         dashboard.close()
 
