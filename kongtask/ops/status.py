@@ -50,6 +50,8 @@ __all__ = [
     "search_jobs",
     "status",
     "to_jsonable",
+    "unserved_tasks",
+    "unserved_warning",
 ]
 
 #: The job states, in the order a job usually moves through them.
@@ -317,6 +319,17 @@ def list_jobs(
     _check_limit(limit)
     params = {"task": task, "queue": queue, "state": state, "ids": None, "limit": limit}
     return _job_infos(conn, queries, params)
+
+
+def unserved_tasks(conn: psycopg.Connection[Any], queries: Queries) -> list[tuple[str, int]]:
+    """(task, runnable jobs) for each task with due jobs that no live kongtask pool serves."""
+    rows = conn.execute(queries.unserved_tasks, {"live_bound_s": LIVE_POOL_BOUND_S}).fetchall()
+    return [(row[0], int(row[1])) for row in rows]
+
+
+def unserved_warning(task: str, ready: int) -> str:
+    """The warning for a task no live pool serves, as the dashboard and status say it."""
+    return f"No live pool serves task `{task}`: {ready:,} ready"
 
 
 def like_pattern(text: str) -> str:

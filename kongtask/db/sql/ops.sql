@@ -98,10 +98,10 @@ where minute > now() - interval '1 hour'
 group by minute, task
 order by minute, task
 
--- name: dashboard_unserved_tasks
+-- name: unserved_tasks
 -- Tasks with runnable jobs (unlocked, attempts left, due) that no live
--- kongtask pool serves: none lists the task, and none predates the list (a
--- null list counts as serving every task). A Node graphile-worker keeps no
+-- kongtask pool serves (the dashboard's warning, `kongtask status`): none lists
+-- the task, and none predates the list (a null list counts as serving every task). A Node graphile-worker keeps no
 -- such record, so a task only it serves is listed too.
 select tasks.identifier as task, count(*)::bigint as ready
 from {s}._private_jobs as jobs

@@ -82,8 +82,8 @@ from kongtask.ops.dashboard.chart import floor_minute, render_chart, task_throug
 from kongtask.ops.dashboard.logs import hide_token
 from kongtask.ops.status import (
     JOB_STATES,
-    LIVE_POOL_BOUND_S,
     search_jobs,
+    unserved_tasks,
 )
 from kongtask.validate import check_seconds
 from kongtask.worker_utils import WorkerUtils
@@ -470,11 +470,9 @@ class Dashboard:
             with utils.connection() as conn:
                 with conn.cursor(row_factory=dict_row) as cursor:
                     stats = cursor.execute(Queries(utils.schema).dashboard_task_stats).fetchall()
-                    unserved = cursor.execute(
-                        Queries(utils.schema).dashboard_unserved_tasks,
-                        {"live_bound_s": LIVE_POOL_BOUND_S},
-                    ).fetchall()
+
                 dead_locks = find_dead_pools(conn, utils.schema)
+                unserved = unserved_tasks(conn, Queries(utils.schema))
             failing = sorted(
                 utils.list_jobs(state="retrying", limit=_FAILING_LIMIT)
                 + utils.list_jobs(state="failed", limit=_FAILING_LIMIT),
