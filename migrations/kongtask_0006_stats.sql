@@ -16,7 +16,3 @@ create table :KONGTASK_SCHEMA._kongtask_task_stats (
   primary key (minute, task, pool_id)
 );
 
--- The task identifiers each pool serves (null: a pool from before this column,
--- taken to serve every task), so that jobs waiting for a task no live pool
--- serves can be flagged (the dashboard's "no live pool serves task" warning).
-alter table :KONGTASK_SCHEMA._kongtask_pools add column tasks text[];

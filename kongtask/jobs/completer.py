@@ -85,6 +85,7 @@ class Completer(DbActor):
                     self._claimer.tell(SlowStatement(seconds))
             if failures:
                 retried = self._fail_all(failures) or retried
+            self.ctx.stats.record(taken)  # written: counted for the heartbeat's statistics
             queue_ids = [job.job_queue_id for job in successes if job.job_queue_id is not None]
             queue_ids += [job.job_queue_id for job, *_ in failures if job.job_queue_id is not None]
             released = bool(queue_ids)
@@ -95,7 +96,6 @@ class Completer(DbActor):
             # A released named queue may hold the next runnable job, which a
             # short claim had to skip: the claimer's policy decides what to do.
             self._claimer.tell(Finished(len(successes) + len(failures), released))
-            self.ctx.stats.record(taken)
             observer = self.ctx.outcome_observer
             if observer is not None:
                 self._observe(observer, taken)

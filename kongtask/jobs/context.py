@@ -65,10 +65,10 @@ class WorkerContext:
     queue_names: dict[int, str] = field(default_factory=dict)
     #: Shown each batch of outcomes the completer wrote (kongtask's cron history), if set.
     outcome_observer: OutcomeObserver | None = None
-    #: Outcome counts by task, written with the heartbeat (the dashboard's chart).
-    stats: TaskStats = field(default_factory=TaskStats)
     #: Whether buffered jobs may have been taken from this pool (heartbeats feed it).
     ownership: Ownership = field(init=False)
+    #: Outcome counts by task, written with the heartbeat (the dashboard's chart).
+    stats: TaskStats = field(default_factory=TaskStats)
 
     def __post_init__(self) -> None:
         settings = self.settings

@@ -278,8 +278,8 @@ class Liveness(DbActor):
             "pid": os.getpid(),
             "concurrency": ctx.settings.concurrency,
             "version": __version__,
-            "lock_key": self._lock_key if self._lock_conn is not None else None,
             "tasks": sorted(ctx.tasks),
+            "lock_key": self._lock_key if self._lock_conn is not None else None,
         }
         sent_at = ctx.ownership.now()
         self.run(

@@ -51,7 +51,6 @@ __all__ = [
     "status",
     "to_jsonable",
     "unserved_tasks",
-    "unserved_warning",
 ]
 
 #: The job states, in the order a job usually moves through them.
@@ -325,11 +324,6 @@ def unserved_tasks(conn: psycopg.Connection[Any], queries: Queries) -> list[tupl
     """(task, runnable jobs) for each task with due jobs that no live kongtask pool serves."""
     rows = conn.execute(queries.unserved_tasks, {"live_bound_s": LIVE_POOL_BOUND_S}).fetchall()
     return [(row[0], int(row[1])) for row in rows]
-
-
-def unserved_warning(task: str, ready: int) -> str:
-    """The warning for a task no live pool serves, as the dashboard and status say it."""
-    return f"No live pool serves task `{task}`: {ready:,} ready"
 
 
 def like_pattern(text: str) -> str:

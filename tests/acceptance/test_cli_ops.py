@@ -74,33 +74,6 @@ def test_status_on_a_live_worker_matches_sql(
         runner.stop(30)
 
 
-def test_status_warns_of_a_task_no_live_pool_serves(
-    db_url: str, db: psycopg.Connection[Any]
-) -> None:
-    for _ in range(3):
-        add(db, "resize")
-    result = run_cli("status", "--json", "-c", to_uri(db_url))
-    assert result.returncode == 0, result.stderr
-    assert json.loads(result.stdout)["totals"]["ready"] == 3  # stdout is the report alone
-    assert "warning: No live pool serves task `resize`: 3 ready" in result.stderr.splitlines()
-    runner = kongtask.run(
-        tasks={"other": lambda payload, helpers: None},
-        connection_string=db_url,
-        install_signal_handlers=False,
-    )
-    try:  # a live pool that serves other tasks: still unserved
-        assert "task `resize`: 3 ready" in run_cli("status", "-c", to_uri(db_url)).stderr
-    finally:
-        runner.stop(30)
-    with kongtask.run(
-        tasks={"resize": lambda payload, helpers: None},
-        connection_string=db_url,
-        install_signal_handlers=False,
-    ) as serving:
-        serving.join()
-    assert "warning" not in run_cli("status", "-c", to_uri(db_url)).stderr
-
-
 def test_jobs_list_failed_matches_sql(
     db_url: str, db: psycopg.Connection[Any], seeded: dict[str, list[int]]
 ) -> None:

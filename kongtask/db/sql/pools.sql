@@ -18,7 +18,7 @@ now() - %(dead_after_s)s * interval '1 second'
 -- database's, never the worker's, so a skewed host clock cannot fake a death.
 -- lock_key names the advisory lock the pool holds on its direct connection
 -- (null: none, only the heartbeat judges it); lock_since says since when.
--- tasks lists the task identifiers the pool serves.
+-- tasks lists the task identifiers it serves (for `kongtask status`).
 insert into {s}._kongtask_pools
     (pool_id, hostname, pid, concurrency, version, lock_key, lock_since, tasks)
 values (%(pool_id)s::text, %(hostname)s::text, %(pid)s::int, %(concurrency)s::int,

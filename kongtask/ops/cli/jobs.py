@@ -20,20 +20,11 @@ from typing import Any
 from kongtask.cron.options import time_phrase_to_timedelta
 from kongtask.cron.source import CrontabSource
 from kongtask.cron.types import ParsedCronItem
-from kongtask.db.statements import Queries
 from kongtask.db.timestamps import WRITABLE_YEARS, format_utc, unwritable
 from kongtask.errors import ConfigurationError, CrontabError
 from kongtask.job import Job
 from kongtask.ops.cli.arguments import ArgumentParser
-from kongtask.ops.status import (
-    JOB_STATES,
-    JobInfo,
-    StateCounts,
-    StatusReport,
-    dumps,
-    unserved_tasks,
-    unserved_warning,
-)
+from kongtask.ops.status import JOB_STATES, JobInfo, StateCounts, StatusReport, dumps
 from kongtask.worker_utils import WorkerUtils
 
 __all__ = ["jobs_main", "parse_time", "status_main"]
@@ -241,11 +232,7 @@ def status_main(argv: Sequence[str]) -> int:
     items = load_cron_items(args.crontab)
     with WorkerUtils(args.connection, schema=args.schema) as utils:
         report = utils.status(cron_items=items)
-        with utils.connection() as conn:
-            unserved = unserved_tasks(conn, Queries(utils.schema))
     print(dumps(report) if args.json else render_status(report))
-    for task, ready in unserved:  # on stderr: the report on stdout stays as it was
-        print(f"warning: {unserved_warning(task, ready)}", file=sys.stderr)
     return 0
 
 
