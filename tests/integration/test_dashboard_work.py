@@ -99,6 +99,8 @@ def test_pages_walk_the_whole_list(client: Client, seeded: dict[str, list[int]])
         assert ('rel="next"' in body) == (page < 3) and ('rel="prev"' in body) == (page > 1)
         seen += row_ids(body)
     assert seen == bulk
+    second = page_of(client, "/jobs?q=bulk&page=1")  # the search carries over to the next page
+    assert 'href="?q=bulk&amp;page=2"' in second
     past = page_of(client, "/jobs?task=bulk&page=9")
     assert row_ids(past) == [] and "page 9 of 3" in past
     for bad in ("0", "-1", "x", "%C2%B2", "9" * 30):
@@ -158,6 +160,17 @@ def test_bulk_on_the_filter_says_how_many_then_acts(
         (seeded["bulk"],),
     ).fetchall()
     assert errors == [("stale",)]
+    # On a search: the confirmation counts what the search matches, and so does the action.
+    keyed = seeded["keyed"][0]
+    page = page_of(client, "/jobs?q=acme-42")
+    assert 'name="q" value="acme-42"' in page.split('id="bulk"')[1].split("</form>")[0]
+    status, page = bulk(client, {"op": "retry", "scope": "filter", "q": "acme-42"})
+    assert "Retry 1 job matching the search?" in page
+    status, flash = bulk(
+        client,
+        {"op": "reschedule", "scope": "filter", "q": "acme-42", "at": "+1h", "confirm": "yes"},
+    )
+    assert flash == "Reschedule: 1 of 1 jobs changed" and keyed in ids_by_sql(db, "scheduled")
     # A bulk fail without a reason is refused and changes nothing.
     status, flash = bulk(
         client, {"op": "fail", "scope": "filter", "task": "email", "confirm": "yes"}

@@ -529,7 +529,8 @@ class Dashboard:
                     offset=(page - 1) * PAGE_SIZE,
                 )
             pages = max(1, -(-total // PAGE_SIZE))
-            query = {k: v for k, v in filters.items() if v}
+            # As the form names them (the search box is "q").
+            query = {("q" if k == "text" else k): v for k, v in filters.items() if v}
             return "jobs.html", {
                 "title": "Jobs",
                 "infos": infos,
