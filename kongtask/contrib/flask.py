@@ -90,7 +90,7 @@ class Kongtask:
             self.database_url(app), schema=app.config["KONGTASK_SCHEMA"], **options
         )
         self.dashboards.append(dashboard)
-        app.wsgi_app = DispatcherMiddleware(app.wsgi_app, {path: dashboard})  # type: ignore[method-assign]
+        app.wsgi_app = DispatcherMiddleware(app.wsgi_app, {path: dashboard.wsgi()})  # type: ignore[method-assign]
         return dashboard
 
     def close(self) -> None:

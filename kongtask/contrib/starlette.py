@@ -17,7 +17,6 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import psycopg
-from a2wsgi import WSGIMiddleware
 from psycopg_pool import AsyncConnectionPool
 
 from kongtask.declared import Task
@@ -183,9 +182,9 @@ class Kongtask:
         """The dashboard as an ASGI app, for ``app.mount("/kongtask", kt.dashboard())``.
 
         ``options`` are :class:`~kongtask.ops.dashboard.Dashboard`'s (``token``,
-        ``allowed_hosts``, ...). Its pages run in a thread pool (a2wsgi); its
+        ``allowed_hosts``, ...). It is an ASGI app (Starlette); its
         own small connection pool opens at the first request.
         """
         dashboard = Dashboard(self.connection_string, schema=self.schema, **options)
         self._dashboards.append(dashboard)
-        return WSGIMiddleware(dashboard)  # type: ignore[arg-type]
+        return dashboard

@@ -85,6 +85,7 @@ class Completer(DbActor):
                     self._claimer.tell(SlowStatement(seconds))
             if failures:
                 retried = self._fail_all(failures) or retried
+            self.ctx.stats.record(taken)  # written: counted for the heartbeat's statistics
             queue_ids = [job.job_queue_id for job in successes if job.job_queue_id is not None]
             queue_ids += [job.job_queue_id for job, *_ in failures if job.job_queue_id is not None]
             released = bool(queue_ids)

@@ -21,6 +21,7 @@ from kongtask.jobs.limits import LimitSet
 from kongtask.jobs.local_queue import LocalQueue
 from kongtask.jobs.outbox import OutcomeObserver
 from kongtask.jobs.ownership import Ownership
+from kongtask.jobs.stats import TaskStats
 from kongtask.protocols import Clock
 from kongtask.runtime.host import RunStatus
 from kongtask.runtime.publisher import EventBus
@@ -69,6 +70,8 @@ class WorkerContext:
     limits: LimitSet = field(default_factory=LimitSet)
     #: Whether buffered jobs may have been taken from this pool (heartbeats feed it).
     ownership: Ownership = field(init=False)
+    #: Outcome counts by task, written with the heartbeat (the dashboard's chart).
+    stats: TaskStats = field(default_factory=TaskStats)
 
     def __post_init__(self) -> None:
         settings = self.settings

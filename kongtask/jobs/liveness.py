@@ -46,6 +46,7 @@ from kongtask._version import __version__
 from kongtask.db.connecting import connect
 from kongtask.jobs.context import WorkerContext
 from kongtask.jobs.db_actor import DbActor
+from kongtask.jobs.stats import stats_params
 from kongtask.runtime.clock import SystemClock, Timer
 
 __all__ = [
@@ -164,6 +165,7 @@ class Liveness(DbActor):
             case Deregister():
                 self._active = False
                 self._cancel()
+                self._write_stats()  # what the last jobs counted
                 try:
                     self.run(
                         lambda conn: conn.execute(self.ctx.queries.deregister_pool, self._ids()),
@@ -316,11 +318,28 @@ class Liveness(DbActor):
                 if self._lock_renewed:
                     self._register()  # the record names the lock, and since when
             self._release_dead()
+            self._write_stats()
         except psycopg.Error as exc:
             logger.error("Heartbeat of pool %s failed: %s", self.ctx.pool_id, exc)
         finally:
             # Between beats the connection goes back to the pool for others.
             self._drop_connection(broken=False)
+
+    def _write_stats(self) -> None:
+        """Add the outcome counts since the last beat to the per-minute table."""
+        ctx = self.ctx
+        taken = ctx.stats.take()
+        if not taken:
+            return
+        params = stats_params(ctx.pool_id, taken)
+        try:
+            self.run(
+                lambda conn: conn.execute(ctx.queries.record_task_stats, params),
+                "Recording the task statistics",
+            )
+        except psycopg.Error as exc:
+            ctx.stats.give_back(taken)  # the next beat tries again
+            logger.warning("Could not record the task statistics of %s: %s", ctx.pool_id, exc)
 
     def _release_dead(self) -> None:
         ctx = self.ctx

@@ -49,8 +49,10 @@ __all__ = [
     "list_jobs",
     "list_pools",
     "retry_jobs",
+    "search_jobs",
     "status",
     "to_jsonable",
+    "unserved_tasks",
 ]
 
 #: The job states, in the order a job usually moves through them.
@@ -311,10 +313,18 @@ _JOB_WIDTH = 18  # the job_columns of kongtask/db/sql/jobs.sql, in Job's field o
 
 
 def _job_infos(
-    conn: psycopg.Connection[Any], queries: Queries, params: dict[str, Any]
+    conn: psycopg.Connection[Any],
+    queries: Queries,
+    params: dict[str, Any],
+    statement: Any = None,
 ) -> list[JobInfo]:
+    """Rows of ``statement`` (default list_jobs: job_columns, queue name, state, then
+    anything) as JobInfo. Columns after the state land in ``extra`` under their names.
+    """
     with conn.cursor() as cursor:
-        rows = cursor.execute(queries.list_jobs, params).fetchall()
+        query = queries.list_jobs if statement is None else statement
+        rows = cursor.execute(query, params).fetchall()
+        names = [column.name for column in cursor.description or ()]
     if not rows:
         return []
     # One json.loads for every payload (they arrive as text), as jobs_from_query does.
@@ -324,6 +334,7 @@ def _job_infos(
             Job(*[*row[:4], payload, *row[5:_JOB_WIDTH]]),
             queue_name=row[_JOB_WIDTH],
             state=row[_JOB_WIDTH + 1],
+            extra=dict(zip(names[_JOB_WIDTH + 2 :], row[_JOB_WIDTH + 2 :], strict=True)),
         )
         for row, payload in zip(rows, payloads, strict=True)
     ]
@@ -345,6 +356,62 @@ def list_jobs(
     _check_limit(limit)
     params = {"task": task, "queue": queue, "state": state, "ids": None, "limit": limit}
     return _job_infos(conn, queries, params)
+
+
+def unserved_tasks(conn: psycopg.Connection[Any], queries: Queries) -> list[tuple[str, int]]:
+    """(task, runnable jobs) for each task with due jobs that no live kongtask pool serves."""
+    rows = conn.execute(queries.unserved_tasks, {"live_bound_s": LIVE_POOL_BOUND_S}).fetchall()
+    return [(row[0], int(row[1])) for row in rows]
+
+
+def like_pattern(text: str) -> str:
+    """``text`` as a LIKE pattern matching it anywhere (its own ``%``, ``_``, ``\\`` literal)."""
+    escaped = text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    return f"%{escaped}%"
+
+
+def search_jobs(
+    conn: psycopg.Connection[Any],
+    queries: Queries,
+    *,
+    task: str | None = None,
+    queue: str | None = None,
+    state: str | None = None,
+    text: str | None = None,
+    limit: int = 100,
+    offset: int = 0,
+) -> tuple[list[JobInfo], int]:
+    """One page of the jobs matching the filters and ``text``, and how many match in all.
+
+    ``text`` matches a job's id written out, or appears (any case) in its key,
+    task, queue, payload or last error.
+    """
+    _check_text("task", task)
+    _check_text("queue", queue)
+    _check_text("text", text)
+    _check_state(state)
+    _check_limit(limit)
+    if not isinstance(offset, int) or isinstance(offset, bool) or offset < 0:
+        raise InvalidJobError("offset must be an int >= 0", field="offset", value=offset)
+    params = {
+        "task": task,
+        "queue": queue,
+        "state": state,
+        "ids": None,
+        "text": text,
+        "pattern": like_pattern(text) if text else None,
+        "limit": limit,
+        "offset": offset,
+    }
+    infos = _job_infos(conn, queries, params, queries.dashboard_jobs)
+    if infos:
+        return infos, int(infos[0].extra["total"])
+    if offset == 0:
+        return [], 0
+    # Past the last page: count what matches.
+    return [], search_jobs(conn, queries, task=task, queue=queue, state=state, text=text, limit=1)[
+        1
+    ]
 
 
 def get_job(conn: psycopg.Connection[Any], queries: Queries, job_id: int) -> JobInfo | None:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 
 from kongtask.ops.dashboard.app import same_origin_path
@@ -92,3 +95,17 @@ SECRET = "s3cret-token"
 )
 def test_the_request_log_hides_the_token(line: str, logged: str | None) -> None:
     assert hide_token(line, SECRET) == (line if logged is None else logged)
+
+
+def test_the_command_names_the_extra_when_it_is_missing() -> None:
+    # uvicorn unimportable, as on an install without kongtask[dashboard].
+    code = (
+        "import sys; sys.modules['uvicorn'] = None; "
+        "from kongtask.ops.cli.main import main; sys.exit(main(['dashboard', '--help']))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode != 0
+    assert "pip install 'kongtask[dashboard]'" in result.stderr, result.stderr
+    assert "uvicorn is missing" in result.stderr and "Traceback" not in result.stderr

@@ -11,7 +11,7 @@ import pytest
 
 from kongtask import ConfigurationError
 from kongtask.ops.cli.jobs import parse_time
-from kongtask.ops.dashboard.chart import ThroughputSampler, render_chart
+from kongtask.ops.dashboard.chart import render_chart, task_throughput
 from kongtask.ops.dashboard.server import is_loopback
 from kongtask.ops.logs import JsonFormatter, TextFormatter, configure
 
@@ -110,21 +110,20 @@ def test_parse_time() -> None:
         parse_time("+5", now=now)
 
 
-def test_sampler_turns_counter_samples_into_minutes() -> None:
-    sampler = ThroughputSampler()
-    base = datetime(2026, 1, 1, 10, 0, 10, tzinfo=UTC)
-    sampler.add(base, 100)
-    sampler.add(base + timedelta(seconds=20), 130)
-    sampler.add(base + timedelta(seconds=70), 135)
-    assert sampler.per_minute() == {
-        datetime(2026, 1, 1, 10, 0, tzinfo=UTC): 30,
-        datetime(2026, 1, 1, 10, 1, tzinfo=UTC): 5,
-    }
-    sampler.add(base + timedelta(seconds=80), 3)  # statistics reset
-    assert sampler.per_minute() == {}
-    assert sampler.since == base + timedelta(seconds=80)
-    sampler.add(base + timedelta(hours=2), 10)  # a little over an hour is kept
-    assert sampler.since == base + timedelta(hours=2)
+def test_task_throughput_sums_pools_and_weighs_latency_by_count() -> None:
+    minute = datetime(2026, 1, 1, 10, 0, tzinfo=UTC)
+    rows = [
+        {"minute": minute, "task": "email", "finished": 8, "failed": 1,
+         "latency_mean_s": 0.5, "latency_max_s": 2.0, "latency_count": 9},
+        {"minute": minute + timedelta(minutes=1), "task": "email", "finished": 1, "failed": 0,
+         "latency_mean_s": 5.0, "latency_max_s": 5.0, "latency_count": 1},
+        {"minute": minute, "task": "report", "finished": 30, "failed": 0,
+         "latency_mean_s": None, "latency_max_s": None, "latency_count": 0},
+    ]  # fmt: skip
+    report, email = task_throughput(rows)
+    assert (report.task, report.finished, report.latency_mean_s) == ("report", 30, None)
+    assert (email.finished, email.failed, email.latency_max_s) == (9, 1, 5.0)
+    assert email.latency_mean_s == pytest.approx((0.5 * 9 + 5.0) / 10)
 
 
 def test_chart_draws_both_series_with_titles() -> None:

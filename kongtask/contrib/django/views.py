@@ -29,6 +29,7 @@ __all__ = ["dashboard", "staff_required"]
 
 _dashboards: dict[tuple[str, str], Dashboard] = {}
 _dashboards_lock = threading.Lock()
+_wsgi_apps: dict[int, Any] = {}  # id(dashboard) -> the dashboard as a WSGI app
 
 
 def staff_required(view: Callable[..., HttpResponse]) -> Callable[..., HttpResponse]:
@@ -59,6 +60,7 @@ def _dashboard() -> Dashboard:
         found = _dashboards.get(key)
         if found is None:
             found = _dashboards[key] = Dashboard(conninfo_for(database), schema=schema)
+            _wsgi_apps[id(found)] = found.wsgi()
         return found
 
 
@@ -79,7 +81,7 @@ def dashboard(request: HttpRequest, path: str = "") -> HttpResponse:
     def start_response(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> None:
         started["status"], started["headers"] = status, headers
 
-    app = _dashboard()
+    app = _wsgi_apps[id(_dashboard())]
     chunks = app(environ, start_response)
     try:
         content = b"".join(chunks)

@@ -61,6 +61,97 @@ where (%(task)s::text is null or tasks.identifier = %(task)s::text)
 order by jobs.run_at, jobs.id
 limit %(limit)s
 
+-- name: dashboard_jobs
+-- The dashboard's job list: list_jobs' filters plus a search (NULL matches
+-- all): the id written out, or a case-insensitive LIKE pattern over the key,
+-- task, queue, payload text and last error; one page of rows (oldest run_at
+-- first) each carrying how many rows match in all.
+select {job_columns}, queues.queue_name, {job_state} as state,
+       count(*) over ()::bigint as total
+from {s}._private_jobs as jobs
+join {s}._private_tasks as tasks on tasks.id = jobs.task_id
+left join {s}._private_job_queues as queues on queues.id = jobs.job_queue_id
+where (%(task)s::text is null or tasks.identifier = %(task)s::text)
+  and (%(queue)s::text is null or queues.queue_name = %(queue)s::text)
+  and (%(state)s::text is null or {job_state} = %(state)s::text)
+  and (%(ids)s::bigint[] is null or jobs.id = any(%(ids)s::bigint[]))
+  and (%(pattern)s::text is null
+       or jobs.id::text = %(text)s::text
+       or jobs.key ilike %(pattern)s::text
+       or tasks.identifier ilike %(pattern)s::text
+       or queues.queue_name ilike %(pattern)s::text
+       or jobs.payload::text ilike %(pattern)s::text
+       or jobs.last_error ilike %(pattern)s::text)
+order by jobs.run_at, jobs.id
+limit %(limit)s offset %(offset)s
+
+-- name: dashboard_task_stats
+-- Per minute and task over the last hour, every pool summed (the pools'
+-- heartbeats write _kongtask_task_stats): jobs finished, attempts failed,
+-- and the pickup latency (mean and max, seconds).
+select minute, task, sum(finished)::int as finished, sum(failed)::int as failed,
+       (sum(latency_sum_s) / nullif(sum(latency_count), 0))::float8 as latency_mean_s,
+       max(latency_max_s)::float8 as latency_max_s,
+       sum(latency_count)::int as latency_count
+from {s}._kongtask_task_stats
+where minute > now() - interval '1 hour'
+group by minute, task
+order by minute, task
+
+-- name: unserved_tasks
+-- Tasks with runnable jobs (unlocked, attempts left, due) that no live
+-- kongtask pool serves (the dashboard's warning, `kongtask status`): none lists
+-- the task, and none predates the list (a null list counts as serving every task). A Node graphile-worker keeps no
+-- such record, so a task only it serves is listed too.
+select tasks.identifier as task, count(*)::bigint as ready
+from {s}._private_jobs as jobs
+join {s}._private_tasks as tasks on tasks.id = jobs.task_id
+where jobs.locked_at is null and jobs.attempts < jobs.max_attempts and jobs.run_at <= now()
+  and not exists (
+      select 1 from {s}._kongtask_pools as pools
+      where pools.last_seen > now() - make_interval(secs => %(live_bound_s)s)
+        and (pools.tasks is null or tasks.identifier = any(pools.tasks)))
+group by tasks.identifier
+order by 2 desc, 1
+
+-- name: dashboard_cron_gaps
+-- Minutes a cron item missed (last_execution moved past them unscheduled),
+-- newest first.
+select identifier, first_missed, ended_by, recorded_at
+from {s}._kongtask_cron_gaps
+where (%(identifier)s::text is null or identifier = %(identifier)s::text)
+order by first_missed desc
+limit %(limit)s
+
+-- name: dashboard_cron_lag
+-- Per cron item, over its recent firings written on time (not backfilled):
+-- the last and the largest delay between the minute and the job's writing,
+-- and how many minutes were skipped, per rule.
+select identifier,
+       (array_agg(extract(epoch from written_at - scheduled_at) order by scheduled_at desc)
+          filter (where not backfilled and outcome <> 'skipped'))[1]::float8 as last_lag_s,
+       max(extract(epoch from written_at - scheduled_at))
+          filter (where not backfilled and outcome <> 'skipped')::float8 as max_lag_s,
+       count(*) filter (where outcome = 'skipped')::int as skipped,
+       count(*) filter (where backfilled)::int as backfilled,
+       string_agg(distinct rule, ', ') filter (where outcome = 'skipped') as skip_rules
+from {s}._kongtask_cron_history
+where scheduled_at > now() - interval '24 hours'
+group by identifier
+
+-- name: dashboard_job_crashes
+-- Jobs kongtask watched when a pool crashed (or holds under watch now), with
+-- the job's task and whether it is still queued; most crashes first.
+select crashes.job_id, crashes.crashes, crashes.running_pool, crashes.running_since,
+       crashes.last_crash_at, tasks.identifier as task, jobs.attempts, jobs.max_attempts,
+       jobs.last_error, jobs.id is not null as queued
+from {s}._kongtask_job_crashes as crashes
+left join {s}._private_jobs as jobs on jobs.id = crashes.job_id
+left join {s}._private_tasks as tasks on tasks.id = jobs.task_id
+where crashes.crashes > 0 or crashes.running_pool is not null
+order by crashes.crashes desc, crashes.last_crash_at desc nulls last, crashes.job_id
+limit %(limit)s
+
 -- name: retry_jobs
 -- Make jobs run now: run_at = now() and, for a job whose attempts are used
 -- up, one more attempt (max_attempts = attempts + 1), keeping its history.

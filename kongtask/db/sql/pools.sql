@@ -216,3 +216,25 @@ where (%(any_holder)s or locked_by ~ {kongtask_pool_id})
   )
 group by locked_by
 order by min(since)
+
+-- name: record_task_stats
+-- A pool's outcome counts by task since its last heartbeat, added to the
+-- heartbeat's minute (kongtask/jobs/stats.py), and the rows past the kept
+-- window pruned. One array per column, one element per task.
+with pruned as (
+    delete from {s}._kongtask_task_stats
+    where minute < now() - %(kept)s::interval
+)
+insert into {s}._kongtask_task_stats as stats
+    (minute, task, pool_id, finished, failed, latency_sum_s, latency_count, latency_max_s)
+select date_trunc('minute', now()), counts.task, %(pool_id)s::text, counts.finished,
+       counts.failed, counts.latency_sum_s, counts.latency_count, counts.latency_max_s
+from unnest(%(tasks)s::text[], %(finished)s::int[], %(failed)s::int[],
+            %(latency_sum_s)s::float8[], %(latency_count)s::int[], %(latency_max_s)s::float8[])
+    as counts(task, finished, failed, latency_sum_s, latency_count, latency_max_s)
+on conflict (minute, task, pool_id) do update
+set finished = stats.finished + excluded.finished,
+    failed = stats.failed + excluded.failed,
+    latency_sum_s = stats.latency_sum_s + excluded.latency_sum_s,
+    latency_count = stats.latency_count + excluded.latency_count,
+    latency_max_s = greatest(stats.latency_max_s, excluded.latency_max_s)

@@ -432,8 +432,13 @@ def _dispatch_group(name: str, argv: Sequence[str]) -> int:
 
         return limits_main(argv) if name == "limits" else pause_main(name, argv)
     if name == "dashboard":
-        from kongtask.ops.dashboard.cli import main as dashboard_main
-
+        try:
+            from kongtask.ops.dashboard.cli import main as dashboard_main
+        except ImportError as exc:
+            raise ConfigurationError(
+                f"the dashboard needs the 'dashboard' extra ({exc.name} is missing): "
+                "pip install 'kongtask[dashboard]'"
+            ) from exc
         return dashboard_main(argv)
     if name == "crontab":
         from kongtask.ops.cli.crontab import main as crontab_main

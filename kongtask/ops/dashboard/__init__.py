@@ -1,7 +1,8 @@
-"""The web dashboard: queues, tasks, failing jobs, cron and pools, with actions.
+"""The web dashboard: jobs (search, pages, bulk actions), running jobs, cron, pools, crashes.
 
-``Dashboard`` is a WSGI app to mount in a host; ``serve`` runs it on its own
-server; ``kongtask dashboard`` is the command. See :mod:`kongtask.ops.dashboard.app`
+``Dashboard`` is an ASGI app (Starlette) to mount in a host (``Dashboard.wsgi()``
+for a WSGI host); ``serve`` runs it on uvicorn; ``kongtask dashboard`` is the
+command. Needs the ``dashboard`` extra. See :mod:`kongtask.ops.dashboard.app`
 for how the actions are protected.
 """
 

@@ -1,22 +1,20 @@
-"""The dashboard's chart: jobs finished and failed per minute over the last hour, as inline SVG.
+"""The dashboard's charts: jobs finished and failed per minute over the last hour, as inline SVG.
 
-Completed jobs are deleted from the jobs table, so the database keeps no
-record of them; PostgreSQL's statistics do count the deletions
-(``n_tup_del``), and :class:`ThroughputSampler` turns samples of that
-counter into per-minute figures from the moment the dashboard started.
-Failures come straight from the table (jobs whose latest failure fell in
-each minute).
+Completed jobs are deleted from the jobs table, so the figures come from the
+per-minute counts kongtask pools write with their heartbeat
+(``_kongtask_task_stats``, see :mod:`kongtask.jobs.stats`): true from the
+first page load, for every pool that ran in the hour.
 """
 
 from __future__ import annotations
 
-import itertools
-import threading
-from collections import deque
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from html import escape
+from typing import Any
 
-__all__ = ["ThroughputSampler", "render_chart"]
+__all__ = ["TaskThroughput", "render_chart", "task_throughput"]
 
 MINUTE = timedelta(minutes=1)
 #: Minutes shown in the chart.
@@ -28,38 +26,42 @@ def floor_minute(when: datetime) -> datetime:
     return when.replace(second=0, microsecond=0)
 
 
-class ThroughputSampler:
-    """Keeps (time, deleted-rows counter) samples for the last hour and a bit."""
+@dataclass(frozen=True)
+class TaskThroughput:
+    """One task's last hour, from the pools' per-minute statistics."""
 
-    def __init__(self) -> None:
-        self._samples: deque[tuple[datetime, int]] = deque()
-        self._lock = threading.Lock()
+    task: str
+    finished: int
+    failed: int
+    latency_mean_s: float | None
+    latency_max_s: float | None
 
-    def add(self, when: datetime, total: int) -> None:
-        """Record the counter's value at ``when`` (the database clock)."""
-        with self._lock:
-            if self._samples and total < self._samples[-1][1]:
-                self._samples.clear()  # statistics were reset: start over
-            self._samples.append((when, total))
-            while self._samples and self._samples[0][0] < when - (WINDOW_MINUTES + 2) * MINUTE:
-                self._samples.popleft()
 
-    @property
-    def since(self) -> datetime | None:
-        """When the oldest kept sample was taken."""
-        with self._lock:
-            return self._samples[0][0] if self._samples else None
-
-    def per_minute(self) -> dict[datetime, int]:
-        """Rows deleted in each minute between samples (a gap's count goes to its end minute)."""
-        with self._lock:
-            samples = list(self._samples)
-        result: dict[datetime, int] = {}
-        for (_, before), (when, after) in itertools.pairwise(samples):
-            if after > before:
-                minute = floor_minute(when)
-                result[minute] = result.get(minute, 0) + after - before
-        return result
+def task_throughput(stats: Sequence[Mapping[str, Any]]) -> list[TaskThroughput]:
+    """Per task over the rows of dashboard_task_stats: totals and pickup latency, busiest first."""
+    totals: dict[str, list[float]] = {}
+    maxima: dict[str, float | None] = {}
+    for row in stats:
+        entry = totals.setdefault(row["task"], [0, 0, 0.0, 0])
+        entry[0] += row["finished"]
+        entry[1] += row["failed"]
+        if row["latency_mean_s"] is not None:
+            entry[2] += row["latency_mean_s"] * row["latency_count"]
+            entry[3] += row["latency_count"]
+        if row["latency_max_s"] is not None:
+            maxima[row["task"]] = max(row["latency_max_s"], maxima.get(row["task"]) or 0.0)
+    rows = [
+        TaskThroughput(
+            task=task,
+            finished=int(finished),
+            failed=int(failed),
+            latency_mean_s=latency_sum / count if count else None,
+            latency_max_s=maxima.get(task),
+        )
+        for task, (finished, failed, latency_sum, count) in totals.items()
+    ]
+    rows.sort(key=lambda row: (-(row.finished + row.failed), row.task))
+    return rows
 
 
 def render_chart(

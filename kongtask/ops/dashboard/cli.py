@@ -6,9 +6,11 @@ import argparse
 import os
 import threading
 from collections.abc import Sequence
+from pathlib import Path
 
 from kongtask.ops.cli.arguments import ArgumentParser
 from kongtask.ops.cli.jobs import load_cron_items
+from kongtask.ops.dashboard.app import source_lines
 from kongtask.ops.dashboard.server import DashboardServer
 
 __all__ = ["main"]
@@ -17,8 +19,8 @@ __all__ = ["main"]
 def _parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(
         prog="kongtask dashboard",
-        description="Serve the web dashboard: queues, tasks, failing jobs, cron and pools, "
-        "with actions (retry, fail, remove, reschedule, unlock a dead pool).",
+        description="Serve the web dashboard (uvicorn; needs kongtask[dashboard]): jobs with "
+        "search and bulk actions, running jobs, cron, pools and crashes.",
     )
     parser.add_argument("-c", "--connection", metavar="URL", help="PostgreSQL connection string")
     parser.add_argument("-s", "--schema", metavar="NAME", help="schema holding the queue")
@@ -48,13 +50,17 @@ def main(argv: Sequence[str]) -> int:
     args = parser.parse_args(list(argv))
     if not 0 <= args.port <= 65535:
         parser.error(f"--port must be between 0 and 65535, got {args.port}")
+    items = load_cron_items(args.crontab)
+    crontab = args.crontab or ("crontab" if items else None)
+    lines = source_lines(Path(crontab).read_text("utf-8"), items) if crontab else {}
     server = DashboardServer(
         args.connection,
         schema=args.schema,
         host=args.host,
         port=args.port,
         token=args.token,
-        cron_items=load_cron_items(args.crontab),
+        cron_items=items,
+        cron_lines=lines,
     )
     with server:
         print(f"kongtask dashboard on {server.url}", flush=True)

@@ -1,33 +1,31 @@
-"""Running the dashboard on its own HTTP server (what ``kongtask dashboard`` does).
+"""Running the dashboard on uvicorn (what ``kongtask dashboard`` does).
 
 It listens on 127.0.0.1 unless told otherwise, and refuses any other address
 without a token: the dashboard can fail and remove jobs, so it must not be
-open to a network by accident. Requests are served on their own threads (at
-most :data:`MAX_REQUEST_THREADS` at once), and the request log never shows
-the token.
+open to a network by accident. The request log (the app's own, at debug
+level) never shows the token, and uvicorn's messages pass through the same
+filter.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import logging
-import re
+import socket
 import threading
+import time
 from collections.abc import Sequence
-from typing import Any, Self
-from urllib.parse import quote, unquote_plus
-from wsgiref.simple_server import make_server
+from typing import Self
+
+import uvicorn
 
 from kongtask.cron.types import ParsedCronItem
-from kongtask.db.conninfo import REDACTED
 from kongtask.errors import ConfigurationError
 from kongtask.ops.dashboard.app import STATEMENT_TIMEOUT_S, Dashboard
-from kongtask.ops.health import QuietHandler, ThreadingWSGIServer
+from kongtask.ops.dashboard.logs import hide_token
 from kongtask.validate import check_seconds
 
 __all__ = [
-    "MAX_REQUEST_THREADS",
-    "SAMPLE_INTERVAL_S",
     "DashboardServer",
     "hide_token",
     "is_loopback",
@@ -36,50 +34,27 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: How often the server samples the jobs table's deletion counter for the chart.
-SAMPLE_INTERVAL_S = 15.0
-#: Requests served at once; further connections wait in the listen backlog.
-MAX_REQUEST_THREADS = 16
-
-# One query parameter (name=value) in a URL, as it appears quoted in a log line.
-_QUERY_PARAMETER = re.compile(r"(?P<head>[?&](?P<name>[^=&\s'\"#]*)=)(?P<value>[^&\s'\"#]*)")
+#: How long stopping waits for open requests (live-update streams end at once).
+_SHUTDOWN_GRACE_S = 2
+_STARTUP_TIMEOUT_S = 10.0
 
 
-def hide_token(text: str, token: str | None = None) -> str:
-    """``text`` with the value of every ``token`` query parameter (and ``token`` itself) hidden.
+class _HideToken(logging.Filter):
+    """Rewrites uvicorn's records so the token never reaches a handler."""
 
-    The name is compared decoded, as the dashboard reads it (``%74oken`` is
-    ``token`` too); a wrong token is hidden as well, since it may be a typo of
-    the right one.
-    """
+    def __init__(self, token: str | None) -> None:
+        super().__init__()
+        self.token = token
 
-    def hide(match: re.Match[str]) -> str:
-        if unquote_plus(match["name"]).strip().lower() != "token":
-            return match[0]
-        return match["head"] + REDACTED
-
-    text = _QUERY_PARAMETER.sub(hide, text)
-    if token:
-        text = text.replace(token, REDACTED).replace(quote(token, safe=""), REDACTED)
-    return text
-
-
-class _RequestLog(QuietHandler):
-    """Request lines (and the server's errors about a request) to the debug log, token hidden."""
-
-    server: _DashboardHTTPServer
-
-    def log_message(self, format: str, *args: Any) -> None:
-        message = hide_token(format % args, self.server.token)
-        logger.debug("%s - %s", self.address_string(), message)
-
-
-class _DashboardHTTPServer(ThreadingWSGIServer):
-    """The ops server's bounded threads, with more of them: a page may wait for its deadline."""
-
-    max_threads = MAX_REQUEST_THREADS
-    #: The dashboard's token, hidden wherever it appears in the request log.
-    token: str | None = None
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = hide_token(record.getMessage(), self.token)
+        record.msg, record.args = message, None
+        if record.exc_info and record.exc_info[1] is not None:
+            record.exc_text = hide_token(
+                logging.Formatter().formatException(record.exc_info), self.token
+            )
+            record.exc_info = None
+        return True
 
 
 def is_loopback(host: str) -> bool:
@@ -93,7 +68,7 @@ def is_loopback(host: str) -> bool:
 
 
 class DashboardServer:
-    """The dashboard app on a threaded WSGI server, with a sampler for the chart."""
+    """The dashboard app on uvicorn in a background thread."""
 
     def __init__(
         self,
@@ -104,6 +79,7 @@ class DashboardServer:
         port: int = 8000,
         token: str | None = None,
         cron_items: Sequence[ParsedCronItem] = (),
+        cron_lines: dict[str, str] | None = None,
         statement_timeout_s: float = STATEMENT_TIMEOUT_S,
     ) -> None:
         if not is_loopback(host) and not token:
@@ -119,18 +95,20 @@ class DashboardServer:
         self._port = port
         self._token = token
         self._cron_items = list(cron_items)
+        self._cron_lines = dict(cron_lines or {})
         check_seconds("statement_timeout_s", statement_timeout_s, allow_minimum=False)
         self._statement_timeout_s = statement_timeout_s
         self.app: Dashboard | None = None
-        self._server: _DashboardHTTPServer | None = None
+        self._server: uvicorn.Server | None = None
+        self._socket: socket.socket | None = None
         self._threads: list[threading.Thread] = []
-        self._stop = threading.Event()
+        self._filter = _HideToken(token)
 
     @property
     def port(self) -> int:
         """The port listened on."""
-        assert self._server is not None, "not started"
-        return int(self._server.server_port)
+        assert self._socket is not None, "not started"
+        return int(self._socket.getsockname()[1])
 
     @property
     def url(self) -> str:
@@ -138,62 +116,82 @@ class DashboardServer:
         host = f"[{self._host}]" if ":" in self._host else self._host
         return f"http://{host}:{self.port}/"
 
+    def _bind(self) -> socket.socket:
+        family = socket.AF_INET6 if ":" in self._host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((self._host.strip("[]"), self._port))
+            sock.listen(128)
+            sock.set_inheritable(True)
+        except OSError:
+            sock.close()
+            raise
+        return sock
+
     def start(self) -> Self:
         """Connect, bind and serve in the background."""
-        server = make_server(
-            self._host,
-            self._port,
-            lambda environ, start: self._app()(environ, start),
-            server_class=_DashboardHTTPServer,
-            handler_class=_RequestLog,
-        )
-        server.token = self._token
-        self._server = server
+        self._socket = self._bind()
         names = {self._host.lower(), "localhost" if is_loopback(self._host) else self._host}
         if is_loopback(self._host):
             names |= {"127.0.0.1", "[::1]"}
         allowed = {f"{name}:{self.port}" for name in names}
-        self.app = Dashboard(
+        app = Dashboard(
             self._connection_string,
             schema=self._schema,
             cron_items=self._cron_items,
+            cron_lines=self._cron_lines,
             token=self._token,
             allowed_hosts=None if self._host in ("0.0.0.0", "::") else allowed,
             statement_timeout_s=self._statement_timeout_s,
         )
-        self.app.open()  # connect (and migrate) now, so a bad URL fails the start
-        self.app.sample()
-        for target, name in (
-            (lambda: server.serve_forever(poll_interval=0.2), "kongtask-dashboard"),
-            (self._sample_loop, "kongtask-dashboard-sampler"),
-        ):
-            thread = threading.Thread(target=target, name=name, daemon=True)
-            thread.start()
-            self._threads.append(thread)
+        self.app = app
+        try:
+            app.open()  # connect (and migrate) now, so a bad URL fails the start
+        except BaseException:
+            self._socket.close()
+            app.close()
+            raise
+        for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
+            logging.getLogger(name).addFilter(self._filter)
+        config = uvicorn.Config(
+            app,
+            log_config=None,
+            access_log=False,
+            lifespan="off",
+            server_header=False,
+            timeout_graceful_shutdown=_SHUTDOWN_GRACE_S,
+        )
+        server = uvicorn.Server(config)
+        self._server = server
+        sock = self._socket
+        thread = threading.Thread(
+            target=lambda: server.run(sockets=[sock]), name="kongtask-dashboard", daemon=True
+        )
+        thread.start()
+        self._threads.append(thread)
+        waiting = threading.Event()
+        deadline = time.monotonic() + _STARTUP_TIMEOUT_S
+        while not server.started and self._threads[0].is_alive() and time.monotonic() < deadline:
+            waiting.wait(0.02)
+        if not server.started:
+            self.stop()
+            raise ConfigurationError("the dashboard's server did not start; see the log")
         logger.info("Dashboard on %s", self.url)
         return self
 
-    def _app(self) -> Dashboard:
-        assert self.app is not None
-        return self.app
-
-    def _sample_loop(self) -> None:
-        while not self._stop.wait(SAMPLE_INTERVAL_S):
-            try:
-                self._app().sample()
-            except Exception as exc:
-                logger.warning("Dashboard: sampling the throughput failed: %s", exc)
-
     def stop(self) -> None:
         """Stop serving and close the database connection."""
-        self._stop.set()
         if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
+            self._server.should_exit = True
         for thread in self._threads:
-            thread.join(5.0)
+            thread.join(_SHUTDOWN_GRACE_S + 5.0)
         if self.app is not None:
             self.app.close()
+        if self._socket is not None:
+            self._socket.close()
+        for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
+            logging.getLogger(name).removeFilter(self._filter)
 
     def __enter__(self) -> Self:
         return self.start()
