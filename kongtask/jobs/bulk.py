@@ -41,7 +41,7 @@ from kongtask.errors import KongtaskError
 from kongtask.job import Job
 from kongtask.job_spec import JobSpec
 
-__all__ = ["BULK_MIN_SPECS", "add_bulk_on", "add_bulk_on_async"]
+__all__ = ["BULK_MIN_SPECS", "add_bulk_on", "add_bulk_on_async", "needs_transaction"]
 
 #: Below this many keyless specs one ``add_jobs`` statement is quicker than
 #: three round trips (measured on a local server: equal at about 50 specs).
@@ -162,6 +162,16 @@ def _found(task_ids: list[int | None], queue_ids: list[int | None]) -> tuple[lis
     return task_ids, queue_ids  # type: ignore[return-value]
 
 
+def needs_transaction(conn: psycopg.Connection[Any] | psycopg.AsyncConnection[Any]) -> bool:
+    """Whether statements that must commit together need a transaction of their own.
+
+    Only an autocommit connection outside a transaction does: otherwise they
+    join the caller's transaction (begun by psycopg if not yet), which the
+    caller commits or rolls back.
+    """
+    return conn.autocommit and conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+
+
 def _one(row: tuple[Any, ...] | None) -> tuple[Any, ...]:
     if row is None:  # a select without from always gives one row
         raise KongtaskError("add_jobs: the bulk path's statement returned no row")
@@ -173,9 +183,8 @@ def add_bulk_on(
 ) -> list[Job]:
     """Add keyless ``specs`` through the bulk path; returns their jobs in input order."""
     batch = _Batch(specs)
-    idle = conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
     with (
-        conn.transaction() if idle else nullcontext(),
+        conn.transaction() if needs_transaction(conn) else nullcontext(),
         conn.cursor(binary=True, row_factory=tuple_row) as cursor,
     ):
         now, task_ids, queue_ids = _one(
@@ -204,9 +213,8 @@ async def add_bulk_on_async(
 ) -> list[Job]:
     """:func:`add_bulk_on` over an ``AsyncConnection``."""
     batch = _Batch(specs)
-    idle = conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
     async with (
-        conn.transaction() if idle else nullcontext(),
+        conn.transaction() if needs_transaction(conn) else nullcontext(),
         conn.cursor(binary=True, row_factory=tuple_row) as cursor,
     ):
         await cursor.execute(queries.bulk_add_targets, batch.targets_params)

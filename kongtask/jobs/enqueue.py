@@ -20,7 +20,7 @@ from kongtask.db.statements import Queries
 from kongtask.errors import ConfigurationError, InvalidJobError, KongtaskError
 from kongtask.job import Job
 from kongtask.job_spec import JobSpec
-from kongtask.jobs.bulk import BULK_MIN_SPECS, add_bulk_on, add_bulk_on_async
+from kongtask.jobs.bulk import BULK_MIN_SPECS, add_bulk_on, add_bulk_on_async, needs_transaction
 
 __all__ = [
     "EnqueueObserver",
@@ -314,8 +314,7 @@ async def _add_checked_on_async(
         )
     if not keyed:
         return await add_bulk_on_async(conn, queries, checked)
-    idle = conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
-    async with conn.transaction() if idle else nullcontext():
+    async with conn.transaction() if needs_transaction(conn) else nullcontext():
         added = await add_bulk_on_async(conn, queries, [checked[i] for i in plain])
         params = _add_jobs_params([checked[i] for i in keyed], job_key_preserve_run_at)
         by_key = await jobs_from_query_async(conn, queries, queries.add_jobs, params)
@@ -332,7 +331,7 @@ def _split(checked: Sequence[JobSpec]) -> tuple[list[int], list[int]]:
 
 def _atomic(conn: psycopg.Connection[Any]) -> AbstractContextManager[Any]:
     """A transaction around several statements, unless the caller already holds one."""
-    if conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE:
+    if needs_transaction(conn):
         return conn.transaction()
     return nullcontext()
 
