@@ -62,6 +62,7 @@ from tools._bench_common import (
     summary,
     to_uri,
 )
+from tools.bench_enqueue import add_graphile_worker, add_kongtask, make_specs, node_specs
 
 ENQUEUE = """
 select count(*) from graphile_worker.add_jobs(array(
@@ -72,24 +73,6 @@ select count(*) from graphile_worker.add_jobs(array(
 NOOP_TASKS = """
 def noop(payload, helpers):
     pass
-"""
-
-GW_ADD_JOBS = """
-const { makeWorkerUtils } = require("graphile-worker");
-async function main() {
-  const count = Number(process.argv[2]);
-  const specs = [];
-  for (let i = 0; i < count; i++) specs.push({ identifier: "noop", payload: { id: i } });
-  const utils = await makeWorkerUtils({ connectionString: process.env.DATABASE_URL });
-  try {
-    const started = process.hrtime.bigint();
-    await utils.addJobs(specs);
-    console.log(Number(process.hrtime.bigint() - started) / 1e9);
-  } finally {
-    await utils.release();
-  }
-}
-main().catch((e) => { console.error(e); process.exit(1); });
 """
 
 GW_CONFIG = """
@@ -117,31 +100,15 @@ def enqueue_sql(url: str, count: int) -> float:
 
 def enqueue_worker_utils(url: str, count: int) -> float:
     """Seconds for one ``WorkerUtils.add_jobs`` call (connection already open)."""
-    from kongtask import WorkerUtils
-
-    specs = [{"identifier": "noop", "payload": {"id": i}} for i in range(count)]
-    with WorkerUtils(url) as utils:
-        started = time.perf_counter()
-        added = utils.add_jobs(specs)
-        seconds = time.perf_counter() - started
-    assert len(added) == count
-    return seconds
+    return add_kongtask(url, make_specs(count, "plain"), count)
 
 
 def enqueue_graphile_worker(url: str, count: int, gw: Path) -> float:
     """Seconds for one graphile-worker ``addJobs`` call (timed inside Node)."""
-    with tempfile.TemporaryDirectory(prefix="kongtask-bench-gw-") as cwd:
-        os.symlink(gw / "node_modules", Path(cwd, "node_modules"))
-        Path(cwd, "add_jobs.js").write_text(GW_ADD_JOBS)
-        out = subprocess.run(
-            ["node", "add_jobs.js", str(count)],
-            cwd=cwd,
-            env=dict(os.environ, DATABASE_URL=to_uri(url)),
-            check=True,
-            capture_output=True,
-            text=True,
-        ).stdout
-    return float(out.strip().splitlines()[-1])
+    with tempfile.TemporaryDirectory(prefix="kongtask-bench-specs-") as folder:
+        specs_file = Path(folder, "specs.json")
+        specs_file.write_text(json.dumps(node_specs(make_specs(count, "plain"))))
+        return add_graphile_worker(url, specs_file, count, gw)
 
 
 def kongtask_cli() -> list[str]:
