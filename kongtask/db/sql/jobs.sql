@@ -94,7 +94,8 @@ order by spec.ord
 -- The bulk path (kongtask/jobs/bulk.py), step 1: the task ids of the batch's
 -- distinct identifiers and the queue ids of its distinct queue names, each in
 -- the order given (NULL where no row exists yet), and the transaction's now(),
--- which the job rows' defaults will use. Reads only.
+-- which the job rows' defaults will use. Reads only. (bulk_add_prepare starts
+-- with the same columns; this runs again only after bulk_add_missing.)
 select now(),
        array(
            select tasks.id
@@ -123,12 +124,27 @@ insert into {s}._private_job_queues (queue_name)
 select unnest(%(queue_names)s::text[])
 on conflict do nothing
 
--- name: bulk_add_reserve
--- The bulk path, step 2: take `count` ids from the jobs' own identity sequence
--- (the rows are then copied in with these ids, COPY writes identity columns as
--- given) and send the one `jobs:insert` notification of the batch, with the
--- payload the schema's add_jobs sends, so Node and kongtask workers wake.
-select array(
+-- name: bulk_add_prepare
+-- The bulk path, step 2 (and step 1 in the same statement, as bulk_add_targets'
+-- columns, so a batch whose tasks and queues exist needs one round trip before
+-- the COPY): take `count` ids from the jobs' own identity sequence (the rows
+-- are then copied in with these ids; COPY writes identity columns as given)
+-- and send the one `jobs:insert` notification of the batch, with the payload
+-- the schema's add_jobs sends, so Node and kongtask workers wake.
+select now(),
+       array(
+           select tasks.id
+           from unnest(%(identifiers)s::text[]) with ordinality as wanted(identifier, ord)
+           left join {s}._private_tasks as tasks on tasks.identifier = wanted.identifier
+           order by wanted.ord
+       ),
+       array(
+           select queues.id
+           from unnest(%(queue_names)s::text[]) with ordinality as wanted(queue_name, ord)
+           left join {s}._private_job_queues as queues on queues.queue_name = wanted.queue_name
+           order by wanted.ord
+       ),
+       array(
            select nextval(sequence.id)
            from (
                select pg_get_serial_sequence(
