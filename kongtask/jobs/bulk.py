@@ -33,6 +33,7 @@ import json
 from collections.abc import Sequence
 from contextlib import nullcontext
 from datetime import datetime
+from functools import lru_cache
 from typing import Any
 
 import psycopg
@@ -53,7 +54,10 @@ BULK_MIN_SPECS = 16
 
 _DEFAULT_MAX_ATTEMPTS = 25
 _DEFAULT_PRIORITY = 0
-_COPY_TYPES = ["int8", "int4", "int4", "text", "timestamptz", "int2", "int2", "jsonb"]
+# The flags column travels as bytes already in jsonb's binary form (see
+# _flags_field): psycopg's jsonb dumper would encode each dict in Python.
+_COPY_TYPES = ["int8", "int4", "int4", "text", "timestamptz", "int2", "int2", "bytea"]
+_JSONB_BINARY_VERSION = b"\x01"
 _COPY_TYPES_PLAIN = ["int8", "int4", "text"]
 
 
@@ -121,7 +125,7 @@ class _Batch:
                 now if spec.run_at is None else spec.run_at.astimezone(zone),
                 _DEFAULT_MAX_ATTEMPTS if spec.max_attempts is None else spec.max_attempts,
                 _DEFAULT_PRIORITY if spec.priority is None else spec.priority,
-                dict.fromkeys(spec.flags, True) if spec.flags else None,
+                _flags_field(spec.flags),
             )
             for spec, job_id, task_at, queue_at in zip(
                 self.specs, ids, self.task_index, self.queue_index, strict=True
@@ -149,11 +153,29 @@ class _Batch:
             make(
                 (
                     row[0], row[1], row[2], spec.identifier, payload, row[6], row[4],
-                    0, row[5], None, now, now, None, None, None, 0, row[7], True,
+                    0, row[5], None, now, now, None, None, None, 0, _flags(spec.flags), True,
                 )
             )
             for spec, row, payload in zip(self.specs, rows, payloads, strict=True)
         ]  # fmt: skip
+
+
+def _flags(flags: Sequence[str] | None) -> dict[str, bool] | None:
+    """Flags as the schema's ``add_jobs`` stores them: ``{flag: true}``, NULL for none."""
+    return dict.fromkeys(flags, True) if flags else None
+
+
+@lru_cache(maxsize=256)
+def _flags_field(flags: Sequence[str] | None) -> bytes | None:
+    """The flags column of a COPY row: jsonb's binary input (a version byte, then JSON text).
+
+    Batches repeat a few flag sets, so each is encoded once (``JobSpec`` keeps
+    flags as a tuple, hashable).
+    """
+    value = _flags(flags)
+    if value is None:
+        return None
+    return _JSONB_BINARY_VERSION + json.dumps(value, separators=(",", ":")).encode()
 
 
 def _found(task_ids: list[int | None], queue_ids: list[int | None]) -> tuple[list[int], list[int]]:
