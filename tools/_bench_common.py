@@ -146,9 +146,8 @@ def postmaster_pid(url: str) -> int | None:
     """
     with psycopg.connect(url, autocommit=True) as conn:
         row = conn.execute("select pg_backend_pid()").fetchone()
-    if row is None:
-        return None
-    backend = _proc_stat(int(row[0]))
+        # Read while the session (and so its backend process) is still there.
+        backend = _proc_stat(int(row[0])) if row is not None else None
     if backend is None:
         return None
     parent = backend[0]
