@@ -292,3 +292,15 @@ def test_cron_writers_door_takes_the_bulk_path_for_its_keyless_specs(db_url: str
     assert [job.payload["n"] for job in jobs] == [*range(BULK_MIN_SPECS), "keyed"]
     with psycopg.connect(db_url, autocommit=True) as conn:
         same_as_stored(conn, jobs)
+
+
+def test_an_odd_schema_name_reaches_its_own_sequence(empty_db_url: str) -> None:
+    schema = 'Bulk "odd" schema'
+    count = BULK_MIN_SPECS + 4
+    specs = [{"identifier": "t", "payload": {"n": n}, "queue_name": "q"} for n in range(count)]
+    with WorkerUtils(empty_db_url, schema=schema) as utils:
+        jobs = utils.add_jobs(specs)
+        later = utils.add_job("t")
+    # The ids came from this schema's jobs sequence: the next job follows them.
+    assert [job.id for job in jobs] == list(range(1, count + 1)) and later.id == count + 1
+    assert {job.task_identifier for job in jobs} == {"t"}
