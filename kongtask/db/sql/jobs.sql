@@ -90,25 +90,29 @@ cross join lateral {s}.add_job(
 {task_of_job}
 order by spec.ord
 
--- name: bulk_add_targets
--- The bulk path (kongtask/jobs/bulk.py), step 1: the task ids of the batch's
+-- fragment: bulk_targets
+-- The bulk path's lookups (kongtask/jobs/bulk.py): the transaction's now(),
+-- which the job rows' defaults will use, then the task ids of the batch's
 -- distinct identifiers and the queue ids of its distinct queue names, each in
--- the order given (NULL where no row exists yet), and the transaction's now(),
--- which the job rows' defaults will use. Reads only. (bulk_add_prepare starts
--- with the same columns; this runs again only after bulk_add_missing.)
-select now(),
-       array(
-           select tasks.id
-           from unnest(%(identifiers)s::text[]) with ordinality as wanted(identifier, ord)
-           left join {s}._private_tasks as tasks on tasks.identifier = wanted.identifier
-           order by wanted.ord
-       ),
-       array(
-           select queues.id
-           from unnest(%(queue_names)s::text[]) with ordinality as wanted(queue_name, ord)
-           left join {s}._private_job_queues as queues on queues.queue_name = wanted.queue_name
-           order by wanted.ord
-       )
+-- the order given (NULL where no row exists yet).
+now(),
+array(
+    select tasks.id
+    from unnest(%(identifiers)s::text[]) with ordinality as wanted(identifier, ord)
+    left join {s}._private_tasks as tasks on tasks.identifier = wanted.identifier
+    order by wanted.ord
+),
+array(
+    select queues.id
+    from unnest(%(queue_names)s::text[]) with ordinality as wanted(queue_name, ord)
+    left join {s}._private_job_queues as queues on queues.queue_name = wanted.queue_name
+    order by wanted.ord
+)
+
+-- name: bulk_add_targets
+-- The bulk path's lookups alone, after bulk_add_missing created rows
+-- (bulk_add_prepare starts with the same columns). Reads only.
+select {bulk_targets}
 
 -- name: bulk_add_missing
 -- The bulk path, only when bulk_add_targets found a task or queue missing: create
@@ -125,25 +129,13 @@ select unnest(%(queue_names)s::text[])
 on conflict do nothing
 
 -- name: bulk_add_prepare
--- The bulk path, step 2 (and step 1 in the same statement, as bulk_add_targets'
--- columns, so a batch whose tasks and queues exist needs one round trip before
--- the COPY): take `count` ids from the jobs' own identity sequence (the rows
+-- The bulk path, step 1: the bulk_targets lookups, and in the same statement (so
+-- a batch whose tasks and queues exist needs one round trip before the COPY)
+-- take `count` ids from the jobs' own identity sequence (the rows
 -- are then copied in with these ids; COPY writes identity columns as given)
 -- and send the one `jobs:insert` notification of the batch, with the payload
 -- the schema's add_jobs sends, so Node and kongtask workers wake.
-select now(),
-       array(
-           select tasks.id
-           from unnest(%(identifiers)s::text[]) with ordinality as wanted(identifier, ord)
-           left join {s}._private_tasks as tasks on tasks.identifier = wanted.identifier
-           order by wanted.ord
-       ),
-       array(
-           select queues.id
-           from unnest(%(queue_names)s::text[]) with ordinality as wanted(queue_name, ord)
-           left join {s}._private_job_queues as queues on queues.queue_name = wanted.queue_name
-           order by wanted.ord
-       ),
+select {bulk_targets},
        array(
            select nextval(sequence.id)
            from (
@@ -157,7 +149,7 @@ select now(),
        pg_notify('jobs:insert', format('{{"r":%%s,"count":%%s}}', random(), %(count)s::int))
 
 -- name: bulk_add_copy
--- The bulk path, step 3: the rows, in binary COPY format. Columns left out
+-- The bulk path, last step: the rows, in binary COPY format. Columns left out
 -- (attempts, created_at, updated_at, revision, key, locks) take the table's
 -- defaults, exactly as the schema's add_jobs leaves them.
 copy {s}._private_jobs (id, job_queue_id, task_id, payload, run_at, max_attempts, priority, flags)
