@@ -12,6 +12,7 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from json.encoder import encode_basestring_ascii as _encode_basestring_ascii
 from typing import Any
 
 from kongtask.db.timestamps import unwritable
@@ -19,6 +20,11 @@ from kongtask.errors import InvalidJobError
 from kongtask.validate import check_int, check_text, job_error
 
 __all__ = ["JOB_KEY_MODES", "JobSpec", "encode_payload"]
+
+try:  # CPython's accelerator behind json.dumps (absent on some other interpreters)
+    from json.encoder import c_make_encoder as _c_make_encoder  # type: ignore[attr-defined]
+except ImportError:  # pragma: no cover
+    _c_make_encoder = None
 
 #: Values ``job_key_mode`` accepts (``unsafe_dedupe`` only for single jobs).
 JOB_KEY_MODES = ("replace", "preserve_run_at", "unsafe_dedupe")
@@ -55,13 +61,10 @@ class JobSpec:
             "identifier", self.identifier, max_length=_MAX_IDENTIFIER_LENGTH, error=job_error
         )
         object.__setattr__(self, "payload_json", encode_payload(self.payload))
-        check_text(
-            "queue_name",
-            self.queue_name,
-            max_length=_MAX_IDENTIFIER_LENGTH,
-            required=False,
-            error=job_error,
-        )
+        if self.queue_name is not None:
+            check_text(
+                "queue_name", self.queue_name, max_length=_MAX_IDENTIFIER_LENGTH, error=job_error
+            )
         if self.run_at is not None:
             if not isinstance(self.run_at, datetime):
                 raise InvalidJobError(
@@ -82,9 +85,8 @@ class JobSpec:
                 raise InvalidJobError(f"run_at: {reason}", field="run_at", value=self.run_at)
         if self.max_attempts is not None:
             check_int("max_attempts", self.max_attempts, 1, _SMALLINT_MAX, error=job_error)
-        check_text(
-            "job_key", self.job_key, max_length=_MAX_KEY_LENGTH, required=False, error=job_error
-        )
+        if self.job_key is not None:
+            check_text("job_key", self.job_key, max_length=_MAX_KEY_LENGTH, error=job_error)
         if self.job_key_mode is not None and self.job_key_mode not in JOB_KEY_MODES:
             raise InvalidJobError(
                 f"job_key_mode must be one of {', '.join(map(repr, JOB_KEY_MODES))}, "
@@ -119,8 +121,8 @@ class JobSpec:
                 field="specs",
                 value=spec,
             )
-        unknown = set(spec) - _SPEC_FIELDS
-        if unknown:
+        if not _SPEC_FIELDS.issuperset(spec):
+            unknown = set(spec) - _SPEC_FIELDS
             where = f" at index {index}" if index is not None else ""
             raise InvalidJobError(
                 f"job spec{where} has unknown field(s): {', '.join(sorted(unknown))}",
@@ -186,7 +188,7 @@ def encode_payload(payload: Any) -> str:
     if payload is None:
         return "{}"
     try:
-        text = json.dumps(payload, allow_nan=False, separators=(",", ":"))
+        text = _encode_compact(payload)
     except (TypeError, ValueError, RecursionError) as exc:
         raise InvalidJobError(
             f"payload is not JSON-serialisable: {exc}", field="payload", value=payload
@@ -196,6 +198,27 @@ def encode_payload(payload: Any) -> str:
     if "\\u0000" in text or _SURROGATE_ESCAPE.search(text):
         _check_payload_strings(payload)
     return text
+
+
+def _not_serialisable(value: Any) -> Any:
+    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
+
+
+def _encode_compact(payload: Any) -> str:
+    """``json.dumps(payload, allow_nan=False, separators=(",", ":"))``, the same text.
+
+    ``json.dumps`` with arguments builds a ``JSONEncoder`` on every call, which
+    cost more than the encoding of a small payload; this calls the C encoder
+    that ``JSONEncoder`` itself uses (with a fresh circular-reference memo per
+    call, so threads never share one), and falls back to ``json.dumps`` where
+    the C accelerator is missing.
+    """
+    if _c_make_encoder is None:
+        return json.dumps(payload, allow_nan=False, separators=(",", ":"))
+    encoder = _c_make_encoder(
+        {}, _not_serialisable, _encode_basestring_ascii, None, ":", ",", False, False, False
+    )
+    return "".join(encoder(payload, 0))
 
 
 _SURROGATE_ESCAPE = re.compile(r"\\ud[89a-f]", re.IGNORECASE)

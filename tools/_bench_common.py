@@ -121,3 +121,62 @@ def summary(values: list[float]) -> tuple[float, float]:
     middle = len(ordered) // 2
     median = ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
     return ordered[0], median
+
+
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def _proc_stat(pid: int) -> tuple[int, float] | None:
+    """(parent pid, CPU seconds: utime + stime + cutime + cstime) of a local process."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as stat:
+            text = stat.read()
+    except OSError:
+        return None
+    fields = text[text.rindex(")") + 2 :].split()
+    ticks = sum(int(value) for value in fields[11:15])
+    return int(fields[1]), ticks / _CLOCK_TICKS
+
+
+def postmaster_pid(url: str) -> int | None:
+    """The local postmaster's pid (parent of this session's backend), or None.
+
+    None when the server is not on this machine (or in another PID namespace):
+    the backend's pid must be a local process whose parent is a postgres process.
+    """
+    with psycopg.connect(url, autocommit=True) as conn:
+        row = conn.execute("select pg_backend_pid()").fetchone()
+        # Read while the session (and so its backend process) is still there.
+        backend = _proc_stat(int(row[0])) if row is not None else None
+    if backend is None:
+        return None
+    parent = backend[0]
+    try:
+        with open(f"/proc/{parent}/cmdline", "rb") as cmdline:
+            command = cmdline.read()
+    except OSError:
+        return None
+    if b"postgres" not in command and b"postmaster" not in command:
+        return None
+    return parent
+
+
+def cluster_cpu_seconds(postmaster: int) -> float | None:
+    """CPU seconds the whole PostgreSQL cluster has used so far.
+
+    The postmaster's own time plus its reaped children's (``cutime``/``cstime``:
+    backends that exited), plus every live child's (backends, background
+    workers, with their reaped children). None if the postmaster is gone or
+    unreadable. Every database on the server counts, so on a shared server the
+    figure includes other clients' work.
+    """
+    own = _proc_stat(postmaster)
+    if own is None:
+        return None
+    total = own[1]
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            child = _proc_stat(int(entry))
+            if child is not None and child[0] == postmaster:
+                total += child[1]
+    return total

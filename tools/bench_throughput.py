@@ -12,10 +12,18 @@ the table is analyzed; then the real CLI (``kongtask --once`` or graphile-worker
 ``cli.js --once``) drains them in a subprocess, timed from spawn to exit, so
 start-up counts. Rounds alternate which side goes first, and min / median are
 printed. The parity line gives both sides the same settings (printed); the
-defaults line runs each side with its own out-of-the-box settings.
+defaults line runs each side with its own out-of-the-box settings. Each drain
+also prints, per job: wall time, the worker process tree's CPU (user + system
+of the worker and every child it reaped, from ``wait4``) and PostgreSQL's CPU
+(utime + stime + cutime + cstime of the postmaster and its live children,
+before and after the drain, so backends that exited count too). The server
+figure needs the server on this machine (its processes readable in
+``/proc``); it counts every database on that server, so other clients' work
+shows in it: read it on an otherwise idle server.
 
 Enqueue: ``WorkerUtils.add_jobs`` against graphile-worker's ``addJobs`` (and the
-``add_jobs`` SQL function), alternated the same way.
+``add_jobs`` SQL function), alternated the same way (``tools/bench_enqueue.py``
+compares them in more detail: batch sizes, specs with every field).
 
 Sustained (``--sustained RATES``): a producer adds jobs at each fixed rate for
 ``--seconds`` while a worker with 1 ms handlers runs (same settings both
@@ -34,23 +42,27 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import psycopg
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tools._bench_common import (
+    cluster_cpu_seconds,
     enqueue_noop_jobs,
     fresh_jobs_table,
     graphile_worker_dir,
     percentile,
+    postmaster_pid,
     scratch_database,
     server_url,
     summary,
     to_uri,
 )
+from tools.bench_enqueue import add_graphile_worker, add_kongtask, make_specs, node_specs
 
 ENQUEUE = """
 select count(*) from graphile_worker.add_jobs(array(
@@ -61,24 +73,6 @@ select count(*) from graphile_worker.add_jobs(array(
 NOOP_TASKS = """
 def noop(payload, helpers):
     pass
-"""
-
-GW_ADD_JOBS = """
-const { makeWorkerUtils } = require("graphile-worker");
-async function main() {
-  const count = Number(process.argv[2]);
-  const specs = [];
-  for (let i = 0; i < count; i++) specs.push({ identifier: "noop", payload: { id: i } });
-  const utils = await makeWorkerUtils({ connectionString: process.env.DATABASE_URL });
-  try {
-    const started = process.hrtime.bigint();
-    await utils.addJobs(specs);
-    console.log(Number(process.hrtime.bigint() - started) / 1e9);
-  } finally {
-    await utils.release();
-  }
-}
-main().catch((e) => { console.error(e); process.exit(1); });
 """
 
 GW_CONFIG = """
@@ -106,31 +100,15 @@ def enqueue_sql(url: str, count: int) -> float:
 
 def enqueue_worker_utils(url: str, count: int) -> float:
     """Seconds for one ``WorkerUtils.add_jobs`` call (connection already open)."""
-    from kongtask import WorkerUtils
-
-    specs = [{"identifier": "noop", "payload": {"id": i}} for i in range(count)]
-    with WorkerUtils(url) as utils:
-        started = time.perf_counter()
-        added = utils.add_jobs(specs)
-        seconds = time.perf_counter() - started
-    assert len(added) == count
-    return seconds
+    return add_kongtask(url, make_specs(count, "plain"), count)
 
 
 def enqueue_graphile_worker(url: str, count: int, gw: Path) -> float:
     """Seconds for one graphile-worker ``addJobs`` call (timed inside Node)."""
-    with tempfile.TemporaryDirectory(prefix="kongtask-bench-gw-") as cwd:
-        os.symlink(gw / "node_modules", Path(cwd, "node_modules"))
-        Path(cwd, "add_jobs.js").write_text(GW_ADD_JOBS)
-        out = subprocess.run(
-            ["node", "add_jobs.js", str(count)],
-            cwd=cwd,
-            env=dict(os.environ, DATABASE_URL=to_uri(url)),
-            check=True,
-            capture_output=True,
-            text=True,
-        ).stdout
-    return float(out.strip().splitlines()[-1])
+    with tempfile.TemporaryDirectory(prefix="kongtask-bench-specs-") as folder:
+        specs_file = Path(folder, "specs.json")
+        specs_file.write_text(json.dumps(node_specs(make_specs(count, "plain"))))
+        return add_graphile_worker(url, specs_file, count, gw)
 
 
 def kongtask_cli() -> list[str]:
@@ -159,12 +137,14 @@ def _peak_rss_kb(pid: int) -> int | None:
 
 def timed_child(
     argv: list[str], *, cwd: str | None = None, env: dict[str, str] | None = None
-) -> tuple[float, float, str]:
-    """Run a child; returns (wall seconds, peak RSS in MB, stdout).
+) -> tuple[float, float, float, str]:
+    """Run a child; returns (wall seconds, peak RSS in MB, CPU seconds, stdout).
 
     The peak comes from ``/proc/PID/status`` (``VmHWM``, sampled every 10 ms
     while the child runs): ``getrusage``'s ``ru_maxrss`` would also count the
     memory of this (large) parent that the child had between fork and exec.
+    The CPU is user + system time of the child and of every descendant it
+    reaped (``wait4``'s resource usage).
     """
     started = time.perf_counter()
     child = subprocess.Popen(argv, cwd=cwd, env=env, stdout=subprocess.PIPE, text=True)
@@ -185,13 +165,14 @@ def timed_child(
     last = _peak_rss_kb(child.pid)
     if last is not None:
         peak[0] = max(peak[0], last)
-    child.wait()
+    _, status, usage = os.wait4(child.pid, 0)
+    child.returncode = os.waitstatus_to_exitcode(status)
     wall = time.perf_counter() - started
     done.set()
     sampler.join()
     if child.returncode != 0:
         raise SystemExit(f"{argv[0]} exited with {child.returncode}")
-    return wall, peak[0] / 1024, out
+    return wall, peak[0] / 1024, usage.ru_utime + usage.ru_stime, out
 
 
 GW_TASK = "module.exports = async () => {};\n"
@@ -240,13 +221,32 @@ def gw_config(concurrency: int, pool: int, local_queue: int | None) -> str:
     return GW_CONFIG % {"concurrency": concurrency, "pool": pool, "local_queue": local_queue}
 
 
-def drain_kongtask(url: str, tasks_file: Path, options: list[str]) -> tuple[float, float]:
+class Drain(NamedTuple):
+    """One drain: wall seconds, peak RSS (MB), the worker process tree's CPU seconds and
+    PostgreSQL's (None where the server's processes cannot be read)."""
+
+    wall: float
+    rss: float
+    cpu: float
+    server_cpu: float | None
+
+
+def measured(url: str, run: Callable[[], tuple[float, float, float, str]]) -> Drain:
+    """Run a child drain and read the PostgreSQL cluster's CPU before and after it."""
+    postmaster = postmaster_pid(url)
+    before = cluster_cpu_seconds(postmaster) if postmaster is not None else None
+    wall, rss, cpu, _ = run()
+    after = cluster_cpu_seconds(postmaster) if postmaster is not None else None
+    server = after - before if before is not None and after is not None else None
+    return Drain(wall, rss, cpu, server)
+
+
+def drain_kongtask(url: str, tasks_file: Path, options: list[str]) -> Drain:
     argv = [*kongtask_cli(), "-c", url, "--tasks", str(tasks_file), "--once", *options]
-    wall, rss, _ = timed_child(argv, env=dict(os.environ, NO_LOG_SUCCESS="1"))
-    return wall, rss
+    return measured(url, lambda: timed_child(argv, env=dict(os.environ, NO_LOG_SUCCESS="1")))
 
 
-def drain_graphile_worker(url: str, gw: Path, config: str) -> tuple[float, float]:
+def drain_graphile_worker(url: str, gw: Path, config: str) -> Drain:
     with tempfile.TemporaryDirectory(prefix="kongtask-bench-gw-") as cwd:
         Path(cwd, "tasks").mkdir()
         Path(cwd, "tasks", "noop.js").write_text(GW_TASK)
@@ -254,8 +254,7 @@ def drain_graphile_worker(url: str, gw: Path, config: str) -> tuple[float, float
         os.symlink(gw / "node_modules", Path(cwd, "node_modules"))
         cli = str(gw / "node_modules" / "graphile-worker" / "dist" / "cli.js")
         env = dict(os.environ, NO_LOG_SUCCESS="1", DATABASE_URL=to_uri(url))
-        wall, rss, _ = timed_child(["node", cli, "--once"], cwd=cwd, env=env)
-    return wall, rss
+        return measured(url, lambda: timed_child(["node", cli, "--once"], cwd=cwd, env=env))
 
 
 def alternate(rounds: int, sides: dict[str, Any]) -> dict[str, list[Any]]:
@@ -269,20 +268,41 @@ def alternate(rounds: int, sides: dict[str, Any]) -> dict[str, list[Any]]:
     return results
 
 
-def print_drains(label: str, n: int, results: dict[str, list[tuple[float, float]]]) -> None:
-    rates = {}
+def per_job_us(n: int, seconds: list[float]) -> tuple[float, float]:
+    """(min, median) microseconds per job."""
+    best, median = summary(seconds)
+    return best / n * 1e6, median / n * 1e6
+
+
+def print_drains(label: str, n: int, results: dict[str, list[Drain]]) -> None:
+    """Wall time, the worker's and PostgreSQL's CPU per job, each side; ratios for two sides."""
+    figures: dict[str, dict[str, tuple[float, float]]] = {}
     for name, runs in results.items():
-        walls = [wall for wall, _ in runs]
+        walls = [run.wall for run in runs]
         best, median = summary(walls)
-        rates[name] = (n / best, n / median)
-        rss = max(r for _, r in runs)
+        rss = max(run.rss for run in runs)
         print(
             f"  {label} {name}: best {n / best:,.0f} jobs/s, median {n / median:,.0f} jobs/s "
             f"(walls {', '.join(f'{w:.2f}' for w in walls)} s), peak RSS {rss:.0f} MB"
         )
-    if len(rates) == 2:
-        (a, ra), (b, rb) = rates.items()
-        print(f"  {label} ratio {a} / {b}: best {ra[0] / rb[0]:.2f}x, median {ra[1] / rb[1]:.2f}x")
+        side = {"wall": per_job_us(n, walls), "worker CPU": per_job_us(n, [r.cpu for r in runs])}
+        server = [run.server_cpu for run in runs]
+        if all(value is not None for value in server):
+            side["PostgreSQL CPU"] = per_job_us(n, [v for v in server if v is not None])
+        figures[name] = side
+        print(
+            "    per job: "
+            + "; ".join(f"{what} {b:.1f} µs (median {m:.1f})" for what, (b, m) in side.items())
+            + ("" if "PostgreSQL CPU" in side else "; PostgreSQL CPU not measurable here")
+        )
+    if len(figures) == 2:
+        (a, fa), (b, fb) = figures.items()
+        ratios = [
+            f"{what} {fb[what][0] / fa[what][0]:.2f}x (median {fb[what][1] / fa[what][1]:.2f}x)"
+            for what in fa
+            if what in fb
+        ]
+        print(f"  {label} {a} cheaper/faster than {b} by: " + "; ".join(ratios))
 
 
 def sustained(
@@ -358,7 +378,7 @@ def main() -> None:
         parity = ["-j", str(c), "--local-queue-size", str(lq), "-m", str(c + 1)]
 
         def kt(options: list[str]) -> Any:
-            def run() -> tuple[float, float]:
+            def run() -> Drain:
                 fresh_jobs_table(url)
                 enqueue_noop_jobs(url, n)
                 result = drain_kongtask(url, tasks_file, options)
@@ -368,7 +388,7 @@ def main() -> None:
             return run
 
         def gwd(config: str) -> Any:
-            def run() -> tuple[float, float]:
+            def run() -> Drain:
                 assert gw is not None
                 fresh_jobs_table(url)
                 enqueue_noop_jobs(url, n)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any, Protocol
 
 import psycopg
@@ -19,6 +20,7 @@ from kongtask.db.statements import Queries
 from kongtask.errors import ConfigurationError, InvalidJobError, KongtaskError
 from kongtask.job import Job
 from kongtask.job_spec import JobSpec
+from kongtask.jobs.bulk import BULK_MIN_SPECS, add_bulk_on, add_bulk_on_async, needs_transaction
 
 __all__ = [
     "EnqueueObserver",
@@ -245,13 +247,31 @@ def add_jobs_on(
             observer,
             "add_jobs",
             checked,
-            lambda specs: jobs_from_query(
-                conn, queries, queries.add_jobs, _add_jobs_params(specs, job_key_preserve_run_at)
-            ),
+            lambda specs: _add_checked_on(conn, queries, specs, job_key_preserve_run_at),
         )
-    return jobs_from_query(
-        conn, queries, queries.add_jobs, _add_jobs_params(checked, job_key_preserve_run_at)
-    )
+    return _add_checked_on(conn, queries, checked, job_key_preserve_run_at)
+
+
+def _add_checked_on(
+    conn: psycopg.Connection[Any],
+    queries: Queries,
+    checked: list[JobSpec],
+    job_key_preserve_run_at: bool,
+) -> list[Job]:
+    """Keyless specs through the bulk path when there are enough, keyed ones through
+    the schema's ``add_jobs``, both in one transaction; jobs in input order."""
+    plain, keyed = _split(checked)
+    if len(plain) < BULK_MIN_SPECS:
+        return jobs_from_query(
+            conn, queries, queries.add_jobs, _add_jobs_params(checked, job_key_preserve_run_at)
+        )
+    if not keyed:
+        return add_bulk_on(conn, queries, checked)
+    with _atomic(conn):
+        added = add_bulk_on(conn, queries, [checked[i] for i in plain])
+        params = _add_jobs_params([checked[i] for i in keyed], job_key_preserve_run_at)
+        by_key = jobs_from_query(conn, queries, queries.add_jobs, params)
+    return _in_order(checked, plain, added, by_key)
 
 
 async def add_jobs_on_async(
@@ -270,9 +290,7 @@ async def add_jobs_on_async(
     if observer is not None:
         checked, token = observer.start("add_jobs", checked)
     try:
-        jobs = await jobs_from_query_async(
-            conn, queries, queries.add_jobs, _add_jobs_params(checked, job_key_preserve_run_at)
-        )
+        jobs = await _add_checked_on_async(conn, queries, checked, job_key_preserve_run_at)
     except BaseException as error:
         if observer is not None:
             observer.end(token, None, error)
@@ -280,6 +298,60 @@ async def add_jobs_on_async(
     if observer is not None:
         observer.end(token, jobs, None)
     return jobs
+
+
+async def _add_checked_on_async(
+    conn: psycopg.AsyncConnection[Any],
+    queries: Queries,
+    checked: list[JobSpec],
+    job_key_preserve_run_at: bool,
+) -> list[Job]:
+    """:func:`_add_checked_on` over an ``AsyncConnection``."""
+    plain, keyed = _split(checked)
+    if len(plain) < BULK_MIN_SPECS:
+        return await jobs_from_query_async(
+            conn, queries, queries.add_jobs, _add_jobs_params(checked, job_key_preserve_run_at)
+        )
+    if not keyed:
+        return await add_bulk_on_async(conn, queries, checked)
+    async with conn.transaction() if needs_transaction(conn) else nullcontext():
+        added = await add_bulk_on_async(conn, queries, [checked[i] for i in plain])
+        params = _add_jobs_params([checked[i] for i in keyed], job_key_preserve_run_at)
+        by_key = await jobs_from_query_async(conn, queries, queries.add_jobs, params)
+    return _in_order(checked, plain, added, by_key)
+
+
+def _split(checked: Sequence[JobSpec]) -> tuple[list[int], list[int]]:
+    """The positions of the keyless specs and of the keyed ones."""
+    plain = [index for index, spec in enumerate(checked) if spec.job_key is None]
+    if len(plain) == len(checked):
+        return plain, []
+    return plain, [index for index, spec in enumerate(checked) if spec.job_key is not None]
+
+
+def _atomic(conn: psycopg.Connection[Any]) -> AbstractContextManager[Any]:
+    """A transaction around several statements, unless the caller already holds one."""
+    if needs_transaction(conn):
+        return conn.transaction()
+    return nullcontext()
+
+
+def _in_order(
+    checked: Sequence[JobSpec], plain: Sequence[int], added: Sequence[Job], keyed: Sequence[Job]
+) -> list[Job]:
+    """Bulk jobs and keyed jobs back in input order.
+
+    Keyed jobs are matched by key: the schema's ``add_jobs`` returns no row
+    for a key whose job a worker locked meanwhile, as it always has.
+    """
+    jobs: list[Job | None] = [None] * len(checked)
+    for index, job in zip(plain, added, strict=True):
+        jobs[index] = job
+    by_key = {job.key: job for job in keyed}
+    for index, spec in enumerate(checked):
+        if spec.job_key is not None:
+            jobs[index] = by_key.get(spec.job_key)
+    return [job for job in jobs if job is not None]
 
 
 def _add_jobs_params(checked: list[JobSpec], job_key_preserve_run_at: bool) -> dict[str, Any]:
@@ -373,11 +445,12 @@ def add_job_specs_on(
     plain = [index for index, spec in enumerate(checked) if spec.job_key is None]
     keyed = [index for index, spec in enumerate(checked) if spec.job_key is not None]
     if plain:
-        params = {
-            "specs": "[" + ",".join([checked[i].json_spec_text() for i in plain]) + "]",
-            "preserve_run_at": False,
-        }
-        added = jobs_from_query(conn, queries, queries.add_jobs, params)
+        plain_specs = [checked[i] for i in plain]
+        if len(plain) >= BULK_MIN_SPECS:
+            added = add_bulk_on(conn, queries, plain_specs)
+        else:
+            params = _add_jobs_params(plain_specs, False)
+            added = jobs_from_query(conn, queries, queries.add_jobs, params)
         for index, job in zip(plain, added, strict=True):
             jobs[index] = job
     if keyed:

@@ -438,6 +438,51 @@ def test_node_runs_jobs_added_by_kongtask_including_a_named_queue(
     assert locked == (0,)
 
 
+def test_a_listening_node_worker_runs_a_bulk_batch_woken_by_its_notification(
+    runs_db: str, tmp_path: Path, gw_cli: list[str]
+) -> None:
+    """``add_jobs`` of batches big enough for the bulk path (binary COPY): Node runs every
+    job; its one notification wakes a worker that polls every 10 minutes."""
+    project = write_node_tasks(tmp_path, ["node_record"])
+    count = 300
+    with node_worker(gw_cli, runs_db, project, jobs=8, poll_ms=600_000) as worker:
+        with WorkerUtils(runs_db) as utils:
+            # A first job the worker's start-up fetch takes: once it ran, the
+            # worker is idle and listening.
+            utils.add_job("node_record", {"n": -1})
+            wait_until(lambda: run_count(runs_db) == 1, what="Node's first job")
+            wait_until(lambda: not job_rows(runs_db), what="Node to complete its first job")
+            specs = [
+                {
+                    "identifier": "node_record",
+                    "payload": {"n": n},
+                    "priority": n % 3,
+                    "flags": ["f"] if n % 7 == 0 else None,
+                }
+                for n in range(count)
+            ]
+            assert len(utils.add_jobs(specs)) == count
+        wait_until(lambda: run_count(runs_db) == count + 1, what="Node to run the whole batch")
+        wait_until(lambda: not job_rows(runs_db), what="Node to record the batch as complete")
+        worker.check_alive()
+    # A named queue's jobs (Node polls for them once the queue is locked: poll often).
+    with WorkerUtils(runs_db) as utils:
+        queued = [
+            {"identifier": "node_record", "payload": {"n": n}, "queue_name": "bulk_q"}
+            for n in range(count, count + 80)
+        ]
+        assert len(utils.add_jobs(queued)) == len(queued)
+    with node_worker(gw_cli, runs_db, project, jobs=8, poll_ms=100) as worker:
+        wait_until(lambda: not job_rows(runs_db), what="Node to run the queued batch")
+        worker.check_alive()
+    recorded = runs(runs_db)
+    assert {row["runtime"] for row in recorded} == {"node"}
+    assert sorted(row["payload"]["n"] for row in recorded) == list(range(-1, count + 80))
+    in_queue = [row for row in recorded if row["queue_name"] == "bulk_q"]
+    assert len(in_queue) == 80
+    assert_serial(in_queue)
+
+
 def test_node_runs_a_traced_job_with_its_payload_untouched(
     runs_db: str, tmp_path: Path, gw_cli: list[str]
 ) -> None:

@@ -90,6 +90,78 @@ cross join lateral {s}.add_job(
 {task_of_job}
 order by spec.ord
 
+-- fragment: bulk_targets
+-- The bulk path's lookups (kongtask/jobs/bulk.py): the transaction's now(),
+-- which the job rows' defaults will use, then the task ids of the batch's
+-- distinct identifiers and the queue ids of its distinct queue names, each in
+-- the order given (NULL where no row exists yet).
+now(),
+array(
+    select tasks.id
+    from unnest(%(identifiers)s::text[]) with ordinality as wanted(identifier, ord)
+    left join {s}._private_tasks as tasks on tasks.identifier = wanted.identifier
+    order by wanted.ord
+),
+array(
+    select queues.id
+    from unnest(%(queue_names)s::text[]) with ordinality as wanted(queue_name, ord)
+    left join {s}._private_job_queues as queues on queues.queue_name = wanted.queue_name
+    order by wanted.ord
+)
+
+-- name: bulk_add_targets
+-- The bulk path's lookups alone, after bulk_add_missing created rows
+-- (bulk_add_prepare starts with the same columns). Reads only.
+select {bulk_targets}
+
+-- name: bulk_add_missing
+-- The bulk path, only when bulk_add_targets found a task or queue missing: create
+-- the rows, as the schema's add_jobs does (a row a concurrent transaction just
+-- created is left alone). A separate statement, so the next bulk_add_targets (a
+-- new snapshot) sees rows that such a transaction committed meanwhile.
+with new_tasks as (
+    insert into {s}._private_tasks (identifier)
+    select unnest(%(identifiers)s::text[])
+    on conflict do nothing
+)
+insert into {s}._private_job_queues (queue_name)
+select unnest(%(queue_names)s::text[])
+on conflict do nothing
+
+-- name: bulk_add_prepare
+-- The bulk path, step 1: the bulk_targets lookups, and in the same statement (so
+-- a batch whose tasks and queues exist needs one round trip before the COPY)
+-- take `count` ids from the jobs' own identity sequence (the rows
+-- are then copied in with these ids; COPY writes identity columns as given)
+-- and send the one `jobs:insert` notification of the batch, with the payload
+-- the schema's add_jobs sends, so Node and kongtask workers wake.
+select {bulk_targets},
+       array(
+           select nextval(sequence.id)
+           from (
+               select pg_get_serial_sequence(
+                   format('%%I._private_jobs', %(schema)s::text), 'id'
+               )::regclass as id
+               offset 0 -- evaluated once, not for every id
+           ) as sequence
+           cross join generate_series(1, %(count)s::int)
+       ),
+       pg_notify('jobs:insert', format('{{"r":%%s,"count":%%s}}', random(), %(count)s::int))
+
+-- name: bulk_add_copy
+-- The bulk path, last step: the rows, in binary COPY format. Columns left out
+-- (attempts, created_at, updated_at, revision, key, locks) take the table's
+-- defaults, exactly as the schema's add_jobs leaves them.
+copy {s}._private_jobs (id, job_queue_id, task_id, payload, run_at, max_attempts, priority, flags)
+from stdin (format binary)
+
+-- name: bulk_add_copy_plain
+-- bulk_add_copy for a batch that sets no queue, run_at, max_attempts, priority
+-- or flags: the table's defaults (now(), 25, 0, NULL) are the values
+-- add_jobs would write, so only three columns travel.
+copy {s}._private_jobs (id, task_id, payload)
+from stdin (format binary)
+
 -- name: remove_job
 select {job_columns}
 from {s}.remove_job(%(job_key)s::text) as jobs
