@@ -1,0 +1,72 @@
+"""MkDocs hook: render every ``kongtask`` command's ``--help`` into the CLI reference page.
+
+The help comes from the argument parsers kongtask itself builds, walked at build
+time (subcommands included), so the page cannot drift from the installed CLI. A
+command group of ``kongtask.ops.cli.main.GROUPS`` this hook does not know fails the
+build, naming it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Callable, Iterator
+from typing import Any
+
+MARKER = "<!-- kongtask-cli-reference -->"
+PAGE = "reference/cli.md"
+
+
+def _parsers() -> dict[str, Callable[[], argparse.ArgumentParser]]:
+    """The parser factory of the worker command and of each command group."""
+    from kongtask.ops.cli import admin, cron, crontab, jobs, main
+    from kongtask.ops.dashboard import cli as dashboard
+
+    factories: dict[str, Callable[[], argparse.ArgumentParser]] = {
+        "kongtask": main._worker_parser,
+        "kongtask crontab": crontab._parser,
+        "kongtask cron": cron._parser,
+        "kongtask admin": admin._parser,
+        "kongtask status": jobs._status_parser,
+        "kongtask jobs": jobs._jobs_parser,
+        "kongtask dashboard": dashboard._parser,
+    }
+    unknown = [group for group in main.GROUPS if f"kongtask {group}" not in factories]
+    if unknown:
+        raise RuntimeError(f"docs/hooks/cli_reference.py: no parser for command group(s) {unknown}")
+    return factories
+
+
+def _walk(name: str, parser: argparse.ArgumentParser) -> Iterator[tuple[str, str]]:
+    """``(command, help text)`` for the parser and, depth first, each subcommand."""
+    yield name, parser.format_help()
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub_name, sub_parser in action.choices.items():
+                yield from _walk(f"{name} {sub_name}", sub_parser)
+
+
+def render() -> str:
+    """The reference as Markdown: one section per command with its help."""
+    previous = os.environ.get("COLUMNS")
+    os.environ["COLUMNS"] = "100"  # argparse wraps to the terminal; make the page stable
+    try:
+        sections = []
+        for group, factory in _parsers().items():
+            for command, text in _walk(group, factory()):
+                sections.append(f"## `{command}`\n\n```text\n{text.rstrip()}\n```\n")
+    finally:
+        if previous is None:
+            os.environ.pop("COLUMNS", None)
+        else:
+            os.environ["COLUMNS"] = previous
+    return "\n".join(sections)
+
+
+def on_page_markdown(markdown: str, page: Any, **_: Any) -> str:
+    """Replace the marker on the CLI page with the rendered help."""
+    if page.file.src_uri != PAGE:
+        return markdown
+    if MARKER not in markdown:
+        raise RuntimeError(f"{PAGE} lost its marker {MARKER}")
+    return markdown.replace(MARKER, render())
