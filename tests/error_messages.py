@@ -111,7 +111,8 @@ def collect(package: Path = PACKAGE) -> list[Template]:
     trees = {
         path: ast.parse(path.read_text(encoding="utf-8")) for path in sorted(package.rglob("*.py"))
     }
-    errors = _error_classes(trees)
+    errors_module = PACKAGE / "errors.py"  # kongtask's own classes, also for another tree
+    errors = _error_classes({**trees, errors_module: ast.parse(errors_module.read_text("utf-8"))})
     templates: list[Template] = []
     for path, tree in trees.items():
         scopes = [
