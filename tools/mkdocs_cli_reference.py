@@ -33,7 +33,7 @@ def _parsers() -> dict[str, Callable[[], argparse.ArgumentParser]]:
     }
     unknown = [group for group in main.GROUPS if f"kongtask {group}" not in factories]
     if unknown:
-        raise RuntimeError(f"docs/hooks/cli_reference.py: no parser for command group(s) {unknown}")
+        raise RuntimeError(f"mkdocs_cli_reference: no parser for command group(s) {unknown}")
     return factories
 
 
