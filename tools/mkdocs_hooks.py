@@ -1,19 +1,28 @@
-"""MkDocs hook: render every ``kongtask`` command's ``--help`` into the CLI reference page.
+"""MkDocs hooks: the CLI reference rendered from the parsers, and docstring roles made plain.
 
-The help comes from the argument parsers kongtask itself builds, walked at build
-time (subcommands included), so the page cannot drift from the installed CLI. A
-command group of ``kongtask.ops.cli.main.GROUPS`` this hook does not know fails the
-build, naming it.
+``on_page_markdown`` renders every ``kongtask`` command's ``--help`` into the CLI
+reference page. The help comes from the argument parsers kongtask itself builds,
+walked at build time (subcommands included), so the page cannot drift from the
+installed CLI. A command group of ``kongtask.ops.cli.main.GROUPS`` this hook does not
+know fails the build, naming it.
+
+``on_page_content`` turns the Sphinx roles kongtask's docstrings use
+(``:class:`~kongtask.errors.ConfigurationError```) into plain code
+(``ConfigurationError``): mkdocstrings shows docstrings as Markdown and would
+print the role.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 from collections.abc import Callable, Iterator
 from typing import Any
 
 MARKER = "<!-- kongtask-cli-reference -->"
+#: A Sphinx role before inline code, as the docstrings' Markdown renders it.
+ROLE = re.compile(r":(?:class|func|meth|attr|data|mod|exc|obj):<code>~?([^<]*)</code>")
 PAGE = "reference/cli.md"
 
 
@@ -33,7 +42,7 @@ def _parsers() -> dict[str, Callable[[], argparse.ArgumentParser]]:
     }
     unknown = [group for group in main.GROUPS if f"kongtask {group}" not in factories]
     if unknown:
-        raise RuntimeError(f"mkdocs_cli_reference: no parser for command group(s) {unknown}")
+        raise RuntimeError(f"mkdocs_hooks: no parser for command group(s) {unknown}")
     return factories
 
 
@@ -70,3 +79,14 @@ def on_page_markdown(markdown: str, page: Any, **_: Any) -> str:
     if MARKER not in markdown:
         raise RuntimeError(f"{PAGE} lost its marker {MARKER}")
     return markdown.replace(MARKER, render())
+
+
+def _plain(match: re.Match[str]) -> str:
+    target = match.group(1)
+    short = target.rsplit(".", 1)[-1] if match.group(0).count("~") else target
+    return f"<code>{short}</code>"
+
+
+def on_page_content(html: str, **_: Any) -> str:
+    """Drop the Sphinx roles (``:class:``, ``:func:`` ...) the docstrings' Markdown keeps."""
+    return ROLE.sub(_plain, html)
