@@ -19,9 +19,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def load_hook() -> ModuleType:
-    spec = importlib.util.spec_from_file_location(
-        "cli_hook", ROOT / "tools" / "mkdocs_hooks.py"
-    )
+    spec = importlib.util.spec_from_file_location("cli_hook", ROOT / "tools" / "mkdocs_hooks.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
