@@ -1,7 +1,8 @@
-"""Collect the message template of every ``KongtaskError`` kongtask raises, from its source.
+"""Collect the template of every error message kongtask raises or prints on purpose, from its code.
 
 Read by AST, never by running anything: each ``raise SomeError(message, ...)``
-whose class descends from ``kongtask.errors.KongtaskError`` gives one template,
+whose class descends from ``kongtask.errors.KongtaskError``, and each command's
+``parser.error(message)``, gives one template,
 the message's fixed text with ``{…}`` where a value goes. A message held in a
 module constant, a local variable or built by a function of the same module is
 followed there; a re-raised message (``raise CrontabError(error.message)``) is
@@ -106,8 +107,30 @@ def _resolve(arg: ast.AST, scope: ast.AST, tree: ast.Module) -> list[str] | None
     return None
 
 
+def _message_call(node: ast.AST, errors: set[str]) -> tuple[ast.Call | None, str]:
+    """``raise SomeError(message)`` of a KongtaskError class, or a command's
+    ``parser.error(message)`` (argparse prints it with the usage and exits with
+    status 2): the call, and what it raises."""
+    if isinstance(node, ast.Raise) and isinstance(node.exc, ast.Call) and node.exc.args:
+        func = node.exc.func
+        name = func.id if isinstance(func, ast.Name) else getattr(func, "attr", "")
+        if name in errors:
+            return node.exc, name
+    if (
+        isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Attribute)
+        and node.func.attr == "error"
+        and isinstance(node.func.value, ast.Name)
+        and node.func.value.id.endswith("parser")
+        and node.args
+    ):
+        return node, "usage error"
+    return None, ""
+
+
 def collect(package: Path = PACKAGE) -> list[Template]:
-    """Every raise site of a KongtaskError class in ``package``, with its template(s)."""
+    """Every message kongtask raises (a KongtaskError class) or prints as a usage error
+    (``parser.error``) in ``package``, with its template(s)."""
     trees = {
         path: ast.parse(path.read_text(encoding="utf-8")) for path in sorted(package.rglob("*.py"))
     }
@@ -119,11 +142,8 @@ def collect(package: Path = PACKAGE) -> list[Template]:
             n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef)
         ]
         for node in ast.walk(tree):
-            if not (isinstance(node, ast.Raise) and isinstance(node.exc, ast.Call)):
-                continue
-            func = node.exc.func
-            name = func.id if isinstance(func, ast.Name) else getattr(func, "attr", None)
-            if name not in errors or not node.exc.args:
+            call, name = _message_call(node, errors)
+            if call is None:
                 continue
             scope = next(
                 (
@@ -138,7 +158,7 @@ def collect(package: Path = PACKAGE) -> list[Template]:
                 tree,
             )
             where = f"{path.relative_to(package.parent)}:{node.lineno}"
-            texts = _resolve(node.exc.args[0], scope, tree)
+            texts = _resolve(call.args[0], scope, tree)
             if texts is None:
                 templates.append(Template(where, name, None))
             templates += [Template(where, name, text) for text in texts or []]

@@ -1,7 +1,7 @@
-"""Every message kongtask raises on purpose is on the troubleshooting page.
+"""Every message kongtask raises or prints on purpose is on the troubleshooting page.
 
 The templates are read from the code (``tests/error_messages.py``: every
-``raise`` of a ``KongtaskError`` subclass); each fixed piece of each message
+``raise`` of a ``KongtaskError`` subclass and every ``parser.error``); each fixed piece of each message
 must appear, word for word, in docs/troubleshooting.md.
 """
 
@@ -21,7 +21,7 @@ def test_the_collector_reads_every_raise_site() -> None:
     # It finds the raise sites it should: a few known ones, of several classes.
     errors = {t.error for t in templates}
     assert {"ConfigurationError", "InvalidJobError", "MigrationError", "CrontabError"} <= errors
-    assert {"TaskLoadError", "EmbeddedServerError", "KongtaskError"} <= errors
+    assert {"TaskLoadError", "EmbeddedServerError", "KongtaskError", "usage error"} <= errors
     assert len(templates) > 150
 
 
