@@ -1,8 +1,8 @@
 """Every message kongtask raises or prints on purpose is on the troubleshooting page.
 
 The templates are read from the code (``tests/error_messages.py``: every
-``raise`` of a ``KongtaskError`` subclass and every ``parser.error``); each fixed piece of each message
-must appear, word for word, in docs/troubleshooting.md.
+``raise`` of a ``KongtaskError`` subclass and every ``parser.error``); each fixed
+piece of each message must appear, word for word, in docs/troubleshooting.md.
 """
 
 from __future__ import annotations
