@@ -21,6 +21,8 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 MARKER = "<!-- kongtask-cli-reference -->"
+EVENTS_MARKER = "<!-- kongtask-events-reference -->"
+EVENTS_PAGE = "reference/events.md"
 #: A Sphinx role before inline code, as the docstrings' Markdown renders it.
 ROLE = re.compile(r":(?:class|func|meth|attr|data|mod|exc|obj):<code>~?([^<]*)</code>")
 PAGE = "reference/cli.md"
@@ -72,13 +74,35 @@ def render() -> str:
     return "\n".join(sections)
 
 
+def render_events() -> str:
+    """Every signal of ``kongtask.events`` as a list: its event name, its attribute, its doc."""
+    from kongtask import events
+
+    attributes = {
+        value.name: name
+        for name, value in vars(events).items()
+        if not name.startswith("_") and getattr(value, "name", None) in events.namespace
+    }
+    rows = []
+    for event in events.EVENT_NAMES:
+        if event not in attributes:
+            raise RuntimeError(f"mkdocs_hooks: event {event!r} has no attribute in kongtask.events")
+        doc = " ".join((events.signal_for(event).__doc__ or "").split())
+        rows.append(f"- `{event}` (`events.{attributes[event]}`): {doc}")
+    return "\n".join(rows) + "\n"
+
+
 def on_page_markdown(markdown: str, page: Any, **_: Any) -> str:
-    """Replace the marker on the CLI page with the rendered help."""
-    if page.file.src_uri != PAGE:
-        return markdown
-    if MARKER not in markdown:
-        raise RuntimeError(f"{PAGE} lost its marker {MARKER}")
-    return markdown.replace(MARKER, render())
+    """Replace the markers on the CLI and events pages with what the code says."""
+    for uri, marker, rendering in (
+        (PAGE, MARKER, render),
+        (EVENTS_PAGE, EVENTS_MARKER, render_events),
+    ):
+        if page.file.src_uri == uri:
+            if marker not in markdown:
+                raise RuntimeError(f"{uri} lost its marker {marker}")
+            return markdown.replace(marker, rendering())
+    return markdown
 
 
 def _plain(match: re.Match[str]) -> str:

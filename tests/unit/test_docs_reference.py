@@ -43,3 +43,13 @@ def test_the_cli_reference_renders_every_command_and_subcommand() -> None:
     for command in ("kongtask jobs cancel", "kongtask cron run", "kongtask admin unlock-dead"):
         assert command in headings, command
     assert "--metrics-port PORT" in text  # the worker's own help, as argparse prints it
+
+
+def test_the_events_reference_has_a_row_for_every_signal() -> None:
+    from kongtask import events
+
+    rows = load_hook().render_events().splitlines()
+    assert len(rows) == len(events.EVENT_NAMES)
+    for event, row in zip(events.EVENT_NAMES, rows, strict=True):
+        assert row.startswith(f"- `{event}` (`events.") and "ayload" in row, row
+    assert "- `job:failed` (`events.job_failed`): A job failed" in "\n".join(rows)
