@@ -26,7 +26,7 @@ def main(page: str = "reference/api/", out: str = "docs-api-page.png") -> None:
 
     with tempfile.TemporaryDirectory() as site:
         subprocess.run(
-            [sys.executable, "-m", "mkdocs", "build", "--strict", "--quiet", "--site-dir", site],
+            [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", site],
             cwd=ROOT,
             check=True,
         )
