@@ -57,8 +57,8 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: The cleanup tasks ``WorkerUtils.cleanup`` knows, as graphile-worker names them.
 CLEANUP_TASKS = ("GC_TASK_IDENTIFIERS", "GC_JOB_QUEUES", "DELETE_PERMAFAILED_JOBS")
+"""The cleanup tasks ``WorkerUtils.cleanup`` knows, as graphile-worker names them."""
 
 
 class WorkerUtils:

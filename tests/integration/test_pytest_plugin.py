@@ -1,6 +1,6 @@
-"""kongtask's pytest plugin: registered by installation, its fixtures, and the README example.
+"""kongtask's pytest plugin: registered by installation, its fixtures, and the docs' example.
 
-The example test in the README is extracted and run by pytest in a child
+The example test on the testing page (docs/testing.md) is extracted and run by pytest in a child
 process (``pytester``), twice over in one session and then again in the
 opposite order, so its cron and retry tests pass in any order and repeatedly
 in one minute.
@@ -22,14 +22,14 @@ from kongtask.testing.plugin import KongtaskDatabase, WorkerFactory
 
 pytest_plugins = ["pytester"]
 
-README = Path(__file__).resolve().parents[2] / "README.md"
+PAGE = Path(__file__).resolve().parents[2] / "docs" / "testing.md"
 MARKER = "<!-- kongtask: the test suite runs this example -->"
 
 
 def readme_example() -> str:
-    """The Python block that follows the marker in the README."""
-    text = README.read_text(encoding="utf-8")
-    assert text.count(MARKER) == 1, "the README must mark exactly one plugin example"
+    """The Python block that follows the marker on the testing page."""
+    text = PAGE.read_text(encoding="utf-8")
+    assert text.count(MARKER) == 1, "docs/testing.md must mark exactly one plugin example"
     found = re.search(r"```python\n(.*?)```", text[text.index(MARKER) :], re.DOTALL)
     assert found is not None
     return found.group(1)

@@ -1,5 +1,5 @@
 """``kongtask.testing.running`` as a pytest fixture and ``reset_cron_state``, the patterns
-the README shows."""
+the testing page (docs/testing.md) shows."""
 
 from __future__ import annotations
 
@@ -56,9 +56,9 @@ def tick(payload: Any, helpers: Any) -> None:
 
 
 def readme_cron_test(db_url: str, start: datetime, *, advance_s: float = 60) -> None:
-    """The README's cron fixture and test in one function, so one test can run it often.
+    """The testing page's cron fixture and test in one function, so one test can run it often.
 
-    The README starts its ManualClock at ``datetime.now(UTC)``; ``start`` is given
+    The page starts its ManualClock at ``datetime.now(UTC)``; ``start`` is given
     here so that the runs below land in the same minute whatever the wall clock does.
     """
     reset_cron_state(db_url)  # the fixture's first line
