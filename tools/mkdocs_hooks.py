@@ -30,7 +30,7 @@ PAGE = "reference/cli.md"
 
 def _parsers() -> dict[str, Callable[[], argparse.ArgumentParser]]:
     """The parser factory of the worker command and of each command group."""
-    from kongtask.ops.cli import admin, cron, crontab, jobs, main
+    from kongtask.ops.cli import admin, cron, crontab, jobs, limits, main
     from kongtask.ops.dashboard import cli as dashboard
 
     factories: dict[str, Callable[[], argparse.ArgumentParser]] = {
@@ -41,6 +41,10 @@ def _parsers() -> dict[str, Callable[[], argparse.ArgumentParser]]:
         "kongtask status": jobs._status_parser,
         "kongtask jobs": jobs._jobs_parser,
         "kongtask dashboard": dashboard._parser,
+        "kongtask limits": limits._limits_parser,
+        "kongtask pause": lambda: limits._pause_parser("pause"),
+        "kongtask resume": lambda: limits._pause_parser("resume"),
+        "kongtask pauses": lambda: limits._pause_parser("pauses"),
     }
     unknown = [group for group in main.GROUPS if f"kongtask {group}" not in factories]
     if unknown:
