@@ -198,3 +198,28 @@ def test_dashboard_shows_the_counts_and_retries_a_failed_job(
         assert page.inner_text("#live") == "paused"
         page.click("#live-toggle")
         expect(page.locator("#live")).to_have_text(re.compile("^live"), timeout=20_000)
+
+        # A pause from the limits page: stored for the whole fleet, shown on the
+        # overview with who paused it, then resumed with the row's button.
+        page.goto(dashboard.url + "limits")
+        page.select_option('#pause select[name="kind"]', "task")
+        page.fill('#pause input[name="key"]', "email")
+        page.click('#pause button[type="submit"]')
+        page.wait_for_selector(".flash")
+        assert page.inner_text(".flash") == "Paused task 'email' (by dashboard)"
+        assert db.execute(
+            "select key_kind, key, paused_by from graphile_worker._kongtask_pauses"
+        ).fetchall() == [("task", "email", "dashboard")]
+        page.goto(dashboard.url)
+        assert "paused task email by dashboard" in page.inner_text('[data-paused="task:email"]')
+        page.goto(dashboard.url + "limits")
+        page.locator('tr[data-pause="task:email"]').get_by_role("button", name="Resume").click()
+        page.wait_for_selector(".flash")
+        assert page.inner_text(".flash") == "Resumed task 'email'"
+        assert count_pauses(db) == 0
+
+
+def count_pauses(db: psycopg.Connection[Any]) -> int:
+    row = db.execute("select count(*) from graphile_worker._kongtask_pauses").fetchone()
+    assert row is not None
+    return int(row[0])

@@ -387,4 +387,45 @@ def test_crash_view_lists_dead_pools_and_jobs_under_watch(
     row = re.search(rf'<tr data-job-id="{suspect}">.*?</tr>', page, re.S)
     assert row and '<td class="n">2</td>' in row.group(0) and "SMTP timeout" in row.group(0)
     assert "999999 <span" in page  # a job that is gone, listed without a link
-    assert page_of(client, "/limits").count("not part of this build yet") == 2
+
+
+def test_limits_and_pauses_are_set_shown_and_cleared(
+    client: Client, db: psycopg.Connection[Any], seeded: dict[str, list[int]]
+) -> None:
+    csrf = client.csrf()
+    page = page_of(client, "/limits")
+    assert "No limits are set." in page and "Nothing is paused." in page
+    fields = {"csrf": csrf, "kind": "task", "key": "send_email", "next": "/limits"}
+    status, flash = client.post("set_limit", {**fields, "concurrency": "3", "rate": "10/m"})
+    assert (status, flash) == (303, "Limited task 'send_email': 3 at once, 10/m")
+    assert db.execute(
+        "select key_kind, key, concurrency from graphile_worker._kongtask_limits"
+    ).fetchall() == [("task", "send_email", 3)]
+    _, flash = client.post("set_limit", {**fields, "concurrency": "0"})
+    assert "concurrency must be a whole number of at least 1" in flash
+    _, flash = client.post("set_limit", {**fields, "rate": "fast"})
+    assert "is not N/s, N/m, N/h" in flash
+    assert db.execute("select concurrency from graphile_worker._kongtask_limits").fetchall() == [
+        (3,)
+    ]
+    status, flash = client.post("pause", {**fields, "kind": "queue", "key": "mail"})
+    assert (status, flash) == (303, "Paused queue 'mail' (by dashboard)")
+    page = page_of(client, "/limits")
+    limit_row = re.search(r'<tr data-limit="task:send_email">.*?</tr>', page, re.S)
+    assert (
+        limit_row and '<td class="n">3</td>' in limit_row.group(0) and "10/m" in limit_row.group(0)
+    )
+    pause_row = re.search(r'<tr data-pause="queue:mail">.*?</tr>', page, re.S)
+    assert pause_row and "dashboard" in pause_row.group(0) and "Resume" in pause_row.group(0)
+    overview = page_of(client, "/")
+    assert 'data-paused="queue:mail"' in overview and 'data-limited="task:send_email"' in overview
+    status, _ = client.post("pause", {**fields, "kind": "flag"})
+    assert status == 400  # flags are limited, never paused
+    _, flash = client.post("resume", {**fields, "kind": "queue", "key": "mail"})
+    assert flash == "Resumed queue 'mail'"
+    _, flash = client.post("clear_limit", fields)
+    assert flash == "Cleared the limit on task 'send_email'"
+    _, flash = client.post("clear_limit", fields)
+    assert flash == "No limit on task 'send_email'"
+    assert db.execute("select count(*) from graphile_worker._kongtask_pauses").fetchone() == (0,)
+    assert db.execute("select count(*) from graphile_worker._kongtask_limits").fetchone() == (0,)

@@ -485,6 +485,10 @@ class Dashboard:
             return "overview.html", {
                 "title": "Overview",
                 "report": report,
+                # The unserved-task warnings come from the dashboard's own query (with links).
+                "fleet_warnings": [
+                    w for w in report.warnings if not w.startswith("no live pool serves")
+                ],
                 "unserved": unserved,
                 "chart": Markup(
                     render_chart(
@@ -650,7 +654,11 @@ class Dashboard:
 
     async def _limits_page(self, request: Request) -> Response:
         def build(utils: WorkerUtils) -> tuple[str, dict[str, Any]]:
-            return "limits.html", {"title": "Limits and pauses"}
+            return "limits.html", {
+                "title": "Limits and pauses",
+                "limits": utils.list_limits(),
+                "pauses": utils.list_pauses(),
+            }
 
         return await self._page(request, build)
 
@@ -758,6 +766,8 @@ class Dashboard:
             return self._unlock(utils, form.get("pool_id", ""))
         if name == "run_cron":
             return self._run_cron(utils, form.get("identifier", ""))
+        if name in _FLEET_ACTIONS:
+            return _fleet_action(utils, name, form)
         if name == "remove" and "key" in form:
             key = form.get("key", "")
             removed = utils.remove_job(key)
@@ -972,6 +982,38 @@ def _job_filters(params: Any) -> dict[str, Any]:
     if filters["state"] is not None and filters["state"] not in JOB_STATES:
         raise _Refused(400, f"unknown state {filters['state'][:40]!r}")
     return filters
+
+
+_FLEET_ACTIONS = ("set_limit", "clear_limit", "pause", "resume")
+
+
+def _fleet_action(utils: WorkerUtils, name: str, form: dict[str, str]) -> tuple[bool, str]:
+    """Set or clear a limit, pause or resume, from the limits page's forms."""
+    kind, key = form.get("kind", ""), form.get("key", "").strip()
+    if kind not in ("task", "queue", "flag") or (kind == "flag" and name in ("pause", "resume")):
+        raise _Refused(400, f"not a key kind: {kind[:20]!r}")
+    where = {"task": {"task": key}, "queue": {"queue": key}, "flag": {"flag": key}}[kind]
+    if name == "set_limit":
+        given = form.get("concurrency", "").strip()
+        if given and not (given.isascii() and given.isdigit() and len(given) <= 9):
+            return False, f"concurrency must be a whole number of at least 1, not {given[:20]!r}"
+        limit = utils.set_limit(
+            **where,
+            concurrency=int(given) if given else None,
+            rate=form.get("rate", "").strip() or None,
+        )
+        caps = [f"{limit.concurrency} at once" if limit.concurrency else "", str(limit.rate or "")]
+        return True, f"Limited {kind} {key!r}: " + ", ".join(c for c in caps if c)
+    if name == "clear_limit":
+        if utils.clear_limit(**where):
+            return True, f"Cleared the limit on {kind} {key!r}"
+        return False, f"No limit on {kind} {key!r}"
+    if name == "pause":
+        paused = utils.pause(**where, by=form.get("by", "").strip() or "dashboard")
+        return True, f"Paused {kind} {key!r} (by {paused.paused_by})"
+    if utils.resume(**where):
+        return True, f"Resumed {kind} {key!r}"
+    return False, f"{kind.capitalize()} {key!r} was not paused"
 
 
 def _page_number(text: str | None) -> int:
