@@ -126,12 +126,15 @@ limit %(limit)s
 -- name: dashboard_cron_lag
 -- Per cron item, over its recent firings written on time (not backfilled):
 -- the last and the largest delay between the minute and the job's writing,
--- and how many minutes were skipped, per rule.
+-- and how many minutes were skipped, per rule. Rows with an infinite time
+-- (written by another client) have no lag: PostgreSQL cannot subtract them.
 select identifier,
        (array_agg(extract(epoch from written_at - scheduled_at) order by scheduled_at desc)
-          filter (where not backfilled and outcome <> 'skipped'))[1]::float8 as last_lag_s,
+          filter (where not backfilled and outcome <> 'skipped'
+                  and isfinite(written_at) and isfinite(scheduled_at)))[1]::float8 as last_lag_s,
        max(extract(epoch from written_at - scheduled_at))
-          filter (where not backfilled and outcome <> 'skipped')::float8 as max_lag_s,
+          filter (where not backfilled and outcome <> 'skipped'
+                  and isfinite(written_at) and isfinite(scheduled_at))::float8 as max_lag_s,
        count(*) filter (where outcome = 'skipped')::int as skipped,
        count(*) filter (where backfilled)::int as backfilled,
        string_agg(distinct rule, ', ') filter (where outcome = 'skipped') as skip_rules
