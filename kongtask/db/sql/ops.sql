@@ -47,10 +47,9 @@ select identifier, known_since, last_execution
 from {s}._private_known_crontabs
 order by identifier
 
--- name: list_jobs
--- Jobs filtered by task, named queue and state, oldest run_at first; each row
--- is job_columns plus its queue name and state. NULL filters match all.
-select {job_columns}, queues.queue_name, {job_state} as state
+-- fragment: job_list_filters
+-- The jobs with their task and queue rows, filtered by task, named queue,
+-- state and ids (a NULL filter matches all): list_jobs and the dashboard's list.
 from {s}._private_jobs as jobs
 join {s}._private_tasks as tasks on tasks.id = jobs.task_id
 left join {s}._private_job_queues as queues on queues.id = jobs.job_queue_id
@@ -58,6 +57,12 @@ where (%(task)s::text is null or tasks.identifier = %(task)s::text)
   and (%(queue)s::text is null or queues.queue_name = %(queue)s::text)
   and (%(state)s::text is null or {job_state} = %(state)s::text)
   and (%(ids)s::bigint[] is null or jobs.id = any(%(ids)s::bigint[]))
+
+-- name: list_jobs
+-- Jobs filtered by task, named queue and state, oldest run_at first; each row
+-- is job_columns plus its queue name and state. NULL filters match all.
+select {job_columns}, queues.queue_name, {job_state} as state
+{job_list_filters}
 order by jobs.run_at, jobs.id
 limit %(limit)s
 
@@ -68,13 +73,7 @@ limit %(limit)s
 -- first) each carrying how many rows match in all.
 select {job_columns}, queues.queue_name, {job_state} as state,
        count(*) over ()::bigint as total
-from {s}._private_jobs as jobs
-join {s}._private_tasks as tasks on tasks.id = jobs.task_id
-left join {s}._private_job_queues as queues on queues.id = jobs.job_queue_id
-where (%(task)s::text is null or tasks.identifier = %(task)s::text)
-  and (%(queue)s::text is null or queues.queue_name = %(queue)s::text)
-  and (%(state)s::text is null or {job_state} = %(state)s::text)
-  and (%(ids)s::bigint[] is null or jobs.id = any(%(ids)s::bigint[]))
+{job_list_filters}
   and (%(pattern)s::text is null
        or jobs.id::text = %(text)s::text
        or jobs.key ilike %(pattern)s::text
