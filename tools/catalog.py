@@ -273,6 +273,8 @@ def _dump(conn: psycopg.Connection[Any], schema: str) -> dict[str, Any]:
                 "validated": validated,
             }
         for table, name, definition, unique, primary in _rows(cur, _INDEXES, schema):
+            if name.startswith(KONGTASK_PREFIX):
+                continue  # kongtask's own index on a shared table
             relations[name]["index"] = {
                 "table": table,
                 "definition": definition,

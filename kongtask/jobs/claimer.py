@@ -442,7 +442,8 @@ class Claimer(DbActor):
             shared=self._limits_roomy,
         )
         self._limits_roomy = plan.shared_ok
-        capped = plan.shared and want > SHARED_CLAIM_MAX and len(jobs) == SHARED_CLAIM_MAX
+        # A claim with ample room (shared, or exclusive and sized as one) takes at most that.
+        capped = plan.shared_ok and want > SHARED_CLAIM_MAX and len(jobs) == SHARED_CLAIM_MAX
         if plan.retry_in_s is not None:
             # A rate binds: look again when it lets one more start.
             now_m = ctx.clock.monotonic()

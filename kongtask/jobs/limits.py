@@ -11,9 +11,11 @@ a Node graphile-worker ignores them.
 The claimer keeps a :class:`LimitSet` (refreshed on the ``kongtask:limits``
 NOTIFY and every few seconds). Its ordinary claim leaves out every limited
 or paused key with array parameters, so it costs nothing more; the jobs of
-limited keys are taken by :func:`plan_limited_claim`, a second claim run only
-while limits exist, which locks the limit rows (serializing such claims
-fleet-wide), counts what is locked per key and picks within the headroom.
+limited keys are taken by :func:`claim_limited`, a second claim run only
+while limits exist. While every key has ample room it is one statement that
+locks the limit rows shared (claims side by side); otherwise it locks them
+exclusively (such claims take turns fleet-wide), counts what is locked per
+key and picks within the headroom (:func:`plan_limited_claim`).
 """
 
 from __future__ import annotations
@@ -42,6 +44,8 @@ __all__ = [
     "LimitedPlan",
     "PauseInfo",
     "Rate",
+    "claim_limited",
+    "claim_limited_shared",
     "headroom",
     "limit_key",
     "parse_rate",
@@ -254,8 +258,8 @@ def pick(candidates: Iterable[Candidate], room: dict[LimitKey, int], want: int) 
 
 @dataclass
 class LimitedPlan:
-    """What :func:`plan_limited_claim` decided: the job ids to lock (``claim_limited``),
-    or, when every open key has room for the whole batch and none has a rate, the
+    """What a limited claim decided: the job ids to lock (``claim_limited``), or,
+    when every open key has room for the whole batch and none has a rate, the
     parameters of ``claim_limited_runnable`` (one statement, as the ordinary
     claim); and when a rate that binds lets one more start (seconds; None: no
     rate binds)."""
@@ -263,11 +267,9 @@ class LimitedPlan:
     ids: list[int] = field(default_factory=list)
     runnable: dict[str, Any] | None = None
     retry_in_s: float | None = None
-    #: A shared claim found too little room: commit, and plan again exclusively.
-    again_exclusive: bool = False
-    #: The room was ample: the next claim may try the shared lock.
+    #: The room was ample: the next claim may try the shared way.
     shared_ok: bool = False
-    #: The claim ran under the shared lock.
+    #: The claim was the shared one (``claim_limited_shared``).
     shared: bool = False
 
 
@@ -280,7 +282,6 @@ def plan_limited_claim(
     want: int,
     now: datetime | None,
     forbidden_flags: list[str] | None,
-    shared: bool = False,
 ) -> LimitedPlan:
     """Inside the caller's transaction: lock every limit row (one claim of limited
     jobs at a time, fleet-wide), count the jobs locked per key, and plan a claim
@@ -288,23 +289,17 @@ def plan_limited_claim(
     are out of room with jobs waiting (see ``notify_released``). The caller runs
     the planned claim before committing.
 
-    With ``shared``, the rows are locked shared, so such claims run side by
-    side; each takes at most :data:`SHARED_CLAIM_MAX` jobs, and goes ahead
-    only if every key it may take jobs of has room for that many from every
-    kongtask pool, no rate, and nothing to write. That keeps the limit: each
-    pool has at most one claim in flight, so the claims a shared claim cannot
-    see (in flight, not yet committed) are at most one per other pool, each
-    under the same cap, and an exclusive claim waits for every shared one to
-    commit before it counts (in a statement after its lock). Otherwise the
-    plan says ``again_exclusive``."""
-    plan = LimitedPlan(shared=shared)
-    rows = conn.execute(queries.lock_limits_shared if shared else queries.lock_limits).fetchall()
+    ``shared_ok`` says whether the next claim may take the shared way (see
+    :func:`claim_limited_shared`); this one then takes at most
+    :data:`SHARED_CLAIM_MAX` jobs, as a shared claim would, since a shared one
+    that waited for the rows may not see them. Otherwise a claim that takes
+    jobs rewrites every limit row, so that such a claim gives way."""
+    plan = LimitedPlan()
+    rows = conn.execute(queries.lock_limits).fetchall()
     if not rows:
         return plan
     db_now: datetime = rows[0][-2]
     pools: int = max(1, rows[0][-1])
-    if shared:
-        want = min(want, SHARED_CLAIM_MAX)
     limit_rows = {
         (kind, key): LimitRow(
             (kind, key),
@@ -319,24 +314,22 @@ def plan_limited_claim(
     room = _room(conn, queries, keys, limit_rows, db_now, plan)
     open_keys = {key for key, value in room.items() if value > 0}
     waiting = set(limit_rows) - open_keys
-    plan.shared_ok = waiting == was_waiting and all(
-        room[key] >= pools * SHARED_CLAIM_MAX and limit_rows[key].rate is None for key in open_keys
+    plan.shared_ok = not waiting and all(
+        room[key] >= pools * SHARED_CLAIM_MAX and row.rate is None
+        for key, row in limit_rows.items()
     )
-    if shared and not plan.shared_ok:
-        plan.again_exclusive = True
-        return plan
+    if plan.shared_ok:
+        # As a shared claim: one that waited for these rows may not see its jobs.
+        want = min(want, SHARED_CLAIM_MAX)
+    # Otherwise, taking jobs, rewrite the rows so such a claim sees they changed.
+    touch = not plan.shared_ok
     if not open_keys:
-        _record(conn, queries, was_waiting, waiting, {})
+        _record(conn, queries, was_waiting, waiting, {}, touch=False)
         return plan
     closed = LimitSet(frozenset(waiting))
     opened = LimitSet(frozenset(open_keys))
-    unpaused = [
-        task_id for task_id, name in task_ids.items() if ("task", name) not in limits.paused
-    ]
     params: dict[str, Any] = {
-        "task_ids": unpaused,
-        "excluded_queues": limits.keys("queue", paused=True),
-        "forbidden_flags": forbidden_flags,
+        **_pool_params(limits, task_ids, forbidden_flags, now),
         "open_tasks": opened.keys("task"),
         "open_queues": opened.keys("queue"),
         "open_flags": opened.keys("flag"),
@@ -344,12 +337,11 @@ def plan_limited_claim(
         "closed_queues": closed.keys("queue"),
         "closed_flags": closed.keys("flag"),
         "limited_flags": keys.keys("flag"),
-        "now": now,
     }
     if all(room[key] >= want and limit_rows[key].rate is None for key in open_keys):
         # No pick needed: the whole batch fits every key it could fall under.
         plan.runnable = {**params, "scan": want}
-        _record(conn, queries, was_waiting, waiting, {})
+        _record(conn, queries, was_waiting, waiting, {}, touch=touch)
         return plan
     params["scan"] = max(want, sum(min(value, want) for value in room.values())) * 2
     candidates = [
@@ -374,7 +366,7 @@ def plan_limited_claim(
         for key, times in starts.items()
         if (rate := limit_rows[key].rate) is not None
     }
-    _record(conn, queries, was_waiting, waiting, trimmed)
+    _record(conn, queries, was_waiting, waiting, trimmed, touch=touch and bool(taken))
     return plan
 
 
@@ -391,35 +383,99 @@ def claim_limited(
     pool_id: str,
     shared: bool,
 ) -> tuple[list[T], LimitedPlan]:
-    """Plan and run one claim of limited jobs for ``pool_id`` (see
-    :func:`plan_limited_claim`), each try in a transaction of its own: a shared
-    try that finds too little room is committed (it changed nothing) and made
-    again exclusively. ``load`` reads the claimed rows from the cursor."""
-    while True:
-        with conn.transaction():
-            plan = plan_limited_claim(
-                conn,
-                queries,
-                limits,
-                task_ids=task_ids,
-                want=want,
-                now=now,
-                forbidden_flags=forbidden_flags,
-                shared=shared,
-            )
-            if plan.runnable is not None:
-                statement, params = queries.claim_limited_runnable, plan.runnable
-            elif plan.ids:
-                statement, params = queries.claim_limited, {"ids": plan.ids}
-            elif plan.again_exclusive:
-                statement = None
-            else:
-                return [], plan
-            if statement is not None:
-                with conn.cursor() as cursor:
-                    cursor.execute(statement, {**params, "pool_id": pool_id})
-                    return load(cursor), plan
-        shared = False
+    """Run one claim of limited jobs for ``pool_id``: with ``shared`` (the last claim
+    found ample room) first the shared way (:func:`claim_limited_shared`); else,
+    or when that way is refused, the exclusive one, planned by
+    :func:`plan_limited_claim` and run in the same transaction. ``load`` reads
+    the claimed rows from the cursor."""
+    if shared:
+        params = _pool_params(limits, task_ids, forbidden_flags, now)
+        jobs = claim_limited_shared(conn, queries, limits, load, params, want=want, pool_id=pool_id)
+        if jobs is not None:
+            return jobs, LimitedPlan(shared=True, shared_ok=True)
+    with conn.transaction():
+        plan = plan_limited_claim(
+            conn,
+            queries,
+            limits,
+            task_ids=task_ids,
+            want=want,
+            now=now,
+            forbidden_flags=forbidden_flags,
+        )
+        if plan.runnable is not None:
+            statement, params = queries.claim_limited_runnable, plan.runnable
+        elif plan.ids:
+            statement, params = queries.claim_limited, {"ids": plan.ids}
+        else:
+            return [], plan
+        with conn.cursor() as cursor:
+            cursor.execute(statement, {**params, "pool_id": pool_id})
+            return load(cursor), plan
+
+
+def claim_limited_shared(
+    conn: psycopg.Connection[Any],
+    queries: Queries,
+    limits: LimitSet,
+    load: Callable[[psycopg.Cursor[Any]], list[T]],
+    params: Mapping[str, Any],
+    *,
+    want: int,
+    pool_id: str,
+) -> list[T] | None:
+    """The shared way, one statement in its own transaction (``conn`` in autocommit):
+    claim up to :data:`SHARED_CLAIM_MAX` jobs of the limited keys the pool knows,
+    or None when the limit rows refuse it (a rate, jobs waiting, less room than
+    that many for every kongtask pool, or an exclusive claim committed while
+    this one waited for the rows).
+
+    That keeps every limit: each pool has at most one claim in flight, so the
+    claims a shared one cannot see (in flight, not yet committed) are at most
+    one per other pool, each under the same cap; an exclusive claim waits for
+    every shared one to commit before it counts (in a statement after its
+    lock) and, when it finds ample room, takes no more than a shared claim;
+    and one that found less and committed while a shared claim waited is
+    caught by the row versions (it rewrites the rows when it takes jobs)."""
+    statement_params = {
+        **params,
+        "open_tasks": limits.keys("task"),
+        "open_queues": limits.keys("queue"),
+        "open_flags": limits.keys("flag"),
+        "closed_tasks": [],
+        "closed_queues": [],
+        "closed_flags": [],
+        "scan": min(want, SHARED_CLAIM_MAX),
+        "shared_max": SHARED_CLAIM_MAX,
+        "expiry": LOCK_EXPIRY,
+        "pool_id": pool_id,
+    }
+    with conn.cursor() as cursor:
+        cursor.execute(queries.claim_limited_shared, statement_params)
+        result = cursor.pgresult
+        assert result is not None and result.ntuples >= 1
+        if result.get_value(0, 0) is not None:
+            return load(cursor)
+        # One row of nulls: nothing claimed; its last column says whether it could.
+        return [] if result.get_value(0, result.nfields - 1) == b"1" else None
+
+
+def _pool_params(
+    limits: LimitSet,
+    task_ids: Mapping[int, str],
+    forbidden_flags: list[str] | None,
+    now: datetime | None,
+) -> dict[str, Any]:
+    """The ``runnable_for_pool`` parameters of a limited claim: the pool's tasks and
+    queues less the paused ones, its forbidden flags, its clock."""
+    return {
+        "task_ids": [
+            task_id for task_id, name in task_ids.items() if ("task", name) not in limits.paused
+        ],
+        "excluded_queues": limits.keys("queue", paused=True),
+        "forbidden_flags": forbidden_flags,
+        "now": now,
+    }
 
 
 def _room(
@@ -456,9 +512,13 @@ def _record(
     was_waiting: set[LimitKey],
     waiting: set[LimitKey],
     starts: Mapping[LimitKey, list[datetime]],
+    *,
+    touch: bool,
 ) -> None:
-    """Write the new rate starts and the keys now waiting, if anything changed."""
-    if waiting == was_waiting and not starts:
+    """Write the new rate starts and the keys now waiting, if anything changed; with
+    ``touch`` (the claim takes jobs) rewrite every row, so a shared claim waiting
+    on them sees they changed (``claim_limited_shared``)."""
+    if waiting == was_waiting and not starts and not touch:
         return
     rows: list[dict[str, Any]] = []
     for kind, key in waiting | was_waiting | set(starts):
@@ -467,4 +527,4 @@ def _record(
         if times is not None:
             row["starts"] = [when.isoformat() for when in times]
         rows.append(row)
-    conn.execute(queries.record_limited_claim, {"rows": json.dumps(rows)})
+    conn.execute(queries.record_limited_claim, {"rows": json.dumps(rows), "touch": touch})

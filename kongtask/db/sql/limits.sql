@@ -9,25 +9,15 @@ union all
 select 'pause', key_kind, key from {s}._kongtask_pauses
 
 -- name: lock_limits
--- The limited claim's first step: lock every limit row, so one claim of
--- limited jobs runs at a time across the fleet and each sees what the
--- previous one locked. The transaction's time and the number of kongtask
+-- The exclusive limited claim's first step: lock every limit row, so one
+-- such claim runs at a time across the fleet (and no shared one meanwhile)
+-- and each sees what the previous one locked. The transaction's time and the number of kongtask
 -- pools on the schema (live or not: an upper bound) come with each row.
 select key_kind, key, concurrency, rate_count, rate_interval_s, rate_starts, waiting, now(),
        (select count(*) from {s}._kongtask_pools)::int
 from {s}._kongtask_limits
 order by key_kind, key
 for update
-
--- name: lock_limits_shared
--- As lock_limits, shared: claims that each leave room for every other pool's
--- whole batch run side by side (kongtask/jobs/limits.py says why that holds),
--- and wait only for a claim holding lock_limits.
-select key_kind, key, concurrency, rate_count, rate_interval_s, rate_starts, waiting, now(),
-       (select count(*) from {s}._kongtask_pools)::int
-from {s}._kongtask_limits
-order by key_kind, key
-for share
 
 -- fragment: limited_key_of_job
 -- Whether a job (with its task row `tasks` and queue row `queues`) falls
@@ -91,6 +81,60 @@ select claimed.*, 0 as seen
 from claimed
 order by claimed.priority, claimed.run_at, claimed.id
 
+-- name: claim_limited_shared
+-- The limited claim's fast way while every key has ample room: one statement
+-- (its own transaction) that locks the limit rows shared, so such claims run
+-- side by side and wait only for an exclusive one (lock_limits). It claims
+-- only if every row is still the version this statement's snapshot read (an
+-- exclusive claim that committed while this one waited rewrote the rows it
+-- locked, and the jobs it took are not in this snapshot's count), has no rate
+-- and no jobs waiting, and has room for `shared_max` jobs from every kongtask
+-- pool (kongtask/jobs/limits.py says why that holds); then it takes up to
+-- `scan` limited_runnable jobs as claim_limited_runnable does. It answers at
+-- least one row, whose last column says whether the rows let it claim (1) or
+-- not (0); with no job claimed, the job columns are null.
+with limit_rows as (
+    select limits.key_kind, limits.key, limits.concurrency, limits.rate_count,
+           limits.waiting, limits.xmin as version
+    from {s}._kongtask_limits as limits
+    for share
+),
+gate as (
+    select coalesce(bool_and(
+        limit_rows.rate_count is null
+        and not limit_rows.waiting
+        and limit_rows.version = (
+            select seen.xmin from {s}._kongtask_limits as seen
+            where seen.key_kind = limit_rows.key_kind and seen.key = limit_rows.key
+        )
+        and (limit_rows.concurrency is null or limit_rows.concurrency - (
+            select count(*) from {s}._private_jobs as jobs
+            join {s}._private_tasks as tasks on tasks.id = jobs.task_id
+            left join {s}._private_job_queues as queues on queues.id = jobs.job_queue_id
+            where jobs.locked_at > now() - %(expiry)s::interval
+            and case limit_rows.key_kind
+                when 'task' then tasks.identifier = limit_rows.key
+                when 'queue' then queues.queue_name = limit_rows.key
+                else jobs.flags ? limit_rows.key
+            end
+        ) >= %(shared_max)s::int * (select count(*) from {s}._kongtask_pools))
+    ), false) as open
+    from limit_rows
+),
+candidates as (
+    select jobs.id, jobs.job_queue_id, jobs.priority, jobs.run_at
+    {limited_runnable}
+    and (select gate.open from gate)
+    order by jobs.priority asc, jobs.run_at asc
+    limit %(scan)s
+    for update of jobs skip locked
+),
+{lock_candidates}
+select claimed.*, gate.open::int as seen
+from gate
+left join claimed on true
+order by claimed.priority, claimed.run_at, claimed.id
+
 -- name: claim_limited
 -- Lock the jobs the limited claim picked (at most one per named queue, rows
 -- locked by limited_candidates) and their queues, as get_jobs does.
@@ -105,9 +149,11 @@ from claimed
 order by claimed.priority, claimed.run_at, claimed.id
 
 -- name: record_limited_claim
--- After a claim of limited jobs: the recent starts of rate-limited keys that
--- started more, and which keys are out of room with jobs waiting (rows that
--- change only).
+-- After an exclusive claim of limited jobs: the recent starts of rate-limited
+-- keys that started more, and which keys are out of room with jobs waiting
+-- (rows that change only; every row when `touch`: the claim took jobs, and a
+-- shared claim waiting on these rows must see they changed, see
+-- claim_limited_shared).
 update {s}._kongtask_limits as limits
 set rate_starts = coalesce(rows.starts, limits.rate_starts),
     waiting = coalesce(rows.waiting, false)
@@ -116,7 +162,8 @@ left join json_to_recordset(%(rows)s::json) as rows(
     kind text, key text, starts timestamptz[], waiting boolean
 ) on rows.kind = current.key_kind and rows.key = current.key
 where limits.key_kind = current.key_kind and limits.key = current.key
-and (rows.starts is not null or current.waiting is distinct from coalesce(rows.waiting, false))
+and (%(touch)s::boolean or rows.starts is not null
+     or current.waiting is distinct from coalesce(rows.waiting, false))
 
 -- name: notify_released
 -- A pool finished limited jobs: tell the others if a key is out of room with
