@@ -330,10 +330,10 @@ def plan_limited_claim(
     opened = LimitSet(frozenset(open_keys))
     params: dict[str, Any] = {
         **_pool_params(limits, task_ids, forbidden_flags, now),
-        "open_tasks": opened.keys("task"),
+        "open_task_ids": _task_ids_of(task_ids, opened),
         "open_queues": opened.keys("queue"),
         "open_flags": opened.keys("flag"),
-        "closed_tasks": closed.keys("task"),
+        "closed_task_ids": _task_ids_of(task_ids, closed),
         "closed_queues": closed.keys("queue"),
         "closed_flags": closed.keys("flag"),
         "limited_flags": keys.keys("flag"),
@@ -390,7 +390,9 @@ def claim_limited(
     the claimed rows from the cursor."""
     if shared:
         params = _pool_params(limits, task_ids, forbidden_flags, now)
-        jobs = claim_limited_shared(conn, queries, limits, load, params, want=want, pool_id=pool_id)
+        jobs = claim_limited_shared(
+            conn, queries, limits, load, params, task_ids=task_ids, want=want, pool_id=pool_id
+        )
         if jobs is not None:
             return jobs, LimitedPlan(shared=True, shared_ok=True)
     with conn.transaction():
@@ -421,6 +423,7 @@ def claim_limited_shared(
     load: Callable[[psycopg.Cursor[Any]], list[T]],
     params: Mapping[str, Any],
     *,
+    task_ids: Mapping[int, str],
     want: int,
     pool_id: str,
 ) -> list[T] | None:
@@ -439,10 +442,10 @@ def claim_limited_shared(
     caught by the row versions (it rewrites the rows when it takes jobs)."""
     statement_params = {
         **params,
-        "open_tasks": limits.keys("task"),
+        "open_task_ids": _task_ids_of(task_ids, limits),
         "open_queues": limits.keys("queue"),
         "open_flags": limits.keys("flag"),
-        "closed_tasks": [],
+        "closed_task_ids": [],
         "closed_queues": [],
         "closed_flags": [],
         "scan": min(want, SHARED_CLAIM_MAX),
@@ -476,6 +479,11 @@ def _pool_params(
         "forbidden_flags": forbidden_flags,
         "now": now,
     }
+
+
+def _task_ids_of(task_ids: Mapping[int, str], limits: LimitSet) -> list[int]:
+    """The ids of the pool's tasks that are limited keys of ``limits``."""
+    return sorted(task_id for task_id, name in task_ids.items() if ("task", name) in limits.limited)
 
 
 def _room(

@@ -125,7 +125,9 @@ def _two_shared_claims(db_url: str, db: psycopg.Connection[Any], held: int) -> l
     conns = [psycopg.connect(db_url) for _ in range(2)]
     try:
         answers = [
-            claim_limited_shared(conn, QUERIES, snapshot, _rows, params, want=40, pool_id=pool)
+            claim_limited_shared(
+                conn, QUERIES, snapshot, _rows, params, task_ids=task_ids, want=40, pool_id=pool
+            )
             for conn, pool in zip(conns, POOLS[:2], strict=True)
         ]
         for conn in conns:
@@ -207,7 +209,14 @@ def test_a_shared_claim_that_waited_for_an_exclusive_one_gives_way(
                         }
                         answer.append(
                             claim_limited_shared(
-                                conn, QUERIES, snapshot, _rows, params, want=40, pool_id=POOLS[1]
+                                conn,
+                                QUERIES,
+                                snapshot,
+                                _rows,
+                                params,
+                                task_ids=task_ids,
+                                want=40,
+                                pool_id=POOLS[1],
                             )
                         )
                 except BaseException as exc:  # reported by the test below

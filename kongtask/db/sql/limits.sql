@@ -42,28 +42,43 @@ and {limited_key_of_job}
 -- fragment: limited_runnable
 -- Runnable jobs of limited keys with room (`open_*`), none of a key without
 -- room (`closed_*`), none paused (the caller leaves paused tasks out of
--- `task_ids` and names paused queues in `excluded_queues`); with each job's
--- task row `tasks` and queue row `queues`.
+-- `task_ids` and names paused queues in `excluded_queues`). Tasks come as ids
+-- and every test is on the job row, each kind guarded by whether it has keys
+-- at all (folded away when planning), so the planner sees how many jobs match
+-- and walks the jobs index in claim order instead of sorting the backlog.
 from {s}._private_jobs as jobs
-join {s}._private_tasks as tasks on tasks.id = jobs.task_id
-left join {s}._private_job_queues as queues on queues.id = jobs.job_queue_id
 where {runnable_for_pool}
-and (tasks.identifier = any(%(open_tasks)s::text[])
-     or queues.queue_name = any(%(open_queues)s::text[])
-     or (jobs.flags ?| %(open_flags)s::text[]) is true)
-and tasks.identifier <> all(%(closed_tasks)s::text[])
-and (queues.queue_name is null or queues.queue_name <> all(%(closed_queues)s::text[]))
-and (jobs.flags ?| %(closed_flags)s::text[]) is not true
+and (jobs.task_id = any(%(open_task_ids)s::int[])
+     or (cardinality(%(open_queues)s::text[]) > 0 and jobs.job_queue_id = any(array(
+         select queues.id from {s}._private_job_queues as queues
+         where queues.queue_name = any(%(open_queues)s::text[]))))
+     or (cardinality(%(open_flags)s::text[]) > 0
+         and (jobs.flags ?| %(open_flags)s::text[]) is true))
+and jobs.task_id <> all(%(closed_task_ids)s::int[])
+and (cardinality(%(closed_queues)s::text[]) = 0 or jobs.job_queue_id is null
+     or jobs.job_queue_id <> all(array(
+         select queues.id from {s}._private_job_queues as queues
+         where queues.queue_name = any(%(closed_queues)s::text[]))))
+and (cardinality(%(closed_flags)s::text[]) = 0
+     or (jobs.flags ?| %(closed_flags)s::text[]) is not true)
 
 -- name: limited_candidates
 -- The limited_runnable jobs in claim order with their keys, locked until the
 -- transaction ends, so no other claim takes them meanwhile.
-select jobs.id, tasks.identifier, queues.queue_name,
-       array(select flag from unnest(%(limited_flags)s::text[]) as flag where jobs.flags ? flag)
-{limited_runnable}
-order by jobs.priority asc, jobs.run_at asc, jobs.id asc
-limit %(scan)s
-for update of jobs skip locked
+with candidates as (
+    select jobs.id, jobs.task_id, jobs.job_queue_id, jobs.flags, jobs.priority, jobs.run_at
+    {limited_runnable}
+    order by jobs.priority asc, jobs.run_at asc, jobs.id asc
+    limit %(scan)s
+    for update of jobs skip locked
+)
+select candidates.id, tasks.identifier, queues.queue_name,
+       array(select flag from unnest(%(limited_flags)s::text[]) as flag
+             where candidates.flags ? flag)
+from candidates
+join {s}._private_tasks as tasks on tasks.id = candidates.task_id
+left join {s}._private_job_queues as queues on queues.id = candidates.job_queue_id
+order by candidates.priority asc, candidates.run_at asc, candidates.id asc
 
 -- name: claim_limited_runnable
 -- The limited claim's short way, when every open key has room for the whole
