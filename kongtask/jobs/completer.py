@@ -62,6 +62,8 @@ class Completer(DbActor):
         # Told Finished and SlowStatement. Typed Any: importing the claimer
         # here would make the claimer and the completer import each other.
         self._claimer = claimer
+        # The batch being written holds successful limited jobs (see _flush).
+        self._announcing = False
 
     def handle(self, message: Flush) -> Any:
         match message:
@@ -77,6 +79,9 @@ class Completer(DbActor):
             if not successes and not failures:
                 return
             retried = False
+            # Finished limited jobs free room another pool may be waiting for: the
+            # completion says so itself; failures alone take a statement of their own.
+            self._announcing = self._limited(successes)
             if successes:
                 started = time.perf_counter()
                 retried = self._complete_all(successes)
@@ -96,7 +101,7 @@ class Completer(DbActor):
             # A released named queue may hold the next runnable job, which a
             # short claim had to skip: the claimer's policy decides what to do.
             self._claimer.tell(Finished(len(successes) + len(failures), released))
-            if self._limited(successes) or self._limited([job for job, *_ in failures]):
+            if not self._announcing and self._limited([job for job, *_ in failures]):
                 self._announce_release()
             observer = self.ctx.outcome_observer
             if observer is not None:
@@ -266,7 +271,12 @@ class Completer(DbActor):
         )
 
     def _complete(self, conn: psycopg.Connection[Any], ids: list[int]) -> None:
-        conn.execute(self.ctx.queries.complete_jobs, {"ids": ids, "pool_id": self.ctx.pool_id})
+        params = {"ids": ids, "pool_id": self.ctx.pool_id}
+        if self._announcing:
+            params["schema"] = self.ctx.settings.schema
+            conn.execute(self.ctx.queries.complete_jobs_announcing, params)
+        else:
+            conn.execute(self.ctx.queries.complete_jobs, params)
 
     def _release(self, conn: psycopg.Connection[Any], queue_ids: list[int]) -> None:
         params = {"queue_ids": queue_ids, "pool_id": self.ctx.pool_id}

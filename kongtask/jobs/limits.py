@@ -328,16 +328,10 @@ def plan_limited_claim(
         return plan
     closed = LimitSet(frozenset(waiting))
     opened = LimitSet(frozenset(open_keys))
-    params: dict[str, Any] = {
-        **_pool_params(limits, task_ids, forbidden_flags, now),
-        "open_task_ids": _task_ids_of(task_ids, opened),
-        "open_queues": opened.keys("queue"),
-        "open_flags": opened.keys("flag"),
-        "closed_task_ids": _task_ids_of(task_ids, closed),
-        "closed_queues": closed.keys("queue"),
-        "closed_flags": closed.keys("flag"),
-        "limited_flags": keys.keys("flag"),
-    }
+    params = _limited_params(
+        _pool_params(limits, task_ids, forbidden_flags, now), task_ids, opened, closed
+    )
+    params["limited_flags"] = keys.keys("flag")
     if all(room[key] >= want and limit_rows[key].rate is None for key in open_keys):
         # No pick needed: the whole batch fits every key it could fall under.
         plan.runnable = {**params, "scan": want}
@@ -441,13 +435,7 @@ def claim_limited_shared(
     and one that found less and committed while a shared claim waited is
     caught by the row versions (it rewrites the rows when it takes jobs)."""
     statement_params = {
-        **params,
-        "open_task_ids": _task_ids_of(task_ids, limits),
-        "open_queues": limits.keys("queue"),
-        "open_flags": limits.keys("flag"),
-        "closed_task_ids": [],
-        "closed_queues": [],
-        "closed_flags": [],
+        **_limited_params(params, task_ids, LimitSet(limits.limited), LimitSet()),
         "scan": min(want, SHARED_CLAIM_MAX),
         "shared_max": SHARED_CLAIM_MAX,
         "expiry": LOCK_EXPIRY,
@@ -479,6 +467,29 @@ def _pool_params(
         "forbidden_flags": forbidden_flags,
         "now": now,
     }
+
+
+def _limited_params(
+    base: Mapping[str, Any], task_ids: Mapping[int, str], opened: LimitSet, closed: LimitSet
+) -> dict[str, Any]:
+    """The ``limited_runnable`` parameters: ``base`` (``_pool_params``) with the open
+    and closed keys. When only tasks are open the pool's task ids are narrowed to
+    them instead (``only_tasks``), so the planner sees one test of the task id,
+    not two, and estimates the matching jobs as they are."""
+    params = {
+        **base,
+        "open_task_ids": _task_ids_of(task_ids, opened),
+        "open_queues": opened.keys("queue"),
+        "open_flags": opened.keys("flag"),
+        "closed_task_ids": _task_ids_of(task_ids, closed),
+        "closed_queues": closed.keys("queue"),
+        "closed_flags": closed.keys("flag"),
+        "only_tasks": not opened.keys("queue") and not opened.keys("flag"),
+    }
+    if params["only_tasks"]:
+        open_ids = set(params["open_task_ids"])
+        params["task_ids"] = [task_id for task_id in base["task_ids"] if task_id in open_ids]
+    return params
 
 
 def _task_ids_of(task_ids: Mapping[int, str], limits: LimitSet) -> list[int]:

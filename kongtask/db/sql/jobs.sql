@@ -385,6 +385,16 @@ and jobs.locked_at > %(since)s::timestamptz
 and jobs.id <> all(%(claimed)s::bigint[])
 order by jobs.priority, jobs.run_at, jobs.id
 
+-- fragment: delete_completed
+-- The CTE `finished` of complete_jobs: the successful jobs deleted, returning
+-- their job_queue_id.
+finished as (
+    delete from {s}._private_jobs as jobs
+    where jobs.id = any(%(ids)s::bigint[])
+    and (jobs.locked_by = %(pool_id)s::text or jobs.locked_by is null)
+    returning jobs.job_queue_id
+)
+
 -- name: complete_jobs
 -- Finish successful jobs: delete them and release their queues (only queues
 -- this pool holds). A job another pool holds now is left alone: this pool
@@ -393,13 +403,18 @@ order by jobs.priority, jobs.run_at, jobs.id
 -- (its own completion would find no row, so release no queue) and drop its
 -- outcome. (graphile-worker deletes by id alone.) An unlocked row is deleted:
 -- the job did succeed, and is not running anywhere.
-with finished as (
-    delete from {s}._private_jobs as jobs
-    where jobs.id = any(%(ids)s::bigint[])
-    and (jobs.locked_by = %(pool_id)s::text or jobs.locked_by is null)
-    returning jobs.job_queue_id
-)
+with {delete_completed}
 {release_pool_queues}
+
+-- name: complete_jobs_announcing
+-- As complete_jobs, and in the same statement (no extra round trip) tell the
+-- pools that limited jobs finished when a key has jobs waiting for room (see
+-- notify_released in limits.sql).
+with {delete_completed},
+released as (
+{release_pool_queues}
+)
+{announce_release}
 
 -- name: fail_jobs
 -- Fail jobs this pool holds, each with its own message and optionally a

@@ -44,11 +44,13 @@ and {limited_key_of_job}
 -- room (`closed_*`), none paused (the caller leaves paused tasks out of
 -- `task_ids` and names paused queues in `excluded_queues`). Tasks come as ids
 -- and every test is on the job row, each kind guarded by whether it has keys
--- at all (folded away when planning), so the planner sees how many jobs match
+-- at all (folded away when planning; `only_tasks`: the open keys are tasks,
+-- and `task_ids` holds just those), so the planner sees how many jobs match
 -- and walks the jobs index in claim order instead of sorting the backlog.
 from {s}._private_jobs as jobs
 where {runnable_for_pool}
-and (jobs.task_id = any(%(open_task_ids)s::int[])
+and (%(only_tasks)s::boolean
+     or jobs.task_id = any(%(open_task_ids)s::int[])
      or (cardinality(%(open_queues)s::text[]) > 0 and jobs.job_queue_id = any(array(
          select queues.id from {s}._private_job_queues as queues
          where queues.queue_name = any(%(open_queues)s::text[]))))
@@ -114,27 +116,43 @@ with limit_rows as (
     from {s}._kongtask_limits as limits
     for share
 ),
+locked as materialized (
+    select jobs.task_id, jobs.job_queue_id, jobs.flags
+    from {s}._private_jobs as jobs
+    where jobs.locked_at > now() - %(expiry)s::interval
+),
+running as (
+    select keys.key_kind, keys.key, count(*) as running
+    from (
+        select 'task' as key_kind, tasks.identifier as key
+        from locked join {s}._private_tasks as tasks on tasks.id = locked.task_id
+        union all
+        select 'queue', queues.queue_name
+        from locked join {s}._private_job_queues as queues on queues.id = locked.job_queue_id
+        union all
+        select 'flag', flag.key
+        from locked, jsonb_object_keys(locked.flags) as flag(key)
+        where jsonb_typeof(locked.flags) = 'object'
+    ) as keys
+    group by keys.key_kind, keys.key
+),
 gate as (
-    select coalesce(bool_and(
+    -- Counted once for every key (not once per limit row): the plan's cost stays
+    -- far below where PostgreSQL would compile it (JIT), which costs more than it runs.
+    select coalesce(bool_and(coalesce(
         limit_rows.rate_count is null
         and not limit_rows.waiting
-        and limit_rows.version = (
-            select seen.xmin from {s}._kongtask_limits as seen
-            where seen.key_kind = limit_rows.key_kind and seen.key = limit_rows.key
-        )
-        and (limit_rows.concurrency is null or limit_rows.concurrency - (
-            select count(*) from {s}._private_jobs as jobs
-            join {s}._private_tasks as tasks on tasks.id = jobs.task_id
-            left join {s}._private_job_queues as queues on queues.id = jobs.job_queue_id
-            where jobs.locked_at > now() - %(expiry)s::interval
-            and case limit_rows.key_kind
-                when 'task' then tasks.identifier = limit_rows.key
-                when 'queue' then queues.queue_name = limit_rows.key
-                else jobs.flags ? limit_rows.key
-            end
-        ) >= %(shared_max)s::int * (select count(*) from {s}._kongtask_pools))
-    ), false) as open
+        and limit_rows.version = seen.xmin
+        and (limit_rows.concurrency is null
+             or limit_rows.concurrency - coalesce(running.running, 0)
+                >= %(shared_max)s::int * (select count(*) from {s}._kongtask_pools)),
+        false
+    )), false) as open
     from limit_rows
+    left join {s}._kongtask_limits as seen
+        on seen.key_kind = limit_rows.key_kind and seen.key = limit_rows.key
+    left join running
+        on running.key_kind = limit_rows.key_kind and running.key = limit_rows.key
 ),
 candidates as (
     select jobs.id, jobs.job_queue_id, jobs.priority, jobs.run_at
@@ -180,13 +198,16 @@ where limits.key_kind = current.key_kind and limits.key = current.key
 and (%(touch)s::boolean or rows.starts is not null
      or current.waiting is distinct from coalesce(rows.waiting, false))
 
--- name: notify_released
+-- fragment: announce_release
 -- A pool finished limited jobs: tell the others if a key is out of room with
 -- jobs waiting (they may claim the next now); otherwise say nothing.
 select pg_notify('kongtask:limits', json_build_object(
     'schema', %(schema)s::text, 'what', 'released'
 )::text)
 where exists (select 1 from {s}._kongtask_limits where waiting)
+
+-- name: notify_released
+{announce_release}
 
 -- name: notify_limits
 -- Tell every pool on the channel: `what` is `changed` (limits or pauses
