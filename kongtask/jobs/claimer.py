@@ -42,6 +42,7 @@ import psycopg
 from kongtask import events
 from kongtask.db.timestamps import load_rows_tolerating, psycopg_timestamps
 from kongtask.job import Job
+from kongtask.jobs.claim_sizing import ClaimSizing
 from kongtask.jobs.context import WorkerContext
 from kongtask.jobs.db_actor import DbActor
 from kongtask.jobs.fetch_policy import (
@@ -160,6 +161,9 @@ class Claimer(DbActor):
             # a sustained 10,000 jobs/s fell to 1,900), yet a bound on what a
             # shutdown must flush.
             max_held=4 * queue.size + ctx.settings.concurrency,
+            # Claims sized from the handlers' measured run time, so that a pool
+            # of slow jobs leaves work for pools with idle slots (claim_sizing).
+            sizing=ClaimSizing(concurrency=ctx.settings.concurrency, capacity=queue.size),
         )
         self._joins: list[threading.Event] = []
         self._poll_timer: TimerHandle | None = None
@@ -244,7 +248,7 @@ class Claimer(DbActor):
         ctx = self.ctx
         queue = ctx.queue
         policy = self.policy
-        want = queue.size - len(queue)
+        want = policy.ask(len(queue))
         if not self._task_id_list:
             self._register_tasks()
         if not self._limits_read:
@@ -273,7 +277,13 @@ class Claimer(DbActor):
             logger.error("Failed to get jobs: %s", exc)
             ctx.bus.emit(events.worker_get_job_error, pool_id=ctx.pool_id, error=exc)
             return policy.step(ClaimFailed(), len(queue))
-        answer = ClaimAnswered(claimed=len(jobs), asked=want, seen=seen, adopted=len(adopted))
+        answer = ClaimAnswered(
+            claimed=len(jobs),
+            asked=want,
+            seen=seen,
+            adopted=len(adopted),
+            took_s=None if claim.retried else claim_s,
+        )
         if adopted:
             jobs += adopted
         self._note_answered(jobs)

@@ -20,6 +20,14 @@ The rules:
   claim also claims, and the last held job finishing confirms with a claim.
 * News that arrives while a claim is in flight is remembered and acted on
   right after its answer, never dropped.
+* With a :class:`~kongtask.jobs.claim_sizing.ClaimSizing` (every worker has
+  one), the buffer is kept to its target rather than the whole capacity: a
+  claim asks for the idle slots plus the target minus what is buffered
+  (:meth:`FetchPolicy.ask`), "room" means fewer than the target buffered,
+  and the low-water mark is half the target. So a pool of slow jobs holds
+  about one claim's lead time of work beyond its running jobs, and the
+  rest stays in the database for pools with idle slots; a pool of fast jobs
+  has a target of the whole buffer and claims as it always did.
 * While the pool holds ``max_held`` jobs or more (claimed, not yet recorded:
   buffered, running, or waiting for the completer) it does not claim; the
   completer's ``Finished`` reports release it. Without this bound a worker
@@ -33,6 +41,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 from typing import NamedTuple
+
+from kongtask.jobs.claim_sizing import ClaimSizing
 
 __all__ = [
     "Action",
@@ -71,7 +81,7 @@ class Answer(enum.Enum):
 
 
 class ClaimAnswered(NamedTuple):
-    """A claim returned ``claimed`` rows of its own, having asked for ``asked``.
+    """A claim returned ``claimed`` rows of its own, having asked for ``asked``, in ``took_s``.
 
     ``seen`` is how many candidate rows the claim examined before keeping
     one job per named queue; when it reached ``asked`` more may be waiting
@@ -84,6 +94,7 @@ class ClaimAnswered(NamedTuple):
     asked: int
     seen: int = -1
     adopted: int = 0
+    took_s: float | None = None
 
 
 class ClaimFailed(NamedTuple):
@@ -110,11 +121,14 @@ class Finished(NamedTuple):
     """``jobs`` held jobs were recorded as completed or failed.
 
     ``released`` says some of them held a named queue, whose next job may be
-    runnable now.
+    runnable now. ``timed`` of them had a handler run, ``run_s`` seconds in all
+    (the claim sizing's measure).
     """
 
     jobs: int
     released: bool = False
+    run_s: float = 0.0
+    timed: int = 0
 
 
 class Returned(NamedTuple):
@@ -168,6 +182,39 @@ class FetchPolicy:
     held: int = 0
     #: Callers waiting for idleness (``Runner.join``).
     joins: int = 0
+    #: Sizes claims from the measured handler time (None: always fill the buffer).
+    sizing: ClaimSizing | None = None
+
+    @property
+    def limit(self) -> int:
+        """How many jobs the buffer should hold at most now (the sizing's target)."""
+        sizing = self.sizing
+        if sizing is None:
+            return self.capacity
+        return min(self.capacity, sizing.target())
+
+    def ask(self, buffered: int) -> int:
+        """How many jobs a claim should ask for with ``buffered`` jobs in the buffer.
+
+        The idle slots (the concurrency less the held jobs not buffered, an
+        estimate: outcomes not yet written count as running) plus the buffer's
+        target less what it holds, never more than the buffer has room for.
+        """
+        room = self.capacity - buffered
+        sizing = self.sizing
+        if sizing is None:
+            return room
+        limit = self.limit
+        if limit >= self.capacity:
+            return room
+        idle = max(0, sizing.concurrency - max(0, self.held - buffered))
+        return max(0, min(room, idle + limit - buffered))
+
+    def _low_level(self, limit: int) -> int:
+        """The low-water mark for ``limit``: half a sized buffer, else the configured mark."""
+        if limit >= self.capacity:
+            return self.low_water
+        return min(self.low_water, limit // 2)
 
     @property
     def eager(self) -> bool:
@@ -191,6 +238,8 @@ class FetchPolicy:
         """Fold ``event`` into the state; ``buffered`` is the buffer's length now."""
         if isinstance(event, ClaimAnswered):
             self.in_flight = False
+            if event.took_s is not None and self.sizing is not None:
+                self.sizing.note_claim(event.took_s)
             self.held += event.claimed + event.adopted
             seen = max(event.seen, event.claimed)
             if seen >= event.asked > 0:
@@ -208,6 +257,8 @@ class FetchPolicy:
             self.news = True
         elif isinstance(event, Finished):
             self.held -= event.jobs
+            if self.sizing is not None:
+                self.sizing.note_runs(event.run_s, event.timed)
             if event.released:
                 self.news = True
             elif self.eager and self.held <= 0:
@@ -229,12 +280,13 @@ class FetchPolicy:
 
     def decide(self, buffered: int) -> Action:
         """Whether to claim now, given the state and the buffer's length."""
-        if self.stopping or self.in_flight or buffered >= self.capacity:
+        limit = self.limit
+        if self.stopping or self.in_flight or buffered >= limit:
             return Action.WAIT
         if self.held >= self.max_held:
             return Action.WAIT  # a Finished report will decide again
         if self.answer is Answer.MORE:
-            return Action.CLAIM if buffered <= self.low_water else Action.WAIT
+            return Action.CLAIM if buffered <= self._low_level(limit) else Action.WAIT
         if self.news:
             return Action.CLAIM
         if self.answer is Answer.SHORT and self.eager and buffered == 0:
@@ -249,10 +301,11 @@ class FetchPolicy:
         """
         if self.stopping or self.in_flight or self.held >= self.max_held:
             return -1
+        limit = self.limit
         if self.answer is Answer.MORE:
-            return self.low_water
+            return self._low_level(limit)
         if self.news:
-            return self.capacity - 1
+            return limit - 1
         if self.answer is Answer.SHORT and self.eager:
             return 0
         return -1
