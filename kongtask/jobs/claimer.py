@@ -1,13 +1,14 @@
 """The claimer: the one actor that claims batches of runnable jobs into the local queue.
 
-One claim statement (``Queries.get_jobs``) locks up to the free room in the
-local queue for this pool, in priority then run_at order, at most one job per
-named queue. *When* to claim is decided by :class:`FetchPolicy` alone, fed by
-typed messages: the claim's own answer, ``BufferLow`` from the executors,
-``InsertNotified`` from the listener, ``Finished`` from the completer, the
-poll timer, wake-ups and shutdown. Messages that arrive while a claim runs
-wait in the mailbox and are folded in right after its answer, so none is
-lost.
+One claim statement (``Queries.get_jobs``) locks up to what the policy asks for
+(:meth:`FetchPolicy.ask`: the idle slots and a buffer sized from the handlers'
+measured run time, see :mod:`kongtask.jobs.claim_sizing`) for this pool, in
+priority then run_at order, at most one job per named queue. *When* to
+claim is decided by :class:`FetchPolicy` alone, fed by typed messages: the
+claim's own answer, ``BufferLow`` from the executors, ``InsertNotified``
+from the listener, ``Finished`` from the completer, the poll timer,
+wake-ups and shutdown. Messages that arrive while a claim runs wait in the
+mailbox and are folded in right after its answer, so none is lost.
 
 Rows arrive as tuples with the payload as text; the payloads of a batch are
 decoded by one ``json.loads`` call, and only if that fails one by one, so a
