@@ -239,7 +239,7 @@ class Claimer(DbActor):
             self.actor_ref.tell(Recheck())
             return
         if not policy.stopping:
-            if queue.wake_at(policy.wake_level()):
+            if queue.wake_at(policy.wake_level(len(queue))):
                 # The buffer already fell to that level before anyone could report it.
                 self.actor_ref.tell(BufferLow())
             self._arm_poll()

@@ -24,7 +24,9 @@ The rules:
   one), the buffer is kept to its target rather than the whole capacity: a
   claim asks for the idle slots plus the target minus what is buffered
   (:meth:`FetchPolicy.ask`), "room" means fewer than the target buffered,
-  and the low-water mark is half the target. So a pool of slow jobs holds
+  and the low-water mark is half the target. News alone does not make a
+  sized pool without an idle slot claim: it would only buffer the new jobs
+  while another pool may start them now; the next ``Finished`` does. So a pool of slow jobs holds
   about one claim's lead time of work beyond its running jobs, and the
   rest stays in the database for pools with idle slots; a pool of fast jobs
   has a target of the whole buffer and claims as it always did.
@@ -207,8 +209,21 @@ class FetchPolicy:
         limit = self.limit
         if limit >= self.capacity:
             return room
-        idle = max(0, sizing.concurrency - max(0, self.held - buffered))
-        return max(0, min(room, idle + limit - buffered))
+        return max(0, min(room, self._idle_slots(buffered) + limit - buffered))
+
+    def _idle_slots(self, buffered: int) -> int:
+        """Slots free now, by the count of held jobs (unwritten outcomes count as running)."""
+        assert self.sizing is not None
+        return max(0, self.sizing.concurrency - max(0, self.held - buffered))
+
+    def _busy(self, limit: int, buffered: int) -> bool:
+        """A sized pool with no idle slot: news is for pools that can start the jobs now.
+
+        A claim on news would only buffer them behind running jobs while another
+        pool may have slots free; the news is kept, and the next ``Finished``
+        (a slot freed) decides again.
+        """
+        return limit < self.capacity and self._idle_slots(buffered) == 0
 
     def _low_level(self, limit: int) -> int:
         """The low-water mark for ``limit``: half a sized buffer, else the configured mark."""
@@ -288,16 +303,17 @@ class FetchPolicy:
         if self.answer is Answer.MORE:
             return Action.CLAIM if buffered <= self._low_level(limit) else Action.WAIT
         if self.news:
-            return Action.CLAIM
+            return Action.WAIT if self._busy(limit, buffered) else Action.CLAIM
         if self.answer is Answer.SHORT and self.eager and buffered == 0:
             return Action.CLAIM
         return Action.WAIT
 
-    def wake_level(self) -> int:
+    def wake_level(self, buffered: int = 0) -> int:
         """The buffer length at or below which an executor must send :class:`BufferLow`.
 
         ``-1`` means "don't tell me": nothing an executor does can change
-        the decision (the next claim waits for news, or one is in flight).
+        the decision (the next claim waits for news, or one is in flight, or
+        only a freed slot can). ``buffered`` is the buffer's length now.
         """
         if self.stopping or self.in_flight or self.held >= self.max_held:
             return -1
@@ -305,7 +321,8 @@ class FetchPolicy:
         if self.answer is Answer.MORE:
             return self._low_level(limit)
         if self.news:
-            return limit - 1
+            # A busy pool's pops free no slot: the completer's Finished decides.
+            return -1 if self._busy(limit, buffered) else limit - 1
         if self.answer is Answer.SHORT and self.eager:
             return 0
         return -1

@@ -84,13 +84,19 @@ def test_averages_start_with_the_first_measure_and_move_towards_new_ones() -> No
 
 
 def sized(
-    average_run_s: float | None, *, held: int = 0, answer: Answer = Answer.MORE
+    average_run_s: float | None,
+    *,
+    held: int = 0,
+    answer: Answer = Answer.MORE,
+    news: bool = False,
 ) -> FetchPolicy:
     """A policy of 16 slots and a 64-job buffer whose handlers took ``average_run_s``."""
     sizing = ClaimSizing(
         concurrency=16, capacity=64, average_run_s=average_run_s, average_claim_s=0.001
     )
-    return FetchPolicy(capacity=64, low_water=32, sizing=sizing, held=held, answer=answer)
+    return FetchPolicy(
+        capacity=64, low_water=32, sizing=sizing, held=held, answer=answer, news=news
+    )
 
 
 # (name, policy, buffered, expected ask)
@@ -165,6 +171,30 @@ STEPS: list[tuple[str, FetchPolicy, object, int, Action, int]] = [
         -1,
     ),
     (
+        "slow, news with every slot busy waits for a slot",
+        sized(0.1, held=17, answer=Answer.SHORT),
+        InsertNotified(),
+        1,
+        WAIT,
+        -1,
+    ),
+    (
+        "slow, the news kept is claimed once a slot is free",
+        sized(0.1, held=18, answer=Answer.SHORT, news=True),
+        Finished(2, run_s=0.2, timed=2),
+        1,
+        CLAIM,
+        0,
+    ),
+    (
+        "fast, news with every slot busy still claims",
+        sized(0.0001, held=17, answer=Answer.SHORT),
+        InsertNotified(),
+        1,
+        CLAIM,
+        0,
+    ),
+    (
         "finished runs that turn out slow shrink the target",
         sized(None, held=40),
         Finished(16, run_s=1.6, timed=16),
@@ -185,7 +215,7 @@ def test_sized_step(
 ) -> None:
     assert start.step(event, buffered) is expected  # type: ignore[arg-type]
     if expected is WAIT:
-        assert start.wake_level() == level
+        assert start.wake_level(buffered) == level
 
 
 def test_claim_round_trips_feed_the_lead_time() -> None:
