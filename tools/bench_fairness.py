@@ -243,10 +243,18 @@ def report(
     buckets: dict[int, Counter[str]] = {}
     for s in starts:
         buckets.setdefault(int((s.started - origin) // 5), Counter())[s.worker] += 1
-    print(f"    jobs/s per worker per 5 s window (restart at {restarted - origin:.1f} s):")
+    waits: dict[int, list[float]] = {}
+    for s in first.values():
+        waits.setdefault(int((s.run_at - origin) // 5), []).append((s.started - s.run_at) * 1000)
+    print(
+        f"    per 5 s window (restart at {restarted - origin:.1f} s): jobs/s per worker; "
+        "p95 / p99 latency of the jobs due in it"
+    )
     for index in sorted(buckets):
         cells = ", ".join(f"{w} {buckets[index][w] / 5:.0f}" for w in sorted(buckets[index]))
-        print(f"      {index * 5:>3}-{index * 5 + 5:<3} s: {cells}")
+        due = sorted(waits.get(index, []))
+        tail = f"{percentile(due, 0.95):,.1f} / {percentile(due, 0.99):,.1f} ms" if due else "-"
+        print(f"      {index * 5:>3}-{index * 5 + 5:<3} s: {cells}; {tail}")
 
 
 def main() -> int:
