@@ -125,7 +125,10 @@ def wait_ready(proc: subprocess.Popen[bytes], log: Path) -> None:
     deadline = time.monotonic() + 60
     while _READY not in log.read_text(errors="replace"):
         if proc.poll() is not None or time.monotonic() > deadline:
-            raise SystemExit(f"worker did not start:\n{log.read_text(errors='replace')}")
+            pause.wait(0.5)  # what it printed on its way out
+            raise SystemExit(
+                f"worker did not start (exit {proc.poll()}):\n{log.read_text(errors='replace')}"
+            )
         pause.wait(0.02)
 
 
