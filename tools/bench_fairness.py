@@ -96,11 +96,13 @@ class Start(NamedTuple):
 
 
 class Side(NamedTuple):
-    """How to start one worker process of a side: argv, working folder, extra environment."""
+    """How to start one worker process of a side: argv, working folder, extra environment,
+    and the log line that says it is up."""
 
     argv: list[str]
     cwd: str | None
     env: dict[str, str]
+    ready: str = _READY
 
 
 def start_worker(side: Side, label: str, folder: Path) -> tuple[subprocess.Popen[bytes], Path]:
@@ -119,11 +121,11 @@ def start_worker(side: Side, label: str, folder: Path) -> tuple[subprocess.Popen
     return proc, log
 
 
-def wait_ready(proc: subprocess.Popen[bytes], log: Path) -> None:
-    """Wait (up to a minute) until the worker's log says it is looking for jobs."""
+def wait_ready(proc: subprocess.Popen[bytes], log: Path, ready: str) -> None:
+    """Wait (up to a minute) until the worker's log says it is up (``ready``)."""
     pause = threading.Event()
     deadline = time.monotonic() + 60
-    while _READY not in log.read_text(errors="replace"):
+    while ready not in log.read_text(errors="replace"):
         if proc.poll() is not None or time.monotonic() > deadline:
             pause.wait(0.5)  # what it printed on its way out
             raise SystemExit(
@@ -161,7 +163,7 @@ def run_side(
     try:
         for label in ("A", "B"):
             procs[label], log = start_worker(side, label, folder)
-            wait_ready(procs[label], log)
+            wait_ready(procs[label], log, side.ready)
         stop = threading.Event()
         added: list[int] = []
         producer = threading.Thread(
@@ -173,7 +175,7 @@ def run_side(
         procs["A"].wait()
         restarted = time.time()
         procs["A2"], log = start_worker(side, "A2", folder)
-        wait_ready(procs["A2"], log)
+        wait_ready(procs["A2"], log, side.ready)
         producer.join()
         produced_until = time.time()
         pause = threading.Event()
@@ -293,6 +295,9 @@ def main() -> int:
                 ["node", gw_cli, "--jobs", str(args.concurrency)],
                 str(cwd),
                 {"DATABASE_URL": to_uri(url)},
+                # Its "looking for jobs" line does not reach a log file here; this one
+                # comes once its tasks are loaded, just before it connects.
+                "cron is disabled",
             )
         for name, side in sides.items():
             report(name, *run_side(name, url, side, args, folder))

@@ -53,8 +53,9 @@ class Gated:
 
 #: Quick jobs run first (``n`` below 0), so that the pool has measured its handlers
 #: fast and fills its whole buffer (a pool that has not measured them buffers one
-#: round of jobs, see ``kongtask.jobs.claim_sizing``).
-WARM_UPS = [{"identifier": "t", "payload": {"n": -n}, "priority": -2} for n in range(1, 5)]
+#: round of jobs, see ``kongtask.jobs.claim_sizing``). Twenty, so that a run slowed
+#: by a loaded machine does not leave the average above the fast mark.
+WARM_UPS = [{"identifier": "t", "payload": {"n": -n}, "priority": -2} for n in range(1, 21)]
 
 
 def _runner(db_url: str, handler: Gated, **options: Any) -> Runner:
