@@ -11,7 +11,9 @@ handler appends its start time to a file of its own process (unbuffered, so
 a SIGKILL loses nothing written), and the claim latency of a job is its first
 handler start less its ``run_at``. Printed: settings; p50 / p95 / p99 / max
 latency overall and for the jobs added after the restart; jobs/s of each
-worker after the restart and per 5-second window. Jobs the killed worker had
+worker after the restart; and per 5-second window each worker's jobs/s and
+the p95 / p99 latency of the jobs due in it (the restart's backlog and the
+steady state apart). Jobs the killed worker had
 claimed are rescued by the survivors (kongtask's dead-pool check); they are
 counted, and their latency shows in the max.
 
