@@ -46,16 +46,8 @@ class Gated:
             assert self.gate.wait(30), "the test never opened the gate"
 
     def counts(self) -> Counter[int]:
-        """Runs per job, warm-up jobs left out."""
         with self._lock:
-            return Counter(n for _, n in self.runs if n >= 0)
-
-
-#: Quick jobs run first (``n`` below 0), so that the pool has measured its handlers
-#: fast and fills its whole buffer (a pool that has not measured them buffers one
-#: round of jobs, see ``kongtask.jobs.claim_sizing``). Twenty, so that a run slowed
-#: by a loaded machine does not leave the average above the fast mark.
-WARM_UPS = [{"identifier": "t", "payload": {"n": -n}, "priority": -2} for n in range(1, 21)]
+            return Counter(n for _, n in self.runs)
 
 
 def _runner(db_url: str, handler: Gated, **options: Any) -> Runner:
@@ -84,12 +76,6 @@ def _force_unlock(db: psycopg.Connection[Any], pool_id: str) -> None:
     db.execute("select graphile_worker.force_unlock_workers(array[%s])", (pool_id,))
 
 
-def _holds_all(db: psycopg.Connection[Any], pool_id: str, count: int) -> bool:
-    """The pool holds ``count`` jobs, and they are all the jobs left (the warm-ups are done)."""
-    total = scalar(db, "select count(*) from graphile_worker._private_jobs")
-    return total == count and _locked_by(db, pool_id) == count
-
-
 def _job_started(log: EventLog, n: int) -> bool:
     return any(payload["job"].payload["n"] == n for payload in log.payloads("job:start"))
 
@@ -101,8 +87,7 @@ def test_buffered_jobs_taken_from_the_pool_are_dropped_not_run(
     handler = Gated(lambda job: job.payload["n"] == 0 and job.attempts == 1)
     add_jobs_sql(
         db,
-        WARM_UPS
-        + [{"identifier": "t", "payload": {"n": 0}, "priority": -1}]
+        [{"identifier": "t", "payload": {"n": 0}, "priority": -1}]
         + [{"identifier": "t", "payload": {"n": n}} for n in range(1, 6)],
     )
     first = _runner(db_url, handler, concurrency=1, local_queue_size=6)
@@ -114,7 +99,7 @@ def test_buffered_jobs_taken_from_the_pool_are_dropped_not_run(
             assert pool_id is not None
             wait_until(lambda: _job_started(log, 0), what="job 0 to start in the first pool")
             started_at = time.monotonic()
-            wait_until(lambda: _holds_all(db, pool_id, 6), what="the first pool to hold 6")
+            wait_until(lambda: _locked_by(db, pool_id) == 6, what="the first pool to hold 6")
             # The first pool beats all along: only the jobs' age can make it doubt them.
             _force_unlock(db, pool_id)
             second.start()
@@ -134,7 +119,6 @@ def test_buffered_jobs_taken_from_the_pool_are_dropped_not_run(
             log.wait_for("localQueue:dropJobs")
             dropped = log.payloads("localQueue:dropJobs")
             started = [payload["job"].payload["n"] for payload in log.payloads("job:start")]
-            started = [n for n in started if n >= 0]
     finally:
         handler.gate.set()
         assert first.stop(30)
@@ -207,8 +191,7 @@ def test_a_job_the_pool_claimed_again_runs_once_from_the_later_claim(
     handler = Gated(lambda job: job.payload["n"] == 0 and job.attempts == 1)
     add_jobs_sql(
         db,
-        WARM_UPS
-        + [{"identifier": "t", "payload": {"n": 0}, "priority": -1}]
+        [{"identifier": "t", "payload": {"n": 0}, "priority": -1}]
         + [{"identifier": "t", "payload": {"n": n}} for n in range(1, 6)],
     )
     runner = _runner(db_url, handler, concurrency=1, local_queue_size=10)
@@ -219,7 +202,7 @@ def test_a_job_the_pool_claimed_again_runs_once_from_the_later_claim(
             assert pool_id is not None
             wait_until(lambda: _job_started(log, 0), what="job 0 to start")
             started_at = time.monotonic()
-            wait_until(lambda: _holds_all(db, pool_id, 6), what="the pool to hold 6")
+            wait_until(lambda: _locked_by(db, pool_id) == 6, what="the pool to hold 6")
             _force_unlock(db, pool_id)
             # The next poll claims them again: jobs 1-4 are now buffered twice, under
             # the old lock and the new one (the buffer has room for 5 more).

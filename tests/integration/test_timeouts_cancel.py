@@ -273,17 +273,9 @@ def test_a_job_cancelled_in_the_local_buffer_never_starts(
         busy.set()
         release.wait(DEADLINE_S)
 
-    def quick(payload: Any, helpers: Any) -> None:
-        return None
-
-    runner = _runner(db_url, {"work": work, "quick": quick}, concurrency=1)
+    runner = _runner(db_url, {"work": work}, concurrency=1)
     try:
         with recording(runner) as log, runner:
-            # Quick jobs first: a pool that has measured its handlers fast buffers a
-            # job behind a busy slot (one that has not, or measured them slow, leaves
-            # it in the database for pools with a free slot: kongtask.jobs.claim_sizing).
-            runner.add_jobs([{"identifier": "quick"}] * 20)
-            runner.join(DEADLINE_S)
             first = runner.add_job("work", {})
             assert busy.wait(DEADLINE_S)
             waiting = runner.add_job("work", {})
