@@ -1,13 +1,14 @@
 """The claimer: the one actor that claims batches of runnable jobs into the local queue.
 
-One claim statement (``Queries.get_jobs``) locks up to the free room in the
-local queue for this pool, in priority then run_at order, at most one job per
-named queue. *When* to claim is decided by :class:`FetchPolicy` alone, fed by
-typed messages: the claim's own answer, ``BufferLow`` from the executors,
-``InsertNotified`` from the listener, ``Finished`` from the completer, the
-poll timer, wake-ups and shutdown. Messages that arrive while a claim runs
-wait in the mailbox and are folded in right after its answer, so none is
-lost.
+One claim statement (``Queries.get_jobs``) locks up to what the policy asks for
+(:meth:`FetchPolicy.ask`: the idle slots and a buffer sized from the handlers'
+measured run time, see :mod:`kongtask.jobs.claim_sizing`) for this pool, in
+priority then run_at order, at most one job per named queue. *When* to
+claim is decided by :class:`FetchPolicy` alone, fed by typed messages: the
+claim's own answer, ``BufferLow`` from the executors, ``InsertNotified``
+from the listener, ``Finished`` from the completer, the poll timer,
+wake-ups and shutdown. Messages that arrive while a claim runs wait in the
+mailbox and are folded in right after its answer, so none is lost.
 
 Rows arrive as tuples with the payload as text; the payloads of a batch are
 decoded by one ``json.loads`` call, and only if that fails one by one, so a
@@ -42,6 +43,7 @@ import psycopg
 from kongtask import events
 from kongtask.db.timestamps import load_rows_tolerating, psycopg_timestamps
 from kongtask.job import Job
+from kongtask.jobs.claim_sizing import ClaimSizing
 from kongtask.jobs.context import WorkerContext
 from kongtask.jobs.db_actor import DbActor
 from kongtask.jobs.fetch_policy import (
@@ -160,6 +162,9 @@ class Claimer(DbActor):
             # a sustained 10,000 jobs/s fell to 1,900), yet a bound on what a
             # shutdown must flush.
             max_held=4 * queue.size + ctx.settings.concurrency,
+            # Claims sized from the handlers' measured run time, so that a pool
+            # of slow jobs leaves work for pools with idle slots (claim_sizing).
+            sizing=ClaimSizing(concurrency=ctx.settings.concurrency, capacity=queue.size),
         )
         self._joins: list[threading.Event] = []
         self._poll_timer: TimerHandle | None = None
@@ -234,7 +239,7 @@ class Claimer(DbActor):
             self.actor_ref.tell(Recheck())
             return
         if not policy.stopping:
-            if queue.wake_at(policy.wake_level()):
+            if queue.wake_at(policy.wake_level(len(queue))):
                 # The buffer already fell to that level before anyone could report it.
                 self.actor_ref.tell(BufferLow())
             self._arm_poll()
@@ -244,7 +249,7 @@ class Claimer(DbActor):
         ctx = self.ctx
         queue = ctx.queue
         policy = self.policy
-        want = queue.size - len(queue)
+        want = policy.ask(len(queue))
         if not self._task_id_list:
             self._register_tasks()
         if not self._limits_read:
@@ -273,7 +278,13 @@ class Claimer(DbActor):
             logger.error("Failed to get jobs: %s", exc)
             ctx.bus.emit(events.worker_get_job_error, pool_id=ctx.pool_id, error=exc)
             return policy.step(ClaimFailed(), len(queue))
-        answer = ClaimAnswered(claimed=len(jobs), asked=want, seen=seen, adopted=len(adopted))
+        answer = ClaimAnswered(
+            claimed=len(jobs),
+            asked=want,
+            seen=seen,
+            adopted=len(adopted),
+            took_s=None if claim.retried else claim_s,
+        )
         if adopted:
             jobs += adopted
         self._note_answered(jobs)

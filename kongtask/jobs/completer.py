@@ -100,7 +100,9 @@ class Completer(DbActor):
                 self.run(functools.partial(self._release, queue_ids=queue_ids), "Releasing queues")
             # A released named queue may hold the next runnable job, which a
             # short claim had to skip: the claimer's policy decides what to do.
-            self._claimer.tell(Finished(len(successes) + len(failures), released))
+            # With the handlers' run times: the claimer sizes its claims from them.
+            run_s, timed = run_time(taken)
+            self._claimer.tell(Finished(len(successes) + len(failures), released, run_s, timed))
             if not self._announcing and self._limited([job for job, *_ in failures]):
                 self._announce_release()
             observer = self.ctx.outcome_observer
@@ -323,3 +325,15 @@ def _fail_spec(job: Job, message: str, payload: Any, permanent: bool) -> dict[st
     if permanent:
         spec["permanent"] = True
     return spec
+
+
+def run_time(outcomes: Outcomes) -> tuple[float, int]:
+    """The handlers' total run time in a batch of outcomes, and how many runs it counts
+    (outcomes without a run time, of jobs no handler ran, are left out)."""
+    timed = [
+        duration
+        for durations in (outcomes.success_durations, outcomes.failure_durations)
+        for duration in durations
+        if duration is not None
+    ]
+    return sum(timed), len(timed)

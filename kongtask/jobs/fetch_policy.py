@@ -20,6 +20,16 @@ The rules:
   claim also claims, and the last held job finishing confirms with a claim.
 * News that arrives while a claim is in flight is remembered and acted on
   right after its answer, never dropped.
+* With a :class:`~kongtask.jobs.claim_sizing.ClaimSizing` (every worker has
+  one), the buffer is kept to its target rather than the whole capacity: a
+  claim asks for the idle slots plus the target minus what is buffered
+  (:meth:`FetchPolicy.ask`), "room" means fewer than the target buffered,
+  and the low-water mark is half the target. News alone does not make a
+  sized pool without an idle slot claim: it would only buffer the new jobs
+  while another pool may start them now; the next ``Finished`` does. So a pool of slow jobs holds
+  about one claim's lead time of work beyond its running jobs, and the
+  rest stays in the database for pools with idle slots; a pool of fast jobs
+  has a target of the whole buffer and claims as it always did.
 * While the pool holds ``max_held`` jobs or more (claimed, not yet recorded:
   buffered, running, or waiting for the completer) it does not claim; the
   completer's ``Finished`` reports release it. Without this bound a worker
@@ -33,6 +43,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 from typing import NamedTuple
+
+from kongtask.jobs.claim_sizing import ClaimSizing
 
 __all__ = [
     "Action",
@@ -71,7 +83,7 @@ class Answer(enum.Enum):
 
 
 class ClaimAnswered(NamedTuple):
-    """A claim returned ``claimed`` rows of its own, having asked for ``asked``.
+    """A claim returned ``claimed`` rows of its own, having asked for ``asked``, in ``took_s``.
 
     ``seen`` is how many candidate rows the claim examined before keeping
     one job per named queue; when it reached ``asked`` more may be waiting
@@ -84,6 +96,7 @@ class ClaimAnswered(NamedTuple):
     asked: int
     seen: int = -1
     adopted: int = 0
+    took_s: float | None = None
 
 
 class ClaimFailed(NamedTuple):
@@ -110,11 +123,14 @@ class Finished(NamedTuple):
     """``jobs`` held jobs were recorded as completed or failed.
 
     ``released`` says some of them held a named queue, whose next job may be
-    runnable now.
+    runnable now. ``timed`` of them had a handler run, ``run_s`` seconds in all
+    (the claim sizing's measure).
     """
 
     jobs: int
     released: bool = False
+    run_s: float = 0.0
+    timed: int = 0
 
 
 class Returned(NamedTuple):
@@ -168,6 +184,52 @@ class FetchPolicy:
     held: int = 0
     #: Callers waiting for idleness (``Runner.join``).
     joins: int = 0
+    #: Sizes claims from the measured handler time (None: always fill the buffer).
+    sizing: ClaimSizing | None = None
+
+    @property
+    def limit(self) -> int:
+        """How many jobs the buffer should hold at most now (the sizing's target)."""
+        sizing = self.sizing
+        if sizing is None:
+            return self.capacity
+        return min(self.capacity, sizing.target())
+
+    def ask(self, buffered: int) -> int:
+        """How many jobs a claim should ask for with ``buffered`` jobs in the buffer.
+
+        The idle slots (the concurrency less the held jobs not buffered, an
+        estimate: outcomes not yet written count as running) plus the buffer's
+        target less what it holds, never more than the buffer has room for.
+        """
+        room = self.capacity - buffered
+        sizing = self.sizing
+        if sizing is None:
+            return room
+        limit = self.limit
+        if limit >= self.capacity:
+            return room
+        return max(0, min(room, self._idle_slots(buffered) + limit - buffered))
+
+    def _idle_slots(self, buffered: int) -> int:
+        """Slots free now, by the count of held jobs (unwritten outcomes count as running)."""
+        assert self.sizing is not None
+        return max(0, self.sizing.concurrency - max(0, self.held - buffered))
+
+    def _busy(self, limit: int, buffered: int) -> bool:
+        """A sized pool with no idle slot: news is for pools that can start the jobs now.
+
+        A claim on news would only buffer them behind running jobs while another
+        pool may have slots free; the news is kept, and the next ``Finished``
+        (a slot freed) decides again.
+        """
+        return limit < self.capacity and self._idle_slots(buffered) == 0
+
+    def _low_level(self, limit: int) -> int:
+        """The low-water mark for ``limit``: half a sized buffer, else the configured mark."""
+        if limit >= self.capacity:
+            return self.low_water
+        return min(self.low_water, limit // 2)
 
     @property
     def eager(self) -> bool:
@@ -191,6 +253,8 @@ class FetchPolicy:
         """Fold ``event`` into the state; ``buffered`` is the buffer's length now."""
         if isinstance(event, ClaimAnswered):
             self.in_flight = False
+            if event.took_s is not None and self.sizing is not None:
+                self.sizing.note_claim(event.took_s)
             self.held += event.claimed + event.adopted
             seen = max(event.seen, event.claimed)
             if seen >= event.asked > 0:
@@ -208,6 +272,8 @@ class FetchPolicy:
             self.news = True
         elif isinstance(event, Finished):
             self.held -= event.jobs
+            if self.sizing is not None:
+                self.sizing.note_runs(event.run_s, event.timed)
             if event.released:
                 self.news = True
             elif self.eager and self.held <= 0:
@@ -229,30 +295,34 @@ class FetchPolicy:
 
     def decide(self, buffered: int) -> Action:
         """Whether to claim now, given the state and the buffer's length."""
-        if self.stopping or self.in_flight or buffered >= self.capacity:
+        limit = self.limit
+        if self.stopping or self.in_flight or buffered >= limit:
             return Action.WAIT
         if self.held >= self.max_held:
             return Action.WAIT  # a Finished report will decide again
         if self.answer is Answer.MORE:
-            return Action.CLAIM if buffered <= self.low_water else Action.WAIT
+            return Action.CLAIM if buffered <= self._low_level(limit) else Action.WAIT
         if self.news:
-            return Action.CLAIM
+            return Action.WAIT if self._busy(limit, buffered) else Action.CLAIM
         if self.answer is Answer.SHORT and self.eager and buffered == 0:
             return Action.CLAIM
         return Action.WAIT
 
-    def wake_level(self) -> int:
+    def wake_level(self, buffered: int = 0) -> int:
         """The buffer length at or below which an executor must send :class:`BufferLow`.
 
         ``-1`` means "don't tell me": nothing an executor does can change
-        the decision (the next claim waits for news, or one is in flight).
+        the decision (the next claim waits for news, or one is in flight, or
+        only a freed slot can). ``buffered`` is the buffer's length now.
         """
         if self.stopping or self.in_flight or self.held >= self.max_held:
             return -1
+        limit = self.limit
         if self.answer is Answer.MORE:
-            return self.low_water
+            return self._low_level(limit)
         if self.news:
-            return self.capacity - 1
+            # A busy pool's pops free no slot: the completer's Finished decides.
+            return -1 if self._busy(limit, buffered) else limit - 1
         if self.answer is Answer.SHORT and self.eager:
             return 0
         return -1
