@@ -79,6 +79,9 @@ def set_limit(
         "rate_interval_s": parsed.interval_s if parsed else None,
     }
     with conn.transaction():
+        row = conn.execute(queries.locked_index_exists, {"schema": queries.schema}).fetchone()
+        if row is None or not row[0]:
+            conn.execute(queries.create_locked_index)
         conn.execute(queries.set_limit, params)
         _changed(conn, queries)
     return next(row for row in list_limits(conn, queries) if (row.key_kind, row.key) == (kind, key))

@@ -242,3 +242,26 @@ def _waiting_for_a_lock(db: psycopg.Connection[Any]) -> bool:
         "and datname = current_database()"
     ).fetchone()
     return row is not None and row[0] > 0
+
+
+def test_the_first_limit_adds_the_index_of_locked_jobs(
+    db_url: str, db: psycopg.Connection[Any]
+) -> None:
+    # A schema without limits does not pay for the index on every claim.
+    query = (
+        "select count(*) from pg_indexes where schemaname = 'graphile_worker' "
+        "and indexname = '_kongtask_jobs_locked_idx'"
+    )
+    with WorkerUtils(db_url) as utils:
+        utils.migrate()
+        assert db.execute(query).fetchone() == (0,)
+        utils.set_limit("bulk", concurrency=3)
+        utils.set_limit("other", concurrency=2)
+        assert db.execute(query).fetchone() == (1,)
+        utils.clear_limit("bulk")
+        utils.clear_limit("other")
+    row = db.execute(
+        "select pg_get_indexdef(indexrelid) from pg_index "
+        "where indexrelid = 'graphile_worker._kongtask_jobs_locked_idx'::regclass"
+    ).fetchone()
+    assert row is not None and "WHERE (locked_at IS NOT NULL)" in row[0]

@@ -220,6 +220,23 @@ select pg_notify('kongtask:limits', json_build_object(
 -- Limit and pause changes, and limited jobs finishing (see notify_limits).
 LISTEN "kongtask:limits"
 
+-- name: locked_index_exists
+-- Whether the index of locked jobs is there (see create_locked_index).
+select exists (
+    select 1 from pg_catalog.pg_indexes
+    where schemaname = %(schema)s::text and indexname = '_kongtask_jobs_locked_idx'
+)
+
+-- name: create_locked_index
+-- The index the limited claims count locked jobs with, created with the first
+-- limit (not by a migration: a schema without limits does not pay for it on
+-- every claim). Only claimed rows have an entry, so it stays as small as what
+-- the fleet holds. Building it scans the jobs table once and blocks writes
+-- to it meanwhile.
+create index if not exists _kongtask_jobs_locked_idx
+on {s}._private_jobs using btree (locked_at)
+where (locked_at is not null)
+
 -- name: set_limit
 -- Create or replace the limit on one key (a rate keeps its recent starts
 -- when its count is unchanged).
