@@ -103,6 +103,7 @@ def claim_times(url: str, claims: int) -> list[float]:
             "now": None,
             "task_ids": [row[0]],
             "forbidden_flags": None,
+            "excluded_queues": [],
             "batch": BATCH,
             "pool_id": "bench-scale",
         }
@@ -129,6 +130,7 @@ def peak_rss_mb(pid: int) -> float | None:
 def run_some(url: str, tasks_file: Path, count: int) -> tuple[float, float]:
     """Run a worker until ``count`` jobs are done, then stop it: (jobs/s, peak RSS MB)."""
     before = waiting(url)
+    count = min(count, before)  # a backlog smaller than --run: time all of it
     argv = [*kongtask_cli(), "-c", url, "--tasks", str(tasks_file), "-j", "24"]
     child = subprocess.Popen(
         argv, env=dict(os.environ, NO_LOG_SUCCESS="1"), stderr=subprocess.DEVNULL
