@@ -43,7 +43,11 @@ def test_committed_request_runs_its_job(db_url: str, db: psycopg.Connection[Any]
             lambda: one(db, "select sent from receipt_counter") == 1, what="both jobs to run"
         )
         assert one(db, f"select receipt_sent from orders where id = {int(order)}") is True
-        assert one(db, "select count(*) from graphile_worker._private_jobs") == 0
+        # The completer records the outcomes just after the handlers' own writes.
+        wait_until(
+            lambda: one(db, "select count(*) from graphile_worker._private_jobs") == 0,
+            what="both jobs to be recorded as completed",
+        )
         assert one(db, POOL_SESSIONS) > 0
     # The lifespan drained the worker: its sessions leave the database.
     wait_until(lambda: one(db, POOL_SESSIONS) == 0, what="the Runner's sessions to close")
