@@ -99,6 +99,7 @@ class RunnerOptions(_RequiredRunnerOptions, total=False):
     install_signal_handlers: bool | None
     local_queue_size: int | None
     local_queue_ttl_s: float
+    size_claims: bool
     min_reset_locked_interval_s: float
     max_reset_locked_interval_s: float
     lock_expiry: str

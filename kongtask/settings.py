@@ -150,6 +150,11 @@ class WorkerSettings:
     install_signal_handlers: bool | None = None
     local_queue_size: int | None = None
     local_queue_ttl_s: float = 300.0
+    #: Size each claim from the idle slots and the handlers' measured run time, so a pool
+    #: of slow jobs leaves work for pools with free slots (see the performance guide's
+    #: claim sizing). ``False``: every claim fills the local queue, as a lone worker
+    #: draining quick jobs may prefer.
+    size_claims: bool = True
     min_reset_locked_interval_s: float = 480.0
     max_reset_locked_interval_s: float = 600.0
     lock_expiry: str = "4 hours"
@@ -190,6 +195,7 @@ class WorkerSettings:
         else:
             check_int("local_queue_size", self.local_queue_size, 1, 100_000)
         check_seconds("local_queue_ttl_s", self.local_queue_ttl_s, allow_minimum=False)
+        check_bool("size_claims", self.size_claims)
         check_seconds(
             "min_reset_locked_interval_s", self.min_reset_locked_interval_s, allow_minimum=False
         )

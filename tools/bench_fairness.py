@@ -15,7 +15,9 @@ worker after the restart; and per 5-second window each worker's jobs/s and
 the p95 / p99 latency of the jobs due in it (the restart's backlog and the
 steady state apart). Jobs the killed worker had
 claimed are rescued by the survivors (kongtask's dead-pool check); they are
-counted, and their latency shows in the max.
+counted, and their latency shows in the max. Since graphile-worker never runs
+its killed worker's jobs, the latency is also printed leaving out, on both
+sides, the jobs the killed worker held (running or buffered) at the kill.
 
 With ``--compare-graphile-worker`` graphile-worker 0.17.3 (from npm, as in
 ``tools/bench_throughput.py``) runs the same scenario with its CLI
@@ -86,6 +88,8 @@ LEFT = (
     "where locked_at is null or locked_at > now() - interval '5 seconds'"
 )
 STUCK = "select count(*) from graphile_worker._private_jobs"
+#: The locked jobs and their lockers, read right after the kill.
+LOCKED = "select id, locked_by from graphile_worker._private_jobs where locked_at is not null"
 
 
 class Start(NamedTuple):
@@ -154,11 +158,20 @@ def produce(url: str, rate: float, seconds: float, stop: threading.Event) -> int
     return added
 
 
-def run_side(
-    name: str, url: str, side: Side, args: argparse.Namespace, folder: Path
-) -> tuple[list[Start], float, float, int, int]:
-    """Run the scenario once; returns the starts, the restart time (epoch), the produce
-    end (epoch), how many jobs were added and how many were left locked."""
+class Run(NamedTuple):
+    """What one side's run left: the handler starts, the restart and the producer's end
+    (epoch seconds), jobs added, jobs left locked, and the locks read after the kill."""
+
+    starts: list[Start]
+    restarted: float
+    produced_until: float
+    added: int
+    stuck: int
+    locked_at_kill: dict[int, str]
+
+
+def run_side(name: str, url: str, side: Side, args: argparse.Namespace, folder: Path) -> Run:
+    """Run the scenario once."""
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute("truncate graphile_worker._private_jobs")
     procs: dict[str, subprocess.Popen[bytes]] = {}
@@ -176,6 +189,8 @@ def run_side(
         procs["A"].send_signal(signal.SIGKILL)
         procs["A"].wait()
         restarted = time.time()
+        with psycopg.connect(url, autocommit=True) as conn:
+            locked_at_kill = {int(i): str(by) for i, by in conn.execute(LOCKED).fetchall()}
         procs["A2"], log = start_worker(side, "A2", folder)
         wait_ready(procs["A2"], log, side.ready)
         producer.join()
@@ -208,7 +223,18 @@ def run_side(
             starts.append(Start(int(job_id), float(started), float(run_at), worker))
         path.unlink()
     print(f"  {name}: {added[0] if added else 0} jobs added")
-    return starts, restarted, produced_until, added[0] if added else 0, stuck
+    return Run(starts, restarted, produced_until, added[0] if added else 0, stuck, locked_at_kill)
+
+
+def held_by_killed(run: Run) -> set[int]:
+    """The jobs the killed worker held (running or buffered) when it was killed.
+
+    Its locker is the one whose locked jobs it had started; graphile-worker never
+    runs these again, so a like-for-like latency leaves them out on both sides.
+    """
+    started_by_a = {s.job_id for s in run.starts if s.worker == "A"}
+    lockers = {by for job_id, by in run.locked_at_kill.items() if job_id in started_by_a}
+    return {job_id for job_id, by in run.locked_at_kill.items() if by in lockers}
 
 
 def line(label: str, values_ms: list[float]) -> str:
@@ -222,23 +248,25 @@ def line(label: str, values_ms: list[float]) -> str:
     return f"    {label} ({len(values)} jobs): {figures}, max {values[-1]:,.1f} ms"
 
 
-def report(
-    name: str, starts: list[Start], restarted: float, produced_until: float, added: int, stuck: int
-) -> None:
+def report(name: str, run: Run) -> None:
     """Print the latency percentiles and the per-worker rates of one run."""
+    starts, restarted, produced_until = run.starts, run.restarted, run.produced_until
     first: dict[int, Start] = {}
     for start in sorted(starts, key=lambda s: s.started):
         first.setdefault(start.job_id, start)
     runs = Counter(start.job_id for start in starts)
+    held = held_by_killed(run)
     latency = [(s.started - s.run_at) * 1000 for s in first.values()]
     after = [(s.started - s.run_at) * 1000 for s in first.values() if s.run_at >= restarted]
+    kept = [(s.started - s.run_at) * 1000 for s in first.values() if s.job_id not in held]
     print(f"  {name}: claim latency (handler start - run_at), first start of each job")
     print(line("overall", latency))
     print(line("jobs added after the restart", after))
+    print(line(f"leaving out the {len(held)} jobs the killed worker held", kept))
     again = sum(1 for count in runs.values() if count > 1)
     print(
-        f"    jobs started: {len(first)} of {added}; started more than once (rescued after "
-        f"the kill): {again}; left locked at the end: {stuck}"
+        f"    jobs started: {len(first)} of {run.added}; started more than once (rescued after "
+        f"the kill): {again}; left locked at the end: {run.stuck}"
     )
     window = produced_until - restarted
     counts = Counter(s.worker for s in starts if restarted <= s.started <= produced_until)
@@ -251,17 +279,28 @@ def report(
     for s in starts:
         buckets.setdefault(int((s.started - origin) // 5), Counter())[s.worker] += 1
     waits: dict[int, list[float]] = {}
+    waits_kept: dict[int, list[float]] = {}
     for s in first.values():
-        waits.setdefault(int((s.run_at - origin) // 5), []).append((s.started - s.run_at) * 1000)
+        index, wait_ms = int((s.run_at - origin) // 5), (s.started - s.run_at) * 1000
+        waits.setdefault(index, []).append(wait_ms)
+        if s.job_id not in held:
+            waits_kept.setdefault(index, []).append(wait_ms)
     print(
         f"    per 5 s window (restart at {restarted - origin:.1f} s): jobs/s per worker; "
-        "p95 / p99 latency of the jobs due in it"
+        "p95 / p99 latency of the jobs due in it; the same leaving out the killed worker's"
     )
     for index in sorted(buckets):
         cells = ", ".join(f"{w} {buckets[index][w] / 5:.0f}" for w in sorted(buckets[index]))
-        due = sorted(waits.get(index, []))
-        tail = f"{percentile(due, 0.95):,.1f} / {percentile(due, 0.99):,.1f} ms" if due else "-"
-        print(f"      {index * 5:>3}-{index * 5 + 5:<3} s: {cells}; {tail}")
+        print(
+            f"      {index * 5:>3}-{index * 5 + 5:<3} s: {cells}; "
+            f"{_tail(waits.get(index, []))}; {_tail(waits_kept.get(index, []))}"
+        )
+
+
+def _tail(values: list[float]) -> str:
+    """p95 / p99 of ``values`` in ms, or a dash."""
+    due = sorted(values)
+    return f"{percentile(due, 0.95):,.1f} / {percentile(due, 0.99):,.1f} ms" if due else "-"
 
 
 def main() -> int:
@@ -302,7 +341,7 @@ def main() -> int:
                 "cron is disabled",
             )
         for name, side in sides.items():
-            report(name, *run_side(name, url, side, args, folder))
+            report(name, run_side(name, url, side, args, folder))
     return 0
 
 

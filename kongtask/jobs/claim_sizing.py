@@ -16,10 +16,10 @@ buffer, as before this rule. The claimer asks for the idle slots plus the
 target minus what is buffered (:meth:`FetchPolicy.ask`).
 
 Before any handler time is known (a pool that just started) the target is
-the whole buffer, as before this rule: nothing says the jobs are slow, a
-drain of fast jobs must not start with small claims, and the cost is
-bounded by one claim, since the first outcome written sets the measure
-(a restarted pool may take one buffer of slow jobs, once).
+the floor: a pool restarted into a backlog of slow jobs must not take a
+whole buffer of them while other pools have slots free. A drain of fast
+jobs loses one small first claim: the first outcome written sets the
+measure, and with it the whole buffer.
 
 :class:`ClaimSizing` keeps the moving averages (handler run time from the
 completer's ``Finished`` reports, claim round trip from the claimer); it is
@@ -55,12 +55,14 @@ def buffer_target(
     """How many jobs to keep buffered beyond the running ones (1 to ``capacity``).
 
     ``average_run_s`` is the handlers' average run time (None: not measured
-    yet, which gives the whole buffer); ``lead_s`` how long it takes
+    yet, which gives the floor); ``lead_s`` how long it takes
     from a job's end until a claim it makes room for brings the next one.
     """
-    if average_run_s is None or average_run_s <= 0.0:
-        return capacity
     floor = buffer_floor(concurrency, capacity)
+    if average_run_s is None:
+        return floor
+    if average_run_s <= 0.0:
+        return capacity
     wanted = concurrency * lead_s / average_run_s
     if wanted >= capacity:
         return capacity

@@ -164,7 +164,11 @@ class Claimer(DbActor):
             max_held=4 * queue.size + ctx.settings.concurrency,
             # Claims sized from the handlers' measured run time, so that a pool
             # of slow jobs leaves work for pools with idle slots (claim_sizing).
-            sizing=ClaimSizing(concurrency=ctx.settings.concurrency, capacity=queue.size),
+            sizing=(
+                ClaimSizing(concurrency=ctx.settings.concurrency, capacity=queue.size)
+                if ctx.settings.size_claims
+                else None
+            ),
         )
         self._joins: list[threading.Event] = []
         self._poll_timer: TimerHandle | None = None

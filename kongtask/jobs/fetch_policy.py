@@ -21,8 +21,8 @@ The rules:
 * News that arrives while a claim is in flight is remembered and acted on
   right after its answer, never dropped.
 * With a :class:`~kongtask.jobs.claim_sizing.ClaimSizing` (every worker has
-  one), the buffer is kept to its target rather than the whole capacity: a
-  claim asks for the idle slots plus the target minus what is buffered
+  one unless ``size_claims=False``), the buffer is kept to its target rather
+  than the whole capacity: a claim asks for the idle slots plus the target minus what is buffered
   (:meth:`FetchPolicy.ask`), "room" means fewer than the target buffered,
   and the low-water mark is half the target. News alone does not make a
   sized pool without an idle slot claim: it would only buffer the new jobs

@@ -56,7 +56,8 @@ def test_paused_pool_drops_the_jobs_it_no_longer_holds(
     install_ledger(db)
     tasks = write_tasks(tmp_path)
     # Job 0 runs first and takes 3 s on its first attempt: it is running when the
-    # pool is stopped. The other five wait behind it in the local queue.
+    # pool is stopped. The other five wait behind it in the local queue (the paused
+    # pool fills its buffer on every claim: a sized one would buffer one round).
     specs = make_specs(1, first_ms=3000, mark_start=True) + make_specs(HELD - 1, start=1)
     specs[0]["priority"] = -1
     enqueue(db, specs)
@@ -66,7 +67,10 @@ def test_paused_pool_drops_the_jobs_it_no_longer_holds(
         "pool_dead_after_s": DEAD_AFTER_S,
     }
     paused = WorkerProcess.script(
-        db_url, tasks, tmp_path / "paused.log", {**common, "concurrency": 1, "local_queue_size": 6}
+        db_url,
+        tasks,
+        tmp_path / "paused.log",
+        {**common, "concurrency": 1, "local_queue_size": 6, "size_claims": False},
     )
     live: WorkerProcess | None = None
     try:

@@ -27,7 +27,7 @@ CLAIM, WAIT = Action.CLAIM, Action.WAIT
 
 # (name, concurrency, capacity, average run time, lead time, expected target)
 TARGETS: list[tuple[str, int, int, float | None, float, int]] = [
-    ("not measured yet: the whole buffer", 16, 64, None, 0.01, 64),
+    ("not measured yet: the floor", 16, 64, None, 0.01, 4),
     ("100 ms jobs need only the floor", 16, 64, 0.1, 0.012, 4),
     ("10 ms jobs: the lead time's worth", 16, 64, 0.010, 0.012, 20),
     ("5 ms jobs round up", 16, 64, 0.005, 0.012, 39),
@@ -63,7 +63,7 @@ def test_buffer_floor(concurrency: int, capacity: int, expected: int) -> None:
 
 def test_averages_start_with_the_first_measure_and_move_towards_new_ones() -> None:
     sizing = ClaimSizing(concurrency=16, capacity=64)
-    assert sizing.target() == 64  # cold: the whole buffer, as before the sizing
+    assert sizing.target() == 4  # cold: the floor, until a run time is known
     assert sizing.lead_s == pytest.approx(LEAD_MARGIN_S)
     sizing.note_runs(0.0, 0)  # no handler ran: nothing learnt
     assert sizing.average_run_s is None
@@ -107,7 +107,8 @@ ASKS: list[tuple[str, FetchPolicy, int, int]] = [
     ("slow jobs, half the slots busy", sized(0.1, held=8), 0, 12),
     ("slow jobs, outcomes unwritten count as running", sized(0.1, held=30), 0, 4),
     ("slow jobs, buffer at the target: nothing", sized(0.1, held=20), 4, 0),
-    ("cold: the buffer's room", sized(None, held=30), 3, 61),
+    ("cold, all slots idle: the slots and the floor", sized(None), 0, 20),
+    ("cold, all slots busy: the floor less the buffered", sized(None, held=30), 3, 1),
     (
         "never more than the room",
         FetchPolicy(capacity=8, low_water=4, sizing=ClaimSizing(16, 8)),

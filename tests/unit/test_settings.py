@@ -50,6 +50,7 @@ def test_forbidden_flags_become_a_tuple() -> None:
         ("install_signal_handlers", 1),
         ("local_queue_size", 0),
         ("local_queue_ttl_s", float("inf")),
+        ("size_claims", "no"),
         ("forbidden_flags", "flag"),
         ("forbidden_flags", ["ok", ""]),
         ("schema", ""),

@@ -127,6 +127,12 @@ def _worker_parser() -> argparse.ArgumentParser:
         help="how many jobs to claim ahead into the local buffer (default max(4 x jobs, 16))",
     )
     parser.add_argument(
+        "--no-size-claims",
+        action="store_true",
+        help="fill the local buffer on every claim instead of sizing claims from the "
+        "idle slots and the handlers' measured run time",
+    )
+    parser.add_argument(
         "--no-prepared-statements",
         action="store_true",
         help="don't use prepared statements (for pgBouncer in transaction mode)",
@@ -380,6 +386,8 @@ def _run_worker(args: argparse.Namespace) -> int:
         options["max_pool_size"] = args.max_pool_size
     if args.local_queue_size is not None:
         options["local_queue_size"] = args.local_queue_size
+    if args.no_size_claims:
+        options["size_claims"] = False
     if args.metrics_port is not None:
         # Under a supervisor, process i serves on PORT + i (0 stays "any free port").
         options["metrics_port"] = args.metrics_port + process_index if args.metrics_port else 0
