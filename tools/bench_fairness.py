@@ -100,6 +100,11 @@ class Start(NamedTuple):
     run_at: float
     worker: str
 
+    @property
+    def wait_ms(self) -> float:
+        """The claim latency: this start less the job's run_at, in ms."""
+        return (self.started - self.run_at) * 1000
+
 
 class Side(NamedTuple):
     """How to start one worker process of a side: argv, working folder, extra environment,
@@ -256,9 +261,9 @@ def report(name: str, run: Run) -> None:
         first.setdefault(start.job_id, start)
     runs = Counter(start.job_id for start in starts)
     held = held_by_killed(run)
-    latency = [(s.started - s.run_at) * 1000 for s in first.values()]
-    after = [(s.started - s.run_at) * 1000 for s in first.values() if s.run_at >= restarted]
-    kept = [(s.started - s.run_at) * 1000 for s in first.values() if s.job_id not in held]
+    latency = [s.wait_ms for s in first.values()]
+    after = [s.wait_ms for s in first.values() if s.run_at >= restarted]
+    kept = [s.wait_ms for s in first.values() if s.job_id not in held]
     print(f"  {name}: claim latency (handler start - run_at), first start of each job")
     print(line("overall", latency))
     print(line("jobs added after the restart", after))
@@ -281,10 +286,10 @@ def report(name: str, run: Run) -> None:
     waits: dict[int, list[float]] = {}
     waits_kept: dict[int, list[float]] = {}
     for s in first.values():
-        index, wait_ms = int((s.run_at - origin) // 5), (s.started - s.run_at) * 1000
-        waits.setdefault(index, []).append(wait_ms)
+        index = int((s.run_at - origin) // 5)
+        waits.setdefault(index, []).append(s.wait_ms)
         if s.job_id not in held:
-            waits_kept.setdefault(index, []).append(wait_ms)
+            waits_kept.setdefault(index, []).append(s.wait_ms)
     print(
         f"    per 5 s window (restart at {restarted - origin:.1f} s): jobs/s per worker; "
         "p95 / p99 latency of the jobs due in it; the same leaving out the killed worker's"

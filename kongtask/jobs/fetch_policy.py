@@ -22,11 +22,12 @@ The rules:
   right after its answer, never dropped.
 * With a :class:`~kongtask.jobs.claim_sizing.ClaimSizing` (every worker has
   one unless ``size_claims=False``), the buffer is kept to its target rather
-  than the whole capacity: a claim asks for the idle slots plus the target minus what is buffered
-  (:meth:`FetchPolicy.ask`), "room" means fewer than the target buffered,
-  and the low-water mark is half the target. News alone does not make a
-  sized pool without an idle slot claim: it would only buffer the new jobs
-  while another pool may start them now; the next ``Finished`` does. So a pool of slow jobs holds
+  than the whole capacity: a claim asks for the idle slots plus the target
+  minus what is buffered (:meth:`FetchPolicy.ask`), "room" means fewer than
+  the target buffered, and the low-water mark is half the target. News alone
+  does not make a sized pool without an idle slot claim: it would only buffer
+  the new jobs while another pool may start them now; the next ``Finished``
+  does. So a pool of slow jobs holds
   about one claim's lead time of work beyond its running jobs, and the
   rest stays in the database for pools with idle slots; a pool of fast jobs
   has a target of the whole buffer and claims as it always did.
