@@ -1,24 +1,27 @@
 """What runs inside a child process: one job's handler, away from the worker.
 
-Run as a script (``python .../kongtask/jobs/child_main.py FD``), it is a
+Run as a script (``python .../kongtask/jobs/child_main.py FD [NICENESS]``), it is a
 one-job-at-a-time child of :class:`kongtask.jobs.isolation.ChildProcess`: the
 parent writes pickles to its stdin (the parent's ``sys.path``, then one job
 after another, or ``None`` to ask whether it still answers: an empty message
 says yes) and it writes each pickled outcome, length first, to file
 descriptor ``FD``; it exits when its stdin closes. If it dies first, the
-parent sees no whole outcome and reads the exit status instead.
+parent sees no whole outcome and reads the exit status instead. A
+``NICENESS`` above 0 lowers the child's CPU priority by that much before it
+reads its first job (a suspect's child whose parent found no ``nice`` program, see
+:mod:`kongtask.jobs.isolation`).
 
 This module imports nothing of kongtask and only the standard library at the
-top, so a child starts in a fraction of the time the worker took (the
-handler's module imports what it needs), and a fresh interpreter never runs
-the worker's main script again (as ``multiprocessing``'s spawn would), so a
-script without a ``__main__`` guard cannot start a second worker inside it.
+top (``asyncio`` only for a coroutine handler), so a child starts in a
+fraction of the time the worker took (the handler's module imports what it
+needs), and a fresh interpreter never runs the worker's main script again (as
+``multiprocessing``'s spawn would), so a script without a ``__main__`` guard
+cannot start a second worker inside it.
 The process pool of ``executor="process"`` tasks calls :func:`run_job` too.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import importlib
 import importlib.util
@@ -26,11 +29,12 @@ import inspect
 import logging
 import os
 import pickle
+import socket
 import sys
 import threading
 import traceback
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, BinaryIO, NoReturn
 
 #: Marks an exception item of a batch result (carried back as its text).
 ERROR_ITEM = "__kongtask_child_error_item__"
@@ -116,6 +120,8 @@ def run_job(
         handler = load_handler(*ref)
         helpers = ChildHelpers(ChildJob(job), worker_id, conninfo)
         if inspect.iscoroutinefunction(handler):
+            import asyncio  # only here: it is most of a plain child's start-up
+
             result = asyncio.run(handler(payload, helpers))
         else:
             result = handler(payload, helpers)
@@ -132,10 +138,8 @@ def run_job(
         return ("error", str(exc) or type(exc).__name__, text)
 
 
-def main() -> None:
-    """Read jobs from stdin until it closes; write each outcome to the given descriptor."""
-    out = os.fdopen(int(sys.argv[1]), "wb")
-    stdin = sys.stdin.buffer
+def serve(out: BinaryIO, stdin: BinaryIO) -> None:
+    """Read jobs from ``stdin`` until it closes; write each outcome to ``out``."""
     sys.path[:] = pickle.load(stdin)
     while True:
         try:
@@ -155,6 +159,74 @@ def main() -> None:
             )
         out.write(len(data).to_bytes(8, "big") + data)
         out.flush()
+
+
+def zygote(sock: socket.socket) -> None:
+    """Fork one-job children on the worker's request, until its end of ``sock`` closes.
+
+    A request is ``S<niceness>`` with two descriptors (the child's stdin and its
+    outcome pipe); the answer is the child's pid. ``W<pid>`` asks, without
+    waiting, whether that child has exited: ``-`` while it runs, else its exit
+    status as :class:`subprocess.Popen` gives it (a negative signal number).
+    Only the worker's question reaps a child, so a pid is never reused while the
+    worker may still signal it. A fork of this single-threaded process costs a
+    few milliseconds, where a fresh interpreter costs tens.
+    """
+    while True:
+        try:
+            message, fds, _flags, _address = socket.recv_fds(sock, 64, 2)
+        except InterruptedError:
+            continue
+        if not message:
+            return  # the worker closed its end (or died)
+        kind, number = message[:1], int(message[1:])
+        if kind == b"S":
+            pid = os.fork()
+            if pid == 0:
+                _forked_child(sock, number, fds)
+            for fd in fds:
+                os.close(fd)
+            sock.send(str(pid).encode())
+        elif kind == b"W":
+            try:
+                done, status = os.waitpid(number, os.WNOHANG)
+            except ChildProcessError:
+                done, status = number, 255 << 8  # not ours (any more): say it failed
+            if done == 0:
+                sock.send(b"-")
+            else:
+                sock.send(str(os.waitstatus_to_exitcode(status)).encode())
+
+
+def _forked_child(sock: socket.socket, niceness: int, fds: list[int]) -> NoReturn:
+    """A child forked by the zygote: serve jobs on the descriptors it was sent, then exit
+    (never return into the zygote's loop)."""
+    code = 1
+    try:
+        sock.close()
+        os.setsid()  # out of the zygote's session, as a spawned child is
+        if niceness > 0:
+            os.nice(niceness)
+        stdin_fd, out_fd = fds
+        with os.fdopen(stdin_fd, "rb") as stdin, os.fdopen(out_fd, "wb") as out:
+            serve(out, stdin)
+        code = 0
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        os._exit(code)
+
+
+def main() -> None:
+    """``FD [NICENESS]``: serve jobs from stdin, outcomes to FD; ``--zygote FD``: fork
+    children on the requests of the socket FD."""
+    if sys.argv[1] == "--zygote":
+        zygote(socket.socket(fileno=int(sys.argv[2])))
+        return
+    out = os.fdopen(int(sys.argv[1]), "wb")
+    if len(sys.argv) > 2 and int(sys.argv[2]) > 0:
+        os.nice(int(sys.argv[2]))
+    serve(out, sys.stdin.buffer)
 
 
 if __name__ == "__main__":

@@ -41,6 +41,7 @@ import multiprocessing
 import os
 import pickle
 import select
+import shutil
 import signal
 import subprocess
 import sys
@@ -49,13 +50,14 @@ from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
-from typing import Any
+from typing import IO, Any
 
 from kongtask.declared import Task
 from kongtask.errors import ConfigurationError
 from kongtask.job import Job
 from kongtask.jobs import child_main
 from kongtask.jobs.child_main import ERROR_ITEM
+from kongtask.jobs.zygote import ForkedChild, Zygote, ZygoteGone, supported
 
 __all__ = [
     "CRASH_PREFIX",
@@ -78,6 +80,10 @@ CRASH_PREFIX = "kongtask: the process running this job died"
 _SPAWN = multiprocessing.get_context("spawn")
 #: How often a parent waiting on a child looks at the job's abort event.
 _ABORT_POLL_S = 0.2
+
+#: The ``nice`` program, which lowers a child's priority from its first instruction
+#: (None: the child lowers its own once its interpreter is up).
+_NICE = shutil.which("nice")
 
 
 class ChildCrashed(Exception):
@@ -199,24 +205,26 @@ def _unpack(outcome: Any) -> Any:
 
 
 class ChildProcess:
-    """A fresh interpreter running jobs one at a time (``python -m kongtask.jobs.child_main``).
+    """A process of its own running jobs one at a time (:mod:`kongtask.jobs.child_main`).
 
-    Requests go down its stdin as pickles; each outcome comes back on a pipe of
-    its own, length first. If the pipe closes before a whole outcome came, the
-    child died running that job, and its exit status says how.
+    It is forked by ``zygote`` when one is given (see :mod:`kongtask.jobs.zygote`),
+    else a fresh interpreter. Requests go down its stdin as pickles; each outcome
+    comes back on a pipe of its own, length first. If the pipe closes before a
+    whole outcome came, the child died running that job, and its exit status says
+    how. ``niceness`` above 0 lowers the child's CPU priority from its start (a
+    fresh interpreter's through ``nice``, so that its start-up, most of its cost,
+    is already at the lower priority).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, niceness: int = 0, zygote: Zygote | None = None) -> None:
+        self.niceness = niceness
+        self._proc: subprocess.Popen[bytes] | ForkedChild
         read_fd, write_fd = os.pipe()
         try:
-            self._proc = subprocess.Popen(
-                [sys.executable, child_main.__file__, str(write_fd)],
-                stdin=subprocess.PIPE,
-                pass_fds=(write_fd,),
-                # Out of the terminal's process group: a Ctrl-C is the worker's to
-                # handle (it kills running children on abort), not an idle child's.
-                start_new_session=True,
-            )
+            if zygote is not None:
+                self._proc, self._stdin = _forked(zygote, write_fd, niceness)
+            else:
+                self._proc, self._stdin = _spawned(write_fd, niceness)
         except BaseException:
             os.close(read_fd)
             raise
@@ -224,8 +232,6 @@ class ChildProcess:
             os.close(write_fd)
         self._read_fd = read_fd
         self._buffer = b""
-        assert self._proc.stdin is not None
-        self._stdin = self._proc.stdin
         self._send(pickle.dumps([p for p in sys.path if isinstance(p, str)]))
 
     @property
@@ -292,19 +298,77 @@ class ChildProcess:
             self._read_fd = -1
 
 
+def _spawned(write_fd: int, niceness: int) -> tuple[subprocess.Popen[bytes], IO[bytes]]:
+    """A fresh interpreter writing its outcomes to ``write_fd``, and its stdin."""
+    argv = [sys.executable, child_main.__file__, str(write_fd)]
+    if niceness > 0:
+        argv = [_NICE, "-n", str(niceness), *argv] if _NICE else [*argv, str(niceness)]
+    proc = subprocess.Popen(
+        argv,
+        stdin=subprocess.PIPE,
+        pass_fds=(write_fd,),
+        # Out of the terminal's process group: a Ctrl-C is the worker's to
+        # handle (it kills running children on abort), not an idle child's.
+        start_new_session=True,
+    )
+    assert proc.stdin is not None
+    return proc, proc.stdin
+
+
+def _forked(zygote: Zygote, write_fd: int, niceness: int) -> tuple[ForkedChild, IO[bytes]]:
+    """A child forked by ``zygote`` writing its outcomes to ``write_fd``, and its stdin."""
+    stdin_r, stdin_w = os.pipe()
+    try:
+        child = zygote.fork(stdin_r, write_fd, niceness)
+    except BaseException:
+        os.close(stdin_w)
+        raise
+    finally:
+        os.close(stdin_r)
+    return child, os.fdopen(stdin_w, "wb")
+
+
 class Children:
     """One-job-at-a-time children: a fresh one per run, or reused ones kept idle.
 
-    Reuse pays the interpreter's start (about a second with kongtask imported)
-    once per child instead of once per job; a crash is still the crash of the
-    one job the child was running.
+    New children are forks of a zygote (:mod:`kongtask.jobs.zygote`, started on
+    the first child) where the platform has one, else fresh interpreters. Reuse
+    saves even the fork and the handler module's import; a crash is still the
+    crash of the one job the child was running.
     """
 
-    def __init__(self, keep: int) -> None:
+    def __init__(self, keep: int, *, zygote: bool = True) -> None:
         self._keep = keep
         self._idle: list[ChildProcess] = []
         self._lock = threading.Lock()
         self._closed = False
+        self._use_zygote = zygote and supported()
+        self._zygote: Zygote | None = None
+
+    def _new_child(self, niceness: int) -> ChildProcess:
+        """A child forked by the zygote, or a fresh interpreter when there is none."""
+        with self._lock:
+            if self._use_zygote and self._zygote is None and not self._closed:
+                try:
+                    self._zygote = Zygote()
+                except OSError as exc:
+                    self._use_zygote = False
+                    logger.warning("Could not start the zygote for child processes: %s", exc)
+            zygote = self._zygote
+        if zygote is not None:
+            try:
+                return ChildProcess(niceness, zygote)
+            except ZygoteGone as exc:
+                with self._lock:
+                    if self._zygote is zygote:
+                        self._zygote, self._use_zygote = None, False
+                logger.warning(
+                    "The zygote of child processes stopped answering (%s); each child is "
+                    "a fresh interpreter from now on",
+                    exc,
+                )
+                zygote.close()
+        return ChildProcess(niceness)
 
     def run(
         self,
@@ -316,21 +380,25 @@ class Children:
         abort_event: threading.Event,
         *,
         reuse: bool,
+        niceness: int = 0,
     ) -> Any:
-        """Run the handler in a child and return its result (see :class:`ChildProcess`)."""
+        """Run the handler in a child and return its result (see :class:`ChildProcess`);
+        the child runs at ``niceness`` (a reused one was started at the same)."""
         request = pickle.dumps((ref.as_tuple(), payload, _job_fields(job), worker_id, conninfo))
         child: ChildProcess | None = None
         while reuse and child is None:
             with self._lock:
-                if not self._idle:
+                same = [c for c in self._idle if c.niceness == niceness]
+                if not same:
                     break
-                child = self._idle.pop()
+                child = same[-1]
+                self._idle.remove(child)
             if not child.ready():
                 # It died idle (killed from outside): no job to blame for that.
                 child.close()
                 child = None
         if child is None:
-            child = ChildProcess()
+            child = self._new_child(niceness)
         ok = False
         try:
             result = child.call(request, abort_event)
@@ -349,12 +417,15 @@ class Children:
                 child.close()
 
     def close(self) -> None:
-        """End every idle child."""
+        """End every idle child, then the zygote."""
         with self._lock:
             self._closed = True
             idle, self._idle = self._idle, []
+            zygote, self._zygote = self._zygote, None
         for child in idle:
             child.close()
+        if zygote is not None:
+            zygote.close()
 
 
 class ProcessTasks:

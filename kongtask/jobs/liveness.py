@@ -364,8 +364,8 @@ class Liveness(DbActor):
             return
         pools, jobs, queues, quarantined = row
         logger.warning(
-            "Released %d job(s) and %d named queue(s) held by %d dead pool(s) (no heartbeat "
-            "for over %g s): %s",
+            "Released %d job(s) and %d named queue(s) held by %d dead pool(s) (its liveness "
+            "lock was free, or it sent no heartbeat for over %g s): %s",
             jobs,
             queues,
             len(pools),

@@ -7,10 +7,12 @@ before (no extra statement, no lock on their path):
 
 - a suspect whose handler a child process can import (a top-level function
   or Task, see :mod:`kongtask.jobs.isolation`) runs in a child process of its
-  own. If the child dies, one crash is counted against the job at once, the
-  attempt fails with a message naming the signal or exit code (the job stays
-  a suspect), and after ``crash_quarantine_after`` counted crashes the job is
-  failed for good. The worker lives on: a poison job kills one worker (the
+  own, at a lower CPU priority (:data:`SUSPECT_NICENESS`): a dead pool's jobs
+  are rescued together, and they must not starve the healthy work of the CPU
+  it shares with them. If the child dies, one crash is counted against the
+  job at once, the attempt fails with a message naming the signal or exit
+  code (the job stays a suspect), and after ``crash_quarantine_after``
+  counted crashes the job is failed for good. The worker lives on: a poison job kills one worker (the
   run before it was suspected), never a second;
 - any other suspect runs in the worker, one at a time per pool, after one
   statement names this pool as running it in ``_kongtask_job_crashes``; if the
@@ -45,9 +47,13 @@ from kongtask.jobs.isolation import (
 )
 from kongtask.jobs.liveness import QUARANTINED_MESSAGE, SUSPECT_PREFIX
 
-__all__ = ["CrashGuard", "is_suspect"]
+__all__ = ["SUSPECT_NICENESS", "CrashGuard", "is_suspect"]
 
 logger = logging.getLogger(__name__)
+
+#: How much lower a suspect's child runs (``os.nice``): it takes the CPU that
+#: healthy jobs, the workers and the database leave over.
+SUSPECT_NICENESS = 10
 
 
 def is_suspect(job: Job) -> bool:
@@ -90,14 +96,14 @@ class CrashGuard:
 
                 @functools.wraps(handler)
                 def isolated(payload: Any, helpers: Any) -> Any:
-                    return self._run_in_child(ref, payload, helpers, reuse=False)
+                    return self._run_in_child(ref, payload, helpers, suspect=False)
 
                 return isolated
 
             @functools.wraps(handler)
             def pooled(payload: Any, helpers: Any) -> Any:
                 if is_suspect(helpers.job):
-                    return self._run_in_child(ref, payload, helpers, reuse=True)
+                    return self._run_in_child(ref, payload, helpers, suspect=True)
                 return self._run_pooled(ref, payload, helpers)
 
             return pooled
@@ -121,7 +127,7 @@ class CrashGuard:
             if not is_suspect(helpers.job):
                 return handler(payload, helpers)
             if child_ref is not None:
-                return self._run_in_child(child_ref, payload, helpers, reuse=True)
+                return self._run_in_child(child_ref, payload, helpers, suspect=True)
             return self._run_suspect(handler, payload, helpers)
 
         return guarded
@@ -131,13 +137,22 @@ class CrashGuard:
         self._children.close()
         self._process_tasks.shutdown()
 
-    def _run_in_child(self, ref: HandlerRef, payload: Any, helpers: Any, *, reuse: bool) -> Any:
+    def _run_in_child(self, ref: HandlerRef, payload: Any, helpers: Any, *, suspect: bool) -> Any:
+        """A suspect's child is kept for the next suspect and runs at lower priority; an
+        isolated task's runs one attempt."""
         ctx = self.ctx
         assert ctx is not None, "CrashGuard.ctx is set before any job runs"
         job: Job = helpers.job
         try:
             return self._children.run(
-                ref, payload, job, helpers.worker_id, ctx.conninfo, helpers.abort_event, reuse=reuse
+                ref,
+                payload,
+                job,
+                helpers.worker_id,
+                ctx.conninfo,
+                helpers.abort_event,
+                reuse=suspect,
+                niceness=SUSPECT_NICENESS if suspect else 0,
             )
         except ChildCrashed as exc:
             raise self._crashed(job, str(exc)) from None

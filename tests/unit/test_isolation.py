@@ -17,6 +17,7 @@ from kongtask.jobs.child_main import load_handler, run_job
 from kongtask.jobs.isolation import ChildCrashed, Children, HandlerRef, describe_exit
 from kongtask.jobs.liveness import pool_lock_key
 from kongtask.jobs.quarantine import CrashGuard
+from kongtask.jobs.zygote import supported as zygote_supported
 
 
 def top_level(payload: Any, helpers: Any) -> Any:
@@ -109,3 +110,34 @@ def test_children_are_reused_and_one_that_died_idle_is_not_blamed() -> None:
             children.run(HandlerRef.of(exit_hard), None, _job(8), "w", "", never, reuse=True)
     finally:
         children.close()
+
+
+def niceness_and_parent(payload: Any, helpers: Any) -> Any:
+    return [os.nice(0), os.getppid()]
+
+
+@pytest.mark.skipif(not zygote_supported(), reason="the zygote needs Linux")
+def test_children_are_forked_by_one_zygote_and_run_at_the_niceness_asked() -> None:
+    children = Children(keep=0)
+    never = threading.Event()
+    base = os.nice(0)
+    try:
+        ref = HandlerRef.of(niceness_and_parent)
+        plain = children.run(ref, None, _job(1), "w", "", never, reuse=False)
+        lowered = children.run(ref, None, _job(2), "w", "", never, reuse=False, niceness=5)
+        # Both were forked by the same process (the zygote), not by this one.
+        assert plain[1] == lowered[1] != os.getpid()
+        assert (plain[0], lowered[0]) == (base, min(19, base + 5))
+        # A child killed by a signal is described by its signal, through the zygote.
+        with pytest.raises(ChildCrashed, match="SIGKILL"):
+            children.run(HandlerRef.of(kill_self), None, _job(3), "w", "", never, reuse=False)
+        # With the zygote gone, the next child is a fresh interpreter and runs the job.
+        os.kill(plain[1], signal.SIGKILL)
+        again = children.run(ref, None, _job(4), "w", "", never, reuse=False)
+        assert again[1] == os.getpid()
+    finally:
+        children.close()
+
+
+def kill_self(payload: Any, helpers: Any) -> Any:
+    os.kill(os.getpid(), signal.SIGKILL)
