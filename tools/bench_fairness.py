@@ -1,7 +1,7 @@
 """Fairness benchmark: two worker processes, slow jobs, one worker killed and restarted.
 
 Usage: ``python tools/bench_fairness.py [--seconds 30] [--rate 200] [--job-ms 100]
-[-j 16] [--kill-at 10] [--compare-graphile-worker]``.
+[-j 16] [--kill-at 10] [--rounds 3] [--compare-graphile-worker]``.
 
 Two kongtask worker processes (the real CLI, ``-j 16``, defaults otherwise)
 run on one scratch database while a producer adds jobs whose handler sleeps
@@ -18,6 +18,13 @@ claimed are rescued by the survivors (kongtask's dead-pool check); they are
 counted, and their latency shows in the max. Since graphile-worker never runs
 its killed worker's jobs, the latency is also printed leaving out, on both
 sides, the jobs the killed worker held (running or buffered) at the kill.
+Each side runs ``--rounds`` times, the order alternating, on a truncated and
+analyzed jobs table; the summary gives min / median over the rounds of the
+restarted worker's start-up (its start to its ready line), the restart
+window's p95 / p99, the worst p99 of the other windows and the p99 of all
+jobs. kongtask's modules are compiled to bytecode first, as ``pip install``
+leaves an installed package, so that a checkout run with
+``PYTHONDONTWRITEBYTECODE`` does not compile every module at every start.
 
 With ``--compare-graphile-worker`` graphile-worker 0.17.3 (from npm, as in
 ``tools/bench_throughput.py``) runs the same scenario with its CLI
@@ -28,6 +35,7 @@ had locked stay locked and are left out (their count is printed).
 from __future__ import annotations
 
 import argparse
+import compileall
 import os
 import signal
 import subprocess
@@ -44,10 +52,12 @@ import psycopg
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tools._bench_common import (
+    fresh_jobs_table,
     graphile_worker_dir,
     percentile,
     scratch_database,
     server_url,
+    summary,
     to_uri,
 )
 
@@ -165,7 +175,8 @@ def produce(url: str, rate: float, seconds: float, stop: threading.Event) -> int
 
 class Run(NamedTuple):
     """What one side's run left: the handler starts, the restart and the producer's end
-    (epoch seconds), jobs added, jobs left locked, and the locks read after the kill."""
+    (epoch seconds), jobs added, jobs left locked, the locks read after the kill, and
+    how long the restarted worker took from its start to its ready line (s)."""
 
     starts: list[Start]
     restarted: float
@@ -173,12 +184,12 @@ class Run(NamedTuple):
     added: int
     stuck: int
     locked_at_kill: dict[int, str]
+    start_up_s: float
 
 
 def run_side(name: str, url: str, side: Side, args: argparse.Namespace, folder: Path) -> Run:
     """Run the scenario once."""
-    with psycopg.connect(url, autocommit=True) as conn:
-        conn.execute("truncate graphile_worker._private_jobs")
+    fresh_jobs_table(url)
     procs: dict[str, subprocess.Popen[bytes]] = {}
     try:
         for label in ("A", "B"):
@@ -198,6 +209,7 @@ def run_side(name: str, url: str, side: Side, args: argparse.Namespace, folder: 
             locked_at_kill = {int(i): str(by) for i, by in conn.execute(LOCKED).fetchall()}
         procs["A2"], log = start_worker(side, "A2", folder)
         wait_ready(procs["A2"], log, side.ready)
+        start_up_s = time.time() - restarted
         producer.join()
         produced_until = time.time()
         pause = threading.Event()
@@ -228,7 +240,8 @@ def run_side(name: str, url: str, side: Side, args: argparse.Namespace, folder: 
             starts.append(Start(int(job_id), float(started), float(run_at), worker))
         path.unlink()
     print(f"  {name}: {added[0] if added else 0} jobs added")
-    return Run(starts, restarted, produced_until, added[0] if added else 0, stuck, locked_at_kill)
+    added_n = added[0] if added else 0
+    return Run(starts, restarted, produced_until, added_n, stuck, locked_at_kill, start_up_s)
 
 
 def held_by_killed(run: Run) -> set[int]:
@@ -253,8 +266,9 @@ def line(label: str, values_ms: list[float]) -> str:
     return f"    {label} ({len(values)} jobs): {figures}, max {values[-1]:,.1f} ms"
 
 
-def report(name: str, run: Run) -> None:
-    """Print the latency percentiles and the per-worker rates of one run."""
+def report(name: str, run: Run) -> dict[str, float]:
+    """Print the latency percentiles and the per-worker rates of one run; return the
+    figures the rounds are summed up by (ms; leaving out the killed worker's jobs)."""
     starts, restarted, produced_until = run.starts, run.restarted, run.produced_until
     first: dict[int, Start] = {}
     for start in sorted(starts, key=lambda s: s.started):
@@ -278,7 +292,7 @@ def report(name: str, run: Run) -> None:
     rates = ", ".join(f"{worker} {counts[worker] / window:.1f}" for worker in sorted(counts))
     print(f"    jobs/s per worker from the restart to the producer's end ({window:.1f} s): {rates}")
     if not starts:
-        return
+        return {}
     origin = min(s.started for s in starts)
     buckets: dict[int, Counter[str]] = {}
     for s in starts:
@@ -300,6 +314,20 @@ def report(name: str, run: Run) -> None:
             f"      {index * 5:>3}-{index * 5 + 5:<3} s: {cells}; "
             f"{_tail(waits.get(index, []))}; {_tail(waits_kept.get(index, []))}"
         )
+    restart_index = int((restarted - origin) // 5)
+    restart_window = sorted(waits_kept.get(restart_index, [0.0]))
+    others = [
+        percentile(sorted(values), 0.99)
+        for index, values in waits_kept.items()
+        if index != restart_index and len(values) >= 500  # whole windows only
+    ]
+    return {
+        "start-up of the restarted worker": run.start_up_s * 1000,
+        "restart window p95": percentile(restart_window, 0.95),
+        "restart window p99": percentile(restart_window, 0.99),
+        "other windows, worst p99": max(others, default=0.0),
+        "all jobs p99": percentile(sorted(kept), 0.99),
+    }
 
 
 def _tail(values: list[float]) -> str:
@@ -315,14 +343,20 @@ def main() -> int:
     parser.add_argument("--job-ms", type=int, default=100, help="handler sleep, ms (100)")
     parser.add_argument("-j", "--concurrency", type=int, default=16, help="per worker (16)")
     parser.add_argument("--kill-at", type=float, default=10.0, help="SIGKILL one worker (10 s)")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds per side (3)")
     parser.add_argument("--compare-graphile-worker", action="store_true")
     args = parser.parse_args()
+    # An installed package has its bytecode (pip compiles it); a source checkout run with
+    # PYTHONDONTWRITEBYTECODE would compile every module at every start instead.
+    compileall.compile_dir(str(Path(__file__).resolve().parent.parent / "kongtask"), quiet=1)
     load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
     print(
         f"settings: 2 worker processes, -j {args.concurrency} each (defaults otherwise), "
         f"{args.job_ms} ms sleeping jobs added one at a time at {args.rate:g} jobs/s for "
         f"{args.seconds:g} s; worker A SIGKILLed at {args.kill_at:g} s and started again at "
-        f"once; cores={os.cpu_count()}, load average at the start {load}"
+        f"once; {args.rounds} rounds per side, order alternated, jobs table truncated and "
+        f"analyzed before each; kongtask's modules compiled to bytecode first (as pip "
+        f"install does); cores={os.cpu_count()}, load average at the start {load}"
     )
     with scratch_database(server_url()) as url, tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
@@ -345,8 +379,22 @@ def main() -> int:
                 # comes once its tasks are loaded, just before it connects.
                 "cron is disabled",
             )
-        for name, side in sides.items():
-            report(name, run_side(name, url, side, args, folder))
+        figures: dict[str, list[dict[str, float]]] = {name: [] for name in sides}
+        for round_no in range(args.rounds):
+            order = list(sides) if round_no % 2 == 0 else list(reversed(sides))
+            print(f"round {round_no + 1}: {' then '.join(order)}")
+            for name in order:
+                figures[name].append(report(name, run_side(name, url, sides[name], args, folder)))
+    print(
+        f"summary over {args.rounds} rounds, min / median (ms; leaving out the jobs the "
+        "killed worker held):"
+    )
+    for measure in next(iter(figures.values()))[0]:
+        cells = []
+        for name, rounds in figures.items():
+            low, median = summary([r[measure] for r in rounds if measure in r])
+            cells.append(f"{name} {low:,.1f} / {median:,.1f}")
+        print(f"  {measure}: {'; '.join(cells)}")
     return 0
 
 
