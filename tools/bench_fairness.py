@@ -248,11 +248,15 @@ def held_by_killed(run: Run) -> set[int]:
     """The jobs the killed worker held (running or buffered) when it was killed.
 
     Its locker is the one whose locked jobs it had started; graphile-worker never
-    runs these again, so a like-for-like latency leaves them out on both sides.
+    runs these again, so a like-for-like latency leaves them out on both sides. A
+    kongtask pool may release them before the locks are read, so the jobs the
+    killed worker started and another started again count too.
     """
     started_by_a = {s.job_id for s in run.starts if s.worker == "A"}
     lockers = {by for job_id, by in run.locked_at_kill.items() if job_id in started_by_a}
-    return {job_id for job_id, by in run.locked_at_kill.items() if by in lockers}
+    held = {job_id for job_id, by in run.locked_at_kill.items() if by in lockers}
+    again = Counter(s.job_id for s in run.starts)
+    return held | {job_id for job_id in started_by_a if again[job_id] > 1}
 
 
 def line(label: str, values_ms: list[float]) -> str:
@@ -293,7 +297,10 @@ def report(name: str, run: Run) -> dict[str, float]:
     print(f"    jobs/s per worker from the restart to the producer's end ({window:.1f} s): {rates}")
     if not starts:
         return {}
-    origin = min(s.started for s in starts)
+    # Windows of 5 s with the restart on a boundary (the nearest to --kill-at): the
+    # restart window is the one that begins with it.
+    restart_index = round((restarted - min(s.started for s in starts)) / 5)
+    origin = restarted - 5 * restart_index
     buckets: dict[int, Counter[str]] = {}
     for s in starts:
         buckets.setdefault(int((s.started - origin) // 5), Counter())[s.worker] += 1
@@ -314,7 +321,6 @@ def report(name: str, run: Run) -> dict[str, float]:
             f"      {index * 5:>3}-{index * 5 + 5:<3} s: {cells}; "
             f"{_tail(waits.get(index, []))}; {_tail(waits_kept.get(index, []))}"
         )
-    restart_index = int((restarted - origin) // 5)
     restart_window = sorted(waits_kept.get(restart_index, [0.0]))
     others = [
         percentile(sorted(values), 0.99)
