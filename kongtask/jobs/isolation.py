@@ -348,6 +348,8 @@ class Children:
     def _new_child(self, niceness: int) -> ChildProcess:
         """A child forked by the zygote, or a fresh interpreter when there is none."""
         with self._lock:
+            if self._zygote is not None and self._zygote.owner != os.getpid():
+                self._zygote = None  # this process is a fork of the one that started it
             if self._use_zygote and self._zygote is None and not self._closed:
                 try:
                     self._zygote = Zygote()

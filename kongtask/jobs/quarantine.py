@@ -12,8 +12,8 @@ before (no extra statement, no lock on their path):
   it shares with them. If the child dies, one crash is counted against the
   job at once, the attempt fails with a message naming the signal or exit
   code (the job stays a suspect), and after ``crash_quarantine_after``
-  counted crashes the job is failed for good. The worker lives on: a poison job kills one worker (the
-  run before it was suspected), never a second;
+  counted crashes the job is failed for good. The worker lives on: a poison
+  job kills one worker (the run before it was suspected), never a second;
 - any other suspect runs in the worker, one at a time per pool, after one
   statement names this pool as running it in ``_kongtask_job_crashes``; if the
   process dies then, the next release counts the crash against this job. When

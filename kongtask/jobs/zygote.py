@@ -67,6 +67,8 @@ class Zygote:
             theirs.close()
         self._sock = ours
         self._lock = threading.Lock()
+        #: The process that started it: a fork of the worker must start its own.
+        self.owner = os.getpid()
 
     def _ask(self, message: bytes, fds: list[int] | None = None) -> bytes:
         with self._lock:
