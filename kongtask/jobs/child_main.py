@@ -196,6 +196,8 @@ def zygote(sock: socket.socket) -> None:
                 sock.send(b"-")
             else:
                 sock.send(str(os.waitstatus_to_exitcode(status)).encode())
+        else:
+            sock.send(b"?")  # not a request of ours: answer, so nobody waits for ever
 
 
 def _forked_child(sock: socket.socket, niceness: int, fds: list[int]) -> NoReturn:

@@ -12,21 +12,22 @@ Three kinds of run leave the worker's process:
   suspects, so their next attempt runs alone in a child and any further
   crash is counted against the job that caused it.
 
-A one-job child is a fresh interpreter (``python -m
-kongtask.jobs.child_main``): like multiprocessing's ``spawn`` it shares no
-threads or locks with the worker, but it never runs the worker's main script
-again, so a script without a ``__main__`` guard cannot start a second worker
-inside it. The process pool is ``ProcessPoolExecutor`` with ``spawn``, which
-does import the main module again: a worker script with ``executor="process"``
-tasks must start its worker under ``if __name__ == "__main__":`` (a Runner
-refuses to start in such a child, see :func:`starting_in_spawned_child`).
-Either way the child imports the handler by its module path (falling back to
-the file a tasks file was loaded from), so the handler must live at the top
-level of a module. When a child dies
+A one-job child runs :mod:`kongtask.jobs.child_main`: a fork of the zygote
+(:mod:`kongtask.jobs.zygote`, itself a fresh interpreter of the standard
+library alone), or on platforms without one a fresh interpreter. Like
+multiprocessing's ``spawn`` it shares no threads or locks with the worker, but
+it never runs the worker's main script again, so a script without a
+``__main__`` guard cannot start a second worker inside it. The process pool is
+``ProcessPoolExecutor`` with ``spawn``, which does import the main module
+again: a worker script with ``executor="process"`` tasks must start its worker
+under ``if __name__ == "__main__":`` (a Runner refuses to start in such a
+child, see :func:`starting_in_spawned_child`). Either way the child imports the
+handler by its module path (falling back to the file a tasks file was loaded
+from), so the handler must live at the top level of a module. When a child dies
 without an answer, the crash is counted against the job
-(``_kongtask_job_crashes``), the attempt fails with a message naming the
-signal or exit code, and after ``crash_quarantine_after`` counted crashes the
-job is failed for good. The worker never notices anything but a failure.
+(``_kongtask_job_crashes``), the attempt fails with a message naming the signal
+or exit code, and after ``crash_quarantine_after`` counted crashes the job is
+failed for good. The worker never notices anything but a failure.
 
 A handler in a child receives :class:`ChildHelpers`: the job, a logger, an
 abort event and its own database connections; nothing of the worker's pool.
