@@ -215,8 +215,10 @@ def test_a_cancelled_job_that_ignores_its_abort_fails_for_good_at_its_timeout(
 ) -> None:
     started = threading.Event()
     release = threading.Event()
+    stuck: list[threading.Thread] = []
 
     def stubborn(payload: Any, helpers: Any) -> None:
+        stuck.append(threading.current_thread())
         started.set()
         release.wait(DEADLINE_S)
 
@@ -234,6 +236,7 @@ def test_a_cancelled_job_that_ignores_its_abort_fails_for_good_at_its_timeout(
             assert row["attempts"] == row["max_attempts"] and row["locked_by"] is None
     finally:
         release.set()
+        _join(stuck)
 
 
 def test_cli_jobs_cancel(
@@ -326,10 +329,7 @@ def test_a_stuck_thread_does_not_hold_up_a_graceful_stop(db_url: str) -> None:
             assert log.count("pool:gracefulShutdown:complete") == 1
     finally:
         release.set()
-        # Its late return is logged; let that happen while this test's output is open.
-        for thread in stuck:
-            thread.join(DEADLINE_S)
-            assert not thread.is_alive()
+        _join(stuck)
 
 
 def test_an_async_handler_past_its_timeout_is_cancelled_and_retried(
@@ -392,3 +392,11 @@ def test_with_async_tasks_a_stubborn_plain_handler_frees_its_slot_too(
     row = _row(db, stuck.id)
     assert row is not None and row["last_error"] == "timed out after 0.5 s"
     assert ran == ["async"]
+
+
+def _join(threads: list[threading.Thread]) -> None:
+    """Wait for released handlers' threads: their late return is logged, and that must
+    happen while the test's output is still open."""
+    for thread in threads:
+        thread.join(DEADLINE_S)
+        assert not thread.is_alive(), f"{thread.name} did not end"
