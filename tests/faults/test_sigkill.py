@@ -80,6 +80,10 @@ def _admin(db_url: str, *args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+#: Sessions of a pool (its application_name is the pool id) running a statement now.
+_ACTIVE = "select count(*) from pg_stat_activity where application_name = %s and state = 'active'"
+
+
 def _kill_mid_batch(
     db: psycopg.Connection[Any], worker: WorkerProcess, *, with_queue: bool = True
 ) -> set[int]:
@@ -106,6 +110,13 @@ def _kill_mid_batch(
         wait_until(busy, timeout_s=max(1.0, deadline - time.monotonic()),
                    what=f"worker {worker.pid} to be mid-batch")  # fmt: skip
         worker.send(signal.SIGSTOP)
+        # A statement sent just before the stop (a complete that frees the queue) may
+        # still commit: judge only once none of the pool's sessions is running one.
+        wait_until(
+            lambda: scalar(db, _ACTIVE, (pool_id,)) == 0,
+            timeout_s=10,
+            what=f"worker {worker.pid}'s statements in flight to end",
+        )
         if busy():
             break
         worker.send(signal.SIGCONT)
