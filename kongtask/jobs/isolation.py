@@ -58,7 +58,7 @@ from kongtask.errors import ConfigurationError
 from kongtask.job import Job
 from kongtask.jobs import child_main
 from kongtask.jobs.child_main import ERROR_ITEM
-from kongtask.jobs.zygote import ForkedChild, Zygote, ZygoteGone, supported
+from kongtask.jobs.zygote import ForkedChild, Zygote, ZygoteGone, supported, wait_or_kill
 
 __all__ = [
     "CRASH_PREFIX",
@@ -289,11 +289,7 @@ class ChildProcess:
             self._proc.kill()
         with contextlib.suppress(OSError, ValueError):
             self._stdin.close()
-        try:
-            self._proc.wait(5)
-        except subprocess.TimeoutExpired:
-            self._proc.kill()
-            self._proc.wait(5)
+        wait_or_kill(self._proc)
         if self._read_fd >= 0:
             os.close(self._read_fd)
             self._read_fd = -1

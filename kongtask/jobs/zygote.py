@@ -30,7 +30,7 @@ import time
 
 from kongtask.jobs import child_main
 
-__all__ = ["ForkedChild", "Zygote", "supported"]
+__all__ = ["ForkedChild", "Zygote", "supported", "wait_or_kill"]
 
 logger = logging.getLogger(__name__)
 
@@ -98,11 +98,7 @@ class Zygote:
     def close(self) -> None:
         """End the zygote (children it forked run on until their stdin closes)."""
         self._sock.close()
-        try:
-            self._proc.wait(5)
-        except subprocess.TimeoutExpired:
-            self._proc.kill()
-            self._proc.wait(5)
+        wait_or_kill(self._proc)
 
 
 class ForkedChild:
@@ -143,6 +139,15 @@ class ForkedChild:
                 os.kill(self.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+
+def wait_or_kill(proc: subprocess.Popen[bytes] | ForkedChild, grace_s: float = 5.0) -> None:
+    """Wait up to ``grace_s`` for ``proc`` to exit on its own, then SIGKILL it and wait."""
+    try:
+        proc.wait(grace_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(grace_s)
 
 
 def _alive(pid: int) -> bool:
