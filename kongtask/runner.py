@@ -26,13 +26,10 @@ from dataclasses import dataclass, fields, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import ModuleType, TracebackType
-from typing import Any, Self, TypedDict, TypeVar, Unpack
+from typing import TYPE_CHECKING, Any, Self, TypedDict, TypeVar, Unpack
 
 from kongtask import events
 from kongtask.cron.service.outcomes import OutcomeRecorder
-from kongtask.cron.service.scheduling import SchedulingService
-from kongtask.cron.source import CrontabSource
-from kongtask.cron.types import ParsedCronItem
 from kongtask.declared import Task, declared, job_spec_for
 from kongtask.errors import ConfigurationError, KongtaskError
 from kongtask.job import Job
@@ -44,9 +41,16 @@ from kongtask.protocols import Clock
 from kongtask.runtime.control import Kill, Stop
 from kongtask.runtime.host import Host
 from kongtask.runtime.parts import Part, probe_parts
-from kongtask.scheduler import Scheduler
 from kongtask.settings import ConnectionSettings, OpsSettings, WorkerSettings
 from kongtask.validate import check_clock, check_connection_string
+
+if TYPE_CHECKING:
+    # The cron stack is imported only by a Runner given a crontab: the others
+    # start sooner without it.
+    from kongtask.cron.service.scheduling import SchedulingService
+    from kongtask.cron.source import CrontabSource
+    from kongtask.cron.types import ParsedCronItem
+    from kongtask.scheduler import Scheduler
 
 __all__ = ["RUNNER_OPTIONS", "Runner", "RunnerLoad", "RunnerOptions", "run", "run_once"]
 
@@ -152,11 +156,7 @@ class Runner:
         check_connection_string(connection_string)
         clock = options.get("clock")
         check_clock(clock)
-        self._crontab = CrontabSource.of(
-            crontab=options.get("crontab"),
-            crontab_file=options.get("crontab_file"),
-            cron_items=options.get("cron_items"),
-        )
+        self._crontab = _crontab_source(options)
         #: The pool's settings, its connection settings included.
         self.settings = _worker_settings(options)
         listen_connection_string = options.get("listen_connection_string")
@@ -234,7 +234,7 @@ class Runner:
             outcome_observer=OutcomeRecorder,
         )
         cron = self._cron_service(crontab, cron_items, pool_id)
-        self._run = _Run(host, jobs, cron, Scheduler._view(host, cron) if cron else None)
+        self._run = _Run(host, jobs, cron, _scheduler_view(host, cron))
         # The permanent-failure line (kept off the executor's hot path: it is
         # an ordinary receiver of job:failed).
         events.job_failed.connect(_log_giving_up, sender=self)
@@ -276,6 +276,8 @@ class Runner:
         """The cron service of this run's crontab, on the Runner's pool, bus and clock."""
         if crontab is None:
             return None
+        from kongtask.cron.service.scheduling import SchedulingService
+
         code = list(crontab.items) if crontab.items is not None else []
         file_or_text = None if crontab.items is not None else crontab
         return SchedulingService(
@@ -627,6 +629,28 @@ def _worker_settings(options: Mapping[str, Any]) -> WorkerSettings:
             value=None,
         )
     return replace(settings, connection=connection)
+
+
+def _crontab_source(options: RunnerOptions) -> CrontabSource | None:
+    """The Runner's crontab from its three crontab options; None (and no cron
+    module imported) when none is given."""
+    crontab = options.get("crontab")
+    crontab_file = options.get("crontab_file")
+    cron_items = options.get("cron_items")
+    if crontab is None and crontab_file is None and cron_items is None:
+        return None
+    from kongtask.cron.source import CrontabSource
+
+    return CrontabSource.of(crontab=crontab, crontab_file=crontab_file, cron_items=cron_items)
+
+
+def _scheduler_view(host: Host, cron: SchedulingService | None) -> Scheduler | None:
+    """The Scheduler view of a run's cron service (None without one)."""
+    if cron is None:
+        return None
+    from kongtask.scheduler import Scheduler
+
+    return Scheduler._view(host, cron)
 
 
 def _warn_unserved_tasks(
