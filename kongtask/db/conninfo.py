@@ -20,7 +20,6 @@ from urllib.parse import unquote
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
-from kongtask.db.embedded import EmbeddedPostgres, default_data_dir
 from kongtask.errors import ConfigurationError
 from kongtask.settings import DEFAULT_SCHEMA
 
@@ -214,6 +213,9 @@ def open_database(
         )
         yield conninfo
         return
+    # Imported only when it is used: a worker given a database never needs it.
+    from kongtask.db.embedded import EmbeddedPostgres, default_data_dir
+
     server = EmbeddedPostgres(
         data_dir if data_dir is not None else default_data_dir(environ=environ)
     )

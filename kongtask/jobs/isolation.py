@@ -38,7 +38,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import multiprocessing
 import os
 import pickle
 import select
@@ -48,10 +47,8 @@ import subprocess
 import sys
 import threading
 from collections.abc import Callable
-from concurrent.futures import Future, ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from kongtask.declared import Task
 from kongtask.errors import ConfigurationError
@@ -59,6 +56,9 @@ from kongtask.job import Job
 from kongtask.jobs import child_main
 from kongtask.jobs.child_main import ERROR_ITEM
 from kongtask.jobs.zygote import ForkedChild, Zygote, ZygoteGone, supported, wait_or_kill
+
+if TYPE_CHECKING:
+    from concurrent.futures import Future, ProcessPoolExecutor
 
 __all__ = [
     "CRASH_PREFIX",
@@ -78,7 +78,6 @@ logger = logging.getLogger(__name__)
 #: job stays a crash suspect, so its next attempt runs in a child again.
 CRASH_PREFIX = "kongtask: the process running this job died"
 
-_SPAWN = multiprocessing.get_context("spawn")
 #: How often a parent waiting on a child looks at the job's abort event.
 _ABORT_POLL_S = 0.2
 
@@ -168,8 +167,13 @@ def starting_in_spawned_child() -> bool:
 
     A Runner started then would be a second worker inside a process-pool child.
     """
-    return multiprocessing.parent_process() is not None and bool(
-        getattr(multiprocessing.current_process(), "_inheriting", False)
+    # A spawned child imports multiprocessing before the main module; a worker
+    # that never imported it is no such child (and need not import it to know).
+    mp = sys.modules.get("multiprocessing")
+    return (
+        mp is not None
+        and mp.parent_process() is not None
+        and bool(getattr(mp.current_process(), "_inheriting", False))
     )
 
 
@@ -441,7 +445,12 @@ class ProcessTasks:
             if self._closed:
                 raise RuntimeError("the process pool is shut down (the worker is stopping)")
             if self._pool is None:
-                self._pool = ProcessPoolExecutor(self._max_workers, mp_context=_SPAWN)
+                # Imported here: most workers never run a task in the process pool.
+                import multiprocessing
+                from concurrent.futures import ProcessPoolExecutor
+
+                spawn = multiprocessing.get_context("spawn")
+                self._pool = ProcessPoolExecutor(self._max_workers, mp_context=spawn)
             return self._pool
 
     def _replace(self, broken: ProcessPoolExecutor) -> None:
@@ -461,6 +470,8 @@ class ProcessTasks:
         abort_event: threading.Event,
     ) -> Any:
         """Run the handler on the pool; :class:`ChildCrashed` when the pool broke under it."""
+        from concurrent.futures.process import BrokenProcessPool
+
         pool = self._current()
         try:
             future: Future[Any] = pool.submit(

@@ -66,13 +66,13 @@ def test_an_unknown_name_is_an_attribute_error_naming_it() -> None:
     assert not hasattr(kongtask.cron, "nothing_here")
 
 
-def _modules_after(code: str) -> set[str]:
-    """The kongtask modules a fresh interpreter has imported after running ``code``."""
+def _modules_after(code: str, prefix: str = "kongtask") -> set[str]:
+    """The modules (named ``prefix``…) a fresh interpreter has imported after ``code``."""
     probe = f"{code}\nimport json, sys\nprint(json.dumps(sorted(sys.modules)))"
     out = subprocess.run(
         [sys.executable, "-c", probe], check=True, capture_output=True, text=True
     ).stdout
-    return {name for name in json.loads(out) if name.startswith("kongtask")}
+    return {name for name in json.loads(out) if name.startswith(prefix)}
 
 
 def test_a_worker_without_a_crontab_imports_no_cron_stack() -> None:
@@ -87,6 +87,9 @@ def test_a_worker_without_a_crontab_imports_no_cron_stack() -> None:
         "kongtask.worker_utils",
     }
     assert not loaded & cron_stack, loaded & cron_stack
+    # Nor what only some runs use: the embedded server, the process pool.
+    assert "kongtask.db.embedded" not in loaded
+    assert "multiprocessing" not in _modules_after("import kongtask.runner", prefix="")
 
 
 def test_star_import_and_first_use_load_the_names() -> None:
