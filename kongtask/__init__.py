@@ -88,6 +88,8 @@ if TYPE_CHECKING:
         add_job_async,
         add_jobs,
         add_jobs_async,
+        cancel_job,
+        cancel_job_async,
     )
 
 __all__ = [
@@ -131,6 +133,8 @@ __all__ = [
     "add_job_async",
     "add_jobs",
     "add_jobs_async",
+    "cancel_job",
+    "cancel_job_async",
     "digest",
     "events",
     "fire_times",
@@ -200,6 +204,8 @@ __getattr__, __dir__ = _lazy.exports(
             "add_job_async",
             "add_jobs",
             "add_jobs_async",
+            "cancel_job",
+            "cancel_job_async",
         ),
     },
 )

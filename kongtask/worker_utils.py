@@ -26,10 +26,10 @@ from kongtask.db.conninfo import open_database, resolve_schema
 from kongtask.db.migrate import MigrationResult, migrate
 from kongtask.db.statements import Queries
 from kongtask.declared import Task, job_spec_for
-from kongtask.errors import ConfigurationError, InvalidJobError, KongtaskError, cancel_message
+from kongtask.errors import ConfigurationError, InvalidJobError, KongtaskError
 from kongtask.job import Job
 from kongtask.job_spec import JobSpec
-from kongtask.jobs.cancel import CancelResult, check_cancel
+from kongtask.jobs.cancel import CancelResult, cancel_params, cancel_result
 from kongtask.jobs.enqueue import (
     add_job_on,
     add_job_on_async,
@@ -53,6 +53,8 @@ __all__ = [
     "add_job_async",
     "add_jobs",
     "add_jobs_async",
+    "cancel_job",
+    "cancel_job_async",
 ]
 
 logger = logging.getLogger(__name__)
@@ -276,13 +278,9 @@ class WorkerUtils:
         already failed for good (``finished``). On a borrowed connection the
         change and the signal take effect when the caller commits.
         """
-        check_cancel(job_id, reason)
-        params = {"id": job_id, "message": cancel_message(reason), "schema": self.schema}
+        params = cancel_params(job_id, reason, self.schema)
         with self.connection() as conn:
-            row = conn.execute(self._queries.cancel_job, params).fetchone()
-        assert row is not None  # the statement always returns one row
-        outcome, pool_id = row
-        return CancelResult(job_id, outcome, pool_id if outcome == "signalled" else None)
+            return cancel_result(job_id, conn.execute(self._queries.cancel_job, params).fetchone())
 
     def reschedule_jobs(
         self,
@@ -599,6 +597,41 @@ async def add_jobs_async(
         specs,
         job_key_preserve_run_at=job_key_preserve_run_at,
     )
+
+
+def cancel_job(
+    job_id: int,
+    reason: str | None = None,
+    *,
+    connection: psycopg.Connection[Any] | None = None,
+    connection_string: str | None = None,
+    schema: str | None = None,
+) -> CancelResult:
+    """Cancel one job, as :meth:`WorkerUtils.cancel_job`; on ``connection`` inside its
+    transaction (the change and the running job's signal take effect at its commit)."""
+    if connection is None:
+        with WorkerUtils(connection_string, schema=schema) as utils:
+            return utils.cancel_job(job_id, reason)
+    check_connection(connection, connection_string)
+    queries = Queries(resolve_schema(schema))
+    params = cancel_params(job_id, reason, queries.schema)
+    return cancel_result(job_id, connection.execute(queries.cancel_job, params).fetchone())
+
+
+async def cancel_job_async(
+    job_id: int,
+    reason: str | None = None,
+    *,
+    connection: psycopg.AsyncConnection[Any],
+    schema: str | None = None,
+) -> CancelResult:
+    """:func:`cancel_job` on an ``AsyncConnection``, inside its current transaction: a
+    waiting job fails for good, a running one is signalled to its pool, at commit."""
+    check_async_connection(connection)
+    queries = Queries(resolve_schema(schema))
+    params = cancel_params(job_id, reason, queries.schema)
+    cursor = await connection.execute(queries.cancel_job, params)
+    return cancel_result(job_id, await cursor.fetchone())
 
 
 def _job_ids(ids: Iterable[int]) -> list[int]:

@@ -12,10 +12,11 @@ this channel: a job one of them holds runs on.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from kongtask.errors import InvalidJobError
+from kongtask.errors import InvalidJobError, cancel_message
 
 __all__ = [
     "CANCEL_CHANNEL",
@@ -23,6 +24,8 @@ __all__ = [
     "MAX_REASON_LENGTH",
     "CancelNotice",
     "CancelResult",
+    "cancel_params",
+    "cancel_result",
     "check_cancel",
     "read_notice",
 ]
@@ -96,6 +99,19 @@ def check_cancel(job_id: Any, reason: Any) -> None:
             field="reason",
             value=reason[:80],
         )
+
+
+def cancel_params(job_id: Any, reason: Any, schema: str) -> dict[str, Any]:
+    """The ``cancel_job`` statement's parameters, after :func:`check_cancel`."""
+    check_cancel(job_id, reason)
+    return {"id": job_id, "message": cancel_message(reason), "schema": schema}
+
+
+def cancel_result(job_id: int, row: Sequence[Any] | None) -> CancelResult:
+    """What the ``cancel_job`` statement's one row (outcome, holding pool) says."""
+    assert row is not None  # the statement always returns one row
+    outcome, pool_id = row
+    return CancelResult(job_id, outcome, pool_id if outcome == "signalled" else None)
 
 
 def read_notice(data: dict[str, Any], schema: str, pool_id: str) -> CancelNotice | None:

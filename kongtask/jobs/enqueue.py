@@ -400,7 +400,7 @@ def check_connection(connection: object, connection_string: object = None) -> No
     if isinstance(connection, psycopg.AsyncConnection):
         raise ConfigurationError(
             "connection is a psycopg.AsyncConnection; use kongtask.add_job_async / "
-            "add_jobs_async (or a declared task's defer_async) with it",
+            "add_jobs_async / cancel_job_async (or a declared task's defer_async) with it",
             name="connection",
             value=connection,
         )

@@ -22,7 +22,7 @@ from kongtask import ConfigurationError, JobCancelledError, Runner, WorkerUtils
 from kongtask.ops.dashboard import Dashboard, DashboardServer
 from kongtask.ops.dashboard.app import POOL_SIZE
 from tests.integration.ops_support import DEAD_POOL, LIVE_POOL, ids_by_sql, seed_every_state
-from tests.integration.worker_support import DEADLINE_S, jobs, recording, wait_until
+from tests.integration.worker_support import DEADLINE_S, Abortable, jobs, recording, wait_until
 
 TOKEN = "s3cret-token-for-tests"
 #: The dashboard's statement deadline (README, "The dashboard").
@@ -536,14 +536,7 @@ def test_cancel_without_the_form_token_is_refused_and_changes_nothing(
 
 
 def test_cancel_a_running_job_from_the_dashboard(db_url: str, db: psycopg.Connection[Any]) -> None:
-    started = threading.Event()
-    aborted = threading.Event()
-
-    def waits(payload: Any, helpers: Any) -> None:
-        started.set()
-        if helpers.abort_event.wait(DEADLINE_S):
-            aborted.set()
-
+    waits = Abortable()
     runner = Runner(tasks={"waits": waits}, connection_string=db_url, install_signal_handlers=False)
     with (
         recording(runner) as log,
@@ -551,7 +544,7 @@ def test_cancel_a_running_job_from_the_dashboard(db_url: str, db: psycopg.Connec
         DashboardServer(db_url, port=0) as server,
     ):
         job = runner.add_job("waits", {})
-        assert started.wait(DEADLINE_S), "the job never started"
+        assert waits.started.wait(DEADLINE_S), "the job never started"
         client = Client(server.port)
         _, _, page = client.request("GET", f"/jobs/{job.id}")
         assert "The job is running" in page and 'action="/actions/cancel"' in page
@@ -565,7 +558,7 @@ def test_cancel_a_running_job_from_the_dashboard(db_url: str, db: psycopg.Connec
             f"Job {job.id} is running: asked pool {runner.pool_id} to abort it; "
             "it fails permanently when its handler stops"
         )
-        assert aborted.wait(DEADLINE_S), "the pool never set the job's abort event"
+        assert waits.aborted.wait(DEADLINE_S), "the pool never set the job's abort event"
         log.wait_for("job:failed")
         [failed] = log.payloads("job:failed")
         assert isinstance(failed["error"], JobCancelledError)

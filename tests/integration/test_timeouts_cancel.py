@@ -15,10 +15,10 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 import kongtask
 import kongtask.ops.metrics
-from kongtask import InvalidJobError, Runner, WorkerUtils
+from kongtask import ConfigurationError, InvalidJobError, Runner, WorkerUtils
 from kongtask.ops.cli.jobs import jobs_main, render_status
 
-from .worker_support import DEADLINE_S, jobs, recording, wait_until
+from .worker_support import DEADLINE_S, Abortable, jobs, recording, wait_until
 
 
 def _runner(db_url: str, tasks: dict[str, Any], **options: Any) -> Runner:
@@ -145,6 +145,95 @@ def test_cancel_a_waiting_job(db_url: str, db: psycopg.Connection[Any]) -> None:
         plain = utils.add_job("later", {})
         assert utils.cancel_job(plain.id).outcome == "cancelled"
         assert _row(db, plain.id)["last_error"] == "cancelled"  # type: ignore[index]
+
+
+class _Rollback(Exception):
+    pass
+
+
+def test_cancel_job_on_a_connection_takes_effect_when_it_commits(
+    db_url: str, db: psycopg.Connection[Any]
+) -> None:
+    with WorkerUtils(db_url) as utils:
+        job = utils.add_job("later", {})
+    with psycopg.connect(db_url) as conn:
+        with conn.transaction(force_rollback=True):
+            result = kongtask.cancel_job(job.id, "changed my mind", connection=conn)
+            assert result == kongtask.CancelResult(job.id, "cancelled")
+        assert _row(db, job.id)["last_error"] is None  # type: ignore[index]
+        with conn.transaction():
+            kongtask.cancel_job(job.id, "for real", connection=conn)
+            assert _row(db, job.id)["last_error"] is None  # type: ignore[index]
+    assert _row(db, job.id)["last_error"] == "cancelled: for real"  # type: ignore[index]
+    assert kongtask.cancel_job(job.id, connection_string=db_url).outcome == "finished"
+
+
+def test_cancel_job_async_cancels_at_commit_and_signals_a_running_job(
+    db_url: str, db: psycopg.Connection[Any]
+) -> None:
+    waits = Abortable()
+
+    async def scenario(waiting_id: int, running_id: int) -> list[kongtask.CancelResult]:
+        async with await psycopg.AsyncConnection.connect(db_url) as conn:
+            try:
+                async with conn.transaction():
+                    await kongtask.cancel_job_async(waiting_id, connection=conn)
+                    raise _Rollback
+            except _Rollback:
+                pass
+            assert _row(db, waiting_id)["last_error"] is None  # type: ignore[index]
+            async with conn.transaction():
+                results = [
+                    await kongtask.cancel_job_async(waiting_id, "gone", connection=conn),
+                    await kongtask.cancel_job_async(running_id, connection=conn),
+                ]
+                # Nothing is signalled before the commit.
+                assert not waits.aborted.is_set()
+            return results
+
+    runner = _runner(db_url, {"waits": waits})
+    with recording(runner) as log, runner:
+        with WorkerUtils(db_url) as utils:
+            waiting = utils.add_job("later", {})
+            running = utils.add_job("waits", {})
+        assert waits.started.wait(DEADLINE_S)
+        waiting_result, running_result = asyncio.run(scenario(waiting.id, running.id))
+        assert waiting_result == kongtask.CancelResult(waiting.id, "cancelled")
+        assert running_result == kongtask.CancelResult(running.id, "signalled", runner.pool_id)
+        assert waits.aborted.wait(DEADLINE_S), "the pool never set the abort event"
+        log.wait_for("job:failed")
+    assert _row(db, waiting.id)["last_error"] == "cancelled: gone"  # type: ignore[index]
+    assert _row(db, running.id)["last_error"] == "cancelled"  # type: ignore[index]
+
+
+def test_cancel_job_async_refuses_bad_input_and_changes_nothing(
+    db_url: str, db: psycopg.Connection[Any]
+) -> None:
+    with WorkerUtils(db_url) as utils:
+        job = utils.add_job("later", {})
+    before = jobs(db)
+
+    async def scenario() -> None:
+        async with await psycopg.AsyncConnection.connect(db_url) as conn:
+            with pytest.raises(InvalidJobError, match="cancel_job: the job id"):
+                await kongtask.cancel_job_async(0, connection=conn)
+            with pytest.raises(InvalidJobError, match="cancel_job: reason"):
+                await kongtask.cancel_job_async(job.id, 42, connection=conn)  # type: ignore[arg-type]
+        with (
+            psycopg.connect(db_url) as sync_conn,
+            pytest.raises(ConfigurationError, match=r"psycopg\.AsyncConnection"),
+        ):
+            await kongtask.cancel_job_async(job.id, connection=sync_conn)  # type: ignore[arg-type]
+
+    asyncio.run(scenario())
+
+    async def sync_on_async() -> None:
+        async with await psycopg.AsyncConnection.connect(db_url) as conn:
+            kongtask.cancel_job(job.id, connection=conn)  # type: ignore[arg-type]
+
+    with pytest.raises(ConfigurationError, match="cancel_job_async"):
+        asyncio.run(sync_on_async())
+    assert jobs(db) == before
 
 
 @pytest.mark.parametrize(

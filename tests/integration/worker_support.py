@@ -101,6 +101,20 @@ def jobs(conn: psycopg.Connection[Any], schema: str = "graphile_worker") -> list
         return cur.execute(query).fetchall()
 
 
+class Abortable:
+    """A handler that waits on its abort event (up to DEADLINE_S), and events that say
+    it started and that the abort reached it."""
+
+    def __init__(self) -> None:
+        self.started = threading.Event()
+        self.aborted = threading.Event()
+
+    def __call__(self, payload: Any, helpers: Any) -> None:
+        self.started.set()
+        if helpers.abort_event.wait(DEADLINE_S):
+            self.aborted.set()
+
+
 def locked_queues(conn: psycopg.Connection[Any]) -> int:
     return conn.execute(
         "select count(*) from graphile_worker._private_job_queues where locked_at is not null"
