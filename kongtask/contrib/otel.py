@@ -1,7 +1,8 @@
 """OpenTelemetry tracing for kongtask (the ``otel`` extra), off until :func:`instrument`.
 
 Once instrumented, every ``add_job``/``add_jobs`` in the process (WorkerUtils,
-the module functions, a handler's helpers; sync and async) is a producer span,
+the module functions, a handler's helpers; sync and async) and every minute a
+cron scheduler writes is a producer span,
 and each job a Runner runs is a consumer span in the same trace: the enqueuing
 span's W3C ``traceparent`` travels with the job as one of its ``flags``
 (``kongtask_trace=00-…``), so the payload a handler sees is untouched and a Node

@@ -428,7 +428,11 @@ def check_async_connection(connection: object) -> None:
 
 
 def add_job_specs_on(
-    conn: psycopg.Connection[Any], queries: Queries, specs: Sequence[JobSpec]
+    conn: psycopg.Connection[Any],
+    queries: Queries,
+    specs: Sequence[JobSpec],
+    *,
+    operation: str = "add_jobs",
 ) -> list[Job]:
     """Add each spec as its own ``add_job`` call would; returns the jobs in input order.
 
@@ -438,9 +442,21 @@ def add_job_specs_on(
     one statement calling ``add_job`` for each in order, with each spec's own
     ``job_key_mode``, so a later spec replaces the job an earlier one with the
     same key just added. A keyed job that lost a race on a locked key is added
-    again alone, as :func:`add_job_on` does.
+    again alone, as :func:`add_job_on` does. An enqueue observer (tracing)
+    sees the call as ``operation``.
     """
     checked = [_checked_spec(spec, index) for index, spec in enumerate(specs)]
+    observer = _observer
+    if observer is not None and checked:
+        return _observed(
+            observer, operation, checked, lambda specs: _add_job_specs_on(conn, queries, specs)
+        )
+    return _add_job_specs_on(conn, queries, checked)
+
+
+def _add_job_specs_on(
+    conn: psycopg.Connection[Any], queries: Queries, checked: list[JobSpec]
+) -> list[Job]:
     jobs: list[Job | None] = [None] * len(checked)
     plain = [index for index, spec in enumerate(checked) if spec.job_key is None]
     keyed = [index for index, spec in enumerate(checked) if spec.job_key is not None]

@@ -25,6 +25,7 @@ import kongtask
 from kongtask import WorkerUtils
 from kongtask.contrib import otel
 from kongtask.jobs import enqueue
+from kongtask.testing import ManualClock
 from kongtask.testing.plugin import KongtaskDatabase, WorkerFactory
 
 
@@ -185,6 +186,25 @@ def test_an_enqueue_that_fails_records_its_error(
             kongtask.add_job("remember", connection=conn, schema=kongtask_db.schema)
     (add,) = exporter.named("kongtask.add_job")
     assert add.status.status_code is StatusCode.ERROR
+
+
+def test_a_cron_job_runs_in_the_trace_of_its_minute_s_write(
+    kongtask_worker: WorkerFactory,
+    kongtask_clock: ManualClock,
+    provider: TracerProvider,
+    exporter: WaitingExporter,
+) -> None:
+    PAYLOADS.clear()
+    worker = kongtask_worker({"remember": remember}, crontab="* * * * * remember {n: 9}")
+    with otel.instrument(worker, tracer_provider=provider):
+        kongtask_clock.wait_for_timers(2)  # the lock sweep and the cron minute
+        kongtask_clock.advance(60)
+        (run,) = exporter.wait_for("kongtask.run remember")
+        (write,) = exporter.named("kongtask.cron remember")
+    assert write.parent is None and write.kind is SpanKind.PRODUCER
+    assert run.context.trace_id == write.context.trace_id
+    assert run.parent is not None and run.parent.span_id == write.context.span_id
+    assert [payload["n"] for payload in PAYLOADS] == [9]
 
 
 def test_without_instrumentation_jobs_carry_no_trace(

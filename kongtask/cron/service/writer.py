@@ -350,7 +350,9 @@ class CronWriter(Actor):
     def _add_jobs(self, cursor: psycopg.Cursor[Any], firings: Sequence[Planned]) -> list[int]:
         """Add the firings' jobs through the one enqueue door, inside this transaction;
         return their ids in the order of ``firings``."""
-        jobs = add_job_specs_on(cursor.connection, self._queries, [job_of(f) for f in firings])
+        jobs = add_job_specs_on(
+            cursor.connection, self._queries, [job_of(f) for f in firings], operation="cron"
+        )
         return [job.id for job in jobs]
 
     @staticmethod
