@@ -142,9 +142,11 @@ class Liveness(DbActor):
             case Register():
                 self._hold_lock()
                 self._register()
-                self._release_dead()
                 self._schedule()
-                self._schedule_check()
+                # The dead-pool check right after this answer, not before it: the
+                # pool's first claim need not wait for it (its released jobs
+                # arrive with a nudge), and a restarted worker starts sooner.
+                self.actor_ref.tell(Check())
                 return True
             case Beat():
                 self._timer = None
