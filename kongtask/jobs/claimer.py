@@ -226,9 +226,7 @@ class Claimer(DbActor):
             case HeldCount():
                 return self.policy.held
             case Prepare():
-                if (unread := self._prepare()) is not None:
-                    # The first claim reads them again, and says so if that fails too.
-                    logger.debug("Reading limits and pauses at start failed: %s", unread)
+                self._prepare()
             case SlowStatement(seconds):
                 self._maybe_analyze(seconds)
             case Confirm():
@@ -268,21 +266,16 @@ class Claimer(DbActor):
                 self.actor_ref.tell(BufferLow())
             self._arm_poll()
 
-    def _prepare(self) -> psycopg.Error | None:
-        """What the first claim needs besides its statement: the task ids, the limits.
-
-        Returns the error that kept the limits and pauses unread (a claim must
-        not run without them), else None.
-        """
+    def _prepare(self) -> None:
+        """What the first claim needs besides its statement: the task ids, the limits."""
         if not self._task_id_list:
             self._register_tasks()
-        if self._limits_read:
-            return None
-        try:
-            self._read_limits()
-        except psycopg.Error as exc:
-            return exc
-        return None
+        if not self._limits_read:
+            try:
+                self._read_limits()
+            except psycopg.Error as exc:
+                # The first claim reads them again, and says so if that fails too.
+                logger.debug("Reading limits and pauses before the first claim failed: %s", exc)
 
     def _claim_now(self) -> Action:
         """Run one claim and return what the policy says after its answer."""
@@ -290,12 +283,16 @@ class Claimer(DbActor):
         queue = ctx.queue
         policy = self.policy
         want = policy.ask(len(queue))
-        unread = self._prepare()
-        if unread is not None:
-            # No claim before the limits and pauses are known; the poll tries again.
-            logger.error("Failed to get jobs: could not read limits and pauses: %s", unread)
-            ctx.bus.emit(events.worker_get_job_error, pool_id=ctx.pool_id, error=unread)
-            return policy.step(ClaimFailed(), len(queue))
+        if not self._task_id_list:
+            self._register_tasks()
+        if not self._limits_read:
+            try:
+                self._read_limits()
+            except psycopg.Error as exc:
+                # No claim before the limits and pauses are known; the poll tries again.
+                logger.error("Failed to get jobs: could not read limits and pauses: %s", exc)
+                ctx.bus.emit(events.worker_get_job_error, pool_id=ctx.pool_id, error=exc)
+                return policy.step(ClaimFailed(), len(queue))
         policy.claim_started()
         ctx.bus.emit(events.worker_get_job_start, pool_id=ctx.pool_id)
         adopted: list[Job] = []
