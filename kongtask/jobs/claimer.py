@@ -78,7 +78,6 @@ __all__ = [
     "InsertNotified",
     "JoinRequest",
     "LimitsChanged",
-    "Prepare",
     "Shutdown",
     "Wake",
 ]
@@ -104,14 +103,6 @@ class LimitsChanged(NamedTuple):
     notified: bool = True
 
 
-class Prepare(NamedTuple):
-    """Register the pool's tasks and read the limits and pauses now, before any claim.
-
-    Sent at start-up, while the pool registers its liveness record: the first
-    claim then waits for one statement instead of three.
-    """
-
-
 class HeldCount(NamedTuple):
     """Ask how many jobs this pool holds (claimed, not yet recorded)."""
 
@@ -128,14 +119,7 @@ class Confirm(NamedTuple):
 
 
 ClaimerMessage = (
-    FetchEvent
-    | TtlDue
-    | JoinRequest
-    | HeldCount
-    | SlowStatement
-    | Confirm
-    | LimitsChanged
-    | Prepare
+    FetchEvent | TtlDue | JoinRequest | HeldCount | SlowStatement | Confirm | LimitsChanged
 )
 
 _EPOCH = datetime.min.replace(tzinfo=UTC)
@@ -225,8 +209,6 @@ class Claimer(DbActor):
                 self._step(Wake())
             case HeldCount():
                 return self.policy.held
-            case Prepare():
-                self._prepare()
             case SlowStatement(seconds):
                 self._maybe_analyze(seconds)
             case Confirm():
@@ -265,17 +247,6 @@ class Claimer(DbActor):
                 # The buffer already fell to that level before anyone could report it.
                 self.actor_ref.tell(BufferLow())
             self._arm_poll()
-
-    def _prepare(self) -> None:
-        """What the first claim needs besides its statement: the task ids, the limits."""
-        if not self._task_id_list:
-            self._register_tasks()
-        if not self._limits_read:
-            try:
-                self._read_limits()
-            except psycopg.Error as exc:
-                # The first claim reads them again, and says so if that fails too.
-                logger.debug("Reading limits and pauses before the first claim failed: %s", exc)
 
     def _claim_now(self) -> Action:
         """Run one claim and return what the policy says after its answer."""

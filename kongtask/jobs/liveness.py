@@ -142,11 +142,9 @@ class Liveness(DbActor):
             case Register():
                 self._hold_lock()
                 self._register()
+                self._release_dead()
                 self._schedule()
-                # The dead-pool check right after this answer, not before it: the
-                # pool's first claim need not wait for it (its released jobs
-                # arrive with a nudge), and a restarted worker starts sooner.
-                self.actor_ref.tell(Check())
+                self._schedule_check()
                 return True
             case Beat():
                 self._timer = None

@@ -36,7 +36,6 @@ from kongtask.jobs.claimer import (
     InsertNotified,
     JoinRequest,
     LimitsChanged,
-    Prepare,
     Shutdown,
     Wake,
 )
@@ -167,11 +166,6 @@ class JobService:
                 settings.concurrency,
             )
         host.bus.emit(events.pool_create, pool_id=self.pool_id)
-        outbox = Outbox(wake=self._flush_outcomes)
-        self._claimer = Claimer.start(ctx, outbox)
-        # It registers the tasks and reads the limits while the pool registers;
-        # it claims nothing until the first nudge, below.
-        self._claimer.tell(Prepare())
         # The liveness record exists before anything is claimed, so a pool id
         # seen in locked_by without a live record always means a dead pool.
         self._liveness = Liveness.start(
@@ -179,6 +173,8 @@ class JobService:
         )
         if self._liveness.ask(Register(), timeout=_POOL_OPEN_TIMEOUT_S) is not True:
             raise KongtaskError(f"pool {self.pool_id} could not register its liveness record")
+        outbox = Outbox(wake=self._flush_outcomes)
+        self._claimer = Claimer.start(ctx, outbox)
         self._completer = Completer.start(ctx, outbox, self._claimer)
         self._outbox = outbox
         if not settings.once:
