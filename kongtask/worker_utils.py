@@ -615,7 +615,9 @@ def cancel_job(
     check_connection(connection, connection_string)
     queries = Queries(resolve_schema(schema))
     params = cancel_params(job_id, reason, queries.schema)
-    return cancel_result(job_id, connection.execute(queries.cancel_job, params).fetchone())
+    # Tuples whatever row factory the caller's connection has.
+    with connection.cursor(row_factory=tuple_row) as cursor:
+        return cancel_result(job_id, cursor.execute(queries.cancel_job, params).fetchone())
 
 
 async def cancel_job_async(
@@ -630,8 +632,9 @@ async def cancel_job_async(
     check_async_connection(connection)
     queries = Queries(resolve_schema(schema))
     params = cancel_params(job_id, reason, queries.schema)
-    cursor = await connection.execute(queries.cancel_job, params)
-    return cancel_result(job_id, await cursor.fetchone())
+    async with connection.cursor(row_factory=tuple_row) as cursor:
+        await cursor.execute(queries.cancel_job, params)
+        return cancel_result(job_id, await cursor.fetchone())
 
 
 def _job_ids(ids: Iterable[int]) -> list[int]:

@@ -12,6 +12,7 @@ from typing import Any
 import psycopg
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
+from psycopg.rows import dict_row
 
 import kongtask
 import kongtask.ops.metrics
@@ -156,7 +157,8 @@ def test_cancel_job_on_a_connection_takes_effect_when_it_commits(
 ) -> None:
     with WorkerUtils(db_url) as utils:
         job = utils.add_job("later", {})
-    with psycopg.connect(db_url) as conn:
+    # A caller's row factory is the caller's: the result reads the same.
+    with psycopg.connect(db_url, row_factory=dict_row) as conn:
         with conn.transaction(force_rollback=True):
             result = kongtask.cancel_job(job.id, "changed my mind", connection=conn)
             assert result == kongtask.CancelResult(job.id, "cancelled")
@@ -174,7 +176,7 @@ def test_cancel_job_async_cancels_at_commit_and_signals_a_running_job(
     waits = Abortable()
 
     async def scenario(waiting_id: int, running_id: int) -> list[kongtask.CancelResult]:
-        async with await psycopg.AsyncConnection.connect(db_url) as conn:
+        async with await psycopg.AsyncConnection.connect(db_url, row_factory=dict_row) as conn:
             try:
                 async with conn.transaction():
                     await kongtask.cancel_job_async(waiting_id, connection=conn)
