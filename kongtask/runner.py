@@ -112,6 +112,7 @@ class RunnerOptions(_RequiredRunnerOptions, total=False):
     pool_dead_after_s: float
     dead_pool_check_interval_s: float | None
     crash_quarantine_after: int
+    vacuum_after_dead_rows: int | None
     timeout_s: float | None
     # ConnectionSettings, one by one.
     connect_timeout_s: float

@@ -168,6 +168,10 @@ class WorkerSettings:
     dead_pool_check_interval_s: float | None = 2.0
     #: A job that killed its worker this many times (running as a suspect) is failed for good.
     crash_quarantine_after: int = 3
+    #: Vacuum the jobs table from the worker once it holds this many dead rows (and at least
+    #: a fifth of its live ones): autovacuum has then fallen far behind, and every claim walks
+    #: the dead rows' index entries. ``None``: leave it to autovacuum.
+    vacuum_after_dead_rows: int | None = 50_000
     #: How long one attempt of a task may run (seconds; ``None``: no limit). A task's
     #: own ``timeout_s`` (``@kongtask.task(timeout_s=...)``) wins over this default.
     timeout_s: float | None = None
@@ -232,6 +236,8 @@ class WorkerSettings:
                 "dead_pool_check_interval_s", self.dead_pool_check_interval_s, allow_minimum=False
             )
         check_int("crash_quarantine_after", self.crash_quarantine_after, 1, 1_000)
+        if self.vacuum_after_dead_rows is not None:
+            check_int("vacuum_after_dead_rows", self.vacuum_after_dead_rows, 1_000, 1_000_000_000)
         if self.timeout_s is not None:
             check_seconds("timeout_s", self.timeout_s, allow_minimum=False)
         if not isinstance(self.connection, ConnectionSettings):

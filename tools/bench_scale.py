@@ -17,9 +17,12 @@ postgresql://postgres@127.0.0.1:5432/postgres) and drops them afterwards.
    ``kongtask --once -j 24`` processes started together (table truncated and
    analyzed before each run; rounds alternate the order).
 3. Dead rows: ``--dead`` jobs are drained by a worker without any vacuum
-   (autovacuum off for the table), so their deleted rows stay; then 10,000
-   jobs are added and analyzed, the claim is timed and the 10,000 drained;
-   against the same on the vacuumed table. Printed: the ratios.
+   (autovacuum and the worker's upkeep off), so their deleted rows stay; then
+   10,000 jobs are added and analyzed, the claim is timed and the 10,000
+   drained. Three sides, each on a new database: the dead rows left as they
+   are; the drain by a worker with its upkeep on (it vacuums the table it
+   finds bloated), the claim timed afterwards on the table it left; and the
+   table vacuumed first. Printed: the ratios to the vacuumed side.
 """
 
 from __future__ import annotations
@@ -166,9 +169,12 @@ def run_some(url: str, tasks_file: Path, count: int) -> tuple[float, float]:
     return ran / elapsed, peak[0]
 
 
-def drain_together(url: str, tasks_file: Path, processes: int) -> float:
+def drain_together(
+    url: str, tasks_file: Path, processes: int, extra: list[str] | None = None
+) -> float:
     """Seconds for ``processes`` independent ``--once`` workers to drain the table."""
     argv = [*kongtask_cli(), "-c", url, "--tasks", str(tasks_file), "--once", "-j", "24"]
+    argv += extra or []
     started = time.perf_counter()
     children = [
         subprocess.Popen(argv, env=dict(os.environ, NO_LOG_SUCCESS="1"), stderr=subprocess.DEVNULL)
@@ -225,14 +231,23 @@ def processes(args: Any, tasks_file: Path) -> None:
         )
 
 
-def make_dead_rows(url: str, tasks_file: Path, count: int) -> int:
-    """Drain ``count`` jobs with autovacuum off, leaving their dead rows; returns the dead count."""
+#: The worker's own vacuum off: the dead rows stay for the side that measures them.
+NO_UPKEEP = ["--vacuum-after-dead-rows", "0"]
+
+
+def make_dead_rows(url: str, tasks_file: Path, count: int) -> None:
+    """Drain ``count`` jobs with autovacuum and the worker's upkeep off, leaving their dead rows."""
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute("alter table graphile_worker._private_jobs set (autovacuum_enabled = false)")
     fill(url, count)
-    drain_together(url, tasks_file, 1)
+    drain_together(url, tasks_file, 1, NO_UPKEEP)
+
+
+def dead_count(url: str) -> int:
+    """The jobs table's dead rows as the statistics show them (pending counts flushed first)."""
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute("select pg_stat_force_next_flush()")
+        conn.execute("select 1")
         row = conn.execute(
             "select n_dead_tup from pg_stat_user_tables where relname = '_private_jobs'"
         ).fetchone()
@@ -246,54 +261,66 @@ def live_jobs(url: str, count: int) -> None:
         conn.execute("analyze graphile_worker._private_jobs")
 
 
+#: The dead-row sides: how the table is prepared, and the worker's upkeep option.
+DEAD_SIDES = {
+    "dead rows": "dead rows left, worker upkeep off",
+    "upkeep": "dead rows left, worker upkeep on (default)",
+    "vacuumed": "dead rows left, then vacuum analyze",
+}
+
+
 def dead_rows(args: Any, tasks_file: Path) -> None:
     live = 10_000
     print(
-        f"\n3. dead rows: {args.dead} jobs drained with autovacuum off (their dead rows stay), "
-        f"then {live} jobs added and analyzed: the claim is timed {args.claims}x (rolled back) "
-        f"and the {live} drained by `kongtask --once -j 24`; against the same on a vacuumed "
-        f"table; {args.rounds} rounds, order alternated, each round on a new database"
+        f"\n3. dead rows: {args.dead} jobs drained with autovacuum and the worker's upkeep off "
+        f"(their dead rows stay), then {live} jobs added and analyzed and drained by "
+        f"`kongtask --once -j 24`; each side on a new database, {args.rounds} rounds, order "
+        f"rotated. 'dead rows': the claim timed {args.claims}x (rolled back) before the "
+        "drain, which runs with upkeep off. 'upkeep': the drain runs with the worker's "
+        f"upkeep on (its default), then {live} jobs are added again and the claim timed on "
+        "the table as the worker left it. 'vacuumed': vacuum analyze first."
     )
-    sides: dict[str, list[tuple[list[float], float]]] = {"dead rows": [], "vacuumed": []}
-    dead_counts = []
-
-    def measure(url: str, side: str) -> None:
-        live_jobs(url, live)
-        times = claim_times(url, args.claims)
-        sides[side].append((times, drain_together(url, tasks_file, 1)))
-
+    for side, what in DEAD_SIDES.items():
+        print(f"  {side}: {what}")
+    results: dict[str, list[tuple[list[float], float, int]]] = {side: [] for side in DEAD_SIDES}
+    names = list(DEAD_SIDES)
     for round_ in range(args.rounds):
-        with scratch_database(server_url()) as url:
-            if round_ % 2 == 0:
-                dead_counts.append(make_dead_rows(url, tasks_file, args.dead))
-                measure(url, "dead rows")
-                with psycopg.connect(url, autocommit=True) as conn:
-                    conn.execute("vacuum analyze graphile_worker._private_jobs")
-                measure(url, "vacuumed")
-            else:
-                measure(url, "vacuumed")
-                dead_counts.append(make_dead_rows(url, tasks_file, args.dead))
-                measure(url, "dead rows")
-    print(f"  dead rows left by the drain: {dead_counts}")
-    p50s = {}
-    for side, results in sides.items():
-        claim_p50 = [percentile(times, 0.5) for times, _ in results]
-        claim_p99 = [percentile(times, 0.99) for times, _ in results]
-        drains = [wall for _, wall in results]
-        p50s[side] = summary(claim_p50)
-        best, median = summary(drains)
+        order = names[round_ % len(names) :] + names[: round_ % len(names)]
+        for side in order:
+            with scratch_database(server_url()) as url:
+                make_dead_rows(url, tasks_file, args.dead)
+                if side == "vacuumed":
+                    with psycopg.connect(url, autocommit=True) as conn:
+                        conn.execute("vacuum analyze graphile_worker._private_jobs")
+                live_jobs(url, live)
+                if side == "upkeep":
+                    wall = drain_together(url, tasks_file, 1)
+                    live_jobs(url, live)
+                    dead = dead_count(url)
+                    times = claim_times(url, args.claims)
+                else:
+                    dead = dead_count(url)
+                    times = claim_times(url, args.claims)
+                    wall = drain_together(url, tasks_file, 1, NO_UPKEEP)
+                results[side].append((times, wall, dead))
+    medians = {}
+    for side, rows in results.items():
+        claim_p50 = [percentile(times, 0.5) for times, _, _ in rows]
+        claim_p99 = [percentile(times, 0.99) for times, _, _ in rows]
+        best, median = summary([wall for _, wall, _ in rows])
+        medians[side] = (summary(claim_p50)[1], median)
         print(
-            f"  {side:>9}: claim p50 min {min(claim_p50):.2f} / median {p50s[side][1]:.2f} ms, "
-            f"p99 min {min(claim_p99):.2f} ms; drain {live} best {live / best:,.0f} jobs/s, "
-            f"median {live / median:,.0f} jobs/s"
+            f"  {side:>9}: dead rows when timed {[dead for _, _, dead in rows]}; claim p50 min "
+            f"{min(claim_p50):.2f} / median {medians[side][0]:.2f} ms, p99 min "
+            f"{min(claim_p99):.2f} ms; drain {live} best {live / best:,.0f} jobs/s, median "
+            f"{live / median:,.0f} jobs/s"
         )
-        sides_drain = (best, median)
-        p50s[side + " drain"] = sides_drain
-    print(
-        f"  ratio dead / vacuumed: claim p50 (median) "
-        f"{p50s['dead rows'][1] / p50s['vacuumed'][1]:.2f}x, drain time (median) "
-        f"{p50s['dead rows drain'][1] / p50s['vacuumed drain'][1]:.2f}x"
-    )
+    for side in ("dead rows", "upkeep"):
+        print(
+            f"  ratio {side} / vacuumed (medians): claim p50 "
+            f"{medians[side][0] / medians['vacuumed'][0]:.2f}x, drain time "
+            f"{medians[side][1] / medians['vacuumed'][1]:.2f}x"
+        )
 
 
 def main() -> None:

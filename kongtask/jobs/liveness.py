@@ -47,6 +47,7 @@ from kongtask.db.connecting import connect
 from kongtask.jobs.context import WorkerContext
 from kongtask.jobs.db_actor import DbActor
 from kongtask.jobs.stats import stats_params
+from kongtask.jobs.upkeep import Upkeep
 from kongtask.runtime.clock import SystemClock, Timer
 
 __all__ = [
@@ -136,6 +137,8 @@ class Liveness(DbActor):
         self._lock_conn: psycopg.Connection[Any] | None = None
         #: The lock was taken on a new session since the record last said so.
         self._lock_renewed = False
+        #: Vacuums the jobs table when autovacuum has fallen far behind.
+        self.upkeep = Upkeep(ctx)
 
     def handle(self, message: LivenessMessage) -> Any:
         match message:
@@ -143,6 +146,7 @@ class Liveness(DbActor):
                 self._hold_lock()
                 self._register()
                 self._release_dead()
+                self._look_after_table()
                 self._schedule()
                 self._schedule_check()
                 return True
@@ -165,6 +169,7 @@ class Liveness(DbActor):
             case Deregister():
                 self._active = False
                 self._cancel()
+                self.upkeep.close()
                 self._write_stats()  # what the last jobs counted
                 try:
                     self.run(
@@ -184,6 +189,7 @@ class Liveness(DbActor):
         self._active = False
         self._cancel()
         self._clock.close()
+        self.upkeep.close()
         self._close_lock()
         super().on_stop()
 
@@ -319,11 +325,29 @@ class Liveness(DbActor):
                     self._register()  # the record names the lock, and since when
             self._release_dead()
             self._write_stats()
+            self._look_after_table()
         except psycopg.Error as exc:
             logger.error("Heartbeat of pool %s failed: %s", self.ctx.pool_id, exc)
         finally:
             # Between beats the connection goes back to the pool for others.
             self._drop_connection(broken=False)
+
+    def _look_after_table(self) -> None:
+        """Read the jobs table's dead rows and let upkeep vacuum it if they call for it."""
+        upkeep = self.upkeep
+        if not upkeep.due():
+            return
+        params = {"schema": self.ctx.settings.schema}
+        try:
+            row = self.run(
+                lambda conn: conn.execute(self.ctx.queries.jobs_dead_rows, params).fetchone(),
+                "Reading the jobs table's dead rows",
+            )
+        except psycopg.Error as exc:
+            logger.debug("Could not read the jobs table's dead rows: %s", exc)
+            return
+        if row is not None:
+            upkeep.consider(int(row[0]), int(row[1]))
 
     def _write_stats(self) -> None:
         """Add the outcome counts since the last beat to the per-minute table."""

@@ -17,6 +17,8 @@ import kongtask.runner
         ([], {}),
         (["--no-size-claims"], {"size_claims": False}),
         (["--local-queue-size", "7"], {"local_queue_size": 7}),
+        (["--vacuum-after-dead-rows", "20000"], {"vacuum_after_dead_rows": 20_000}),
+        (["--vacuum-after-dead-rows", "0"], {"vacuum_after_dead_rows": None}),
     ],
 )
 def test_claim_flags_reach_the_runner_options(
@@ -31,5 +33,15 @@ def test_claim_flags_reach_the_runner_options(
     argv = ["-c", "postgresql://nobody@127.0.0.1:1/none", "--tasks", str(tasks), "--once"]
     assert cli.main([*argv, "--no-crontab", *flags]) == 0
     (options,) = seen
-    for name in ("size_claims", "local_queue_size"):
-        assert options.get(name) == expected.get(name)
+    for name in ("size_claims", "local_queue_size", "vacuum_after_dead_rows"):
+        assert options.get(name, "unset") == expected.get(name, "unset")
+
+
+@pytest.mark.parametrize("value", ["500", "-1", "many", "2000000000"])
+def test_a_bad_vacuum_threshold_is_refused_naming_the_flag(
+    value: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as info:
+        cli.main(["-c", "postgresql://nobody@127.0.0.1:1/none", "--vacuum-after-dead-rows", value])
+    assert info.value.code == 2
+    assert "--vacuum-after-dead-rows" in capsys.readouterr().err

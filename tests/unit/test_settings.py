@@ -84,6 +84,8 @@ def test_liveness_and_timeout_defaults() -> None:
     assert settings.dead_pool_check_interval_s == 2.0
     assert WorkerSettings(dead_pool_check_interval_s=None).dead_pool_check_interval_s is None
     assert settings.crash_quarantine_after == 3
+    assert settings.vacuum_after_dead_rows == 50_000
+    assert WorkerSettings(vacuum_after_dead_rows=None).vacuum_after_dead_rows is None
     connection = settings.connection
     assert connection == ConnectionSettings()
     assert (connection.connect_timeout_s, connection.statement_timeout_s) == (10.0, 30.0)
@@ -99,6 +101,9 @@ def test_liveness_and_timeout_defaults() -> None:
         ("pool_dead_after_s", float("nan")),
         ("crash_quarantine_after", 0),
         ("crash_quarantine_after", 2.5),
+        ("vacuum_after_dead_rows", 999),
+        ("vacuum_after_dead_rows", 1e5),
+        ("vacuum_after_dead_rows", 0),
         ("dead_pool_check_interval_s", 0),
         ("dead_pool_check_interval_s", "2"),
     ],

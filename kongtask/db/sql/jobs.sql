@@ -372,6 +372,24 @@ order by claimed.priority, claimed.run_at, claimed.id
 -- do nothing rather than wait.
 analyze (skip_locked) {s}._private_jobs
 
+-- name: jobs_dead_rows
+-- The jobs table's dead and live row counts as the statistics system last
+-- heard them (each backend reports its writes within about a second), for the
+-- worker's own upkeep (kongtask/jobs/upkeep.py). Matched by name, not cast to
+-- regclass, so a schema name needing quotes is looked up as it is.
+select pg_stat_get_dead_tuples(tables.oid)::bigint as dead,
+       pg_stat_get_live_tuples(tables.oid)::bigint as live
+from pg_class as tables
+join pg_namespace as namespaces on namespaces.oid = tables.relnamespace
+where namespaces.nspname = %(schema)s and tables.relname = '_private_jobs'
+
+-- name: vacuum_jobs
+-- Remove the dead rows of finished jobs and their index entries, which every
+-- claim otherwise walks past (see kongtask/jobs/upkeep.py), and refresh the
+-- statistics. Outside any transaction; skip_locked: another vacuum or analyze
+-- of the table (autovacuum's, another worker's) is already doing it.
+vacuum (skip_locked, analyze) {s}._private_jobs
+
 -- name: orphaned_claims
 -- Jobs this pool locked in a claim whose answer never arrived (the statement
 -- committed, then the connection broke): everything locked by the pool after

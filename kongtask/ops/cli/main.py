@@ -51,6 +51,19 @@ def _positive_int(flag: str) -> Callable[[str], int]:
     return parse
 
 
+def _dead_rows(text: str) -> int:
+    """``--vacuum-after-dead-rows``: 0 (never) or at least 1,000."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expects an integer, got {text!r}") from None
+    if value != 0 and not 1_000 <= value <= 1_000_000_000:
+        raise argparse.ArgumentTypeError(
+            f"must be 0 (never) or from 1000 to 1000000000, got {value}"
+        )
+    return value
+
+
 def _port(text: str) -> int:
     try:
         value = int(text)
@@ -131,6 +144,14 @@ def _worker_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="fill the local buffer on every claim instead of sizing claims from the "
         "idle slots and the handlers' measured run time",
+    )
+    parser.add_argument(
+        "--vacuum-after-dead-rows",
+        type=_dead_rows,
+        default=None,
+        metavar="N",
+        help="vacuum the jobs table from the worker once it holds N dead rows, autovacuum "
+        "having fallen behind (default 50000; 0: never, leave it to autovacuum)",
     )
     parser.add_argument(
         "--no-prepared-statements",
@@ -388,6 +409,8 @@ def _run_worker(args: argparse.Namespace) -> int:
         options["local_queue_size"] = args.local_queue_size
     if args.no_size_claims:
         options["size_claims"] = False
+    if args.vacuum_after_dead_rows is not None:
+        options["vacuum_after_dead_rows"] = args.vacuum_after_dead_rows or None
     if args.metrics_port is not None:
         # Under a supervisor, process i serves on PORT + i (0 stays "any free port").
         options["metrics_port"] = args.metrics_port + process_index if args.metrics_port else 0
