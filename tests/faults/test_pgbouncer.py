@@ -218,3 +218,39 @@ def test_unlock_dead_through_pgbouncer_spares_live_pools(
     finally:
         for worker in workers:
             worker.close()
+
+
+def test_a_worker_vacuums_a_bloated_table_through_pgbouncer(
+    pgbouncer: Pgbouncer, db_url: str, db: psycopg.Connection[Any], tmp_path: Path
+) -> None:
+    """The worker's upkeep vacuum is one statement outside a transaction: pgbouncer in
+    transaction pooling passes it like any other."""
+    install_ledger(db)
+    db.execute("alter table graphile_worker._private_jobs set (autovacuum_enabled = false)")
+    enqueue(db, make_specs(3_000))
+    db.execute("delete from graphile_worker._private_jobs")
+    db.execute("select pg_stat_force_next_flush()")
+    counts = (
+        "select n_dead_tup, vacuum_count from pg_stat_user_tables where relname = '_private_jobs'"
+    )
+    wait_until(
+        lambda: db.execute(counts).fetchone() == (3_000, 0), timeout_s=30, what="the dead rows"
+    )
+    bounced = pgbouncer.conninfo(db_url)
+    worker = _worker(
+        bounced, db_url, write_tasks(tmp_path), tmp_path / "worker.log", "--pgbouncer",
+        "--vacuum-after-dead-rows", "1000",
+    )  # fmt: skip
+    try:
+        worker.wait_ready()
+        wait_until(
+            lambda: "Vacuumed the jobs table in" in worker.log(),
+            timeout_s=30,
+            what="the worker's vacuum",
+        )
+        row = db.execute(counts).fetchone()
+        assert row is not None and row[1] >= 1 and row[0] < 1_000, row
+        _stop(worker)
+        assert "Vacuuming the jobs table: 3000 dead rows" in worker.log()
+    finally:
+        worker.close()
