@@ -147,7 +147,6 @@ class Claimer(DbActor):
     """Owns the claim connection and the fetch policy; see :data:`ClaimerMessage`."""
 
     action = "getJob"
-    generic_plans = True
 
     def __init__(self, ctx: WorkerContext, outbox: Outbox) -> None:
         super().__init__(ctx)

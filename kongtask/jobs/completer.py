@@ -54,7 +54,6 @@ class Completer(DbActor):
     """Owns the completion connection; message: flush (ask it to wait for a flush)."""
 
     action = "completeJob"
-    generic_plans = True
     max_attempts = 20
 
     def __init__(self, ctx: WorkerContext, outbox: Outbox, claimer: pykka.ActorRef[Any]) -> None:

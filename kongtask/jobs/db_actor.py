@@ -15,7 +15,6 @@ from types import TracebackType
 from typing import Any, Generic, NamedTuple, TypeVar
 
 import psycopg
-from psycopg import sql
 
 from kongtask.jobs.context import WorkerContext
 from kongtask.runtime.actor import Actor, ErrorPolicy
@@ -29,9 +28,6 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 _POOL_TIMEOUT_S = 30.0
-
-_GENERIC_PLANS = sql.SQL("set plan_cache_mode = force_generic_plan")
-_DEFAULT_PLANS = sql.SQL("reset plan_cache_mode")
 
 
 class Ran(NamedTuple, Generic[T]):
@@ -51,19 +47,11 @@ class DbActor(Actor):
     action = "database"
     #: How many times a transient failure is retried before it counts as fatal.
     max_attempts = 100
-    #: Plan this actor's prepared statements generically, once (``plan_cache_mode =
-    #: force_generic_plan`` on its connection while it holds it). For the claim and
-    #: complete statements PostgreSQL's own choice re-plans every execution at a
-    #: backlog of 100,000 (a custom plan looks cheaper for the batch size given), which
-    #: cost 0.3-0.6 ms of a 1-1.5 ms claim; the generic plan is the same index scan.
-    generic_plans = False
 
     def __init__(self, ctx: WorkerContext) -> None:
         super().__init__()
         self.ctx = ctx
         self._conn: psycopg.Connection[Any] | None = None
-        #: The connection held has plan_cache_mode set (reset before it goes back).
-        self._generic = False
         # Marks run()'s statements and retries, so a liveness probe left
         # unanswered meanwhile sees a database wait, not a stuck actor.
         self._database_wait = DatabaseWait.of(self)
@@ -128,24 +116,12 @@ class DbActor(Actor):
             if conn is not None:
                 self._drop_connection(broken=True)
             conn = self._conn = self.ctx.pool.getconn(timeout=_POOL_TIMEOUT_S)
-            # Only where statements are prepared (never through pgbouncer, where a
-            # session setting would also reach other clients).
-            if self.generic_plans and conn.prepare_threshold is not None:
-                conn.execute(_GENERIC_PLANS)
-                self._generic = True
         return conn
 
     def _drop_connection(self, *, broken: bool) -> None:
         conn, self._conn = self._conn, None
-        generic, self._generic = self._generic, False
         if conn is None:
             return
-        if generic and not broken and not conn.closed:
-            # The pool's next borrower (a handler's query) gets the server's own choice.
-            try:
-                conn.execute(_DEFAULT_PLANS)
-            except psycopg.Error:
-                broken = True
         if broken and not conn.closed:
             conn.close()
         try:
