@@ -15,6 +15,7 @@ from types import TracebackType
 from typing import Any, Generic, NamedTuple, TypeVar
 
 import psycopg
+from psycopg_pool import PoolClosed
 
 from kongtask.jobs.context import WorkerContext
 from kongtask.runtime.actor import Actor, ErrorPolicy
@@ -94,7 +95,9 @@ class DbActor(Actor):
             except Exception as exc:
                 if not is_transient(exc) or attempt + 1 >= self.max_attempts:
                     raise
-                if self.ctx.give_up.is_set():
+                # A closed pool never opens again: retrying would only keep this thread
+                # alive, logging, after its Runner has gone.
+                if self.ctx.give_up.is_set() or isinstance(exc, PoolClosed):
                     raise
                 if is_connection_error(exc) or (self._conn is not None and self._conn.broken):
                     self._drop_connection(broken=True)

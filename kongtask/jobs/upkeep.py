@@ -66,9 +66,7 @@ def wants_vacuum(dead: int, live: int, threshold: int | None, since_last_s: floa
 class Upkeep:
     """Starts and tracks one pool's vacuums of the jobs table (at most one at a time)."""
 
-    def __init__(
-        self, ctx: WorkerContext, monotonic: Callable[[], float] = time.monotonic
-    ) -> None:
+    def __init__(self, ctx: WorkerContext, monotonic: Callable[[], float] = time.monotonic) -> None:
         self._ctx = ctx
         self._monotonic = monotonic
         self._lock = threading.Lock()

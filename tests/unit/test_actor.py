@@ -189,3 +189,25 @@ def test_run_says_whether_the_statement_needed_a_retry(refs: list[pykka.ActorRef
     assert calls == 2
     # The next statement starts counting afresh.
     assert ref.ask(lambda conn: "again", timeout=5) == Ran("again", False)
+
+
+def test_a_closed_pool_is_not_retried(refs: list[pykka.ActorRef[Any]]) -> None:
+    """A closed pool never opens again: the statement fails at once, reported as fatal,
+    instead of retrying (and logging) on a thread that outlives its Runner."""
+    from psycopg_pool import PoolClosed
+
+    ctx = fake_context()
+    reported: list[BaseException] = []
+    ctx.fatal = lambda action, error: reported.append(error)  # type: ignore[method-assign]
+    ref = Statements.start(ctx)
+    refs.append(ref)
+    calls = 0
+
+    def closed(conn: psycopg.Connection[Any]) -> str:
+        nonlocal calls
+        calls += 1
+        raise PoolClosed("the pool 'kongtask' is already closed")
+
+    ref.ask(closed, timeout=5)
+    assert calls == 1
+    assert [type(error) for error in reported] == [PoolClosed]
