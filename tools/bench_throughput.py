@@ -37,6 +37,7 @@ import argparse
 import json
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -229,16 +230,52 @@ class Drain(NamedTuple):
     rss: float
     cpu: float
     server_cpu: float | None
+    #: What the drain asked of the database (:data:`WORK`), the counters' differences.
+    work: dict[str, float]
+
+
+#: The database's own counters of work done: this database's transactions, buffer
+#: reads and tuples, and the cluster's WAL (nothing else writes during a drain).
+WORK = """
+select xact_commit + xact_rollback, blks_hit + blks_read, tup_returned, tup_fetched,
+       tup_inserted + tup_updated + tup_deleted, wal_records, wal_fpi, wal_bytes
+from pg_stat_database, pg_stat_wal
+where datname = current_database()
+"""
+WORK_NAMES = (
+    "transactions", "buffers", "tuples returned", "tuples fetched", "tuples written",
+    "WAL records", "WAL full pages", "WAL bytes",
+)  # fmt: skip
+
+
+def database_work(url: str) -> dict[str, float]:
+    """The :data:`WORK` counters once they hold still: a backend that just exited reports
+    its last counts as it goes, so two equal reads 0.2 s apart (at most 5 s) are taken."""
+    last: tuple[Any, ...] | None = None
+    deadline = time.monotonic() + 5
+    with psycopg.connect(url, autocommit=True) as conn:
+        while True:
+            row = conn.execute(WORK).fetchone()
+            assert row is not None
+            if row == last or time.monotonic() > deadline:
+                break
+            last = row
+            time.sleep(0.2)
+    return {name: float(value) for name, value in zip(WORK_NAMES, row, strict=True)}
 
 
 def measured(url: str, run: Callable[[], tuple[float, float, float, str]]) -> Drain:
-    """Run a child drain and read the PostgreSQL cluster's CPU before and after it."""
+    """Run a child drain; read the PostgreSQL cluster's CPU and the database's counters
+    of work before and after it."""
     postmaster = postmaster_pid(url)
+    work_before = database_work(url)
     before = cluster_cpu_seconds(postmaster) if postmaster is not None else None
     wall, rss, cpu, _ = run()
     after = cluster_cpu_seconds(postmaster) if postmaster is not None else None
     server = after - before if before is not None and after is not None else None
-    return Drain(wall, rss, cpu, server)
+    work_after = database_work(url)
+    work = {name: work_after[name] - work_before[name] for name in WORK_NAMES}
+    return Drain(wall, rss, cpu, server, work)
 
 
 def drain_kongtask(url: str, tasks_file: Path, options: list[str]) -> Drain:
@@ -294,6 +331,11 @@ def print_drains(label: str, n: int, results: dict[str, list[Drain]]) -> None:
             "    per job: "
             + "; ".join(f"{what} {b:.1f} µs (median {m:.1f})" for what, (b, m) in side.items())
             + ("" if "PostgreSQL CPU" in side else "; PostgreSQL CPU not measurable here")
+        )
+        work = {what: statistics.median(run.work[what] for run in runs) / n for what in WORK_NAMES}
+        print(
+            "    database work per job (median of rounds): "
+            + "; ".join(f"{what} {value:.3g}" for what, value in work.items())
         )
     if len(figures) == 2:
         (a, fa), (b, fb) = figures.items()
