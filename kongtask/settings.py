@@ -19,6 +19,7 @@ from kongtask.validate import check_bool, check_int, check_seconds, check_text
 
 __all__ = [
     "DEFAULT_SCHEMA",
+    "VACUUM_DEAD_ROWS",
     "ConnectionSettings",
     "OpsSettings",
     "WorkerSettings",
@@ -26,6 +27,10 @@ __all__ = [
 ]
 
 DEFAULT_SCHEMA = "graphile_worker"
+
+#: The range ``vacuum_after_dead_rows`` may take (``None`` aside): fewer than 1,000 dead rows
+#: never slow a claim enough to vacuum for.
+VACUUM_DEAD_ROWS = (1_000, 1_000_000_000)
 
 # A lock expiry as PostgreSQL understands it, e.g. "4 hours" or "90 seconds".
 _INTERVAL_RE = re.compile(
@@ -237,7 +242,7 @@ class WorkerSettings:
             )
         check_int("crash_quarantine_after", self.crash_quarantine_after, 1, 1_000)
         if self.vacuum_after_dead_rows is not None:
-            check_int("vacuum_after_dead_rows", self.vacuum_after_dead_rows, 1_000, 1_000_000_000)
+            check_int("vacuum_after_dead_rows", self.vacuum_after_dead_rows, *VACUUM_DEAD_ROWS)
         if self.timeout_s is not None:
             check_seconds("timeout_s", self.timeout_s, allow_minimum=False)
         if not isinstance(self.connection, ConnectionSettings):

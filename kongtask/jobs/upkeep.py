@@ -56,11 +56,14 @@ def wants_vacuum(dead: int, live: int, threshold: int | None, since_last_s: floa
     ``threshold`` is ``vacuum_after_dead_rows`` (None: never); ``since_last_s``
     the time since this pool last started one (None: never).
     """
-    if threshold is None:
-        return False
-    if since_last_s is not None and since_last_s < MIN_INTERVAL_S:
+    if threshold is None or _too_soon(since_last_s):
         return False
     return dead >= threshold and dead >= LIVE_SHARE * live
+
+
+def _too_soon(since_last_s: float | None) -> bool:
+    """Whether this pool started a vacuum less than :data:`MIN_INTERVAL_S` ago."""
+    return since_last_s is not None and since_last_s < MIN_INTERVAL_S
 
 
 class Upkeep:
@@ -80,20 +83,14 @@ class Upkeep:
     def due(self) -> bool:
         """Whether reading the row counts is worth it now (upkeep on, idle, not too soon)."""
         with self._lock:
-            if self._off or self._closing or self._thread is not None:
-                return False
-            since = None if self._started_at is None else self._monotonic() - self._started_at
-            return since is None or since >= MIN_INTERVAL_S
+            return self._idle() and not _too_soon(self._since_last(self._monotonic()))
 
     def consider(self, dead: int, live: int) -> bool:
         """Start a vacuum if the counts call for one; True if one was started."""
         threshold = self._ctx.settings.vacuum_after_dead_rows
         with self._lock:
-            if self._off or self._closing or self._thread is not None:
-                return False
             now = self._monotonic()
-            since = None if self._started_at is None else now - self._started_at
-            if not wants_vacuum(dead, live, threshold, since):
+            if not (self._idle() and wants_vacuum(dead, live, threshold, self._since_last(now))):
                 return False
             self._started_at = now
             thread = threading.Thread(
@@ -105,6 +102,14 @@ class Upkeep:
             self._thread = thread
         thread.start()
         return True
+
+    def _idle(self) -> bool:
+        """Upkeep on, not closing, no vacuum running (the caller holds the lock)."""
+        return not (self._off or self._closing or self._thread is not None)
+
+    def _since_last(self, now: float) -> float | None:
+        """Seconds since this pool last started a vacuum (None: never)."""
+        return None if self._started_at is None else now - self._started_at
 
     def close(self) -> None:
         """Stop for good: cancel a vacuum that runs (the next worker redoes it) and wait."""

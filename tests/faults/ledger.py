@@ -231,6 +231,36 @@ def scalar(conn: psycopg.Connection[Any], query: str, params: Any = None) -> Any
     return row[0]
 
 
+#: The jobs table's dead rows and vacuum count, as the statistics show them.
+DEAD_AND_VACUUMS = sql.SQL(
+    "select pg_stat_get_dead_tuples(tables.oid), pg_stat_get_vacuum_count(tables.oid) "
+    "from pg_class as tables "
+    "join pg_namespace as namespaces on namespaces.oid = tables.relnamespace "
+    "where namespaces.nspname = {} and tables.relname = '_private_jobs'"
+).format(sql.Literal(SCHEMA))
+
+
+def dead_and_vacuums(conn: psycopg.Connection[Any]) -> tuple[int, int]:
+    """(dead rows, vacuums) of the jobs table."""
+    row = conn.execute(DEAD_AND_VACUUMS).fetchone()
+    assert row is not None
+    return int(row[0]), int(row[1])
+
+
+def leave_dead_rows(conn: psycopg.Connection[Any], count: int) -> None:
+    """Add and delete ``count`` jobs with autovacuum off for the jobs table, and wait for the
+    statistics to show the dead rows (the worker's upkeep reads them there)."""
+    conn.execute(
+        sql.SQL("alter table {}._private_jobs set (autovacuum_enabled = false)").format(
+            sql.Identifier(SCHEMA)
+        )
+    )
+    enqueue(conn, make_specs(count))
+    conn.execute(sql.SQL("delete from {}._private_jobs").format(sql.Identifier(SCHEMA)))
+    conn.execute("select pg_stat_force_next_flush()")
+    wait_until(lambda: dead_and_vacuums(conn)[0] >= count, timeout_s=30, what="the dead rows")
+
+
 @dataclass
 class LedgerReport:
     """What the database says happened to the enqueued jobs."""

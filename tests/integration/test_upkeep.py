@@ -13,36 +13,7 @@ from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
 from kongtask.runner import Runner
-from tests.faults.ledger import scalar, wait_until
-
-FILL = (
-    "select count(*) from graphile_worker.add_jobs(array("
-    "select json_populate_record(null::graphile_worker.job_spec, "
-    "json_build_object('identifier', 't', 'payload', json_build_object('n', n))) "
-    "from generate_series(1, %s) as n))"
-)
-DEAD = (
-    "select pg_stat_get_dead_tuples('graphile_worker._private_jobs'::regclass), "
-    "pg_stat_get_vacuum_count('graphile_worker._private_jobs'::regclass)"
-)
-
-
-def _leave_dead_rows(db: psycopg.Connection[Any], count: int) -> None:
-    """Add and delete ``count`` jobs with autovacuum off for the table, and wait for the
-    statistics to show the dead rows."""
-    db.execute("alter table graphile_worker._private_jobs set (autovacuum_enabled = false)")
-    db.execute(FILL, (count,))
-    db.execute("delete from graphile_worker._private_jobs")
-    db.execute("select pg_stat_force_next_flush()")
-    wait_until(
-        lambda: _dead_and_vacuums(db)[0] >= count, timeout_s=30, what="the dead rows counted"
-    )
-
-
-def _dead_and_vacuums(db: psycopg.Connection[Any]) -> tuple[int, int]:
-    row = db.execute(DEAD).fetchone()
-    assert row is not None
-    return int(row[0]), int(row[1])
+from tests.faults.ledger import dead_and_vacuums, leave_dead_rows, scalar, wait_until
 
 
 def _runner(db_url: str, **options: Any) -> Runner:
@@ -53,18 +24,16 @@ def _runner(db_url: str, **options: Any) -> Runner:
 def test_a_worker_vacuums_a_table_autovacuum_left_full_of_dead_rows(
     db_url: str, db: psycopg.Connection[Any], caplog: pytest.LogCaptureFixture
 ) -> None:
-    _leave_dead_rows(db, 3_000)
+    leave_dead_rows(db, 3_000)
     with (
         caplog.at_level(logging.INFO, logger="kongtask.jobs.upkeep"),
         _runner(db_url, vacuum_after_dead_rows=1_000) as runner,
     ):
         # Checked as the pool registers: the vacuum runs beside the claims.
-        wait_until(
-            lambda: _dead_and_vacuums(db)[1] >= 1, timeout_s=30, what="a vacuum of the table"
-        )
+        wait_until(lambda: dead_and_vacuums(db)[1] >= 1, timeout_s=30, what="a vacuum of the table")
         runner.add_jobs([{"identifier": "t", "payload": {"n": n}} for n in range(20)])
         runner.join(30)
-    assert _dead_and_vacuums(db)[0] < 1_000
+    assert dead_and_vacuums(db)[0] < 1_000
     messages = [record.getMessage() for record in caplog.records]
     assert any(
         "Vacuuming the jobs table: 3000 dead rows beside 0 live ones" in m for m in messages
@@ -76,7 +45,7 @@ def test_a_worker_vacuums_a_table_autovacuum_left_full_of_dead_rows(
 def test_no_vacuum_below_the_threshold_or_with_upkeep_off(
     db_url: str, db: psycopg.Connection[Any], caplog: pytest.LogCaptureFixture
 ) -> None:
-    _leave_dead_rows(db, 3_000)
+    leave_dead_rows(db, 3_000)
     for options in ({"vacuum_after_dead_rows": 5_000}, {"vacuum_after_dead_rows": None}):
         with caplog.at_level(logging.INFO, logger="kongtask.jobs.upkeep"):
             runner = _runner(db_url, heartbeat_interval_s=0.2, **options).start()
@@ -94,7 +63,7 @@ def test_no_vacuum_below_the_threshold_or_with_upkeep_off(
                 assert not [t for t in threading.enumerate() if t.name.startswith("kongtask-vac")]
             finally:
                 assert runner.stop(30)
-        assert _dead_and_vacuums(db) == (3_000, 0), options
+        assert dead_and_vacuums(db) == (3_000, 0), options
         assert not [r for r in caplog.records if r.name == "kongtask.jobs.upkeep"], options
 
 
@@ -118,7 +87,7 @@ def test_a_role_that_does_not_own_the_table_is_told_once(
                     sql.SQL(rights), sql.SQL(kind), ident
                 )
             )
-        _leave_dead_rows(db, 3_000)
+        leave_dead_rows(db, 3_000)
         as_role = make_conninfo(db_url, user=role)
         with (
             caplog.at_level(logging.INFO, logger="kongtask.jobs.upkeep"),
@@ -134,7 +103,7 @@ def test_a_role_that_does_not_own_the_table_is_told_once(
         warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
         assert len(warnings) == 1, [r.getMessage() for r in warnings]
         assert "leaving it to autovacuum" in warnings[0].getMessage()
-        assert _dead_and_vacuums(db)[1] == 0
+        assert dead_and_vacuums(db)[1] == 0
     finally:
         db.execute(sql.SQL("drop owned by {}").format(ident))
         db.execute(sql.SQL("drop role {}").format(ident))

@@ -27,7 +27,7 @@ from kongtask.errors import ConfigurationError, KongtaskError
 from kongtask.ops.cli.arguments import ArgumentParser, positive_seconds
 from kongtask.ops.logs import LOG_FORMATS
 from kongtask.ops.logs import configure as configure_logs
-from kongtask.settings import ConnectionSettings
+from kongtask.settings import VACUUM_DEAD_ROWS, ConnectionSettings
 
 __all__ = ["main"]
 
@@ -57,10 +57,9 @@ def _dead_rows(text: str) -> int:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expects an integer, got {text!r}") from None
-    if value != 0 and not 1_000 <= value <= 1_000_000_000:
-        raise argparse.ArgumentTypeError(
-            f"must be 0 (never) or from 1000 to 1000000000, got {value}"
-        )
+    low, high = VACUUM_DEAD_ROWS
+    if value != 0 and not low <= value <= high:
+        raise argparse.ArgumentTypeError(f"must be 0 (never) or from {low} to {high}, got {value}")
     return value
 
 
