@@ -81,11 +81,16 @@ class Check:
 
 
 @dataclass(frozen=True, slots=True)
+class LookAfterTable:
+    """Right after registering: the upkeep's first look at the jobs table (off the start's path)."""
+
+
+@dataclass(frozen=True, slots=True)
 class Deregister:
     """A clean stop: stop beating, delete the pool's liveness record, drop its lock."""
 
 
-LivenessMessage = Register | Beat | Check | Deregister
+LivenessMessage = Register | Beat | Check | LookAfterTable | Deregister
 
 
 def pool_lock_key(pool_id: str) -> int:
@@ -146,10 +151,17 @@ class Liveness(DbActor):
                 self._hold_lock()
                 self._register()
                 self._release_dead()
-                self._look_after_table()
+                # The first claim waits for this answer; the table's first look does not.
+                self.actor_ref.tell(LookAfterTable())
                 self._schedule()
                 self._schedule_check()
                 return True
+            case LookAfterTable():
+                if self._active:
+                    try:
+                        self._look_after_table()
+                    finally:
+                        self._drop_connection(broken=False)
             case Beat():
                 self._timer = None
                 if self._active:
