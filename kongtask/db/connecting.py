@@ -222,16 +222,13 @@ def open_pool(
     deadline_s: float | None,
     prepared_statements: bool = True,
     open_timeout_s: float = 30.0,
-    wait: bool = True,
 ) -> ConnectionPool[Any]:
     """Open a pool of :class:`DeadlineConnection` with kongtask's timeouts; every pool is one.
 
     Each connection gets ``deadline_s`` for every wait on the server, the
     tolerant timestamp loader, and a check on checkout; ``conninfo`` is guarded
     (connect timeout, keepalives) and sessions show ``name`` as their
-    ``application_name``. With ``wait=False`` the first connections are made in
-    the background: the caller does other work meanwhile and then calls
-    ``pool.wait(timeout)``.
+    ``application_name``.
     """
 
     def configure(conn: Any) -> None:
@@ -253,7 +250,7 @@ def open_pool(
         name=name,
         open=False,
     )
-    pool.open(wait=wait, timeout=open_timeout_s)
+    pool.open(wait=True, timeout=open_timeout_s)
     return pool
 
 

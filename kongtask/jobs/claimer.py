@@ -78,8 +78,6 @@ __all__ = [
     "InsertNotified",
     "JoinRequest",
     "LimitsChanged",
-    "Prepare",
-    "Registered",
     "Shutdown",
     "Wake",
 ]
@@ -120,26 +118,8 @@ class Confirm(NamedTuple):
     reason: str
 
 
-class Prepare(NamedTuple):
-    """Read the task ids, limits and pauses now, while the pool registers (the start's
-    first claim then waits for neither); claims nothing."""
-
-
-class Registered(NamedTuple):
-    """The pool's liveness record is written: claims may start (the claimer's first
-    message after :class:`Prepare` that may claim; it looks for jobs at once)."""
-
-
 ClaimerMessage = (
-    FetchEvent
-    | TtlDue
-    | JoinRequest
-    | HeldCount
-    | SlowStatement
-    | Confirm
-    | LimitsChanged
-    | Prepare
-    | Registered
+    FetchEvent | TtlDue | JoinRequest | HeldCount | SlowStatement | Confirm | LimitsChanged
 )
 
 _EPOCH = datetime.min.replace(tzinfo=UTC)
@@ -191,8 +171,6 @@ class Claimer(DbActor):
             ),
         )
         self._joins: list[threading.Event] = []
-        # Set by Registered: the pool's liveness record exists.
-        self._registered = False
         self._poll_timer: TimerHandle | None = None
         self._ttl_timer: TimerHandle | None = None
         self._last_fill_at = 0.0
@@ -241,11 +219,6 @@ class Claimer(DbActor):
                     self._read_limits(tolerant=True)
                     if notified or self.ctx.limits != before:
                         self._step(Wake())
-            case Prepare():
-                self._prepare()
-            case Registered():
-                self._registered = True
-                self._step(Wake())
             case Shutdown():
                 return self._shutdown()
             case PollDue():
@@ -263,12 +236,7 @@ class Claimer(DbActor):
         queue = self.ctx.queue
         if self.ctx.stopping and not policy.stopping:
             policy.step(Shutdown(), len(queue))
-        decision = policy.step(event, len(queue))
-        if not self._registered:
-            # Nothing is claimed before the pool's liveness record exists (the
-            # policy keeps the news; Registered decides again).
-            return
-        if decision is Action.CLAIM and self._claim_now() is Action.CLAIM:
+        if policy.step(event, len(queue)) is Action.CLAIM and self._claim_now() is Action.CLAIM:
             # Claim again only after the messages that came meanwhile (a
             # shutdown above all): looping here would keep claiming a backlog
             # while a Shutdown waits in the mailbox.
@@ -362,17 +330,6 @@ class Claimer(DbActor):
             )
 
     # --- the statements -----------------------------------------------------------
-
-    def _prepare(self) -> None:
-        """What the first claim needs besides the claim itself; a failure here is left to
-        that claim, which tries again and reports it as it always does."""
-        try:
-            if not self._task_id_list:
-                self._register_tasks()
-            if not self._limits_read:
-                self._read_limits()
-        except psycopg.Error as exc:
-            logger.debug("Reading task ids and limits before the first claim failed: %s", exc)
 
     def _register_tasks(self) -> None:
         identifiers = sorted(self.ctx.tasks)

@@ -81,16 +81,11 @@ class Check:
 
 
 @dataclass(frozen=True, slots=True)
-class LookAfterTable:
-    """Right after registering: the upkeep's first look at the jobs table (off the start's path)."""
-
-
-@dataclass(frozen=True, slots=True)
 class Deregister:
     """A clean stop: stop beating, delete the pool's liveness record, drop its lock."""
 
 
-LivenessMessage = Register | Beat | Check | LookAfterTable | Deregister
+LivenessMessage = Register | Beat | Check | Deregister
 
 
 def pool_lock_key(pool_id: str) -> int:
@@ -151,17 +146,10 @@ class Liveness(DbActor):
                 self._hold_lock()
                 self._register()
                 self._release_dead()
-                # The first claim waits for this answer; the table's first look does not.
-                self.actor_ref.tell(LookAfterTable())
+                self._look_after_table()
                 self._schedule()
                 self._schedule_check()
                 return True
-            case LookAfterTable():
-                if self._active:
-                    try:
-                        self._look_after_table()
-                    finally:
-                        self._drop_connection(broken=False)
             case Beat():
                 self._timer = None
                 if self._active:

@@ -36,8 +36,6 @@ from kongtask.jobs.claimer import (
     InsertNotified,
     JoinRequest,
     LimitsChanged,
-    Prepare,
-    Registered,
     Shutdown,
     Wake,
 )
@@ -169,16 +167,14 @@ class JobService:
             )
         host.bus.emit(events.pool_create, pool_id=self.pool_id)
         # The liveness record exists before anything is claimed, so a pool id
-        # seen in locked_by without a live record always means a dead pool. The
-        # record is written while the rest starts; the claimer claims nothing
-        # until it is told Registered.
+        # seen in locked_by without a live record always means a dead pool.
         self._liveness = Liveness.start(
             ctx, self._nudge, self._lock_conninfo(conninfo), self._stuck_threads
         )
-        registered = self._liveness.ask(Register(), block=False)
+        if self._liveness.ask(Register(), timeout=_POOL_OPEN_TIMEOUT_S) is not True:
+            raise KongtaskError(f"pool {self.pool_id} could not register its liveness record")
         outbox = Outbox(wake=self._flush_outcomes)
         self._claimer = Claimer.start(ctx, outbox)
-        self._claimer.tell(Prepare())
         self._completer = Completer.start(ctx, outbox, self._claimer)
         self._outbox = outbox
         if not settings.once:
@@ -205,11 +201,9 @@ class JobService:
             aio=self._aio,
         )
         self._executors.start()
-        if registered.get(timeout=_POOL_OPEN_TIMEOUT_S) is not True:
-            raise KongtaskError(f"pool {self.pool_id} could not register its liveness record")
-        self._claimer.tell(Registered())
         if not settings.once:
             self._sweeper = Sweeper.start(ctx, self._nudge)
+        self._nudge()
 
     def ready(self) -> None:
         """Log that the worker is up (once every service runs and signals are handled)."""

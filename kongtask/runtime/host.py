@@ -182,11 +182,11 @@ class Host:
     ) -> ConnectionPool[Any]:
         """Resolve the database (the embedded server if need be), migrate ``schema``, and
         open the run's pool: guarded conninfo, a deadline on every wait, a checked checkout."""
-        resolved = self._stack.enter_context(open_database(connection_string))
+        conninfo = self._stack.enter_context(open_database(connection_string))
+        with connect(conninfo, settings) as conn:
+            migrate(conn, schema)
         # Every session of this run announces the pool name as its application_name.
-        conninfo = guarded_conninfo(resolved, settings, application_name=pool_name)
-        # The pool's first connections are made while the schema is checked (a
-        # restarted worker reaches its first job sooner); nothing uses them before.
+        conninfo = guarded_conninfo(conninfo, settings, application_name=pool_name)
         pool = open_pool(
             conninfo,
             settings,
@@ -196,12 +196,8 @@ class Host:
             deadline_s=settings.statement_timeout_s,
             prepared_statements=prepared_statements,
             open_timeout_s=_POOL_OPEN_TIMEOUT_S,
-            wait=False,
         )
         self._stack.callback(lambda: pool.close(timeout=self.step_timeout()))
-        with connect(resolved, settings) as conn:
-            migrate(conn, schema)
-        pool.wait(timeout=_POOL_OPEN_TIMEOUT_S)
         self.pool, self.conninfo = pool, conninfo
         return pool
 

@@ -14,7 +14,7 @@ from kongtask.errors import ConfigurationError
 from kongtask.runner import Runner
 from kongtask.testing import ManualClock
 
-from .worker_support import add_jobs_sql, jobs, locked_queues, recording, wait_until
+from .worker_support import add_jobs_sql, jobs, locked_queues, recording
 
 
 def _runner(db_url: str, tasks: dict[str, Any], **options: Any) -> Runner:
@@ -41,41 +41,6 @@ def test_event_sequence_of_a_run(db_url: str) -> None:
     worker_ids = {p["worker_id"] for p in log.payloads("worker:create")}
     assert worker_ids == set(runner.worker_ids)
     assert all(w.startswith("worker-") and len(w) == len("worker-") + 18 for w in worker_ids)
-
-
-def test_nothing_is_claimed_until_the_pools_liveness_record_is_written(
-    db_url: str, db: psycopg.Connection[Any]
-) -> None:
-    """The record is written while the rest of the pool starts; an insert notice that
-    arrives meanwhile is kept, and the job runs once the record exists."""
-    from kongtask.jobs.claimer import HeldCount
-
-    runner = _runner(db_url, {"t": lambda payload, helpers: None})
-    with psycopg.connect(db_url) as holder, recording(runner) as log:
-        # The registration's insert waits behind this lock.
-        holder.execute("lock table graphile_worker._kongtask_pools in exclusive mode")
-        starting = threading.Thread(target=runner.start, daemon=True)
-        starting.start()
-        wait_until(lambda: log.count("pool:listen:success") == 1, what="LISTEN")
-        add_jobs_sql(db, [{"identifier": "t"}])
-        # A second notice, handled by the listener only after it passed on the first.
-        db.execute("""select pg_notify('jobs:insert', '{"count": 0}')""")
-        wait_until(lambda: log.count("pool:listen:notification") >= 2, what="both notices")
-        run = runner._run
-        assert run is not None and run.jobs._claimer is not None
-        # Answered after the claimer handled the first notice.
-        assert run.jobs._claimer.ask(HeldCount(), timeout=10) == 0
-        assert log.count("worker:getJob:start") == 0
-        assert [job["locked_by"] for job in jobs(db)] == [None]
-        assert starting.is_alive()
-        holder.rollback()
-    starting.join(30)
-    try:
-        assert not starting.is_alive() and runner.running
-        runner.join(10)
-        assert jobs(db) == []
-    finally:
-        runner.stop(30)
 
 
 def test_a_raising_receiver_does_not_break_the_worker_or_other_receivers(
