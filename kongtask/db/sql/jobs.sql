@@ -304,10 +304,13 @@ and (
 and (%(forbidden_flags)s::text[] is null
      or (jobs.flags ?| %(forbidden_flags)s::text[]) is not true)
 
+-- fragment: candidate_columns
+-- What every claim's `candidates` selects for lock_candidates below.
+jobs.ctid, jobs.id, jobs.job_queue_id, jobs.priority, jobs.run_at
+
 -- fragment: lock_candidates
--- The CTEs that claim from `candidates` (ctid, id, job_queue_id, priority,
--- run_at, rows locked): at most one job per named queue, the queues and jobs
--- locked for this pool; `claimed` returns claim_columns. Only the queued
+-- The CTEs that claim from `candidates` (candidate_columns, rows locked): at
+-- most one job per named queue, the queues and jobs locked for this pool; `claimed` returns claim_columns. Only the queued
 -- candidates are sorted (usually few; a window over the whole batch cost 0.4 ms
 -- per claim of 500), and only they look up their queue row. The update finds
 -- each row by its ctid, which cannot change while the row is locked: no
@@ -357,7 +360,7 @@ claimed as (
 -- caller leaves their tasks out of `task_ids`, names their queues in
 -- `excluded_queues` and adds limited flags to `forbidden_flags`.
 with candidates as (
-    select jobs.ctid, jobs.id, jobs.job_queue_id, jobs.priority, jobs.run_at
+    select {candidate_columns}
     from {s}._private_jobs as jobs
     where {runnable_for_pool}
     order by jobs.priority asc, jobs.run_at asc

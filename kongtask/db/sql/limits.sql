@@ -87,7 +87,7 @@ order by candidates.priority asc, candidates.run_at asc, candidates.id asc
 -- batch and none has a rate: claim up to `batch` limited_runnable jobs as
 -- get_jobs does, in one statement.
 with candidates as (
-    select jobs.ctid, jobs.id, jobs.job_queue_id, jobs.priority, jobs.run_at
+    select {candidate_columns}
     {limited_runnable}
     order by jobs.priority asc, jobs.run_at asc
     limit %(scan)s
@@ -155,7 +155,7 @@ gate as (
         on running.key_kind = limit_rows.key_kind and running.key = limit_rows.key
 ),
 candidates as (
-    select jobs.ctid, jobs.id, jobs.job_queue_id, jobs.priority, jobs.run_at
+    select {candidate_columns}
     {limited_runnable}
     and (select gate.open from gate)
     order by jobs.priority asc, jobs.run_at asc
@@ -172,7 +172,7 @@ order by claimed.priority, claimed.run_at, claimed.id
 -- Lock the jobs the limited claim picked (at most one per named queue, rows
 -- locked by limited_candidates) and their queues, as get_jobs does.
 with candidates as (
-    select jobs.ctid, jobs.id, jobs.job_queue_id, jobs.priority, jobs.run_at
+    select {candidate_columns}
     from {s}._private_jobs as jobs
     where jobs.id = any(%(ids)s::bigint[]) and jobs.is_available = true
 ),
