@@ -37,7 +37,6 @@ import logging
 import os
 import socket
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import psycopg
@@ -49,6 +48,7 @@ from kongtask.jobs.db_actor import DbActor
 from kongtask.jobs.stats import stats_params
 from kongtask.jobs.upkeep import Upkeep
 from kongtask.runtime.clock import SystemClock, Timer
+from kongtask.runtime.message import Fieldless
 
 __all__ = [
     "QUARANTINED_MESSAGE",
@@ -65,24 +65,28 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True, slots=True)
-class Register:
+class Register(Fieldless):
     """Insert the pool's liveness record, release dead pools, start beating (answers True)."""
 
+    __slots__ = ()
 
-@dataclass(frozen=True, slots=True)
-class Beat:
+
+class Beat(Fieldless):
     """The heartbeat timer fired: move ``last_seen`` and release dead pools."""
 
+    __slots__ = ()
 
-@dataclass(frozen=True, slots=True)
-class Check:
+
+class Check(Fieldless):
     """The check timer fired: release pools whose liveness lock is gone (or heartbeat old)."""
 
+    __slots__ = ()
 
-@dataclass(frozen=True, slots=True)
-class Deregister:
+
+class Deregister(Fieldless):
     """A clean stop: stop beating, delete the pool's liveness record, drop its lock."""
+
+    __slots__ = ()
 
 
 LivenessMessage = Register | Beat | Check | Deregister

@@ -18,7 +18,6 @@ import logging
 import math
 import random
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import psycopg
@@ -27,6 +26,7 @@ from kongtask import events
 from kongtask.jobs.context import WorkerContext
 from kongtask.jobs.db_actor import DbActor
 from kongtask.protocols import TimerHandle
+from kongtask.runtime.message import Fieldless
 
 __all__ = ["StopTimers", "Sweep", "Sweeper", "SweeperMessage"]
 
@@ -36,14 +36,16 @@ logger = logging.getLogger(__name__)
 _JITTER = random.Random()
 
 
-@dataclass(frozen=True, slots=True)
-class Sweep:
+class Sweep(Fieldless):
     """The sweep timer fired: sweep now, then schedule the next sweep."""
 
+    __slots__ = ()
 
-@dataclass(frozen=True, slots=True)
-class StopTimers:
+
+class StopTimers(Fieldless):
     """The pool is stopping: cancel the next sweep and schedule no more."""
+
+    __slots__ = ()
 
 
 SweeperMessage = Sweep | StopTimers

@@ -1,8 +1,9 @@
 """The one base of kongtask's actors: a daemon thread, typed messages, a declared error policy.
 
 Every actor subclasses :class:`Actor` and implements :meth:`Actor.handle`,
-which receives only the frozen dataclasses or NamedTuples defined beside it
-and dispatches them with ``match``. The base answers the liveness
+which receives only the frozen dataclasses, NamedTuples or
+:class:`~kongtask.runtime.message.Fieldless` messages defined beside it and
+dispatches them with ``match``. The base answers the liveness
 :class:`Probe` (:func:`~kongtask.runtime.probing.probe_actors`) itself, so a
 probe never reaches a handler, and guards ``handle`` with the class's :class:`ErrorPolicy`: what an
 exception escaping a handler means is declared once per actor, never left to
@@ -14,19 +15,21 @@ from __future__ import annotations
 import enum
 import logging
 import queue
-from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import pykka
+
+from kongtask.runtime.message import Fieldless
 
 __all__ = ["PROBE", "Actor", "ErrorPolicy", "Probe"]
 
 logger = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True, slots=True)
-class Probe:
+class Probe(Fieldless):
     """A cheap "are you there?": answered True by every actor between two messages."""
+
+    __slots__ = ()
 
 
 PROBE = Probe()

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from kongtask.runtime.message import Fieldless
+
 __all__ = [
     "ControlMessage",
     "Fatal",
@@ -20,14 +22,16 @@ __all__ = [
 ]
 
 
-@dataclass(frozen=True, slots=True)
-class Stop:
+class Stop(Fieldless):
     """``stop()``: drain gracefully."""
 
+    __slots__ = ()
 
-@dataclass(frozen=True, slots=True)
-class Kill:
+
+class Kill(Fieldless):
     """``kill()``: stop now, or cut a graceful drain short."""
+
+    __slots__ = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,14 +56,16 @@ class ShutdownRequested:
     message: str
 
 
-@dataclass(frozen=True, slots=True)
-class Reload:
+class Reload(Fieldless):
     """Reload what can be reloaded (the crontab), as SIGHUP does."""
 
+    __slots__ = ()
 
-@dataclass(frozen=True, slots=True)
-class WorkersStopped:
+
+class WorkersStopped(Fieldless):
     """Every executor thread has ended: wakes a drain that waits for them."""
+
+    __slots__ = ()
 
 
 ControlMessage = Stop | Kill | OsSignal | Fatal | ShutdownRequested | Reload | WorkersStopped

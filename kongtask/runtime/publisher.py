@@ -13,13 +13,13 @@ from __future__ import annotations
 import logging
 import threading
 from collections import deque
-from dataclasses import dataclass
 from typing import Any
 
 import pykka
 from blinker import NamedSignal
 
 from kongtask.runtime.actor import Actor, ErrorPolicy
+from kongtask.runtime.message import Fieldless
 from kongtask.runtime.parts import ActorPart, Part
 
 __all__ = ["Drain", "EventBus", "EventPublisher"]
@@ -27,9 +27,10 @@ __all__ = ["Drain", "EventBus", "EventPublisher"]
 logger = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True, slots=True)
-class Drain:
+class Drain(Fieldless):
     """Deliver every queued event (an ``ask`` returns once they are delivered)."""
+
+    __slots__ = ()
 
 
 _DRAIN = Drain()

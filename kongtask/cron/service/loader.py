@@ -24,6 +24,7 @@ from kongtask.cron.source import CrontabSource
 from kongtask.cron.types import ParsedCronItem
 from kongtask.errors import CrontabError
 from kongtask.runtime.actor import Actor, ErrorPolicy
+from kongtask.runtime.message import Fieldless
 
 __all__ = [
     "CrontabLoader",
@@ -38,14 +39,16 @@ __all__ = [
 logger = logging.getLogger("kongtask.cron")
 
 
-@dataclass(frozen=True, slots=True)
-class Reload:
+class Reload(Fieldless):
     """Re-read the crontab (answers False, the schedule unchanged, if it cannot be loaded)."""
 
+    __slots__ = ()
 
-@dataclass(frozen=True, slots=True)
-class GetItems:
+
+class GetItems(Fieldless):
     """Answer the live items, as a list."""
+
+    __slots__ = ()
 
 
 @dataclass(frozen=True, slots=True)
