@@ -97,7 +97,7 @@ class DbActor(Actor):
                     raise
                 # A closed pool never opens again: retrying would only keep this thread
                 # alive, logging, after its Runner has gone.
-                if self.ctx.give_up.is_set() or isinstance(exc, PoolClosed):
+                if self.stopping(exc):
                     raise
                 if is_connection_error(exc) or (self._conn is not None and self._conn.broken):
                     self._drop_connection(broken=True)
@@ -112,6 +112,11 @@ class DbActor(Actor):
                 )
                 self.ctx.give_up.wait(delay)
                 attempt += 1
+
+    def stopping(self, exc: BaseException) -> bool:
+        """Whether ``exc`` only says that the pool is going away (its connection pool is
+        closed, or the Runner gave up): a statement cut short by a stop, not an error."""
+        return self.ctx.give_up.is_set() or isinstance(exc, PoolClosed)
 
     def _connection(self) -> psycopg.Connection[Any]:
         conn = self._conn

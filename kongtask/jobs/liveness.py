@@ -331,7 +331,12 @@ class Liveness(DbActor):
             self._write_stats()
             self._look_after_table()
         except psycopg.Error as exc:
-            logger.error("Heartbeat of pool %s failed: %s", self.ctx.pool_id, exc)
+            if self.stopping(exc):
+                logger.debug(
+                    "Heartbeat of pool %s cut short by its stop: %s", self.ctx.pool_id, exc
+                )
+            else:
+                logger.error("Heartbeat of pool %s failed: %s", self.ctx.pool_id, exc)
         finally:
             # Between beats the connection goes back to the pool for others.
             self._drop_connection(broken=False)
@@ -386,7 +391,10 @@ class Liveness(DbActor):
         try:
             row = self.run(release, "Releasing dead pools")
         except psycopg.Error as exc:
-            logger.error("Releasing dead pools failed (trying again next beat): %s", exc)
+            if self.stopping(exc):
+                logger.debug("Releasing dead pools cut short by the pool's stop: %s", exc)
+            else:
+                logger.error("Releasing dead pools failed (trying again next beat): %s", exc)
             return
         if row is None or not row[0]:
             return

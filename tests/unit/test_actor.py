@@ -211,3 +211,36 @@ def test_a_closed_pool_is_not_retried(refs: list[pykka.ActorRef[Any]]) -> None:
     ref.ask(closed, timeout=5)
     assert calls == 1
     assert [type(error) for error in reported] == [PoolClosed]
+
+
+def test_a_liveness_check_cut_short_by_a_closed_pool_logs_no_error(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A stop that closes the pool while a liveness check waits for a connection ends the
+    check quietly: no "failed (trying again next beat)" error from a pool that has gone."""
+    from psycopg_pool import PoolClosed
+
+    from kongtask.jobs.liveness import Check, Liveness
+
+    class ClosedPool(_Pool):
+        def getconn(self, timeout: float) -> _Connection:
+            raise PoolClosed("the pool 'pool-test' is already closed")
+
+    ctx = fake_context()
+    ctx.pool = ClosedPool()  # type: ignore[misc]
+    ctx.settings = SimpleNamespace(  # type: ignore[misc]
+        pool_dead_after_s=60.0,
+        crash_quarantine_after=3,
+        vacuum_after_dead_rows=None,
+        dead_pool_check_interval_s=60.0,
+    )
+    ctx.queries = SimpleNamespace(release_dead_pools="select 1")  # type: ignore[misc]
+    liveness = Liveness(ctx, nudge=lambda: None, lock_conninfo=None)
+    try:
+        with caplog.at_level(logging.DEBUG, logger="kongtask.jobs.liveness"):
+            liveness.handle(Check())
+    finally:
+        liveness.on_stop()
+    records = [r for r in caplog.records if r.name == "kongtask.jobs.liveness"]
+    assert [r.levelno for r in records] == [logging.DEBUG], [r.getMessage() for r in records]
+    assert "cut short" in records[0].getMessage()
