@@ -11,6 +11,7 @@ it claim again (it would take back jobs it has just failed back).
 from __future__ import annotations
 
 import threading
+import time
 from typing import Any
 
 import psycopg
@@ -268,3 +269,45 @@ def test_a_slow_claim_refreshes_the_jobs_statistics(
     after, reltuples = counts()
     assert after == before + 1  # once: the next claims are within the minute
     assert reltuples > 1000  # analyzed with the backlog in the table
+
+
+def test_claims_go_on_while_the_jobs_table_is_analyzed(
+    db_url: str, db: psycopg.Connection[Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The analyze after a slow claim runs beside the claims: a backlog drains while it runs.
+
+    The analyze is made to take 20 s (``pg_sleep``); every job must be done while it
+    still runs, which a claimer that waited for it could not do.
+    """
+    from psycopg import sql
+
+    import kongtask.jobs.claimer as claimer_module
+    from kongtask.db.statements import Queries, templates
+
+    templates()  # read the SQL files first: they refuse a name Queries has itself
+    monkeypatch.setattr(claimer_module, "SLOW_STATEMENT_S", 0.0)  # every claim is slow
+    monkeypatch.setattr(
+        Queries, "analyze_jobs", sql.SQL("select pg_sleep(20) /* slow analyze */"), raising=False
+    )
+    with WorkerUtils(db_url) as utils:
+        utils.add_jobs([{"identifier": "noop"} for _ in range(300)])
+    runner = Runner(
+        tasks={"noop": lambda payload, helpers: None},
+        connection_string=db_url,
+        concurrency=2,
+        local_queue_size=20,  # many claims, not one
+        poll_interval_s=POLL_S,
+        install_signal_handlers=False,
+    )
+    sleeping = (
+        "select count(*) from pg_stat_activity "
+        "where query like '%%slow analyze%%' and state = 'active' and pid <> pg_backend_pid()"
+    )
+    pause = threading.Event()
+    with runner:
+        deadline = time.monotonic() + 15
+        while db.execute("select count(*) from graphile_worker._private_jobs").fetchone() != (0,):
+            assert time.monotonic() < deadline, "the backlog did not drain while the analyze ran"
+            pause.wait(0.05)
+        assert db.execute(sleeping).fetchone() == (1,)  # the analyze still runs
+        runner.kill()
