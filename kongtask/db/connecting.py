@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -47,6 +48,7 @@ __all__ = [
     "AsyncDeadlineConnection",
     "DeadlineConnection",
     "DeadlineExceeded",
+    "cancel_and_wait",
     "check_async_connection",
     "check_connection",
     "connect",
@@ -329,6 +331,24 @@ def check_connection(conn: psycopg.Connection[Any]) -> None:
     finally:
         if isinstance(conn, DeadlineConnection):
             conn.deadline_s = saved
+
+
+def cancel_and_wait(
+    thread: threading.Thread | None,
+    conn: psycopg.Connection[Any] | None,
+    wait_s: float,
+    what: str,
+) -> None:
+    """Cancel the statement ``thread`` runs on ``conn`` (a vacuum or an analyze of a
+    stopping worker) and wait up to ``wait_s`` for the thread to end; never raises."""
+    if thread is None or not thread.is_alive():
+        return
+    if conn is not None:
+        try:
+            conn.cancel_safe(timeout=2.0)
+        except Exception:
+            logger.debug("Cancelling %s failed", what, exc_info=True)
+    thread.join(wait_s)
 
 
 @contextmanager

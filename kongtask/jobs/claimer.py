@@ -41,6 +41,7 @@ from typing import Any, NamedTuple
 import psycopg
 
 from kongtask import events
+from kongtask.db.connecting import cancel_and_wait, without_deadline
 from kongtask.db.timestamps import load_rows_tolerating, psycopg_timestamps
 from kongtask.job import Job
 from kongtask.jobs.claim_sizing import ClaimSizing
@@ -513,7 +514,9 @@ class Claimer(DbActor):
             with self.ctx.pool.connection(timeout=_ANALYZE_POOL_TIMEOUT_S) as conn:
                 self._analyzing = conn
                 try:
-                    conn.execute(self.ctx.queries.analyze_jobs)
+                    # An analyze of a large table may outlast kongtask's statement deadline.
+                    with without_deadline(conn):
+                        conn.execute(self.ctx.queries.analyze_jobs)
                 finally:
                     self._analyzing = None
         except psycopg.Error as exc:
@@ -531,14 +534,9 @@ class Claimer(DbActor):
     def on_stop(self) -> None:
         # An analyze that runs is cancelled (the next slow claim asks again).
         self._stopped = True
-        analyzer, conn = self._analyzer, self._analyzing
-        if analyzer is not None and analyzer.is_alive():
-            if conn is not None:
-                try:
-                    conn.cancel_safe(timeout=2.0)
-                except Exception:
-                    logger.debug("Cancelling the jobs table's analyze failed", exc_info=True)
-            analyzer.join(_ANALYZE_STOP_WAIT_S)
+        cancel_and_wait(
+            self._analyzer, self._analyzing, _ANALYZE_STOP_WAIT_S, "the jobs table's analyze"
+        )
         super().on_stop()
 
     def _orphans(self, conn: psycopg.Connection[Any], claimed: list[Job]) -> list[Job]:

@@ -30,7 +30,7 @@ from typing import Any
 
 import psycopg
 
-from kongtask.db.connecting import connect, without_deadline
+from kongtask.db.connecting import cancel_and_wait, connect, without_deadline
 from kongtask.jobs.context import WorkerContext
 
 __all__ = ["LIVE_SHARE", "MIN_INTERVAL_S", "Upkeep", "wants_vacuum"]
@@ -116,14 +116,7 @@ class Upkeep:
         with self._lock:
             self._closing = True
             thread, conn = self._thread, self._conn
-        if thread is None:
-            return
-        if conn is not None:
-            try:
-                conn.cancel_safe(timeout=2.0)
-            except Exception:
-                logger.debug("Cancelling the jobs table's vacuum failed", exc_info=True)
-        thread.join(_CLOSE_WAIT_S)
+        cancel_and_wait(thread, conn, _CLOSE_WAIT_S, "the jobs table's vacuum")
 
     def _vacuum(self, dead: int, live: int) -> None:
         ctx = self._ctx
