@@ -9,6 +9,7 @@ that was migrated once per session, so tests never see each other's rows.
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 import sys
 import uuid
@@ -170,6 +171,26 @@ _AMBIENT_VARIABLES = (
     "KONGTASK_LOG_FORMAT",
     "KONGTASK_DATA_DIR",
 )
+
+
+#: The loggers ``kongtask.ops.logs.configure`` (the CLI's log set-up) takes over.
+_CONFIGURED_LOGGERS = ("kongtask", "psycopg", "py.warnings")
+
+
+@pytest.fixture(autouse=True)
+def _restore_loggers() -> Iterator[None]:
+    """Undo a test's in-process CLI log set-up: its handler writes to that test's captured
+    stream, closed once the test ends ("--- Logging error ---" for every later record), and
+    it stops kongtask's records from reaching the root logger (and caplog)."""
+    saved = []
+    for name in _CONFIGURED_LOGGERS:
+        logger = logging.getLogger(name)
+        saved.append((logger, logger.handlers[:], logger.level, logger.propagate))
+    yield
+    for logger, handlers, level, propagate in saved:
+        logger.handlers[:] = handlers
+        logger.setLevel(level)
+        logger.propagate = propagate
 
 
 @pytest.fixture(autouse=True)

@@ -215,13 +215,21 @@ def test_a_job_the_pool_claimed_again_runs_once_from_the_later_claim(
             )
             handler.gate.set()
             runner.join(10)
+            counts = handler.counts()
             # Before: the copies of the first claim ran too.
-            assert handler.counts() == {0: 2, 1: 1, 2: 1, 3: 1, 4: 1, 5: 1}
+            assert {n: counts[n] for n in range(1, 6)} == {1: 1, 2: 1, 3: 1, 4: 1, 5: 1}
+            # Job 0 ran from the first claim. Its copy from the later claim runs too,
+            # unless the executor reaches it only once it is older than the bound as well
+            # (a slow machine): by then the first run's success has deleted the row, so
+            # the copy is dropped with the first claim's.
+            assert counts[0] in (1, 2), counts
             log.wait_for("localQueue:dropJobs")
             dropped = log.payloads("localQueue:dropJobs")
     finally:
         handler.gate.set()
         assert runner.stop(30)
     assert len(dropped) == 1
-    assert sorted(job.payload["n"] for job in dropped[0]["jobs"]) == [1, 2, 3, 4, 5]
-    assert all(job.attempts == 1 for job in dropped[0]["jobs"])
+    jobs = dropped[0]["jobs"]
+    assert sorted(job.payload["n"] for job in jobs if job.attempts == 1) == [1, 2, 3, 4, 5]
+    later = [job.payload["n"] for job in jobs if job.attempts > 1]
+    assert later == ([] if counts[0] == 2 else [0])
