@@ -19,6 +19,8 @@ from typing import Any
 import psycopg
 import pytest
 
+from kongtask.db.migrate import migrate
+
 pytest.importorskip("django")
 pytest.importorskip("django_tasks")
 
@@ -268,8 +270,16 @@ def test_the_worker_runs_crontab_items_naming_django_tasks_and_stops_on_sigterm(
 ) -> None:
     crontab = tmp_path / "crontab"
     # A crontab names greetings.tasks.greet with ":" (graphile's grammar has no dots);
-    # fill=2m backfills the last minute at start, so a firing happens at once.
+    # fill=2m backfills the last minutes at start, so a firing happens at once. A new
+    # item is never backfilled to before it was first seen (it would fire only at the
+    # next minute, up to a minute away): the item is known since five minutes ago.
     crontab.write_text('* * * * * greetings:tasks:greet ?fill=2m {"args":["cron"],"kwargs":{}}\n')
+    with psycopg.connect(project_db, autocommit=True) as conn:
+        migrate(conn)
+        conn.execute(
+            "insert into graphile_worker._private_known_crontabs (identifier, known_since)"
+            " values ('greetings:tasks:greet', now() - interval '5 minutes')"
+        )
     env = {**os.environ, "DATABASE_URL": project_db}
     worker = subprocess.Popen(
         [sys.executable, "manage.py", "kongtask_worker", "--crontab", str(crontab)],
