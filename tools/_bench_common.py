@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import compileall
 import os
 import secrets
 import shutil
@@ -17,6 +18,17 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 GRAPHILE_WORKER_VERSION = "0.17.3"
 DEFAULT_SERVER = "postgresql://postgres@127.0.0.1:5432/postgres"
 CACHE_DIR = Path(os.environ.get("KONGTASK_BENCH_CACHE", Path.home() / ".cache" / "kongtask-bench"))
+
+
+def compile_package() -> None:
+    """Compile kongtask's modules to bytecode, as ``pip install`` leaves an installed package:
+    a checkout run with ``PYTHONDONTWRITEBYTECODE`` would compile them at every start."""
+    compileall.compile_dir(str(Path(__file__).resolve().parent.parent / "kongtask"), quiet=1)
+
+
+def load_average() -> str:
+    """The machine's load average over 1, 5 and 15 minutes, as printed by the benchmarks."""
+    return ", ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 def server_url() -> str:

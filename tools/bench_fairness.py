@@ -35,7 +35,6 @@ had locked stay locked and are left out (their count is printed).
 from __future__ import annotations
 
 import argparse
-import compileall
 import os
 import signal
 import subprocess
@@ -52,8 +51,10 @@ import psycopg
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tools._bench_common import (
+    compile_package,
     fresh_jobs_table,
     graphile_worker_dir,
+    load_average,
     percentile,
     scratch_database,
     server_url,
@@ -352,10 +353,8 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3, help="rounds per side (3)")
     parser.add_argument("--compare-graphile-worker", action="store_true")
     args = parser.parse_args()
-    # An installed package has its bytecode (pip compiles it); a source checkout run with
-    # PYTHONDONTWRITEBYTECODE would compile every module at every start instead.
-    compileall.compile_dir(str(Path(__file__).resolve().parent.parent / "kongtask"), quiet=1)
-    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    compile_package()
+    load = load_average()
     print(
         f"settings: 2 worker processes, -j {args.concurrency} each (defaults otherwise), "
         f"{args.job_ms} ms sleeping jobs added one at a time at {args.rate:g} jobs/s for "

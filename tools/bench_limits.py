@@ -42,7 +42,14 @@ import psycopg
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from kongtask import WorkerUtils
-from tools._bench_common import fresh_jobs_table, scratch_database, server_url, summary, to_uri
+from tools._bench_common import (
+    fresh_jobs_table,
+    load_average,
+    scratch_database,
+    server_url,
+    summary,
+    to_uri,
+)
 
 TASKS = """
 import time
@@ -137,7 +144,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3, help="rounds (default 3)")
     args = parser.parse_args()
     names = ["no limits", "limit on another task", "limit never binds", "binding limit"]
-    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    load = load_average()
     print(f"load average (1, 5, 15 min) at the start: {load} (other work on the host)")
     print(
         f"settings: {WORKERS} worker processes x -j {args.j}, n={args.n} no-op jobs per drain, "
@@ -163,9 +170,7 @@ def main() -> int:
             set_up(url, "starvation", args.binding)
             naps.append(drain(url, tasks, folder, args.j, nap))
             print(f"  round {round_no + 1}: 30 x 0.3 s at concurrency 2: {naps[-1]:.2f} s")
-    print(
-        "load average (1, 5, 15 min) at the end: " + ", ".join(f"{x:.2f}" for x in os.getloadavg())
-    )
+    print("load average (1, 5, 15 min) at the end: " + load_average())
     for name in names:
         low, median = summary(rates[name])
         print(f"{name:24s} min {low:7.0f}  median {median:7.0f} jobs/s")

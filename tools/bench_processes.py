@@ -38,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tools._bench_common import (
     fresh_jobs_table,
+    load_average,
     scratch_database,
     server_url,
     summary,
@@ -145,7 +146,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3, help="rounds (default 3)")
     args = parser.parse_args()
     spins = calibrate(args.work_ms)
-    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    load = load_average()
     print(f"load average (1, 5, 15 min) at the start: {load} (other work on the host)")
     print(
         f"settings: n={args.n} jobs per drain, {args.work_ms:g} ms pure-Python loop per job "
@@ -174,9 +175,7 @@ def main() -> int:
                     flush=True,
                 )
     ideal = 1000 / args.work_ms
-    print(
-        "load average (1, 5, 15 min) at the end: " + ", ".join(f"{x:.2f}" for x in os.getloadavg())
-    )
+    print("load average (1, 5, 15 min) at the end: " + load_average())
     print(f"one core at {args.work_ms:g} ms a job would do {ideal:.0f} jobs/s")
     for name, rates in results.items():
         low, median = summary(rates)

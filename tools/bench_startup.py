@@ -18,7 +18,6 @@ per measure and side. kongtask's modules are compiled to bytecode first, as
 from __future__ import annotations
 
 import argparse
-import compileall
 import os
 import subprocess
 import sys
@@ -33,8 +32,10 @@ import psycopg
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tools._bench_common import (
+    compile_package,
     fresh_jobs_table,
     graphile_worker_dir,
+    load_average,
     scratch_database,
     server_url,
     summary,
@@ -112,8 +113,8 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=9, help="rounds per measure (9)")
     parser.add_argument("--compare-graphile-worker", action="store_true")
     args = parser.parse_args()
-    compileall.compile_dir(str(ROOT / "kongtask"), quiet=1)
-    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    compile_package()
+    load = load_average()
     print(
         f"settings: {args.rounds} rounds, the sides alternating; {sys.executable} "
         f"(Python {sys.version.split()[0]}); kongtask's modules compiled to bytecode first; "
