@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import threading
@@ -24,6 +25,11 @@ def top_level(payload: Any, helpers: Any) -> Any:
     return ["fine", ValueError("item failed")]
 
 
+async def top_level_async(payload: Any, helpers: Any) -> Any:
+    await asyncio.sleep(0)
+    return {"doubled": payload * 2, "job": helpers.job.id}
+
+
 @kongtask.task(isolate=True)
 def declared_isolated(payload: Any, helpers: Any) -> Any:
     return payload
@@ -42,6 +48,11 @@ def test_a_batch_result_comes_back_with_failed_items_marked() -> None:
     assert outcome[0] == "ok"
     assert outcome[1][0] == "fine"
     assert outcome[1][1][1] == "item failed"
+
+
+def test_an_async_handler_is_run_to_its_result_in_the_child() -> None:
+    outcome = run_job(HandlerRef.of(top_level_async).as_tuple(), 21, {"id": 8}, "w", "")
+    assert outcome == ("ok", {"doubled": 42, "job": 8})
 
 
 def test_handlers_a_child_cannot_import_are_refused_with_their_name() -> None:
