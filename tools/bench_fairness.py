@@ -22,9 +22,11 @@ Each side runs ``--rounds`` times, the order alternating, on a truncated and
 analyzed jobs table; the summary gives min / median over the rounds of the
 restarted worker's start-up (its start to its ready line), the restart
 window's p95 / p99, the worst p99 of the other windows and the p99 of all
-jobs. kongtask's modules are compiled to bytecode first, as ``pip install``
-leaves an installed package, so that a checkout run with
-``PYTHONDONTWRITEBYTECODE`` does not compile every module at every start.
+jobs. kongtask runs as ``pip install`` leaves it: a wheel of this checkout
+installed into a scratch environment and compiled, so that neither a checkout
+run with ``PYTHONDONTWRITEBYTECODE`` (compiling every module at every start)
+nor an editable install's hook (run at every interpreter start, the zygote's
+included) is counted.
 
 With ``--compare-graphile-worker`` graphile-worker 0.17.3 (from npm, as in
 ``tools/bench_throughput.py``) runs the same scenario with its CLI
@@ -51,9 +53,9 @@ import psycopg
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tools._bench_common import (
-    compile_package,
     fresh_jobs_table,
     graphile_worker_dir,
+    installed_python,
     load_average,
     percentile,
     scratch_database,
@@ -353,22 +355,23 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3, help="rounds per side (3)")
     parser.add_argument("--compare-graphile-worker", action="store_true")
     args = parser.parse_args()
-    compile_package()
     load = load_average()
     print(
         f"settings: 2 worker processes, -j {args.concurrency} each (defaults otherwise), "
         f"{args.job_ms} ms sleeping jobs added one at a time at {args.rate:g} jobs/s for "
         f"{args.seconds:g} s; worker A SIGKILLed at {args.kill_at:g} s and started again at "
         f"once; {args.rounds} rounds per side, order alternated, jobs table truncated and "
-        f"analyzed before each; kongtask's modules compiled to bytecode first (as pip "
-        f"install does); cores={os.cpu_count()}, load average at the start {load}"
+        f"analyzed before each; kongtask installed from a wheel of this checkout into a "
+        f"scratch environment, as pip install leaves it (compiled, no editable-install "
+        f"hook); cores={os.cpu_count()}, load average at the start {load}"
     )
     with scratch_database(server_url()) as url, tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         tasks = folder / "fair_tasks.py"
         tasks.write_text(KT_TASKS.format(job_ms=args.job_ms))
-        cli = [sys.executable, "-m", "kongtask", "-c", url, "--tasks", str(tasks)]
-        sides = {"kongtask": Side([*cli, "-j", str(args.concurrency)], None, {})}
+        python = installed_python(folder / "install")
+        cli = [python, "-m", "kongtask", "-c", url, "--tasks", str(tasks)]
+        sides = {"kongtask": Side([*cli, "-j", str(args.concurrency)], tmp, {})}
         if args.compare_graphile_worker:
             gw = graphile_worker_dir()
             cwd = folder / "gw"

@@ -11,8 +11,10 @@ database driver loaded (``psycopg`` and ``psycopg_pool``; graphile-worker's
 module, which loads ``pg``), and the interpreter with everything a kongtask
 worker imports before it connects. Each floor is the launch to a line the
 process prints, so the process's exit is not counted. Printed: min / median
-per measure and side. kongtask's modules are compiled to bytecode first, as
-``pip install`` leaves an installed package.
+per measure and side. kongtask runs as a user's ``pip install`` leaves it: a
+wheel of this checkout installed into a scratch environment and compiled,
+without the hook an editable development install runs at every interpreter
+start (its dependencies come from the running interpreter's environment).
 """
 
 from __future__ import annotations
@@ -32,17 +34,15 @@ import psycopg
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tools._bench_common import (
-    compile_package,
     fresh_jobs_table,
     graphile_worker_dir,
+    installed_python,
     load_average,
     scratch_database,
     server_url,
     summary,
     to_uri,
 )
-
-ROOT = Path(__file__).resolve().parent.parent
 
 KT_TASKS = """
 import os, time
@@ -113,26 +113,27 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=9, help="rounds per measure (9)")
     parser.add_argument("--compare-graphile-worker", action="store_true")
     args = parser.parse_args()
-    compile_package()
     load = load_average()
     print(
         f"settings: {args.rounds} rounds, the sides alternating; {sys.executable} "
-        f"(Python {sys.version.split()[0]}); kongtask's modules compiled to bytecode first; "
+        f"(Python {sys.version.split()[0]}); kongtask installed from a wheel of this checkout "
+        "into a scratch environment (compiled, no editable-install hook), the other packages "
+        "taken from this interpreter's; "
         f"one job waiting on a truncated, analyzed table for each first-job launch; "
         f"cores={os.cpu_count()}, load average at the start {load}"
     )
     with scratch_database(server_url()) as url, tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
+        python = installed_python(folder / "install")
         mark = folder / "first.mark"
         (folder / "startup_tasks.py").write_text(KT_TASKS)
-        env = {"PYTHONPATH": str(ROOT)}
         measures: dict[str, dict[str, Callable[[], float]]] = {"kongtask": {}}
         for label, imports in PY_FLOORS.items():
-            argv = [sys.executable, "-c", imports + PY_MARK]
-            measures["kongtask"][label] = partial(printed_time, argv, str(ROOT))
-        kt_cli = [sys.executable, "-m", "kongtask", "-c", url, "--once", "-j", "1"]
+            argv = [python, "-c", imports + PY_MARK]
+            measures["kongtask"][label] = partial(printed_time, argv, tmp)
+        kt_cli = [python, "-m", "kongtask", "-c", url, "--once", "-j", "1"]
         kt_cli += ["--tasks", str(folder / "startup_tasks.py")]
-        measures["kongtask"][FIRST_JOB] = partial(first_job, kt_cli, str(ROOT), env, url, mark)
+        measures["kongtask"][FIRST_JOB] = partial(first_job, kt_cli, tmp, {}, url, mark)
         if args.compare_graphile_worker:
             gw = graphile_worker_dir()
             cwd = folder / "gw"
