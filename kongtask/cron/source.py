@@ -119,29 +119,27 @@ class CrontabSource:
             return f"crontab file '{self.file}'"
         return "crontab text" if self.text is not None else "cron items"
 
-    def is_empty_file(self) -> bool:
-        """Whether the source is a file that holds nothing at all right now (not even a
-        comment): what a reload sees in the middle of an in-place rewrite."""
-        if self.file is None:
-            return False
-        try:
-            return not self.file.read_text(encoding="utf-8").strip()
-        except (OSError, UnicodeDecodeError):
-            return False
-
     def load(self) -> list[ParsedCronItem]:
         """Parse the source now; a file is read afresh. Raises ``CrontabError``."""
+        return self.load_noting_blank()[0]
+
+    def load_noting_blank(self) -> tuple[list[ParsedCronItem], bool]:
+        """:meth:`load`, and whether the source is a file whose text, in this very read,
+        holds nothing at all (not even a comment): what a reload sees in the middle of an
+        in-place rewrite. One read gives both, so a writer racing it cannot make them
+        disagree (a second read used to find the file full again and let the empty
+        first one through)."""
         if self.items is not None:
-            return list(self.items)
+            return list(self.items), False
         if self.file is not None:
             try:
                 text = read_stable(self.file)
             except (OSError, UnicodeDecodeError) as exc:
                 raise CrontabError(f"Failed to read crontab file '{self.file}': {exc}") from exc
             try:
-                return parse_crontab(text)
+                return parse_crontab(text), not text.strip()
             except CrontabError as exc:
                 raise CrontabError(
                     f"{self.file}: {exc}", line=exc.line, column=exc.column, source=str(self.file)
                 ) from exc
-        return parse_crontab(self.text or "")
+        return parse_crontab(self.text or ""), False

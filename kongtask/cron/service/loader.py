@@ -143,8 +143,8 @@ class CrontabLoader(Actor):
             return True  # only programmatic and stored items: nothing to re-read
         description = self._source.description
         try:
-            items = self._source.load()
-            if not items and self._crontab and self._source.is_empty_file():
+            items, blank = self._source.load_noting_blank()
+            if not items and self._crontab and blank:
                 raise CrontabError(
                     f"{description} is empty (an editor or cp may be rewriting it); keeping"
                     f" the {len(self._crontab)} live item(s) from it. To remove every item,"
