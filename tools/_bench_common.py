@@ -27,7 +27,7 @@ CACHE_DIR = Path(os.environ.get("KONGTASK_BENCH_CACHE", Path.home() / ".cache" /
 def compile_package() -> None:
     """Compile kongtask's modules to bytecode, as ``pip install`` leaves an installed package:
     a checkout run with ``PYTHONDONTWRITEBYTECODE`` would compile them at every start."""
-    compileall.compile_dir(str(Path(__file__).resolve().parent.parent / "kongtask"), quiet=1)
+    compileall.compile_dir(str(ROOT / "kongtask"), quiet=1)
 
 
 def installed_python(folder: Path) -> str:
