@@ -24,12 +24,6 @@ ROOT = Path(__file__).resolve().parent.parent
 CACHE_DIR = Path(os.environ.get("KONGTASK_BENCH_CACHE", Path.home() / ".cache" / "kongtask-bench"))
 
 
-def compile_package() -> None:
-    """Compile kongtask's modules to bytecode, as ``pip install`` leaves an installed package:
-    a checkout run with ``PYTHONDONTWRITEBYTECODE`` would compile them at every start."""
-    compileall.compile_dir(str(ROOT / "kongtask"), quiet=1)
-
-
 def installed_python(folder: Path) -> str:
     """A Python with kongtask installed in ``folder`` as ``pip install`` leaves it: from a
     wheel of this checkout, compiled, without the editable-install hook a development
